@@ -1,0 +1,57 @@
+"""Fixtures for the namespace-lab tests.
+
+``tools/`` is put on ``sys.path`` here, so test modules simply ``import lab``
+(the module ``tools/lab.py``).  Each module gets its own lab with an unused
+prefix (``xt1``, ``xt2``, ...), so a developer's running ``xl`` lab, or
+another test module's lab, never clashes with it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+TOOLS = Path(__file__).resolve().parents[2] / "tools"
+if str(TOOLS) not in sys.path:
+    sys.path.insert(0, str(TOOLS))
+
+import lab as labtool  # noqa: E402  (needs the sys.path entry above)
+
+
+def _need_root() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+
+
+@pytest.fixture(scope="module")
+def lab():
+    """A running lab (3 backends, default VIP), torn down after the module."""
+    _need_root()
+    for _attempt in range(5):  # another run may grab the same prefix first
+        the_lab = labtool.Lab(prefix=labtool.unused_prefix("xt"))
+        try:
+            the_lab.up()
+            break
+        except labtool.LabError as exc:
+            if "already up" not in str(exc):
+                raise
+    else:
+        pytest.fail("could not find a free lab prefix")
+    try:
+        yield the_lab
+    finally:
+        the_lab.down()
+
+
+@pytest.fixture
+def spare_prefix():
+    """An unused prefix for a test that builds its own lab; cleaned after."""
+    _need_root()
+    prefix = labtool.unused_prefix("xs")
+    try:
+        yield prefix
+    finally:
+        labtool.Lab(prefix=prefix).down()

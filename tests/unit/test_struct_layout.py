@@ -1,0 +1,111 @@
+"""The C and Python views of every shared struct and constant must agree.
+
+Compiles a tiny program against bpf/lb_structs.h with the host compiler, has
+it print offsetof/sizeof for every field the Python side declares, and the
+values of the shared constants, then compares. Fails on any drift: a field
+added, moved, resized or renamed on one side only.
+"""
+from __future__ import annotations
+
+import ctypes
+import shutil
+import subprocess
+
+import pytest
+
+from xdplb import bpf_source, structs
+
+CC = shutil.which("cc") or shutil.which("gcc")
+
+
+def _c_fields(cls):
+    names = getattr(cls, "C_NAMES", {})
+    return [(name, names.get(name, name)) for name, _ in cls._fields_]
+
+
+def _program() -> str:
+    lines = [
+        "#include <stdio.h>",
+        "#include <stddef.h>",
+        '#include "lb_structs.h"',
+        "int main(void) {",
+    ]
+    for cname in structs.SHARED_STRUCTS:
+        cls = structs.SHARED_STRUCTS[cname]
+        lines.append(f'printf("{cname} size %zu\\n", sizeof(struct {cname}));')
+        for pyname, member in _c_fields(cls):
+            lines.append(
+                f'printf("{cname}.{pyname} %zu %zu\\n", offsetof(struct {cname}, {member}),'
+                f" sizeof(((struct {cname} *)0)->{member}));"
+            )
+    for i, reason in enumerate(structs.REASONS):
+        lines.append(f'printf("REASON_{reason.upper()} %d {i}\\n", REASON_{reason.upper()});')
+    lines.append(f'printf("REASON_MAX %d {len(structs.REASONS)}\\n", REASON_MAX);')
+    for i, event in enumerate(structs.EVENTS):
+        lines.append(f'printf("EVENT_{event.upper()} %d {i}\\n", EVENT_{event.upper()});')
+    lines.append(f'printf("EVENT_MAX %d {len(structs.EVENTS)}\\n", EVENT_MAX);')
+    for flag in ("F_SVC_CLIENT_PERSIST", "F_BACKEND_UP", "TABLES_PER_SERVICE"):
+        lines.append(f'printf("{flag} %u {getattr(structs, flag)}\\n", (unsigned){flag});')
+    lines.append(f'printf("ACTION_MAX %d {len(structs.ACTIONS)}\\n", ACTION_MAX);')
+    lines += ["return 0;", "}"]
+    return "\n".join(lines)
+
+
+@pytest.fixture(scope="module")
+def c_layout(tmp_path_factory):
+    if CC is None:
+        pytest.fail("no C compiler: install gcc (tools/setup.sh does)")
+    work = tmp_path_factory.mktemp("layout")
+    src = work / "layout.c"
+    src.write_text(_program())
+    exe = work / "layout"
+    subprocess.run([CC, "-Wall", "-Werror", f"-I{bpf_source.BPF_DIR}", "-o", str(exe), str(src)], check=True)
+    return subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout.splitlines()
+
+
+def test_struct_sizes_and_offsets_match(c_layout):
+    mismatches = []
+    for line in c_layout:
+        name, *values = line.split()
+        if name.endswith(("_MAX",)) or name.startswith(("REASON_", "EVENT_", "F_", "TABLES_")):
+            continue
+        if values[0] == "size":
+            cls = structs.SHARED_STRUCTS[name]
+            if ctypes.sizeof(cls) != int(values[1]):
+                mismatches.append(f"sizeof {name}: C {values[1]}, Python {ctypes.sizeof(cls)}")
+            continue
+        cname, pyname = name.split(".")
+        field = getattr(structs.SHARED_STRUCTS[cname], pyname)
+        offset, size = int(values[0]), int(values[1])
+        if (field.offset, field.size) != (offset, size):
+            mismatches.append(f"{name}: C offset {offset} size {size}, Python offset {field.offset} size {field.size}")
+    assert not mismatches, "\n".join(mismatches)
+
+
+def test_every_python_field_was_checked(c_layout):
+    checked = {line.split()[0] for line in c_layout}
+    for cname, cls in structs.SHARED_STRUCTS.items():
+        for pyname, _ in cls._fields_:
+            assert f"{cname}.{pyname}" in checked
+
+
+def test_shared_constants_match(c_layout):
+    wrong = []
+    for line in c_layout:
+        name, *values = line.split()
+        if name.startswith(("REASON_", "EVENT_", "F_", "TABLES_", "ACTION_")):
+            c_value, py_value = values
+            if c_value != py_value:
+                wrong.append(f"{name}: C {c_value}, Python {py_value}")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_maglev_table_type_size():
+    assert ctypes.sizeof(structs.maglev_table_type(251)) == 251 * 4
+
+
+def test_keys_have_no_hidden_padding():
+    # The kernel hashes keys as raw bytes: every byte must belong to a named field.
+    for cls in (structs.ServiceKey, structs.FlowKey, structs.LbAddr):
+        covered = sum(getattr(cls, name).size for name, _ in cls._fields_)
+        assert covered == ctypes.sizeof(cls), cls.__name__

@@ -1,0 +1,198 @@
+"""The XDP program and its maps, through bcc: compile, attach, write, read.
+
+Part of the thin kernel layer: nothing else in xdplb imports bcc. The rest of
+the controller talks to a `Dataplane` (apply planned writes, read counters),
+which tests replace with tests/fakes.py's FakeDataplane.
+"""
+from __future__ import annotations
+
+import ctypes
+import socket
+import time
+from dataclasses import dataclass
+from typing import Iterable, Protocol
+
+from . import bpf_source, plan, structs
+from .config import Settings
+
+PROG_NAME = "xdplb_ingress"
+
+XDP_FLAGS_UPDATE_IF_NOEXIST = 1 << 0
+XDP_FLAGS_SKB_MODE = 1 << 1
+XDP_FLAGS_DRV_MODE = 1 << 2
+MODE_FLAGS = {"native": XDP_FLAGS_DRV_MODE, "generic": XDP_FLAGS_SKB_MODE}
+
+
+@dataclass(frozen=True)
+class Counters:
+    packets: int = 0
+    bytes: int = 0
+    new_flows: int = 0
+
+
+@dataclass(frozen=True)
+class Stats:
+    services: dict            # service id -> Counters
+    backends: dict            # backend id -> Counters
+    actions: dict             # "pass" | "tx" | ... -> packets
+    not_forwarded: dict       # reason -> packets
+    events: dict              # event -> count
+
+
+class Dataplane(Protocol):
+    def apply(self, ops: Iterable) -> None: ...
+    def read_stats(self, service_ids: Iterable[int], backend_ids: Iterable[int]) -> Stats: ...
+
+
+def defines(settings: Settings) -> dict[str, int]:
+    """-D overrides of lb_consts.h from the pool's [xdplb] settings."""
+    return {
+        "MAGLEV_SIZE": settings.maglev_size,
+        "MAX_SERVICES": settings.max_services,
+        "MAX_BACKENDS": settings.max_backends,
+        "FLOW_TABLE_SIZE": settings.flow_table_size,
+    }
+
+
+class LoadError(RuntimeError):
+    pass
+
+
+class BccDataplane:
+    """The compiled program and its maps. Not attached until attach()."""
+
+    def __init__(self, settings: Settings):
+        from bcc import BPF  # imported here so `xdplb --help` and `check` never need bcc
+
+        self._BPF = BPF
+        self.settings = settings
+        self.compile_seconds = 0.0
+        started = time.monotonic()
+        try:
+            self.bpf = BPF(text=bpf_source.assemble().encode(), cflags=bpf_source.cflags(defines(settings)))
+            self.fn = self.bpf.load_func(PROG_NAME.encode(), BPF.XDP)
+        except Exception as exc:  # bcc raises bare Exception for compile and verifier errors
+            raise LoadError(f"the XDP program did not load: {exc}") from exc
+        self.compile_seconds = time.monotonic() - started
+        self._table_type = structs.maglev_table_type(settings.maglev_size)
+        self._check_layouts()
+        self.attached: tuple[str, str] | None = None  # (ifname, mode)
+
+    def map(self, name: str):
+        return self.bpf.get_table(name)
+
+    @property
+    def prog_fd(self) -> int:
+        return self.fn.fd
+
+    def _check_layouts(self) -> None:
+        """Fail loudly if bcc's view of a map type differs from structs.py."""
+        expect = {
+            "services": (structs.ServiceKey, structs.ServiceInfo),
+            "backends": (None, structs.BackendInfo),
+            "flows": (structs.FlowKey, structs.FlowValue),
+            "lb_config": (None, structs.LbConfig),
+            "maglev_tables": (None, self._table_type),
+            "vips": (structs.LbAddr, None),
+            "service_stats": (None, structs.LbCounters),
+        }
+        for name, (key, leaf) in expect.items():
+            table = self.map(name)
+            for ours, theirs in ((key, table.Key), (leaf, table.Leaf)):
+                if ours is not None and ctypes.sizeof(ours) != ctypes.sizeof(theirs):
+                    raise LoadError(
+                        f"map {name}: {ours.__name__} is {ctypes.sizeof(ours)} bytes in structs.py "
+                        f"but {ctypes.sizeof(theirs)} in bpf/lb_structs.h"
+                    )
+
+    # ---- attach -----------------------------------------------------------
+
+    def attach(self, ifname: str, mode: str) -> None:
+        flags = MODE_FLAGS[mode] | XDP_FLAGS_UPDATE_IF_NOEXIST
+        try:
+            self._BPF.attach_xdp(ifname.encode(), self.fn, flags)
+        except Exception as exc:
+            raise LoadError(f"attaching to {ifname} in {mode} mode failed: {exc}") from exc
+        self.attached = (ifname, mode)
+
+    def detach(self) -> None:
+        if self.attached is None:
+            return
+        ifname, mode = self.attached
+        self._BPF.remove_xdp(ifname.encode(), MODE_FLAGS[mode])
+        self.attached = None
+
+    # ---- writes -----------------------------------------------------------
+
+    def apply(self, ops: Iterable) -> None:
+        for op in ops:
+            self._apply_one(op)
+
+    def _apply_one(self, op) -> None:
+        if isinstance(op, plan.SetConfig):
+            cfg = structs.LbConfig((ctypes.c_uint8 * 6)(*op.mac), 1, 0, op.hash_seed)
+            self.map("lb_config")[0] = cfg
+        elif isinstance(op, plan.ZeroCounters):
+            table = self.map("service_stats" if op.kind == "service" else "backend_stats")
+            table[op.id] = table.Leaf()  # bcc's per-CPU Leaf is already one value per CPU
+        elif isinstance(op, plan.PutBackend):
+            flags = structs.F_BACKEND_UP if op.up else 0
+            info = structs.BackendInfo(structs.LbAddr.of(op.address), (ctypes.c_uint8 * 6)(*op.mac), flags, 0, op.service_id)
+            self.map("backends")[op.id] = info
+        elif isinstance(op, plan.ClearBackend):
+            self.map("backends")[op.id] = structs.BackendInfo()
+        elif isinstance(op, plan.PutTable):
+            table = self._table_type()
+            table.slots[:] = op.slots
+            self.map("maglev_tables")[op.service_id * structs.TABLES_PER_SERVICE + op.half] = table
+        elif isinstance(op, plan.PutService):
+            key = structs.ServiceKey.of(op.vip, op.port, op.protocol)
+            self.map("services")[key] = structs.ServiceInfo(op.id, op.flags, op.half, 0)
+        elif isinstance(op, plan.DelService):
+            key = structs.ServiceKey.of(op.vip, op.port, op.protocol)
+            try:
+                del self.map("services")[key]
+            except KeyError:
+                pass  # already gone: deleting is idempotent
+        elif isinstance(op, plan.PutVip):
+            self.map("vips")[structs.LbAddr.of(op.address)] = ctypes.c_uint32(1)
+        elif isinstance(op, plan.DelVip):
+            try:
+                del self.map("vips")[structs.LbAddr.of(op.address)]
+            except KeyError:
+                pass
+        else:
+            raise TypeError(f"unknown map write {op!r}")
+
+    # ---- reads ------------------------------------------------------------
+
+    @staticmethod
+    def _sum_counters(per_cpu) -> Counters:
+        return Counters(
+            sum(c.packets for c in per_cpu), sum(c.bytes for c in per_cpu), sum(c.new_flows for c in per_cpu)
+        )
+
+    def _sum_u64(self, name: str, labels) -> dict:
+        table = self.map(name)
+        return {label: int(sum(table[i])) for i, label in enumerate(labels)}
+
+    def read_stats(self, service_ids: Iterable[int], backend_ids: Iterable[int]) -> Stats:
+        svc, be = self.map("service_stats"), self.map("backend_stats")
+        return Stats(
+            services={i: self._sum_counters(svc[i]) for i in service_ids},
+            backends={i: self._sum_counters(be[i]) for i in backend_ids},
+            actions=self._sum_u64("xdp_actions", structs.ACTIONS),
+            not_forwarded=self._sum_u64("not_forwarded", structs.REASONS),
+            events=self._sum_u64("events", structs.EVENTS),
+        )
+
+    def flows(self, limit: int = 100000) -> dict:
+        """(client, client port, VIP, port, proto) -> backend id, at most `limit` entries."""
+        out = {}
+        for key, value in self.map("flows").items():
+            src = structs.LbAddr.from_buffer_copy(bytes(key.src)).ip()
+            dst = structs.LbAddr.from_buffer_copy(bytes(key.dst)).ip()
+            out[(src, socket.ntohs(key.sport), dst, socket.ntohs(key.dport), key.proto)] = value.backend_id
+            if len(out) >= limit:
+                break
+        return out

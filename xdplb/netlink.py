@@ -1,0 +1,109 @@
+"""Netlink side effects, through pyroute2: links, VIP addresses, neighbours.
+
+Part of the thin kernel layer. Nothing else in xdplb imports pyroute2.
+VIP addresses xdplb adds carry IFA_PROTO = ADDR_PROTO, so `xdplb detach`
+can find and remove exactly its own addresses even after a crash, and never
+an address an operator configured by hand.
+"""
+from __future__ import annotations
+
+import errno
+import ipaddress
+import socket
+from dataclasses import dataclass
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+ADDR_PROTO = 0x78  # IFA_PROTO tag on VIP addresses added by xdplb ("x")
+
+XDP_ATTACHED = {0: None, 1: "native", 2: "generic", 3: "offload", 4: "multi"}
+
+# Neighbour states whose link-layer address can be used (include/uapi/linux/neighbour.h).
+_NUD_USABLE = 0x02 | 0x04 | 0x08 | 0x10 | 0x40 | 0x80  # REACHABLE STALE DELAY PROBE NOARP PERMANENT
+
+
+class NetlinkProblem(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Link:
+    index: int
+    name: str
+    mac: bytes
+    kind: str | None            # "veth", "bridge", ... or None for a plain NIC
+    xdp_mode: str | None        # what is attached now: native, generic, ... or None
+    xdp_prog_id: int | None
+
+
+class Netlink:
+    def __init__(self) -> None:
+        self._ipr = IPRoute()
+
+    def close(self) -> None:
+        self._ipr.close()
+
+    def link(self, name: str) -> Link:
+        found = self._ipr.link_lookup(ifname=name)
+        if not found:
+            raise NetlinkProblem(f"interface {name!r} does not exist in this network namespace")
+        msg = self._ipr.get_links(found[0])[0]
+        mac = bytes.fromhex((msg.get_attr("IFLA_ADDRESS") or "00:00:00:00:00:00").replace(":", ""))
+        info = msg.get_attr("IFLA_LINKINFO")
+        kind = info.get_attr("IFLA_INFO_KIND") if info is not None else None
+        xdp = msg.get_attr("IFLA_XDP")
+        mode = prog_id = None
+        if xdp is not None:
+            mode = XDP_ATTACHED.get(xdp.get_attr("IFLA_XDP_ATTACHED") or 0)
+            prog_id = xdp.get_attr("IFLA_XDP_PROG_ID")
+        return Link(found[0], name, mac, kind, mode, prog_id)
+
+    # ---- VIP addresses ----------------------------------------------------
+
+    def vips(self, index: int) -> set[ipaddress.IPv4Address]:
+        """The /32 addresses on the link that xdplb added (tagged ADDR_PROTO)."""
+        out = set()
+        for msg in self._ipr.get_addr(family=socket.AF_INET, index=index):
+            if msg.get_attr("IFA_PROTO") == ADDR_PROTO:
+                out.add(ipaddress.IPv4Address(msg.get_attr("IFA_ADDRESS")))
+        return out
+
+    def has_address(self, index: int, address) -> bool:
+        want = str(address)
+        return any(m.get_attr("IFA_ADDRESS") == want for m in self._ipr.get_addr(family=socket.AF_INET, index=index))
+
+    def add_vip(self, index: int, address) -> bool:
+        """Add address/32 tagged as ours. False if the address was already there."""
+        if self.has_address(index, address):
+            return False
+        self._ipr.addr("add", index=index, address=str(address), prefixlen=32, IFA_PROTO=ADDR_PROTO)
+        return True
+
+    def del_vip(self, index: int, address) -> None:
+        try:
+            self._ipr.addr("del", index=index, address=str(address), prefixlen=32)
+        except NetlinkError as exc:
+            if exc.code != errno.EADDRNOTAVAIL:
+                raise
+
+    # ---- neighbours -------------------------------------------------------
+
+    def neighbour_mac(self, index: int, address) -> bytes | None:
+        """The backend's MAC from the neighbour table, or None if unresolved."""
+        for msg in self._ipr.get_neighbours(family=socket.AF_INET, dst=str(address), ifindex=index):
+            lladdr = msg.get_attr("NDA_LLADDR")
+            if lladdr and msg["state"] & _NUD_USABLE:
+                return bytes.fromhex(lladdr.replace(":", ""))
+        return None
+
+    @staticmethod
+    def solicit(address) -> None:
+        """Make the kernel resolve `address`: one empty UDP datagram to the
+        discard port (9). The kernel ARPs for it; the datagram itself is
+        dropped by the backend."""
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            try:
+                sock.sendto(b"", (str(address), 9))
+            except OSError:
+                pass

@@ -1,0 +1,292 @@
+"""Plan the map writes that take the kernel from what it holds to what it should.
+
+Pure: `plan(applied, desired)` returns the ordered writes and the state the
+kernel holds once they are done. The daemon hands the writes to the kernel
+layer (xdplb/dataplane.py) and keeps the returned state; tests run it against
+a fake. Nothing here touches the kernel or the network.
+
+Order of the writes, so that no packet ever sees a half-done change:
+  1. the interface config (source MAC, hash seed);
+  2. counters of newly allocated ids are zeroed;
+  3. backends are written (a new MAC, up -> down or down -> up takes effect
+     at once for existing flows: a flow on a down backend is re-chosen);
+  4. each changed Maglev table is written into the service's idle half;
+  5. each service entry is written, flipping to that half in one update;
+  6. VIP addresses are added;
+  7. removed services are deleted, then their and other removed backends are
+     cleared (no live table names them any more), then unused VIPs go.
+
+Identity: a service is its name plus (VIP, port, protocol); a backend is its
+address within a service. Renaming a backend moves nothing.
+"""
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
+from typing import Mapping
+
+from . import maglev
+from .structs import F_SVC_CLIENT_PERSIST
+
+# ---- what the controller wants -------------------------------------------
+
+
+@dataclass(frozen=True)
+class BackendState:
+    name: str
+    address: ipaddress.IPv4Address
+    weight: int
+    mac: bytes | None      # None while the neighbour entry is unresolved
+    healthy: bool          # the health verdict (UNKNOWN counts as not healthy)
+
+    @property
+    def up(self) -> bool:
+        """Usable by the data plane: healthy and reachable on the segment."""
+        return self.healthy and self.mac is not None
+
+
+@dataclass(frozen=True)
+class ServiceState:
+    name: str
+    vip: ipaddress.IPv4Address
+    port: int
+    protocol: str
+    persistence: str
+    backends: tuple[BackendState, ...]
+
+    @property
+    def key(self) -> tuple:
+        return (self.vip, self.port, self.protocol)
+
+    @property
+    def flags(self) -> int:
+        return F_SVC_CLIENT_PERSIST if self.persistence == "client" else 0
+
+
+@dataclass(frozen=True)
+class Desired:
+    services: tuple[ServiceState, ...]
+    mac: bytes                 # the attached interface's MAC
+    hash_seed: int
+    maglev_size: int
+    max_services: int
+    max_backends: int
+
+
+# ---- what the kernel holds ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AppliedService:
+    id: int
+    key: tuple
+    flags: int
+    half: int                  # live Maglev half, 0 or 1
+    eligible: tuple            # ((address, weight, backend id), ...) the live table was built from
+    table: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class AppliedBackend:
+    id: int
+    service_id: int
+    address: ipaddress.IPv4Address
+    mac: bytes | None
+    up: bool
+
+
+@dataclass(frozen=True)
+class Applied:
+    config: tuple | None = None                                   # (mac, hash_seed)
+    services: Mapping[str, AppliedService] = field(default_factory=lambda: MappingProxyType({}))
+    backends: Mapping[tuple, AppliedBackend] = field(default_factory=lambda: MappingProxyType({}))
+    vips: frozenset = frozenset()
+    next_backend_id: int = 1                                      # allocation cursor (see _alloc_backend)
+
+
+# ---- the writes -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SetConfig:
+    mac: bytes
+    hash_seed: int
+
+
+@dataclass(frozen=True)
+class ZeroCounters:
+    kind: str                  # "service" | "backend"
+    id: int
+
+
+@dataclass(frozen=True)
+class PutBackend:
+    id: int
+    service_id: int
+    address: ipaddress.IPv4Address
+    mac: bytes
+    up: bool
+
+
+@dataclass(frozen=True)
+class ClearBackend:
+    id: int
+
+
+@dataclass(frozen=True)
+class PutTable:
+    service_id: int
+    half: int
+    slots: tuple[int, ...] = field(repr=False)
+
+
+@dataclass(frozen=True)
+class PutService:
+    vip: ipaddress.IPv4Address
+    port: int
+    protocol: str
+    id: int
+    flags: int
+    half: int
+
+
+@dataclass(frozen=True)
+class DelService:
+    vip: ipaddress.IPv4Address
+    port: int
+    protocol: str
+
+
+@dataclass(frozen=True)
+class PutVip:
+    address: ipaddress.IPv4Address
+
+
+@dataclass(frozen=True)
+class DelVip:
+    address: ipaddress.IPv4Address
+
+
+class PlanError(RuntimeError):
+    """The desired state does not fit the compiled map sizes."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    ops: tuple
+    applied: Applied
+    rebuilt: tuple[str, ...]   # names of services whose Maglev table was rebuilt
+
+
+def _alloc_backend(used: set[int], cursor: int, max_backends: int) -> int:
+    """Next free id at or after the cursor, wrapping past max_backends-1 to 1.
+
+    Ids are not reused at once: a flow entry that still names a just-removed
+    id must not reach a different backend that took the id over.
+    """
+    span = max_backends - 1
+    for step in range(span):
+        candidate = (cursor - 1 + step) % span + 1
+        if candidate not in used:
+            return candidate
+    raise PlanError(f"all {span} backend ids are in use; raise [xdplb] max_backends")
+
+
+def _alloc_service(used: set[int], max_services: int) -> int:
+    for candidate in range(max_services):
+        if candidate not in used:
+            return candidate
+    raise PlanError(f"all {max_services} service ids are in use; raise [xdplb] max_services")
+
+
+def plan(applied: Applied, desired: Desired) -> Plan:
+    early: list = []           # config, zeroed counters, backends
+    tables: list = []
+    services_ops: list = []
+    late: list = []            # deletions
+
+    if applied.config != (desired.mac, desired.hash_seed):
+        early.append(SetConfig(desired.mac, desired.hash_seed))
+
+    wanted = {(s.name, s.key) for s in desired.services}
+    kept_services = {n: a for n, a in applied.services.items() if (n, a.key) in wanted}
+    # Ids of everything the kernel holds stay reserved for this plan, even of
+    # what it removes: those are cleared only at its end.
+    service_ids = {a.id for a in applied.services.values()}
+    new_services: dict[str, AppliedService] = {}
+    new_backends: dict[tuple, AppliedBackend] = {}
+    backend_ids = {b.id for b in applied.backends.values()}
+    cursor = applied.next_backend_id
+    rebuilt: list[str] = []
+
+    for svc in desired.services:
+        old = kept_services.get(svc.name)
+        if old is None:
+            sid = _alloc_service(service_ids, desired.max_services)
+            service_ids.add(sid)
+            early.append(ZeroCounters("service", sid))
+        else:
+            sid = old.id
+
+        eligible = []
+        for be in svc.backends:
+            bkey = (svc.name, str(be.address))
+            prev = applied.backends.get(bkey) if old is not None else None
+            if prev is None:
+                bid = _alloc_backend(backend_ids, cursor, desired.max_backends)
+                backend_ids.add(bid)
+                cursor = bid % (desired.max_backends - 1) + 1
+                early.append(ZeroCounters("backend", bid))
+            else:
+                bid = prev.id
+            if be.mac is not None:
+                state = AppliedBackend(bid, sid, be.address, be.mac, be.up)
+                if state != prev:
+                    early.append(PutBackend(bid, sid, be.address, be.mac, be.up))
+            elif prev is not None:
+                # The MAC is unknown for now: keep the old one, but not up.
+                state = replace(prev, up=False)
+                if prev.up:
+                    early.append(PutBackend(bid, sid, be.address, prev.mac, False))
+            else:
+                state = AppliedBackend(bid, sid, be.address, None, False)
+            new_backends[bkey] = state
+            if be.up and be.weight > 0:
+                eligible.append((str(be.address), be.weight, bid))
+        eligible_sig = tuple(sorted(eligible))
+
+        if old is not None and old.eligible == eligible_sig:
+            half, table = old.half, old.table
+        else:
+            half = 0 if old is None else 1 - old.half
+            table = tuple(
+                maglev.build_table([maglev.MaglevBackend(a, w, i) for a, w, i in eligible_sig], desired.maglev_size)
+            )
+            tables.append(PutTable(sid, half, table))
+            rebuilt.append(svc.name)
+        if old is None or old.half != half or old.flags != svc.flags:
+            services_ops.append(PutService(svc.vip, svc.port, svc.protocol, sid, svc.flags, half))
+        new_services[svc.name] = AppliedService(sid, svc.key, svc.flags, half, eligible_sig, table)
+
+    vips = frozenset(s.vip for s in desired.services)
+    vip_ops = [PutVip(v) for v in sorted(vips - applied.vips)]
+
+    for name, old in applied.services.items():
+        if name not in kept_services:
+            vip, port, protocol = old.key
+            late.append(DelService(vip, port, protocol))
+    for bkey, old_be in applied.backends.items():
+        if bkey not in new_backends or new_backends[bkey].id != old_be.id:
+            late.append(ClearBackend(old_be.id))
+    late += [DelVip(v) for v in sorted(applied.vips - vips)]
+
+    new_applied = Applied(
+        config=(desired.mac, desired.hash_seed),
+        services=MappingProxyType(new_services),
+        backends=MappingProxyType(new_backends),
+        vips=vips,
+        next_backend_id=cursor,
+    )
+    ops = tuple(early + tables + services_ops + vip_ops + late)
+    return Plan(ops, new_applied, tuple(rebuilt))

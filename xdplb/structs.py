@@ -1,0 +1,142 @@
+"""ctypes mirrors of bpf/lb_structs.h and the constants of bpf/lb_consts.h.
+
+Keep in sync with the C header: tests/unit/test_struct_layout.py compiles the
+header with gcc and compares every offset and size with these classes, and
+the kernel layer checks each class against bcc's own view of the map types
+at load time. Each field notes its byte order, as in the header. Padding is
+explicit and always zero.
+"""
+from __future__ import annotations
+
+import ctypes
+import ipaddress
+import socket
+
+# struct service_info.flags
+F_SVC_CLIENT_PERSIST = 1 << 0
+# struct backend_info.flags
+F_BACKEND_UP = 1 << 0
+
+TABLES_PER_SERVICE = 2
+
+# Indices of the not_forwarded counters (REASON_* in lb_consts.h).
+REASONS = ("not_service", "malformed", "fragment", "no_backend", "backend_gone", "no_config")
+# Indices of the events counters (EVENT_*).
+EVENTS = ("ip_options", "vlan", "flow_hit", "flow_new", "flow_reselect")
+# XDP actions, by value.
+ACTIONS = ("aborted", "drop", "pass", "tx", "redirect")
+XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX, XDP_REDIRECT = range(5)
+
+IPPROTO = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}
+
+
+class LbAddr(ctypes.Structure):
+    """struct lb_addr: 16 bytes, network order; IPv4 in bytes 0-3, the rest zero."""
+
+    _fields_ = [("raw", ctypes.c_uint8 * 16)]  # C: union { __be32 v4; __be32 v6[4]; }
+    C_NAMES = {"raw": "v6"}
+
+    @classmethod
+    def of(cls, address) -> "LbAddr":
+        packed = ipaddress.ip_address(address).packed
+        return cls((ctypes.c_uint8 * 16)(*packed.ljust(16, b"\0")))
+
+    def ip(self) -> ipaddress.IPv4Address:
+        return ipaddress.IPv4Address(bytes(self.raw[:4]))
+
+
+class ServiceKey(ctypes.Structure):
+    _fields_ = [
+        ("vip", LbAddr),             # network order
+        ("port", ctypes.c_uint16),   # network order (store with socket.htons)
+        ("proto", ctypes.c_uint8),   # IPPROTO_TCP / IPPROTO_UDP
+        ("pad", ctypes.c_uint8),     # zero
+    ]
+
+    @classmethod
+    def of(cls, vip, port: int, protocol: str) -> "ServiceKey":
+        return cls(LbAddr.of(vip), socket.htons(port), IPPROTO[protocol], 0)
+
+
+class ServiceInfo(ctypes.Structure):
+    _fields_ = [
+        ("id", ctypes.c_uint32),     # host order
+        ("flags", ctypes.c_uint32),  # host order, F_SVC_*
+        ("table", ctypes.c_uint32),  # host order, live half: 0 or 1
+        ("pad", ctypes.c_uint32),    # zero
+    ]
+
+
+class BackendInfo(ctypes.Structure):
+    _fields_ = [
+        ("addr", LbAddr),                 # network order
+        ("mac", ctypes.c_uint8 * 6),      # wire order
+        ("flags", ctypes.c_uint8),        # F_BACKEND_*
+        ("pad", ctypes.c_uint8),          # zero
+        ("service_id", ctypes.c_uint32),  # host order
+    ]
+
+
+class FlowKey(ctypes.Structure):
+    _fields_ = [
+        ("src", LbAddr),               # network order
+        ("dst", LbAddr),               # network order
+        ("sport", ctypes.c_uint16),    # network order
+        ("dport", ctypes.c_uint16),    # network order
+        ("proto", ctypes.c_uint8),     # IPPROTO_*
+        ("pad", ctypes.c_uint8 * 3),   # zero
+    ]
+
+
+class FlowValue(ctypes.Structure):
+    _fields_ = [
+        ("backend_id", ctypes.c_uint32),  # host order
+        ("service_id", ctypes.c_uint32),  # host order
+    ]
+
+
+class LbCounters(ctypes.Structure):
+    _fields_ = [
+        ("packets", ctypes.c_uint64),    # host order
+        ("bytes", ctypes.c_uint64),      # host order, Ethernet frame length
+        ("new_flows", ctypes.c_uint64),  # host order
+    ]
+
+
+class LbConfig(ctypes.Structure):
+    _fields_ = [
+        ("mac", ctypes.c_uint8 * 6),      # wire order
+        ("ready", ctypes.c_uint8),        # 1 once written
+        ("pad", ctypes.c_uint8),          # zero
+        ("hash_seed", ctypes.c_uint32),   # host order
+    ]
+
+
+def maglev_table_type(size: int) -> type[ctypes.Structure]:
+    """struct maglev_table for a given MAGLEV_SIZE (a compile-time size in C)."""
+    return type(f"MaglevTable{size}", (ctypes.Structure,), {"_fields_": [("slots", ctypes.c_uint32 * size)]})
+
+
+def mac_bytes(mac: str) -> bytes:
+    """'02:00:0a:0a:00:0b' -> 6 bytes; ValueError on anything else."""
+    parts = mac.split(":")
+    if len(parts) != 6 or not all(len(p) == 2 for p in parts):
+        raise ValueError(f"not a MAC address: {mac!r}")
+    return bytes(int(p, 16) for p in parts)
+
+
+def mac_str(raw) -> str:
+    return ":".join(f"{b:02x}" for b in bytes(raw))
+
+
+# Every shared struct, by its C name: the layout test walks this.
+SHARED_STRUCTS = {
+    "lb_addr": LbAddr,
+    "service_key": ServiceKey,
+    "service_info": ServiceInfo,
+    "backend_info": BackendInfo,
+    "flow_key": FlowKey,
+    "flow_value": FlowValue,
+    "lb_counters": LbCounters,
+    "lb_config": LbConfig,
+}
