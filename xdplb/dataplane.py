@@ -79,7 +79,7 @@ class BccDataplane:
         self.attached: tuple[str, str] | None = None  # (ifname, mode)
 
     def map(self, name: str):
-        return self.bpf.get_table(name)
+        return self.bpf.get_table(name.encode())
 
     @property
     def prog_fd(self) -> int:
@@ -98,7 +98,8 @@ class BccDataplane:
         }
         for name, (key, leaf) in expect.items():
             table = self.map(name)
-            for ours, theirs in ((key, table.Key), (leaf, table.Leaf)):
+            # bcc's per-CPU tables keep the single-CPU value type in sLeaf.
+            for ours, theirs in ((key, table.Key), (leaf, getattr(table, "sLeaf", table.Leaf))):
                 if ours is not None and ctypes.sizeof(ours) != ctypes.sizeof(theirs):
                     raise LoadError(
                         f"map {name}: {ours.__name__} is {ctypes.sizeof(ours)} bytes in structs.py "
