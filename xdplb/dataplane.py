@@ -197,3 +197,10 @@ class BccDataplane:
             if len(out) >= limit:
                 break
         return out
+
+
+def remove_program(ifname: str, mode: str | None) -> None:
+    """Remove whatever XDP program is attached to ifname in the given mode."""
+    from bcc import BPF
+
+    BPF.remove_xdp(ifname.encode(), MODE_FLAGS.get(mode or "generic", 0))

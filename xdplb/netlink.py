@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import socket
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from pyroute2 import IPRoute
@@ -38,17 +39,29 @@ class Link:
 
 
 class Netlink:
+    """Synchronous netlink calls, all made from one private thread.
+
+    pyroute2 0.9's IPRoute drives an asyncio loop of its own and refuses to
+    run inside the daemon's loop, so every call is handed to a dedicated
+    worker thread (which also keeps the socket to a single thread).
+    """
+
     def __init__(self) -> None:
-        self._ipr = IPRoute()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="netlink")
+        self._ipr = self._pool.submit(IPRoute).result()
+
+    def _call(self, fn, *args, **kwargs):
+        return self._pool.submit(fn, *args, **kwargs).result()
 
     def close(self) -> None:
-        self._ipr.close()
+        self._call(self._ipr.close)
+        self._pool.shutdown()
 
     def link(self, name: str) -> Link:
-        found = self._ipr.link_lookup(ifname=name)
+        found = self._call(self._ipr.link_lookup, ifname=name)
         if not found:
             raise NetlinkProblem(f"interface {name!r} does not exist in this network namespace")
-        msg = self._ipr.get_links(found[0])[0]
+        msg = self._call(self._ipr.get_links, found[0])[0]
         mac = bytes.fromhex((msg.get_attr("IFLA_ADDRESS") or "00:00:00:00:00:00").replace(":", ""))
         info = msg.get_attr("IFLA_LINKINFO")
         kind = info.get_attr("IFLA_INFO_KIND") if info is not None else None
@@ -64,25 +77,25 @@ class Netlink:
     def vips(self, index: int) -> set[ipaddress.IPv4Address]:
         """The /32 addresses on the link that xdplb added (tagged ADDR_PROTO)."""
         out = set()
-        for msg in self._ipr.get_addr(family=socket.AF_INET, index=index):
+        for msg in self._call(self._ipr.get_addr, family=socket.AF_INET, index=index):
             if msg.get_attr("IFA_PROTO") == ADDR_PROTO:
                 out.add(ipaddress.IPv4Address(msg.get_attr("IFA_ADDRESS")))
         return out
 
     def has_address(self, index: int, address) -> bool:
         want = str(address)
-        return any(m.get_attr("IFA_ADDRESS") == want for m in self._ipr.get_addr(family=socket.AF_INET, index=index))
+        return any(m.get_attr("IFA_ADDRESS") == want for m in self._call(self._ipr.get_addr, family=socket.AF_INET, index=index))
 
     def add_vip(self, index: int, address) -> bool:
         """Add address/32 tagged as ours. False if the address was already there."""
         if self.has_address(index, address):
             return False
-        self._ipr.addr("add", index=index, address=str(address), prefixlen=32, IFA_PROTO=ADDR_PROTO)
+        self._call(self._ipr.addr, "add", index=index, address=str(address), prefixlen=32, IFA_PROTO=ADDR_PROTO)
         return True
 
     def del_vip(self, index: int, address) -> None:
         try:
-            self._ipr.addr("del", index=index, address=str(address), prefixlen=32)
+            self._call(self._ipr.addr, "del", index=index, address=str(address), prefixlen=32)
         except NetlinkError as exc:
             if exc.code != errno.EADDRNOTAVAIL:
                 raise
@@ -91,7 +104,7 @@ class Netlink:
 
     def neighbour_mac(self, index: int, address) -> bytes | None:
         """The backend's MAC from the neighbour table, or None if unresolved."""
-        for msg in self._ipr.get_neighbours(family=socket.AF_INET, dst=str(address), ifindex=index):
+        for msg in self._call(self._ipr.get_neighbours, family=socket.AF_INET, dst=str(address), ifindex=index):
             lladdr = msg.get_attr("NDA_LLADDR")
             if lladdr and msg["state"] & _NUD_USABLE:
                 return bytes.fromhex(lladdr.replace(":", ""))

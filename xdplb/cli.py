@@ -1,0 +1,194 @@
+"""The xdplb command line (click).
+
+`--help`, `check` and `status` never load BPF and never import bcc: the
+kernel layer is imported only inside `attach` and `detach`.
+"""
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import os
+import sys
+import time
+
+import click
+
+from . import __version__, control
+from .config import PoolError, describe, load_pool, warnings
+from .modes import MODES
+
+
+def _need_root(what: str) -> None:
+    if os.geteuid() != 0:
+        raise click.ClickException(f"{what} needs root: it loads BPF programs and changes interface addresses")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="xdplb")
+def cli() -> None:
+    """XDP load balancer for PACS and DICOM servers.
+
+    \b
+    Examples:
+      xdplb check --pool /etc/xdplb/eth0.toml
+      sudo xdplb attach eth0 --pool /etc/xdplb/eth0.toml
+      sudo xdplb status --json
+      sudo xdplb detach eth0
+    """
+
+
+@cli.command()
+@click.argument("interface")
+@click.option("--pool", "pool_path", required=True, type=click.Path(dir_okay=False), help="Pool file (TOML).")
+@click.option("--mode", type=click.Choice(MODES), default="auto", show_default=True,
+              help="XDP mode: native (driver), generic (skb), or auto (native where it is safe).")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def attach(interface: str, pool_path: str, mode: str, verbose: bool) -> None:
+    """Attach to INTERFACE and balance the pool's services until signalled.
+
+    SIGHUP re-reads the pool (a bad file changes nothing); SIGTERM or SIGINT
+    detach cleanly, removing the program and the VIP addresses added.
+    """
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
+                        format=f"xdplb[{interface}]: %(message)s")
+    try:
+        load_pool(pool_path)  # a bad pool is reported before root is even needed
+    except PoolError as exc:
+        raise click.ClickException(str(exc))
+    _need_root("xdplb attach")
+    import asyncio
+
+    from .daemon import AttachError, Daemon
+    from .netlink import NetlinkProblem
+
+    daemon = Daemon(interface, pool_path, mode)
+    try:
+        asyncio.run(daemon.run())
+    except (PoolError, AttachError, NetlinkProblem, RuntimeError) as exc:
+        raise click.ClickException(str(exc))
+
+
+@cli.command()
+@click.option("--pool", "pool_path", required=True, type=click.Path(dir_okay=False), help="Pool file (TOML).")
+def check(pool_path: str) -> None:
+    """Validate a pool file and show what would be programmed. Needs no root."""
+    from . import plan
+    from .desired import desired_state
+    from .health_fsm import Health, State
+
+    try:
+        pool = load_pool(pool_path)
+    except PoolError as exc:
+        raise click.ClickException(str(exc))
+    click.echo(describe(pool), nl=False)
+    for text in warnings(pool):
+        click.echo(f"warning: {text}")
+    # Assume every backend healthy and reachable: the table it would start with.
+    health = {(s.name, b.address): Health(State.UP) for s in pool.services for b in s.backends}
+    macs = {b.address: b"\x02" + b"\0" * 5 for s in pool.services for b in s.backends}
+    result = plan.plan(plan.Applied(), desired_state(pool, health, macs, b"\0" * 6))
+    click.echo("Maglev slots with every backend up:")
+    for svc in pool.services:
+        applied = result.applied.services[svc.name]
+        shares = []
+        for be in svc.backends:
+            bid = result.applied.backends[(svc.name, str(be.address))].id
+            count = applied.table.count(bid)
+            shares.append(f"{be.name} {count} ({100 * count / len(applied.table):.1f}%)")
+        click.echo(f"  {svc.name}: " + ", ".join(shares))
+    click.echo(f"ok: {pool_path} is valid ({len(result.ops)} map writes planned)")
+
+
+def _instances(interface: str | None) -> list[str]:
+    if interface:
+        return [interface]
+    directory = control.run_dir()
+    return sorted(p.stem for p in directory.glob("*.sock")) if directory.is_dir() else []
+
+
+def _age(since: float) -> str:
+    if not since:
+        return "-"
+    seconds = int(time.time() - since)
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def _render_status(st: dict) -> str:
+    lines = [f"xdplb {st['version']} on {st['interface']} ({st['mode']} mode), pid {st['pid']}, pool {st['pool']}"]
+    for svc in st["services"]:
+        lines.append(f"service {svc['name']} {svc['vip']}:{svc['port']}/{svc['protocol']} persistence {svc['persistence']}: "
+                     f"{svc['packets']} pkts, {svc['bytes']} bytes, {svc['new_flows']} flows")
+        lines.append(f"  {'backend':<12} {'address':<15} {'health':<7} {'for':>6} {'wt':>3} {'slots':>6} {'mac':<17} "
+                     f"{'packets':>9} {'bytes':>11} {'flows':>7}")
+        for be in svc["backends"]:
+            lines.append(f"  {be['name']:<12} {be['address']:<15} {be['health']:<7} {_age(be['since']):>6} {be['weight']:>3} "
+                         f"{be['table_slots']:>6} {be['mac'] or '(unresolved)':<17} {be['packets']:>9} {be['bytes']:>11} "
+                         f"{be['new_flows']:>7}")
+    lines.append("xdp actions: " + ", ".join(f"{k} {v}" for k, v in st["actions"].items()))
+    lines.append("not forwarded: " + ", ".join(f"{k} {v}" for k, v in st["not_forwarded"].items()))
+    return "\n".join(lines)
+
+
+@cli.command()
+@click.option("-i", "--interface", help="Interface of the instance (default: every running instance).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def status(interface: str | None, as_json: bool) -> None:
+    """Services, backends, health, MACs and counters of running instances."""
+    names = _instances(interface)
+    if not names:
+        raise click.ClickException(f"no xdplb instance is running (no control socket in {control.run_dir()})")
+    results = []
+    for name in names:
+        try:
+            results.append(control.request(name, {"cmd": "status"}))
+        except control.NotRunning as exc:
+            raise click.ClickException(str(exc))
+    if as_json:
+        click.echo(json.dumps(results[0] if interface else results, indent=2))
+    else:
+        click.echo("\n\n".join(_render_status(r) for r in results))
+
+
+@cli.command()
+@click.argument("interface")
+def detach(interface: str) -> None:
+    """Remove a leftover xdplb program and its VIP addresses from INTERFACE."""
+    _need_root("xdplb detach")
+    from .dataplane import PROG_NAME, remove_program
+    from .netlink import Netlink, NetlinkProblem
+
+    nl = Netlink()
+    try:
+        link = nl.link(interface)
+    except NetlinkProblem as exc:
+        raise click.ClickException(str(exc))
+    try:
+        running = control.request(interface, {"cmd": "ping"}, timeout=1.0)
+    except (control.NotRunning, OSError, ValueError):
+        running = None
+    if running:
+        raise click.ClickException(f"an xdplb instance is running on {interface}: stop it with SIGTERM "
+                                   f"(systemctl stop xdplb@{interface}) instead")
+    removed = []
+    if link.xdp_prog_id:
+        from .bpfsys import prog_name
+
+        name = prog_name(link.xdp_prog_id)
+        if name != PROG_NAME:
+            raise click.ClickException(f"{interface} carries XDP program {name!r} (id {link.xdp_prog_id}), "
+                                       f"not xdplb's; leaving it alone")
+        remove_program(interface, link.xdp_mode)
+        removed.append(f"XDP program id {link.xdp_prog_id} ({link.xdp_mode} mode)")
+    for vip in sorted(nl.vips(link.index)):
+        nl.del_vip(link.index, vip)
+        removed.append(f"VIP {vip}")
+    path = control.socket_path(interface)
+    if path.exists():
+        path.unlink()
+        removed.append(f"stale socket {path}")
+    click.echo(f"detached from {interface}: " + (", ".join(removed) if removed else "nothing of xdplb's was left"))
+
+
+def main() -> None:  # pragma: no cover
+    cli()

@@ -1,0 +1,330 @@
+"""The `xdplb attach` daemon: glue between pool, probes, planner and kernel.
+
+Everything it decides comes from pure modules (config, health_fsm, desired,
+plan, modes); everything it changes goes through two injected objects, a
+dataplane (xdplb/dataplane.py) and a netlink handle (xdplb/netlink.py), which
+tests replace with fakes. It runs one asyncio loop:
+
+  start:  load pool -> compile -> first probe round -> program maps ->
+          attach -> add VIPs -> control socket -> "ready"
+  events: a probe result that changes a verdict, a neighbour MAC change,
+          SIGHUP (reload) -> recompute desired state -> plan -> apply
+  stop:   SIGTERM/SIGINT -> detach the program, remove the VIPs it added,
+          remove the control socket
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+
+from . import __version__, control, modes, probes
+from .config import Pool, PoolError, load_pool
+from .desired import desired_state, restart_needed
+from .health_fsm import Health, State, step
+from .plan import Applied, PlanError, plan
+
+log = logging.getLogger("xdplb")
+
+MAC_REFRESH_SECONDS = 1.0
+
+
+class AttachError(RuntimeError):
+    pass
+
+
+class Daemon:
+    def __init__(self, ifname: str, pool_path: str, mode: str = "auto", *,
+                 dataplane_factory=None, netlink=None, probe=probes.probe):
+        self.ifname = ifname
+        self.pool_path = pool_path
+        self.requested_mode = mode
+        self._dataplane_factory = dataplane_factory
+        self.netlink = netlink
+        self.probe = probe
+        self.pool: Pool | None = None
+        self.link = None
+        self.dp = None
+        self.mode: str | None = None
+        self.applied = Applied()
+        self.health: dict[tuple, Health] = {}
+        self.macs: dict = {}
+        self.added_vips: set = set()
+        self.started = time.time()
+        self.ready = False
+        self.last_reload: dict = {"result": "none"}
+        self._tasks: dict[tuple, asyncio.Task] = {}
+        self._keys: dict[tuple, tuple] = {}   # (service name, address) -> (Service, Backend)
+        self._stop = asyncio.Event()
+        self._first_verdicts = asyncio.Event()
+        self._server = None
+        self._socket_path = None
+
+    # ---- start and stop ---------------------------------------------------
+
+    async def run(self) -> None:
+        self.pool = load_pool(self.pool_path)  # PoolError: nothing has changed yet
+        if self.netlink is None:
+            from .netlink import Netlink
+            self.netlink = Netlink()
+        self.link = self.netlink.link(self.ifname)
+        if self.link.xdp_prog_id:
+            raise AttachError(
+                f"{self.ifname} already has an XDP program attached (id {self.link.xdp_prog_id}); "
+                f"if it is a leftover xdplb, run `xdplb detach {self.ifname}`"
+            )
+        self._socket_path = control.prepare(self.ifname)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: self.reload("SIGHUP"))
+        try:
+            await self._start()
+            await self._stop.wait()
+            log.info("stopping: detaching from %s", self.ifname)
+        finally:
+            await self._cleanup()
+
+    async def _start(self) -> None:
+        factory = self._dataplane_factory
+        if factory is None:
+            from .dataplane import BccDataplane as factory
+        log.info("compiling the XDP program (maglev_size %d)", self.pool.settings.maglev_size)
+        self.dp = factory(self.pool.settings)
+        log.info("compiled and loaded in %.1fs", getattr(self.dp, "compile_seconds", 0.0))
+        self._refresh_macs()
+        self._sync_probes()
+        timeout = max((s.health.timeout for s in self.pool.services), default=1.0) + 1.0
+        try:
+            await asyncio.wait_for(self._first_verdicts.wait(), timeout)
+        except asyncio.TimeoutError:
+            log.warning("not every backend answered its first probe within %.1fs", timeout)
+        self._refresh_macs()
+        self.sync()
+        self.mode = self._attach()
+        self._sync_vips()
+        self._server = await asyncio.start_unix_server(self._handle, path=str(self._socket_path))
+        os.chmod(self._socket_path, 0o600)
+        asyncio.get_running_loop().create_task(self._mac_loop())
+        self.ready = True
+        up = sum(1 for h in self.health.values() if h.state is State.UP)
+        log.info("ready on %s in %s mode: %d service(s), %d of %d backend(s) up",
+                 self.ifname, self.mode, len(self.pool.services), up, len(self.health))
+
+    def _attach(self) -> str:
+        errors = []
+        for mode, why in modes.attempts(self.requested_mode, self.link.kind):
+            try:
+                self.dp.attach(self.ifname, mode)
+            except Exception as exc:  # the kernel layer reports driver refusals as LoadError
+                errors.append(f"{mode}: {exc}")
+                continue
+            log.info("attached to %s in %s mode (%s)", self.ifname, mode, why)
+            return mode
+        raise AttachError(f"could not attach to {self.ifname}: " + "; ".join(errors))
+
+    async def _cleanup(self) -> None:
+        for task in self._tasks.values():
+            task.cancel()
+        if self._server is not None:
+            self._server.close()
+        if self.dp is not None and getattr(self.dp, "attached", None):
+            self.dp.detach()
+            log.info("detached the XDP program from %s", self.ifname)
+        for vip in sorted(self.added_vips):
+            self.netlink.del_vip(self.link.index, vip)
+            log.info("removed VIP %s from %s", vip, self.ifname)
+        self.added_vips.clear()
+        if self._socket_path is not None and self._socket_path.exists():
+            self._socket_path.unlink()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    # ---- state -> kernel --------------------------------------------------
+
+    def sync(self) -> None:
+        """Recompute what the maps should hold and write the difference."""
+        desired = desired_state(self.pool, self.health, self.macs, self.link.mac)
+        started = time.monotonic()
+        result = plan(self.applied, desired)
+        if result.ops:
+            self.dp.apply(result.ops)
+        self.applied = result.applied
+        if result.rebuilt:
+            log.info("Maglev table rebuilt and flipped for %s (%d writes, %.0f ms)",
+                     ", ".join(result.rebuilt), len(result.ops), (time.monotonic() - started) * 1000)
+
+    def _wanted_vips(self) -> set:
+        if not self.pool.settings.manage_vips:
+            return set()
+        return {s.vip for s in self.pool.services}
+
+    def _sync_vips(self) -> None:
+        wanted = self._wanted_vips()
+        for vip in sorted(wanted - self.added_vips):
+            if self.netlink.add_vip(self.link.index, vip):
+                self.added_vips.add(vip)
+                log.info("added VIP %s/32 to %s", vip, self.ifname)
+            else:
+                log.info("VIP %s is already on %s; leaving it as configured", vip, self.ifname)
+        for vip in sorted(self.added_vips - wanted):
+            self.netlink.del_vip(self.link.index, vip)
+            self.added_vips.discard(vip)
+            log.info("removed VIP %s from %s", vip, self.ifname)
+
+    # ---- neighbours -------------------------------------------------------
+
+    def _backend_addresses(self) -> set:
+        return {be.address for s in self.pool.services for be in s.backends}
+
+    def _refresh_macs(self) -> bool:
+        changed = False
+        for address in sorted(self._backend_addresses()):
+            mac = self.netlink.neighbour_mac(self.link.index, address)
+            old = self.macs.get(address)
+            if mac is None:
+                self.netlink.solicit(address)
+                continue  # keep the last known MAC; a failed probe takes a dead host out
+            if mac != old:
+                changed = True
+                self.macs[address] = mac
+                if old is not None:
+                    log.info("backend %s moved from MAC %s to %s", address, old.hex(":"), mac.hex(":"))
+        for address in set(self.macs) - self._backend_addresses():
+            del self.macs[address]
+        return changed
+
+    async def _mac_loop(self) -> None:
+        while True:
+            await asyncio.sleep(MAC_REFRESH_SECONDS)
+            if self._refresh_macs():
+                self.sync()
+
+    # ---- health -----------------------------------------------------------
+
+    def _probe_keys(self) -> dict:
+        return {(s.name, be.address): (s, be) for s in self.pool.services for be in s.backends}
+
+    def _sync_probes(self) -> None:
+        keys = self._keys = self._probe_keys()
+        for key in list(self._tasks):
+            if key not in keys:
+                self._tasks.pop(key).cancel()
+                self.health.pop(key, None)
+        loop = asyncio.get_running_loop()
+        for key in keys:
+            if key not in self._tasks:
+                self.health.setdefault(key, Health())
+                self._tasks[key] = loop.create_task(self._probe_loop(key))
+
+    async def _probe_loop(self, key: tuple) -> None:
+        while True:
+            svc, be = self._keys[key]
+            hc = svc.health
+            result = await self.probe(hc.check, str(be.address), hc.port, hc.timeout)
+            self._on_result(key, result)
+            await asyncio.sleep(max(0.0, hc.interval - result.seconds))
+
+    def _on_result(self, key: tuple, result) -> None:
+        if key not in self._keys:
+            return  # removed by a reload while the probe ran
+        svc, be = self._keys[key]
+        old = self.health.get(key, Health())
+        new, transition = step(old, result.ok, result.reason, time.time(), svc.health.rise, svc.health.fall)
+        self.health[key] = new
+        if transition is not None:
+            log.info("backend %s (%s) of %s: %s -> %s: %s", be.name, be.address, svc.name,
+                     transition.old.value, transition.new.value, transition.reason)
+            if self.ready:
+                self.sync()
+        if not self._first_verdicts.is_set() and all(h.state is not State.UNKNOWN for h in self.health.values()):
+            self._first_verdicts.set()
+
+    # ---- reload -----------------------------------------------------------
+
+    def reload(self, trigger: str) -> dict:
+        """Re-read the pool file. A bad file changes nothing."""
+        try:
+            new = load_pool(self.pool_path)
+            blocked = restart_needed(self.pool, new)
+            if blocked:
+                raise PoolError(f"{self.pool_path}: changing {', '.join(blocked)} needs a restart of xdplb")
+            # Dry run: the new pool must fit the compiled maps before anything changes.
+            plan(self.applied, desired_state(new, self.health, self.macs, self.link.mac))
+        except (PoolError, PlanError) as exc:
+            log.error("reload (%s) rejected, keeping the running configuration: %s", trigger, exc)
+            self.last_reload = {"result": "rejected", "error": str(exc), "at": time.time()}
+            return self.last_reload
+        self.pool = new
+        self._sync_probes()
+        self._refresh_macs()
+        self._sync_vips()
+        self.sync()
+        log.info("reload (%s) applied: %d service(s)", trigger, len(new.services))
+        self.last_reload = {"result": "applied", "at": time.time()}
+        return self.last_reload
+
+    # ---- control socket ---------------------------------------------------
+
+    async def _handle(self, reader, writer) -> None:
+        try:
+            line = await reader.readline()
+            import json
+            try:
+                message = json.loads(line or b"{}")
+                cmd = message.get("cmd")
+            except ValueError:
+                cmd = None
+            if cmd == "ping":
+                reply = {"ok": True}
+            elif cmd == "status":
+                reply = self.status()
+            elif cmd == "reload":
+                reply = self.reload("control socket")
+            else:
+                reply = {"error": f"unknown command {cmd!r}"}
+            writer.write(json.dumps(reply).encode() + b"\n")
+            await writer.drain()
+        finally:
+            writer.close()
+
+    def status(self) -> dict:
+        service_ids = [a.id for a in self.applied.services.values()]
+        backend_ids = [b.id for b in self.applied.backends.values()]
+        stats = self.dp.read_stats(service_ids, backend_ids)
+        services = []
+        for svc in self.pool.services:
+            applied = self.applied.services.get(svc.name)
+            sc = stats.services.get(applied.id) if applied else None
+            backends = []
+            for be in svc.backends:
+                h = self.health.get((svc.name, be.address), Health())
+                ab = self.applied.backends.get((svc.name, str(be.address)))
+                bc = stats.backends.get(ab.id) if ab else None
+                mac = self.macs.get(be.address)
+                backends.append({
+                    "name": be.name, "address": str(be.address), "weight": be.weight,
+                    "health": h.state.value, "since": h.since, "reason": h.reason,
+                    "mac": mac.hex(":") if mac else None, "id": ab.id if ab else None,
+                    "forwarding": bool(ab and ab.up),
+                    "packets": bc.packets if bc else 0, "bytes": bc.bytes if bc else 0,
+                    "new_flows": bc.new_flows if bc else 0,
+                    "table_slots": applied.table.count(ab.id) if (applied and ab) else 0,
+                })
+            services.append({
+                "name": svc.name, "vip": str(svc.vip), "port": svc.port, "protocol": svc.protocol,
+                "persistence": svc.persistence, "check": svc.health.check,
+                "id": applied.id if applied else None,
+                "packets": sc.packets if sc else 0, "bytes": sc.bytes if sc else 0,
+                "new_flows": sc.new_flows if sc else 0, "backends": backends,
+            })
+        return {
+            "version": __version__, "interface": self.ifname, "mode": self.mode, "pid": os.getpid(),
+            "pool": self.pool_path, "started": self.started, "ready": self.ready,
+            "vips_added": sorted(str(v) for v in self.added_vips), "last_reload": self.last_reload,
+            "services": services, "actions": stats.actions, "not_forwarded": stats.not_forwarded,
+            "events": stats.events,
+        }

@@ -1,0 +1,44 @@
+"""What the data plane should hold, from the pool, health verdicts and MACs.
+
+Pure: the daemon calls `desired_state` after every change and hands the
+result to `plan.plan`.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+from .config import Pool
+from .health_fsm import Health, State
+from .plan import BackendState, Desired, ServiceState
+
+
+def desired_state(pool: Pool, health: Mapping[tuple, Health], macs: Mapping, gw_mac: bytes) -> Desired:
+    """health is keyed by (service name, backend address); macs by address."""
+    services = []
+    for svc in pool.services:
+        backends = tuple(
+            BackendState(
+                be.name,
+                be.address,
+                be.weight,
+                macs.get(be.address),
+                health.get((svc.name, be.address), Health()).state is State.UP,
+            )
+            for be in svc.backends
+        )
+        services.append(ServiceState(svc.name, svc.vip, svc.port, svc.protocol, svc.persistence, backends))
+    st = pool.settings
+    return Desired(tuple(services), gw_mac, st.hash_seed, st.maglev_size, st.max_services, st.max_backends)
+
+
+# Settings baked into the compiled program: changing them needs a restart.
+COMPILED_SETTINGS = ("maglev_size", "max_services", "max_backends", "flow_table_size")
+
+
+def restart_needed(old: Pool, new: Pool) -> list[str]:
+    """Compiled-in settings that differ between two pools, as 'key old -> new'."""
+    return [
+        f"{key} {getattr(old.settings, key)} -> {getattr(new.settings, key)}"
+        for key in COMPILED_SETTINGS
+        if getattr(old.settings, key) != getattr(new.settings, key)
+    ]
