@@ -1,0 +1,166 @@
+"""Run the real `xdplb attach` in a lab's lb namespace, for end-to-end tests.
+
+The daemon is the installed console script, started exactly as an operator
+would (`xdplb attach eth0 --pool FILE`), with its control socket in a
+private run directory. Readiness is read from its control socket, never
+guessed with a sleep.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+XDPLB = str(Path(sys.executable).with_name("xdplb"))
+
+POOL_TEMPLATE = """
+[xdplb]
+metrics = ""
+
+[[service]]
+name = "hello"
+vip = "{vip}"
+port = 104
+  [service.health]
+  interval = {interval}
+  timeout = {timeout}
+  rise = {rise}
+  fall = {fall}
+{backends}
+
+[[service]]
+name = "web"
+vip = "{vip}"
+port = 80
+  [service.health]
+  interval = {interval}
+  timeout = {timeout}
+  rise = {rise}
+  fall = {fall}
+{backends}
+
+[[service]]
+name = "sink"
+vip = "{vip}"
+port = 9000
+  [service.health]
+  interval = {interval}
+  timeout = {timeout}
+  rise = {rise}
+  fall = {fall}
+{backends}
+
+[[service]]
+name = "echo"
+vip = "{vip}"
+port = 5000
+protocol = "udp"
+  [service.health]
+  port = 9000
+  interval = {interval}
+  timeout = {timeout}
+{backends}
+"""
+
+BACKEND_TEMPLATE = """  [[service.backend]]
+  name = "{name}"
+  address = "{address}"
+  weight = {weight}
+"""
+
+
+def pool_text(lab, interval=1.0, timeout=0.5, rise=2, fall=2, weights=None, skip=()) -> str:
+    weights = weights or {}
+    backends = "".join(
+        BACKEND_TEMPLATE.format(name=name, address=lab.backend_ip(name), weight=weights.get(name, 1))
+        for name in lab.backend_names() if name not in skip
+    )
+    return POOL_TEMPLATE.format(vip=lab.vip, interval=interval, timeout=timeout, rise=rise, fall=fall,
+                                backends=backends)
+
+
+class Balancer:
+    def __init__(self, lab, pool: Path, run_dir: Path, log: Path, mode: str = "auto"):
+        self.lab, self.pool, self.run_dir, self.log_path, self.mode = lab, pool, run_dir, log, mode
+        self.proc: subprocess.Popen | None = None
+
+    def _env(self) -> dict:
+        return dict(os.environ, XDPLB_RUN_DIR=str(self.run_dir))
+
+    def start(self) -> "Balancer":
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            ["ip", "netns", "exec", self.lab.ns("lb"), XDPLB, "attach", "eth0", "--pool", str(self.pool),
+             "--mode", self.mode],
+            stdout=self._log, stderr=subprocess.STDOUT, env=self._env(),
+        )
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def cli(self, *args, check=True) -> subprocess.CompletedProcess:
+        return subprocess.run(["ip", "netns", "exec", self.lab.ns("lb"), XDPLB, *args],
+                              capture_output=True, text=True, env=self._env(), check=check, timeout=30)
+
+    def status(self) -> dict:
+        return json.loads(self.cli("status", "-i", "eth0", "--json").stdout)
+
+    def wait_ready(self, timeout: float = 60.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"xdplb exited with {self.proc.returncode} before ready:\n{self.log()}")
+            result = self.cli("status", "-i", "eth0", "--json", check=False)
+            if result.returncode == 0:
+                st = json.loads(result.stdout)
+                if st["ready"]:
+                    return st
+            time.sleep(0.2)
+        raise AssertionError(f"xdplb not ready after {timeout}s:\n{self.log()}")
+
+    def wait_for(self, predicate, timeout: float, what: str) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            st = self.status()
+            if predicate(st):
+                return st
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out after {timeout}s waiting for {what}; status: {json.dumps(st)[:2000]}")
+            time.sleep(0.1)
+
+    def signal(self, sig) -> None:
+        self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 15.0) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self._log.close()
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
+        self._log.close()
+
+
+def backend_health(st: dict, service: str) -> dict:
+    svc = next(s for s in st["services"] if s["name"] == service)
+    return {b["name"]: b["health"] for b in svc["backends"]}
+
+
+def xdp_attached(lab) -> bool:
+    out = lab.run("lb", "ip", "-j", "link", "show", "eth0").stdout
+    return "xdp" in json.loads(out)[0]
+
+
+def lb_addresses(lab) -> list[str]:
+    out = lab.run("lb", "ip", "-j", "-4", "addr", "show", "eth0").stdout
+    return [a["local"] for a in json.loads(out)[0]["addr_info"]]
