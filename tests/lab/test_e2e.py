@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from balancer import Balancer, backend_health, lb_addresses, pool_text, xdp_attached
+from lab_xdplb import Balancer, backend_health, lb_addresses, pool_text, xdp_attached
 
 pytestmark = [pytest.mark.root, pytest.mark.lab]
 

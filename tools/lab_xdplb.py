@@ -1,4 +1,4 @@
-"""Run the real `xdplb attach` in a lab's lb namespace, for end-to-end tests.
+"""Run the real `xdplb attach` in a lab's lb namespace (used by the tests and the demo).
 
 The daemon is the installed console script, started exactly as an operator
 would (`xdplb attach eth0 --pool FILE`), with its control socket in a

@@ -1,0 +1,269 @@
+"""Fakes of the daemon's injected side-effect objects, for unit tests.
+
+FakeDataplane keeps the kernel maps as plain dicts, written only through the
+planner's ops, and refuses writes the real maps would refuse (ids out of a
+compiled map's range, a table of the wrong size). FakeNetlink holds one or
+more links, their addresses and a neighbour table the test edits. FakeProber
+answers probes from a table the test edits. None of them needs root, bcc or
+a network.
+"""
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+from collections import Counter
+
+from xdplb import plan
+from xdplb.dataplane import Counters, Stats
+from xdplb.netlink import Link, NetlinkProblem
+from xdplb.probes import ProbeResult
+from xdplb.structs import ACTIONS, EVENTS, REASONS
+
+
+def _ip(address) -> ipaddress.IPv4Address:
+    return ipaddress.IPv4Address(str(address))
+
+
+def _key(vip, port: int, protocol: str) -> tuple:
+    return (_ip(vip), port, protocol)
+
+
+class AttachRefused(RuntimeError):
+    """What FakeDataplane.attach raises for a mode in refuse_modes."""
+
+
+class FakeDataplane:
+    """The maps of one loaded program, as dicts.
+
+    services: (vip, port, protocol) -> (id, flags, half)
+    backends: id -> (service_id, address, mac, up); ClearBackend removes the id
+    tables:   (service_id, half) -> tuple of slots
+    vips:     set of VIP addresses
+    config:   (mac, hash_seed) or None
+    counters: ("service" | "backend", id) -> Counters, set by ZeroCounters
+    log:      every op applied, in order
+    """
+
+    def __init__(self, settings):
+        self.settings = settings
+        self.compile_seconds = 0.0
+        self.log: list = []
+        self.services: dict[tuple, tuple] = {}
+        self.backends: dict[int, tuple] = {}
+        self.tables: dict[tuple, tuple] = {}
+        self.vips: set = set()
+        self.config: tuple | None = None
+        self.counters: dict[tuple, Counters] = {}
+        self.attached: tuple[str, str] | None = None
+        self.attach_calls: list[tuple[str, str]] = []
+        self.detach_calls = 0
+        self.refuse_modes: set[str] = set()
+
+    # ---- attach -----------------------------------------------------------
+
+    def attach(self, ifname: str, mode: str) -> None:
+        self.attach_calls.append((ifname, mode))
+        if self.attached is not None:
+            raise AttachRefused(f"already attached to {self.attached[0]}")
+        if mode in self.refuse_modes:
+            raise AttachRefused(f"attaching to {ifname} in {mode} mode failed: Operation not supported")
+        self.attached = (ifname, mode)
+
+    def detach(self) -> None:
+        self.detach_calls += 1
+        self.attached = None
+
+    # ---- writes -----------------------------------------------------------
+
+    def _check_service_id(self, sid: int) -> None:
+        if not 0 <= sid < self.settings.max_services:
+            raise ValueError(f"service id {sid} outside the compiled map (max_services {self.settings.max_services})")
+
+    def _check_backend_id(self, bid: int) -> None:
+        # Array of max_backends entries; id 0 means "no backend" and is never written.
+        if not 1 <= bid < self.settings.max_backends:
+            raise ValueError(f"backend id {bid} outside 1..{self.settings.max_backends - 1}")
+
+    def apply(self, ops) -> None:
+        for op in ops:
+            self.log.append(op)
+            self._apply_one(op)
+
+    def _apply_one(self, op) -> None:
+        if isinstance(op, plan.SetConfig):
+            self.config = (op.mac, op.hash_seed)
+        elif isinstance(op, plan.ZeroCounters):
+            if op.kind == "service":
+                self._check_service_id(op.id)
+            elif op.kind == "backend":
+                self._check_backend_id(op.id)
+            else:
+                raise ValueError(f"unknown counter kind {op.kind!r}")
+            self.counters[(op.kind, op.id)] = Counters()
+        elif isinstance(op, plan.PutBackend):
+            self._check_backend_id(op.id)
+            self._check_service_id(op.service_id)
+            if op.mac is None or len(op.mac) != 6:
+                raise ValueError(f"backend {op.id}: MAC must be 6 bytes, got {op.mac!r}")
+            self.backends[op.id] = (op.service_id, _ip(op.address), bytes(op.mac), bool(op.up))
+        elif isinstance(op, plan.ClearBackend):
+            self._check_backend_id(op.id)
+            self.backends.pop(op.id, None)  # the real map zeroes the entry
+        elif isinstance(op, plan.PutTable):
+            self._check_service_id(op.service_id)
+            if op.half not in (0, 1):
+                raise ValueError(f"table half {op.half}")
+            if len(op.slots) != self.settings.maglev_size:
+                raise ValueError(f"table of {len(op.slots)} slots, compiled for {self.settings.maglev_size}")
+            self.tables[(op.service_id, op.half)] = tuple(op.slots)
+        elif isinstance(op, plan.PutService):
+            self._check_service_id(op.id)
+            if op.half not in (0, 1):
+                raise ValueError(f"table half {op.half}")
+            self.services[_key(op.vip, op.port, op.protocol)] = (op.id, op.flags, op.half)
+        elif isinstance(op, plan.DelService):
+            self.services.pop(_key(op.vip, op.port, op.protocol), None)
+        elif isinstance(op, plan.PutVip):
+            self.vips.add(_ip(op.address))
+        elif isinstance(op, plan.DelVip):
+            self.vips.discard(_ip(op.address))
+        else:
+            raise TypeError(f"unknown map write {op!r}")
+
+    # ---- reads ------------------------------------------------------------
+
+    def read_stats(self, service_ids, backend_ids) -> Stats:
+        return Stats(
+            services={i: Counters() for i in service_ids},
+            backends={i: Counters() for i in backend_ids},
+            actions={a: 0 for a in ACTIONS},
+            not_forwarded={r: 0 for r in REASONS},
+            events={e: 0 for e in EVENTS},
+        )
+
+    # ---- helpers for tests ------------------------------------------------
+
+    def live_table(self, key) -> tuple | None:
+        """The table a packet to key = (vip, port, protocol) is balanced with:
+        the half the service entry names. None if the service is absent."""
+        entry = self.services.get(_key(*key))
+        if entry is None:
+            return None
+        sid, _flags, half = entry
+        return self.tables.get((sid, half))
+
+    def live_backends(self, key) -> Counter:
+        """Address -> slots it owns in the live table of key (ids with no
+        backend entry are counted under None)."""
+        table = self.live_table(key) or ()
+        out: Counter = Counter()
+        for bid in table:
+            if bid:
+                entry = self.backends.get(bid)
+                out[entry[1] if entry else None] += 1
+        return out
+
+    def backend_by_address(self, key, address) -> tuple | None:
+        """(id, (service_id, address, mac, up)) of address in the service of key."""
+        entry = self.services.get(_key(*key))
+        if entry is None:
+            return None
+        for bid, value in self.backends.items():
+            if value[0] == entry[0] and value[1] == _ip(address):
+                return bid, value
+        return None
+
+
+class FakeNetlink:
+    """Links, their IPv4 addresses and a neighbour table, as dicts.
+
+    addresses: link index -> set of every address on it (operator's and ours)
+    ours:      link index -> set of addresses add_vip added (what `vips` lists)
+    neighbours: address -> MAC bytes (or None: unresolved); edit freely
+    """
+
+    def __init__(self, links=(), neighbours=None, addresses=None):
+        self.links: dict[str, Link] = {l.name: l for l in links}
+        self.neighbours: dict = dict(neighbours or {})
+        self.addresses: dict[int, set] = {l.index: set() for l in links}
+        for index, addrs in (addresses or {}).items():
+            self.addresses.setdefault(index, set()).update(_ip(a) for a in addrs)
+        self.ours: dict[int, set] = {l.index: set() for l in links}
+        self.solicited: list = []
+        self.calls: list[tuple] = []
+
+    def link(self, name: str) -> Link:
+        self.calls.append(("link", name))
+        if name not in self.links:
+            raise NetlinkProblem(f"interface {name!r} does not exist in this network namespace")
+        return self.links[name]
+
+    def vips(self, index: int) -> set:
+        return set(self.ours.get(index, ()))
+
+    def has_address(self, index: int, address) -> bool:
+        return _ip(address) in self.addresses.get(index, ())
+
+    def add_vip(self, index: int, address) -> bool:
+        self.calls.append(("add_vip", index, _ip(address)))
+        if self.has_address(index, address):
+            return False
+        self.addresses.setdefault(index, set()).add(_ip(address))
+        self.ours.setdefault(index, set()).add(_ip(address))
+        return True
+
+    def del_vip(self, index: int, address) -> None:
+        self.calls.append(("del_vip", index, _ip(address)))
+        self.addresses.get(index, set()).discard(_ip(address))
+        self.ours.get(index, set()).discard(_ip(address))
+
+    def neighbour_mac(self, index: int, address) -> bytes | None:
+        if _ip(address) in self.neighbours:
+            return self.neighbours[_ip(address)]
+        return self.neighbours.get(str(address))
+
+    def solicit(self, address) -> None:
+        self.solicited.append(_ip(address))
+
+
+class FakeProber:
+    """An async probe function: `await prober(check, address, port, timeout)`.
+
+    results: (address str, port) -> True (ok) / False (fail); `default` for
+    any other target. Every call is counted per target and logged as
+    (address, port, ok); `wait_calls` waits for a target's n-th probe, which
+    the daemon has fully handled by the time the waiter runs.
+    """
+
+    def __init__(self, default: bool = True):
+        self.default = default
+        self.results: dict[tuple, bool] = {}
+        self.counts: Counter = Counter()
+        self.log: list[tuple] = []
+        self._event: asyncio.Event | None = None
+
+    def set(self, address, port: int, ok: bool) -> None:
+        self.results[(str(address), port)] = ok
+
+    async def __call__(self, check: str, address: str, port: int, timeout: float) -> ProbeResult:
+        target = (str(address), port)
+        ok = self.results.get(target, self.default)
+        self.counts[target] += 1
+        self.log.append((str(address), port, ok))
+        if self._event is not None:
+            self._event.set()
+        reason = f"connect to {address}:{port} " + ("succeeded" if ok else "refused")
+        return ProbeResult(ok, reason, 0.0)
+
+    async def wait_calls(self, address, port: int, n: int, timeout: float = 5.0) -> None:
+        """Wait until (address, port) has been probed at least n times in all."""
+        if self._event is None:
+            self._event = asyncio.Event()
+        target = (str(address), port)
+
+        async def wait() -> None:
+            while self.counts[target] < n:
+                self._event.clear()
+                await self._event.wait()
+
+        await asyncio.wait_for(wait(), timeout)
