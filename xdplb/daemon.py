@@ -25,6 +25,7 @@ from .config import Pool, PoolError, load_pool
 from .desired import desired_state, restart_needed
 from .health_fsm import Health, State, step
 from .plan import Applied, PlanError, plan
+from .telemetry import Telemetry
 
 log = logging.getLogger("xdplb")
 
@@ -55,6 +56,7 @@ class Daemon:
         self.started = time.time()
         self.ready = False
         self.last_reload: dict = {"result": "none"}
+        self.telemetry = Telemetry()
         self._tasks: dict[tuple, asyncio.Task] = {}
         self._keys: dict[tuple, tuple] = {}   # (service name, address) -> (Service, Backend)
         self._stop = asyncio.Event()
@@ -154,6 +156,7 @@ class Daemon:
             self.dp.apply(result.ops)
         self.applied = result.applied
         if result.rebuilt:
+            self.telemetry.rebuilt(time.monotonic() - started)
             log.info("Maglev table rebuilt and flipped for %s (%d writes, %.0f ms)",
                      ", ".join(result.rebuilt), len(result.ops), (time.monotonic() - started) * 1000)
 
@@ -235,7 +238,11 @@ class Daemon:
         old = self.health.get(key, Health())
         new, transition = step(old, result.ok, result.reason, time.time(), svc.health.rise, svc.health.fall)
         self.health[key] = new
+        self.telemetry.probe(svc.name, be.name, svc.health.check, result.seconds, result.ok,
+                             getattr(result, "kind", "error"), result.reason)
         if transition is not None:
+            self.telemetry.transition(svc.name, be.name, transition.old.value, transition.new.value,
+                                      transition.reason, transition.at)
             log.info("backend %s (%s) of %s: %s -> %s: %s", be.name, be.address, svc.name,
                      transition.old.value, transition.new.value, transition.reason)
             if self.ready:
@@ -257,6 +264,7 @@ class Daemon:
         except (PoolError, PlanError) as exc:
             log.error("reload (%s) rejected, keeping the running configuration: %s", trigger, exc)
             self.last_reload = {"result": "rejected", "error": str(exc), "at": time.time()}
+            self.telemetry.reload("rejected")
             return self.last_reload
         self.pool = new
         self._sync_probes()
@@ -265,6 +273,7 @@ class Daemon:
         self.sync()
         log.info("reload (%s) applied: %d service(s)", trigger, len(new.services))
         self.last_reload = {"result": "applied", "at": time.time()}
+        self.telemetry.reload("applied")
         return self.last_reload
 
     # ---- control socket ---------------------------------------------------

@@ -272,8 +272,11 @@ def plan(applied: Applied, desired: Desired) -> Plan:
     vips = frozenset(s.vip for s in desired.services)
     vip_ops = [PutVip(v) for v in sorted(vips - applied.vips)]
 
+    # A key that a desired service (renamed, or swapped with another) has
+    # just been written under must not be deleted again.
+    wanted_keys = {s.key for s in desired.services}
     for name, old in applied.services.items():
-        if name not in kept_services:
+        if name not in kept_services and old.key not in wanted_keys:
             vip, port, protocol = old.key
             late.append(DelService(vip, port, protocol))
     for bkey, old_be in applied.backends.items():

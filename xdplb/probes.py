@@ -14,8 +14,9 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class ProbeResult:
     ok: bool
-    reason: str
+    reason: str          # one sentence for the log
     seconds: float
+    kind: str = "ok"     # short failure class for metrics: refused, timeout, error, ...
 
 
 async def tcp_probe(address: str, port: int, timeout: float) -> ProbeResult:
@@ -25,11 +26,11 @@ async def tcp_probe(address: str, port: int, timeout: float) -> ProbeResult:
     try:
         _reader, writer = await asyncio.wait_for(asyncio.open_connection(address, port), timeout)
     except asyncio.TimeoutError:
-        return ProbeResult(False, f"connect to {target} timed out after {timeout:g}s", time.monotonic() - started)
+        return ProbeResult(False, f"connect to {target} timed out after {timeout:g}s", time.monotonic() - started, "timeout")
     except ConnectionRefusedError:
-        return ProbeResult(False, f"connect to {target} refused", time.monotonic() - started)
+        return ProbeResult(False, f"connect to {target} refused", time.monotonic() - started, "refused")
     except OSError as exc:
-        return ProbeResult(False, f"connect to {target} failed: {exc.strerror or exc}", time.monotonic() - started)
+        return ProbeResult(False, f"connect to {target} failed: {exc.strerror or exc}", time.monotonic() - started, "error")
     writer.close()
     try:
         await asyncio.wait_for(writer.wait_closed(), timeout)
