@@ -48,11 +48,16 @@
 /* struct backend_info.flags */
 #define F_BACKEND_UP (1U << 0) /* healthy: flows may stay on / be sent to it */
 
+/* struct lb_config.flags */
+#define F_CFG_NO_BACKEND_DROP (1U << 0) /* drop, rather than pass to the local stack, when no backend is up */
+
 /* Why a packet was not forwarded: index into the not_forwarded counters. */
 #define REASON_NOT_SERVICE 0     /* passed: not addressed to a configured service */
 #define REASON_MALFORMED 1       /* truncated or invalid header */
 #define REASON_FRAGMENT 2        /* IPv4 fragment addressed to a VIP: dropped */
-#define REASON_NO_BACKEND 3      /* Maglev slot empty (0): the service has no healthy backend */
+#define REASON_NO_BACKEND 3      /* Maglev slot empty (0): the service has no healthy backend; passed
+                                  * to the gateway's stack, which holds the VIP and resets (TCP RST,
+                                  * ICMP port unreachable), or dropped with F_CFG_NO_BACKEND_DROP */
 #define REASON_BACKEND_GONE 4    /* the table named a backend that is missing or down */
 #define REASON_NO_CONFIG 5       /* controller has not written lb_config yet */
 #define REASON_MAX 6

@@ -10,14 +10,33 @@
 
 #include "lb_structs.h"
 
+/*
+ * Every map is pinned in bpffs under PIN_DIR (a string, passed by the
+ * controller as -DPIN_DIR="/sys/fs/bpf/xdplb/eth0"), so the program keeps
+ * forwarding with its last state when the controller dies, and a new
+ * controller adopts the same maps, flow table included. bcc creates and pins
+ * a map whose path is free and reuses the one pinned there otherwise (it does
+ * not compare shapes: xdplb/pinning.py does that first). Without PIN_DIR (the
+ * packet tests) the maps are private to the loader.
+ */
+#ifdef PIN_DIR
+#define LB_MAP(type, key, value, name, size) \
+	BPF_TABLE_PINNED(type, key, value, name, size, PIN_DIR "/" #name)
+#define LB_MAP_F(type, key, value, name, size, flags) \
+	BPF_TABLE_PINNED(type, key, value, name, size, PIN_DIR "/" #name, flags)
+#else
+#define LB_MAP(type, key, value, name, size) BPF_TABLE(type, key, value, name, size)
+#define LB_MAP_F(type, key, value, name, size, flags) BPF_F_TABLE(type, key, value, name, size, flags)
+#endif
+
 /* service_key -> service_info; written by the controller, read per packet. */
-BPF_HASH(services, struct service_key, struct service_info, MAX_SERVICES);
+LB_MAP("hash", struct service_key, struct service_info, services, MAX_SERVICES);
 
 /* VIP address -> 1; written by the controller, read for IPv4 fragments only. */
-BPF_HASH(vips, struct lb_addr, __u32, MAX_VIPS);
+LB_MAP("hash", struct lb_addr, __u32, vips, MAX_VIPS);
 
 /* backend id -> backend_info; written by the controller, read per packet. */
-BPF_ARRAY(backends, struct backend_info, MAX_BACKENDS);
+LB_MAP("array", int, struct backend_info, backends, MAX_BACKENDS);
 
 /*
  * (service id * 2 + half) -> maglev_table; written by the controller, read
@@ -33,7 +52,7 @@ BPF_ARRAY(backends, struct backend_info, MAX_BACKENDS);
  * side cannot create inner maps without dropping to raw syscalls, and two
  * preallocated halves keep the per-packet path to one array lookup.
  */
-BPF_ARRAY(maglev_tables, struct maglev_table, MAX_SERVICES * TABLES_PER_SERVICE);
+LB_MAP("array", int, struct maglev_table, maglev_tables, MAX_SERVICES * TABLES_PER_SERVICE);
 
 /*
  * flow_key -> flow_value; written per packet by the XDP program (new or
@@ -43,24 +62,24 @@ BPF_ARRAY(maglev_tables, struct maglev_table, MAX_SERVICES * TABLES_PER_SERVICE)
  * would let a second CPU pick a different backend after a table change.
  * BPF_F_NO_COMMON_LRU keeps the LRU lists per CPU to avoid lock contention.
  */
-BPF_F_TABLE("lru_hash", struct flow_key, struct flow_value, flows, FLOW_TABLE_SIZE, BPF_F_NO_COMMON_LRU);
+LB_MAP_F("lru_hash", struct flow_key, struct flow_value, flows, FLOW_TABLE_SIZE, BPF_F_NO_COMMON_LRU);
 
 /* 0 -> lb_config; written by the controller at attach, read per packet. */
-BPF_ARRAY(lb_config, struct lb_config, 1);
+LB_MAP("array", int, struct lb_config, lb_config, 1);
 
 /* service id -> per-CPU lb_counters; written per packet, read by the controller. */
-BPF_PERCPU_ARRAY(service_stats, struct lb_counters, MAX_SERVICES);
+LB_MAP("percpu_array", int, struct lb_counters, service_stats, MAX_SERVICES);
 
 /* backend id -> per-CPU lb_counters; written per packet, read by the controller. */
-BPF_PERCPU_ARRAY(backend_stats, struct lb_counters, MAX_BACKENDS);
+LB_MAP("percpu_array", int, struct lb_counters, backend_stats, MAX_BACKENDS);
 
 /* XDP action -> per-CPU packet count; written per packet, read by the controller. */
-BPF_PERCPU_ARRAY(xdp_actions, __u64, ACTION_MAX);
+LB_MAP("percpu_array", int, __u64, xdp_actions, ACTION_MAX);
 
 /* REASON_* -> per-CPU packet count; written per packet, read by the controller. */
-BPF_PERCPU_ARRAY(not_forwarded, __u64, REASON_MAX);
+LB_MAP("percpu_array", int, __u64, not_forwarded, REASON_MAX);
 
 /* EVENT_* -> per-CPU count; written per packet, read by the controller. */
-BPF_PERCPU_ARRAY(events, __u64, EVENT_MAX);
+LB_MAP("percpu_array", int, __u64, events, EVENT_MAX);
 
 #endif /* XDPLB_MAPS_H */

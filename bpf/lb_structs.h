@@ -80,7 +80,7 @@ struct lb_counters {
 struct lb_config {
 	__u8 mac[6];           /* wire order: source MAC written into forwarded frames */
 	__u8 ready;            /* 1 once the controller has written this entry */
-	__u8 pad;              /* zero */
+	__u8 flags;            /* F_CFG_* */
 	__u32 hash_seed;       /* host order: seed of the flow hash (xdplb/flowhash.py mirrors it) */
 };
 

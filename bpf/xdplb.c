@@ -18,7 +18,10 @@
  *   - TCP/UDP to a VIP with a truncated L4 header: XDP_DROP (REASON_MALFORMED);
  *   - IPv4 options: forwarded as usual (DSR leaves the IP header alone),
  *     counted as EVENT_IP_OPTIONS;
- *   - service with no backend in its table (slot 0): XDP_DROP (REASON_NO_BACKEND);
+ *   - service with no backend in its table (slot 0): XDP_PASS to the gateway's
+ *     own stack, which holds the VIP and answers TCP with a RST and UDP with
+ *     ICMP port unreachable, so clients fail fast instead of hanging; or
+ *     XDP_DROP where the pool says no_backend = "drop" (REASON_NO_BACKEND);
  *   - otherwise XDP_TX to the flow's backend.
  */
 #include "lb_maps.h"
@@ -179,7 +182,7 @@ int xdplb_ingress(struct xdp_md *ctx)
 		bid = maglev_pick(svc, hash);
 		if (bid == 0) {
 			count_reason(REASON_NO_BACKEND);
-			action = XDP_DROP;
+			action = (cfg->flags & F_CFG_NO_BACKEND_DROP) ? XDP_DROP : XDP_PASS;
 			goto out;
 		}
 		be = live_backend(bid, sid);

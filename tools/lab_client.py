@@ -4,9 +4,10 @@
   lab_client.py hello HOST PORT N        N new TCP connections; prints each backend name
   lab_client.py watch HOST PORT SECONDS  one new connection every 50 ms; prints
                                          "<t> ok <name>" or "<t> fail <error>" per try
-  lab_client.py upload HOST PORT BYTES SECONDS
-                                         one connection that streams BYTES evenly over
-                                         SECONDS to the sink, then prints the sink's reply
+  lab_client.py upload HOST PORT BYTES SECONDS [SPORT]
+                                         one connection (from source port SPORT if given)
+                                         that streams BYTES evenly over SECONDS to the
+                                         sink, then prints the sink's reply
   lab_client.py udp HOST PORT N SIZE     N datagrams of SIZE bytes from N source ports;
                                          prints each reply's backend name
 
@@ -50,12 +51,12 @@ def watch(host: str, port: int, seconds: float, timeout: float = 0.5) -> int:
     return 0
 
 
-def upload(host: str, port: int, total: int, seconds: float) -> int:
+def upload(host: str, port: int, total: int, seconds: float, sport: int = 0) -> int:
     chunk = 16384
     chunks = max(1, total // chunk)
     pause = seconds / chunks
     sent = 0
-    with socket.create_connection((host, port), timeout=10) as sock:
+    with socket.create_connection((host, port), timeout=10, source_address=("", sport)) as sock:
         _say(f"connected from port {sock.getsockname()[1]}")
         for i in range(chunks):
             size = chunk if i < chunks - 1 else total - sent
@@ -96,7 +97,7 @@ def main(argv: list[str]) -> int:
         if cmd == "watch":
             return watch(args[0], int(args[1]), float(args[2]))
         if cmd == "upload":
-            return upload(args[0], int(args[1]), int(args[2]), float(args[3]))
+            return upload(args[0], int(args[1]), int(args[2]), float(args[3]), int(args[4]) if len(args) > 4 else 0)
         if cmd == "udp":
             return udp(args[0], int(args[1]), int(args[2]), int(args[3]))
     except (IndexError, ValueError):

@@ -83,15 +83,41 @@ def pool_text(lab, interval=1.0, timeout=0.5, rise=2, fall=2, weights=None, skip
                                 backends=backends)
 
 
+def host_bpffs(path: Path) -> Path:
+    """Mount a bpffs at `path` in this (the host's) mount namespace.
+
+    `ip netns exec` gives every command a private mount namespace with a
+    fresh /sys, so pins under /sys/fs/bpf would die with each daemon. A bpffs
+    mounted here first is inherited by every later `ip netns exec`, so a
+    restarted daemon finds the maps its predecessor pinned.
+    """
+    path.mkdir(parents=True, exist_ok=True)
+    if subprocess.run(["mountpoint", "-q", str(path)]).returncode != 0:
+        subprocess.run(["mount", "-t", "bpf", "bpf", str(path)], check=True)
+    return path
+
+
+def release_bpffs(path: Path) -> None:
+    if subprocess.run(["mountpoint", "-q", str(path)]).returncode == 0:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
 class Balancer:
-    def __init__(self, lab, pool: Path, run_dir: Path, log: Path, mode: str = "auto"):
+    def __init__(self, lab, pool: Path, run_dir: Path, log: Path, mode: str = "auto", bpffs: Path | None = None):
         self.lab, self.pool, self.run_dir, self.log_path, self.mode = lab, pool, run_dir, log, mode
+        self.bpffs = bpffs or run_dir.parent / "bpffs"
         self.proc: subprocess.Popen | None = None
 
-    def _env(self) -> dict:
-        return dict(os.environ, XDPLB_RUN_DIR=str(self.run_dir))
+    cli_path = XDPLB
+
+    def env(self) -> dict:
+        """The environment every xdplb command of this balancer runs with."""
+        return dict(os.environ, XDPLB_RUN_DIR=str(self.run_dir), XDPLB_BPFFS=str(self.bpffs))
+
+    _env = env
 
     def start(self) -> "Balancer":
+        host_bpffs(self.bpffs)
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             ["ip", "netns", "exec", self.lab.ns("lb"), XDPLB, "attach", "eth0", "--pool", str(self.pool),
@@ -149,6 +175,10 @@ class Balancer:
         self.proc.kill()
         self.proc.wait(10)
         self._log.close()
+
+    def release(self) -> None:
+        """Unmount the bpffs (after the daemon stopped or was detached)."""
+        release_bpffs(self.bpffs)
 
 
 def backend_health(st: dict, service: str) -> dict:

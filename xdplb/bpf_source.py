@@ -47,6 +47,15 @@ def assemble(main: str = MAIN_FILE, bpf_dir: Path = BPF_DIR) -> str:
     return "\n".join(out) + "\n"
 
 
-def cflags(defines: dict[str, int]) -> list[str]:
-    """The -D flags that override lb_consts.h sizes, in a stable order."""
-    return [f"-D{name}={int(value)}" for name, value in sorted(defines.items())]
+def cflags(defines: dict[str, int | str]) -> list[str]:
+    """-D flags in a stable order: integers as numbers, strings as C string
+    literals (bcc hands the flags to clang directly, no shell quoting)."""
+    out = []
+    for name, value in sorted(defines.items()):
+        if isinstance(value, str):
+            if '"' in value or "\\" in value:
+                raise ValueError(f"-D{name}: {value!r} cannot be a C string literal")
+            out.append(f'-D{name}="{value}"')
+        else:
+            out.append(f"-D{name}={int(value)}")
+    return out

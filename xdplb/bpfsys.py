@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 _SYS_BPF = {"x86_64": 321, "aarch64": 280, "armv7l": 386, "ppc64le": 361, "s390x": 351, "riscv64": 280}
 
+BPF_OBJ_GET = 7
 BPF_PROG_TEST_RUN = 10
 BPF_PROG_GET_FD_BY_ID = 13
 BPF_OBJ_GET_INFO_BY_FD = 15
@@ -54,6 +55,24 @@ class _IdAttr(ctypes.Structure):
 
 class _InfoAttr(ctypes.Structure):
     _fields_ = [("bpf_fd", ctypes.c_uint32), ("info_len", ctypes.c_uint32), ("info", ctypes.c_uint64)]
+
+
+class _ObjGetAttr(ctypes.Structure):
+    _fields_ = [("pathname", ctypes.c_uint64), ("bpf_fd", ctypes.c_uint32), ("file_flags", ctypes.c_uint32)]
+
+
+class _MapInfo(ctypes.Structure):
+    """The head of struct bpf_map_info."""
+
+    _fields_ = [
+        ("type", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("key_size", ctypes.c_uint32),
+        ("value_size", ctypes.c_uint32),
+        ("max_entries", ctypes.c_uint32),
+        ("map_flags", ctypes.c_uint32),
+        ("name", ctypes.c_char * 16),
+    ]
 
 
 _PROG_INFO_NAME_OFFSET = 64  # struct bpf_prog_info: name[16] follows map_ids
@@ -106,5 +125,28 @@ def prog_name(prog_id: int) -> str:
         _bpf(BPF_OBJ_GET_INFO_BY_FD, _InfoAttr(bpf_fd=fd, info_len=_PROG_INFO_SIZE, info=ctypes.addressof(info)))
         raw = info.raw[_PROG_INFO_NAME_OFFSET:_PROG_INFO_NAME_OFFSET + 16]
         return raw.split(b"\0", 1)[0].decode()
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class MapInfo:
+    type: int
+    key_size: int
+    value_size: int      # per CPU for per-CPU maps
+    max_entries: int
+    flags: int
+
+
+def pinned_map_info(path: str) -> MapInfo:
+    """Shape of a map pinned in bpffs (needs root)."""
+    raw = os.fsencode(path) + b"\0"
+    buf = ctypes.create_string_buffer(raw, len(raw))
+    fd = _bpf(BPF_OBJ_GET, _ObjGetAttr(pathname=ctypes.addressof(buf)))
+    try:
+        info = (ctypes.c_uint8 * _PROG_INFO_SIZE)()
+        _bpf(BPF_OBJ_GET_INFO_BY_FD, _InfoAttr(bpf_fd=fd, info_len=_PROG_INFO_SIZE, info=ctypes.addressof(info)))
+        head = _MapInfo.from_buffer_copy(bytes(info)[: ctypes.sizeof(_MapInfo)])
+        return MapInfo(head.type, head.key_size, head.value_size, head.max_entries, head.map_flags)
     finally:
         os.close(fd)

@@ -12,15 +12,18 @@ from .health_fsm import Health, State
 from .plan import BackendState, Desired, ServiceState
 
 
-def desired_state(pool: Pool, health: Mapping[tuple, Health], macs: Mapping, gw_mac: bytes) -> Desired:
-    """health is keyed by (service name, backend address); macs by address."""
+def desired_state(pool: Pool, health: Mapping[tuple, Health], macs: Mapping, gw_mac: bytes,
+                  drained: frozenset | set = frozenset()) -> Desired:
+    """health is keyed by (service name, backend address); macs by address;
+    drained holds (service name, backend name) pairs drained at run time,
+    which count as weight 0: no new flows, existing flows stay."""
     services = []
     for svc in pool.services:
         backends = tuple(
             BackendState(
                 be.name,
                 be.address,
-                be.weight,
+                0 if (svc.name, be.name) in drained else be.weight,
                 macs.get(be.address),
                 health.get((svc.name, be.address), Health()).state is State.UP,
             )
@@ -28,7 +31,8 @@ def desired_state(pool: Pool, health: Mapping[tuple, Health], macs: Mapping, gw_
         )
         services.append(ServiceState(svc.name, svc.vip, svc.port, svc.protocol, svc.persistence, backends))
     st = pool.settings
-    return Desired(tuple(services), gw_mac, st.hash_seed, st.maglev_size, st.max_services, st.max_backends)
+    return Desired(tuple(services), gw_mac, st.hash_seed, st.maglev_size, st.max_services, st.max_backends,
+                   st.no_backend == "drop")
 
 
 # Settings baked into the compiled program: changing them needs a restart.

@@ -72,6 +72,7 @@ class Desired:
     maglev_size: int
     max_services: int
     max_backends: int
+    drop_without_backend: bool = False   # pool no_backend = "drop"
 
 
 # ---- what the kernel holds ------------------------------------------------
@@ -98,7 +99,7 @@ class AppliedBackend:
 
 @dataclass(frozen=True)
 class Applied:
-    config: tuple | None = None                                   # (mac, hash_seed)
+    config: tuple | None = None                                   # (mac, hash_seed, drop_without_backend)
     services: Mapping[str, AppliedService] = field(default_factory=lambda: MappingProxyType({}))
     backends: Mapping[tuple, AppliedBackend] = field(default_factory=lambda: MappingProxyType({}))
     vips: frozenset = frozenset()
@@ -112,6 +113,7 @@ class Applied:
 class SetConfig:
     mac: bytes
     hash_seed: int
+    drop_without_backend: bool = False
 
 
 @dataclass(frozen=True)
@@ -206,8 +208,9 @@ def plan(applied: Applied, desired: Desired) -> Plan:
     services_ops: list = []
     late: list = []            # deletions
 
-    if applied.config != (desired.mac, desired.hash_seed):
-        early.append(SetConfig(desired.mac, desired.hash_seed))
+    config = (desired.mac, desired.hash_seed, desired.drop_without_backend)
+    if applied.config != config:
+        early.append(SetConfig(*config))
 
     wanted = {(s.name, s.key) for s in desired.services}
     kept_services = {n: a for n, a in applied.services.items() if (n, a.key) in wanted}
@@ -285,7 +288,7 @@ def plan(applied: Applied, desired: Desired) -> Plan:
     late += [DelVip(v) for v in sorted(applied.vips - vips)]
 
     new_applied = Applied(
-        config=(desired.mac, desired.hash_seed),
+        config=config,
         services=MappingProxyType(new_services),
         backends=MappingProxyType(new_backends),
         vips=vips,
@@ -293,3 +296,36 @@ def plan(applied: Applied, desired: Desired) -> Plan:
     )
     ops = tuple(early + tables + services_ops + vip_ops + late)
     return Plan(ops, new_applied, tuple(rebuilt))
+
+
+def adopt(kernel, service_names: Mapping[tuple, str]) -> Applied:
+    """The Applied state matching maps left by an earlier controller.
+
+    `kernel` is a dataplane.KernelState; `service_names` maps each
+    (vip, port, protocol) of the new pool to its service name. Ids are kept
+    as they are, so flow entries keep naming the right backends. Services the
+    new pool lacks get a placeholder name, so the next plan deletes them.
+    The `eligible` signature cannot be read back (weights are not in the
+    maps), so the first plan rewrites each table into its idle half: the same
+    table when nothing changed, since Maglev is deterministic.
+    """
+    services: dict[str, AppliedService] = {}
+    name_of_id: dict[int, str] = {}
+    for key, (sid, flags, half) in sorted(kernel.services.items(), key=lambda kv: kv[1][0]):
+        name = service_names.get(key, f"(adopted service {sid})")
+        name_of_id[sid] = name
+        services[name] = AppliedService(sid, key, flags, half, ("(adopted)",), kernel.tables.get((sid, half), ()))
+    backends: dict[tuple, AppliedBackend] = {}
+    for bid, (sid, address, mac, up) in sorted(kernel.backends.items()):
+        name = name_of_id.get(sid)
+        if name is None:
+            name = f"(orphan backend {bid})"
+        backends[(name, str(address))] = AppliedBackend(bid, sid, address, mac, up)
+    top = max(kernel.backends, default=0)
+    return Applied(
+        config=kernel.config,
+        services=MappingProxyType(services),
+        backends=MappingProxyType(backends),
+        vips=frozenset(kernel.vips),
+        next_backend_id=top + 1,
+    )

@@ -14,6 +14,8 @@ import socket
 
 # struct service_info.flags
 F_SVC_CLIENT_PERSIST = 1 << 0
+# struct lb_config.flags
+F_CFG_NO_BACKEND_DROP = 1 << 0
 # struct backend_info.flags
 F_BACKEND_UP = 1 << 0
 
@@ -107,7 +109,7 @@ class LbConfig(ctypes.Structure):
     _fields_ = [
         ("mac", ctypes.c_uint8 * 6),      # wire order
         ("ready", ctypes.c_uint8),        # 1 once written
-        ("pad", ctypes.c_uint8),          # zero
+        ("flags", ctypes.c_uint8),        # F_CFG_*
         ("hash_seed", ctypes.c_uint32),   # host order
     ]
 

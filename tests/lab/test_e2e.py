@@ -37,6 +37,7 @@ def balancer(lab, pool_file, tmp_path_factory):
         yield b
     finally:
         b.stop()
+        b.release()
         print(b.log())
 
 

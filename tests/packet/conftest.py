@@ -63,10 +63,10 @@ class Harness:
         self.applied = plan.Applied()
         self.desired: plan.Desired | None = None
 
-    def program(self, services) -> plan.Plan:
+    def program(self, services, drop_without_backend: bool = False) -> plan.Plan:
         self.desired = plan.Desired(
             tuple(services), GW_MAC, self.settings.hash_seed, self.settings.maglev_size,
-            self.settings.max_services, self.settings.max_backends,
+            self.settings.max_services, self.settings.max_backends, drop_without_backend,
         )
         result = plan.plan(self.applied, self.desired)
         self.dp.apply(result.ops)

@@ -96,12 +96,23 @@ def test_removed_backend_flow_is_rechosen(harness):
     assert _backend_of(harness.run(P.ack(sport=sport))) in (12, 13)
 
 
-def test_no_healthy_backend_drops_and_counts(harness):
+def test_no_healthy_backend_passes_to_the_stack_to_be_reset(harness):
+    """Default no_backend = "reset": the gateway's stack holds the VIP and answers RST."""
     none_up = (service("dicom", 104, backends=(backend(11, healthy=False), backend(12, healthy=False))),)
     harness.program(none_up)
     before = harness.stats().not_forwarded["no_backend"]
-    verdict = harness.run(P.syn(sport=45000))
-    assert verdict.action == structs.XDP_DROP
+    syn = bytes(P.syn(sport=45000))
+    verdict = harness.run(syn)
+    assert verdict.action == structs.XDP_PASS
+    assert verdict.data == syn
+    assert harness.stats().not_forwarded["no_backend"] == before + 1
+
+
+def test_no_healthy_backend_drops_when_configured(harness):
+    none_up = (service("dicom", 104, backends=(backend(11, healthy=False),)),)
+    harness.program(none_up, drop_without_backend=True)
+    before = harness.stats().not_forwarded["no_backend"]
+    assert harness.run(P.syn(sport=45001)).action == structs.XDP_DROP
     assert harness.stats().not_forwarded["no_backend"] == before + 1
 
 

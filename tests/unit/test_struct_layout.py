@@ -44,7 +44,7 @@ def _program() -> str:
     for i, event in enumerate(structs.EVENTS):
         lines.append(f'printf("EVENT_{event.upper()} %d {i}\\n", EVENT_{event.upper()});')
     lines.append(f'printf("EVENT_MAX %d {len(structs.EVENTS)}\\n", EVENT_MAX);')
-    for flag in ("F_SVC_CLIENT_PERSIST", "F_BACKEND_UP", "TABLES_PER_SERVICE"):
+    for flag in ("F_SVC_CLIENT_PERSIST", "F_BACKEND_UP", "F_CFG_NO_BACKEND_DROP", "TABLES_PER_SERVICE"):
         lines.append(f'printf("{flag} %u {getattr(structs, flag)}\\n", (unsigned){flag});')
     lines.append(f'printf("ACTION_MAX %d {len(structs.ACTIONS)}\\n", ACTION_MAX);')
     lines += ["return 0;", "}"]
