@@ -14,11 +14,14 @@ Pure: ``parse_pool`` takes text and returns frozen dataclasses; only
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import ipaddress
 import json
 import math
+import os
 import re
+import ssl
 import tomllib
 from dataclasses import dataclass
 from os import PathLike
@@ -26,20 +29,27 @@ from typing import Any
 
 from xdplb.maglev import is_prime
 
-HEALTH_CHECK_KINDS = ("tcp",)
+HEALTH_CHECK_KINDS = ("tcp", "http", "https", "dicom")
 # Keys a [service.health] table may hold besides the common ones, per check
-# kind.  A new kind (http, https, dicom) adds its name to HEALTH_CHECK_KINDS,
-# its extra keys here, and their fields to HealthCheck.
-_HEALTH_EXTRA_KEYS: dict[str, tuple[str, ...]] = {"tcp": ()}
+# kind.  A new kind adds its name to HEALTH_CHECK_KINDS, its extra keys here,
+# and their fields to HealthCheck.
+_HTTP_KEYS = ("path", "expect", "host")
+_HEALTH_EXTRA_KEYS: dict[str, tuple[str, ...]] = {
+    "tcp": (),
+    "http": _HTTP_KEYS,
+    "https": _HTTP_KEYS + ("ca_file", "tls_verify", "server_name"),
+    "dicom": ("calling_ae", "called_ae"),
+}
 _HEALTH_KEYS = ("check", "port", "interval", "timeout", "rise", "fall")
 
 PROTOCOLS = ("tcp", "udp")
+NO_BACKEND_MODES = ("reset", "drop")
 PERSISTENCE_MODES = ("flow", "client")
 
 _TOP_KEYS = ("xdplb", "service")
 _SETTINGS_KEYS = (
     "metrics", "manage_vips", "maglev_size", "flow_table_size",
-    "max_services", "max_backends", "hash_seed",
+    "max_services", "max_backends", "hash_seed", "no_backend",
 )
 _SERVICE_KEYS = ("name", "vip", "port", "protocol", "persistence", "health", "backend")
 _BACKEND_KEYS = ("name", "address", "weight")
@@ -68,6 +78,19 @@ class HealthCheck:
     timeout: float
     rise: int
     fall: int
+    # http and https: GET `path`, healthy when the status is `expect`; the
+    # Host header is `host`, or the backend address when "".
+    path: str = "/"
+    expect: int = 200
+    host: str = ""
+    # https only.  ca_file "" with tls_verify true means the system CA store;
+    # server_name "" means no SNI and the certificate must name the backend IP.
+    ca_file: str = ""
+    tls_verify: bool = True
+    server_name: str = ""
+    # dicom: the A-ASSOCIATE-RQ's calling (ours) and called (theirs) AE titles.
+    calling_ae: str = "XDPLB"
+    called_ae: str = "ANY-SCP"
 
 
 @dataclass(frozen=True)
@@ -108,6 +131,7 @@ class Settings:
     max_services: int = 64
     max_backends: int = 4096
     hash_seed: int = 0
+    no_backend: str = "reset"         # a service with no healthy backend: "reset" (fail fast) or "drop"
 
 
 @dataclass(frozen=True)
@@ -355,14 +379,65 @@ def _parse_settings(r: _Reader, doc: dict) -> Settings:
         max_services=r.integer(t, "max_services", label, *MAX_SERVICES_RANGE, d.max_services),
         max_backends=r.integer(t, "max_backends", label, *MAX_BACKENDS_RANGE, d.max_backends),
         hash_seed=r.integer(t, "hash_seed", label, *HASH_SEED_RANGE, d.hash_seed),
+        no_backend=r.choice(t, "no_backend", label, NO_BACKEND_MODES, "no_backend behaviour", d.no_backend),
     )
+
+
+_HTTP_PATH_RE = re.compile(r"/[\x21-\x7e]*")
+_HTTP_HOST_RE = re.compile(r"[\x21-\x7e]{1,255}")
+_DNS_NAME_RE = re.compile(
+    r"(?=.{1,253}\.?$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?"
+)
+_AE_RULE = "1 to 16 printable ASCII characters, no backslash, not all spaces"
+HTTP_STATUS_RANGE = (100, 599)
+
+
+def _check_kind_keys(r: _Reader, t: dict, label: str, check: str) -> None:
+    """Reject keys of another check kind by name, then any other unknown key."""
+    known = _HEALTH_KEYS + _HEALTH_EXTRA_KEYS[check]
+    for key in t:
+        if key in known:
+            continue
+        owners = [k for k in HEALTH_CHECK_KINDS if key in _HEALTH_EXTRA_KEYS[k]]
+        if owners:
+            raise r.fail(
+                f"{label}.{key} is not a known key for check = {_show(check)}; it applies only to "
+                f"check = {' or '.join(_show(k) for k in owners)}"
+            )
+        r.check_keys(t, label, known)  # raises on this key, with a "did you mean"
+
+
+def _ca_file(r: _Reader, t: dict, label: str) -> str:
+    """The CA bundle's absolute path; a relative one is taken from the pool file's folder."""
+    text = r.string(t, "ca_file", label, "the path of a PEM CA certificate file", "")
+    if text == "":
+        return ""
+    where = f"{label}.ca_file = {_show(text)}"
+    base = os.path.dirname(os.path.abspath(r.source)) if r.source != "<string>" else os.getcwd()
+    path = os.path.join(base, os.path.expanduser(text))
+    if not os.path.isfile(path):
+        raise r.fail(f"{where} is not an existing file (looked for {path})")
+    try:
+        ssl.create_default_context(cafile=path)
+    except (ssl.SSLError, OSError) as err:
+        raise r.fail(f"{where} is not a readable PEM CA certificate file: {err.strerror or err}") from None
+    return os.path.normpath(path)
+
+
+def _ae_title(r: _Reader, t: dict, label: str, key: str, default: str) -> str:
+    value = r.string(t, key, label, _AE_RULE, default)
+    if not (1 <= len(value) <= 16 and value.isascii() and value.isprintable()
+            and "\\" not in value and value.strip(" ")):
+        raise r.fail(f"{label}.{key} = {_show(value)} is not a valid DICOM AE title; expected {_AE_RULE}")
+    return value
 
 
 def _parse_health(r: _Reader, svc: dict, svc_label: str, service_port: int) -> HealthCheck:
     label = f"{svc_label}.health"
     t = r.table(svc, "health", svc_label, "service.health")
     check = r.choice(t, "check", label, HEALTH_CHECK_KINDS, "check kind", "tcp")
-    r.check_keys(t, label, _HEALTH_KEYS + _HEALTH_EXTRA_KEYS.get(check, ()))
+    _check_kind_keys(r, t, label, check)
     port = r.integer(t, "port", label, *PORT_RANGE, service_port)
     interval = r.seconds(t, "interval", label, MAX_INTERVAL, 1.0)
     timeout = r.seconds(t, "timeout", label, MAX_INTERVAL, 0.5)
@@ -372,7 +447,47 @@ def _parse_health(r: _Reader, svc: dict, svc_label: str, service_port: int) -> H
         )
     rise = r.integer(t, "rise", label, *RISE_FALL_RANGE, 2)
     fall = r.integer(t, "fall", label, *RISE_FALL_RANGE, 2)
-    return HealthCheck(check, port, interval, timeout, rise, fall)
+    d = HealthCheck(check, port, interval, timeout, rise, fall)
+    extra: dict[str, Any] = {}
+    if check in ("http", "https"):
+        path = r.string(t, "path", label, 'a URL path starting with "/"', d.path)
+        if not _HTTP_PATH_RE.fullmatch(path):
+            raise r.fail(
+                f'{label}.path = {_show(path)} must start with "/" and hold only printable '
+                f"ASCII without spaces (percent-encode others)"
+            )
+        extra["path"] = path
+        extra["expect"] = r.integer(t, "expect", label, *HTTP_STATUS_RANGE, d.expect)
+        host = r.string(t, "host", label, "an HTTP Host header value", d.host)
+        if "host" in t and not _HTTP_HOST_RE.fullmatch(host):
+            raise r.fail(
+                f"{label}.host = {_show(host)} must be 1 to 255 printable ASCII characters without spaces"
+            )
+        extra["host"] = host
+    if check == "https":
+        ca_file = _ca_file(r, t, label)
+        tls_verify = r.boolean(t, "tls_verify", label, d.tls_verify)
+        if ca_file and not tls_verify:
+            raise r.fail(
+                f"{label}.tls_verify = false contradicts .ca_file = {_show(t['ca_file'])}; "
+                f"remove one of them"
+            )
+        server_name = r.string(t, "server_name", label, "a DNS name or IP address", d.server_name)
+        if "server_name" in t and not (_DNS_NAME_RE.fullmatch(server_name) or _is_ip(server_name)):
+            raise r.fail(f"{label}.server_name = {_show(server_name)} is not a DNS name or IP address")
+        extra.update(ca_file=ca_file, tls_verify=tls_verify, server_name=server_name)
+    if check == "dicom":
+        extra["calling_ae"] = _ae_title(r, t, label, "calling_ae", d.calling_ae)
+        extra["called_ae"] = _ae_title(r, t, label, "called_ae", d.called_ae)
+    return dataclasses.replace(d, **extra)
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _item_label(prefix: str, index: int, table: dict) -> str:
@@ -505,10 +620,34 @@ def warnings(pool: Pool) -> list[str]:
                 f'service "{s.name}": every backend has weight 0 (drained); new connections '
                 f"to {s.vip}:{s.port}/{s.protocol} will find no backend"
             )
+    if not pool.settings.manage_vips and pool.settings.no_backend == "reset":
+        out.append(
+            'no_backend = "reset" hands packets of a service with no healthy backend to this host\'s '
+            "own stack, which resets them only if the host holds the VIP; with manage_vips = false "
+            'add the VIPs yourself or use no_backend = "drop"'
+        )
     return out
 
 
 _PERSISTENCE_TEXT = {"flow": "flow (5-tuple)", "client": "client (source IP)"}
+
+
+def _health_detail(h: HealthCheck) -> str:
+    """What a check kind does beyond connecting, e.g. ' GET /health expecting 200'."""
+    if h.check == "dicom":
+        return f' C-ECHO from AE "{h.calling_ae}" to AE "{h.called_ae}"'
+    if h.check not in ("http", "https"):
+        return ""
+    text = f" GET {h.path} expecting {h.expect}, Host {h.host or 'the backend address'}"
+    if h.check == "https":
+        if not h.tls_verify:
+            text += ", certificate not verified"
+        else:
+            text += f", certificate verified against {h.ca_file or 'the system CA store'}"
+            text += f" for {h.server_name or 'the backend IP address'}"
+        if h.server_name:
+            text += f", SNI {h.server_name}"
+    return text
 
 
 def describe(pool: Pool) -> str:
@@ -519,7 +658,8 @@ def describe(pool: Pool) -> str:
         f"pool {pool.source}: {len(pool.services)} service(s), {total} backend(s)",
         f"  metrics: {st.metrics or 'disabled'}; manage VIPs: {'yes' if st.manage_vips else 'no'}",
         f"  maglev_size {st.maglev_size}, flow_table_size {st.flow_table_size}, "
-        f"max_services {st.max_services}, max_backends {st.max_backends}, hash_seed {st.hash_seed}",
+        f"max_services {st.max_services}, max_backends {st.max_backends}, hash_seed {st.hash_seed}, "
+        f"no healthy backend: {st.no_backend}",
     ]
     for s in pool.services:
         h = s.health
@@ -528,8 +668,8 @@ def describe(pool: Pool) -> str:
             f"persistence {_PERSISTENCE_TEXT.get(s.persistence, s.persistence)}"
         )
         lines.append(
-            f"  health: {h.check} port {h.port}, every {h.interval:g}s, timeout {h.timeout:g}s, "
-            f"rise {h.rise}, fall {h.fall}"
+            f"  health: {h.check} port {h.port}{_health_detail(h)}, every {h.interval:g}s, "
+            f"timeout {h.timeout:g}s, rise {h.rise}, fall {h.fall}"
         )
         for b in s.backends:
             state = "weight 0 (drained)" if b.weight == 0 else f"weight {b.weight}"

@@ -1,0 +1,397 @@
+"""Health probes against real peers on 127.0.0.1: an HTTP server, a TLS
+server with a CA and certificates made by the openssl CLI, pynetdicom SCPs
+that accept, reject, abort or answer C-ECHO with an error, a refused port
+and a listener that never answers."""
+from __future__ import annotations
+
+import asyncio
+import http.server
+import socket
+import ssl
+import subprocess
+import threading
+import time
+
+import pytest
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import Verification
+
+from xdplb.config import HealthCheck
+from xdplb.probes import probe, run_probe
+
+LOCAL = "127.0.0.1"
+
+
+def check(kind: str, port: int, timeout: float = 2.0, **extra) -> HealthCheck:
+    return HealthCheck(kind, port, max(timeout, 1.0), timeout, 2, 2, **extra)
+
+
+def probe_now(health: HealthCheck):
+    return asyncio.run(run_probe(health, LOCAL))
+
+
+# ---- peers -------------------------------------------------------------------
+
+@pytest.fixture
+def hung_port():
+    """A listener that never accepts: the kernel completes the TCP handshake
+    from its backlog, then nothing is ever said."""
+    s = socket.socket()
+    s.bind((LOCAL, 0))
+    s.listen(64)
+    yield s.getsockname()[1]
+    s.close()
+
+
+@pytest.fixture
+def refused_port():
+    s = socket.socket()
+    s.bind((LOCAL, 0))
+    port = s.getsockname()[1]
+    s.close()  # bound, never listened: nothing answers there
+    return port
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    """/ok -> 200, /down -> 503, /host-is/<name> -> 200 only if Host is <name>."""
+
+    def do_GET(self):  # noqa: N802 (http.server's naming)
+        self.server.hosts.append(self.headers.get("Host"))
+        if self.path == "/ok":
+            status = 200
+        elif self.path.startswith("/host-is/"):
+            status = 200 if self.headers.get("Host") == self.path[len("/host-is/"):] else 400
+        else:
+            status = 503
+        body = b"x" * 1000
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def _serve(tls: ssl.SSLContext | None = None):
+    server = http.server.ThreadingHTTPServer((LOCAL, 0), _Handler)
+    server.hosts = []
+    if tls is not None:
+        server.socket = tls.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    return server
+
+
+@pytest.fixture
+def http_server():
+    server = _serve()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def _openssl(*args, cwd):
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    """A CA and two server certificates it signed: one naming
+    pacs.example.test and 127.0.0.1, one naming only pacs.example.test."""
+    d = tmp_path_factory.mktemp("pki")
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
+             "-days", "2", "-subj", "/CN=xdplb test CA", cwd=d)
+    for name, san in [("with-ip", "DNS:pacs.example.test,IP:127.0.0.1"), ("dns-only", "DNS:pacs.example.test")]:
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+                 "-subj", "/CN=pacs.example.test", cwd=d)
+        (d / f"{name}.ext").write_text(f"subjectAltName={san}\n")
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+                 "-CAcreateserial", "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext", cwd=d)
+    return d
+
+
+def _tls_server(pki, name):
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(pki / f"{name}.pem", pki / f"{name}.key")
+    return _serve(ctx)
+
+
+@pytest.fixture
+def https_server(pki):
+    server = _tls_server(pki, "with-ip")
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def _scp(handlers=(), require_called_aet=False):
+    ae = AE(ae_title="PACS-A")
+    ae.add_supported_context(Verification)
+    ae.require_called_aet = require_called_aet
+    return ae.start_server((LOCAL, 0), block=False, evt_handlers=list(handlers))
+
+
+@pytest.fixture
+def scp_factory():
+    servers = []
+
+    def make(handlers=(), require_called_aet=False):
+        server = _scp(handlers, require_called_aet)
+        servers.append(server)
+        return server.server_address[1]
+
+    yield make
+    for server in servers:
+        server.shutdown()
+
+
+# ---- tcp ---------------------------------------------------------------------
+
+def test_tcp_through_run_probe_and_the_old_entry_point(http_server, refused_port):
+    port = http_server.server_address[1]
+    assert probe_now(check("tcp", port)).ok
+    old = asyncio.run(probe("tcp", LOCAL, port, 1.0))
+    assert old.ok and old.kind == "ok"
+    assert probe_now(check("tcp", refused_port)).kind == "refused"
+
+
+# ---- http --------------------------------------------------------------------
+
+def test_http_200_is_healthy_and_host_defaults_to_the_backend_address(http_server):
+    port = http_server.server_address[1]
+    result = probe_now(check("http", port, path="/ok"))
+    assert result.ok, result.reason
+    assert result.reason == f"GET http://{LOCAL}:{port}/ok returned 200"
+    assert http_server.hosts == [f"{LOCAL}:{port}"]
+
+
+def test_http_503_is_unhealthy_with_status_in_the_reason(http_server):
+    port = http_server.server_address[1]
+    result = probe_now(check("http", port, path="/down"))
+    assert (result.ok, result.kind) == (False, "http_status")
+    assert result.reason == f"GET http://{LOCAL}:{port}/down returned 503, expected 200"
+
+
+def test_http_expect_matches_another_status(http_server):
+    port = http_server.server_address[1]
+    assert probe_now(check("http", port, path="/down", expect=503)).ok
+    assert probe_now(check("http", port, path="/ok", expect=204)).kind == "http_status"
+
+
+def test_http_sends_the_configured_host_header(http_server):
+    port = http_server.server_address[1]
+    assert probe_now(check("http", port, path="/host-is/pacs-a.example", host="pacs-a.example")).ok
+    assert probe_now(check("http", port, path="/host-is/pacs-a.example")).kind == "http_status"
+    assert http_server.hosts == ["pacs-a.example", f"{LOCAL}:{port}"]
+
+
+def test_http_refused_and_hung(refused_port, hung_port):
+    refused = probe_now(check("http", refused_port))
+    assert (refused.kind, refused.ok) == ("refused", False)
+    started = time.monotonic()
+    hung = probe_now(check("http", hung_port, timeout=0.5))
+    assert time.monotonic() - started < 0.5 + 0.3
+    assert hung.kind == "timeout"
+    assert "no response within 0.5s" in hung.reason
+
+
+@pytest.fixture
+def one_line_server():
+    """Accepts each connection, says `greeting` (may be b""), and closes it."""
+    s = socket.socket()
+    s.bind((LOCAL, 0))
+    s.listen(8)
+    said = {"greeting": b""}
+
+    def serve():
+        while True:
+            try:
+                conn, _ = s.accept()
+            except OSError:
+                return
+            with conn:
+                conn.sendall(said["greeting"])
+
+    threading.Thread(target=serve, daemon=True).start()
+    yield s.getsockname()[1], said
+    s.close()
+
+
+def test_http_to_a_server_that_is_not_http_is_an_error(one_line_server):
+    port, said = one_line_server
+    said["greeting"] = b"SSH-2.0-OpenSSH_9.2\r\n"
+    result = probe_now(check("http", port))
+    assert (result.ok, result.kind) == (False, "error")
+    assert "the answer is not HTTP: b'SSH-2.0" in result.reason
+    said["greeting"] = b""
+    closed = probe_now(check("http", port))
+    assert (closed.ok, closed.kind) == (False, "error")
+    assert "closed the connection without answering" in closed.reason
+
+
+# ---- https -------------------------------------------------------------------
+
+def test_https_verified_with_ca_file_and_server_name(https_server, pki):
+    port = https_server.server_address[1]
+    result = probe_now(check("https", port, path="/ok", ca_file=str(pki / "ca.pem"),
+                             server_name="pacs.example.test"))
+    assert result.ok, result.reason
+    assert result.reason == f"GET https://{LOCAL}:{port}/ok returned 200"
+
+
+def test_https_without_server_name_verifies_the_backend_ip(https_server, pki):
+    port = https_server.server_address[1]
+    result = probe_now(check("https", port, path="/ok", ca_file=str(pki / "ca.pem")))
+    assert result.ok, result.reason
+
+
+def test_https_certificate_not_naming_the_ip_fails_without_server_name(pki):
+    server = _tls_server(pki, "dns-only")
+    try:
+        port = server.server_address[1]
+        result = probe_now(check("https", port, path="/ok", ca_file=str(pki / "ca.pem")))
+        assert (result.ok, result.kind) == (False, "tls")
+        assert "IP address mismatch" in result.reason
+        named = probe_now(check("https", port, path="/ok", ca_file=str(pki / "ca.pem"),
+                                server_name="pacs.example.test"))
+        assert named.ok, named.reason
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_https_wrong_server_name_fails_with_kind_tls(https_server, pki):
+    port = https_server.server_address[1]
+    result = probe_now(check("https", port, path="/ok", ca_file=str(pki / "ca.pem"),
+                             server_name="other.example.test"))
+    assert (result.ok, result.kind) == (False, "tls")
+    assert "Hostname mismatch" in result.reason
+
+
+def test_https_without_the_ca_fails_against_the_system_store(https_server):
+    port = https_server.server_address[1]
+    result = probe_now(check("https", port, path="/ok", server_name="pacs.example.test"))
+    assert (result.ok, result.kind) == (False, "tls")
+    assert "unable to get local issuer certificate" in result.reason
+
+
+def test_https_tls_verify_false_skips_verification(https_server):
+    port = https_server.server_address[1]
+    result = probe_now(check("https", port, path="/ok", tls_verify=False))
+    assert result.ok, result.reason
+    assert probe_now(check("https", port, path="/down", tls_verify=False)).kind == "http_status"
+
+
+def test_https_hung_handshake_times_out(hung_port):
+    result = probe_now(check("https", hung_port, timeout=0.5, tls_verify=False))
+    assert result.kind == "timeout"
+    assert "no TLS handshake within 0.5s" in result.reason
+
+
+def test_https_to_a_plain_http_server_is_a_tls_failure(http_server):
+    result = probe_now(check("https", http_server.server_address[1], tls_verify=False))
+    assert (result.ok, result.kind) == (False, "tls")
+
+
+# ---- dicom -------------------------------------------------------------------
+
+def test_dicom_echo_accepted_and_successful(scp_factory):
+    port = scp_factory()
+    result = probe_now(check("dicom", port))
+    assert result.ok, result.reason
+    assert result.reason == f"C-ECHO to ANY-SCP@{LOCAL}:{port} succeeded (status 0x0000)"
+
+
+def test_dicom_uses_the_configured_ae_titles(scp_factory):
+    calling = []
+    port = scp_factory([(evt.EVT_C_ECHO, lambda e: calling.append(e.assoc.requestor.ae_title) or 0)],
+                       require_called_aet=True)
+    result = probe_now(check("dicom", port, calling_ae="XDPLB-GW1", called_ae="PACS-A"))
+    assert result.ok, result.reason
+    assert calling == ["XDPLB-GW1"]
+
+
+def test_dicom_rejected_association_reports_the_codes(scp_factory):
+    port = scp_factory(require_called_aet=True)  # only accepts called AE "PACS-A"
+    result = probe_now(check("dicom", port, called_ae="WRONG-AE"))
+    assert (result.ok, result.kind) == (False, "rejected")
+    assert "result 0x01" in result.reason and "source 0x01" in result.reason
+    assert "reason 0x07 (Called AE title not recognised)" in result.reason
+
+
+def test_dicom_non_zero_echo_status(scp_factory):
+    port = scp_factory([(evt.EVT_C_ECHO, lambda e: 0x0122)])
+    result = probe_now(check("dicom", port))
+    assert (result.ok, result.kind) == (False, "echo_status")
+    assert "returned status 0x0122, expected 0x0000" in result.reason
+
+
+def test_dicom_aborted_by_the_peer(scp_factory):
+    def abort(event):
+        event.assoc.abort()
+        return 0x0000
+
+    port = scp_factory([(evt.EVT_C_ECHO, abort)])
+    result = probe_now(check("dicom", port))
+    assert (result.ok, result.kind) == (False, "aborted")
+    assert "A-ABORT" in result.reason
+
+
+def test_dicom_refused(refused_port):
+    result = probe_now(check("dicom", refused_port))
+    assert (result.ok, result.kind) == (False, "refused")
+    assert result.reason == f"C-ECHO to ANY-SCP@{LOCAL}:{refused_port}: connection refused"
+
+
+def test_dicom_hung_listener_times_out_and_leaves_no_threads(hung_port):
+    before = threading.active_count()
+
+    async def many():
+        return await asyncio.gather(*(run_probe(check("dicom", hung_port, timeout=0.4), LOCAL)
+                                      for _ in range(8)))
+
+    started = time.monotonic()
+    results = asyncio.run(many())
+    assert time.monotonic() - started < 0.4 + 0.3
+    assert {r.kind for r in results} == {"timeout"}
+    assert "no A-ASSOCIATE response within 0.4s" in results[0].reason
+    deadline = time.monotonic() + 2.0
+    while threading.active_count() > before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert threading.active_count() == before, [t.name for t in threading.enumerate()]
+
+
+# ---- concurrency -------------------------------------------------------------
+
+def test_hung_backends_never_delay_healthy_ones(hung_port, http_server, https_server, scp_factory):
+    """Eight hung DICOM peers, a hung HTTP and a hung HTTPS peer, probed at
+    the same time as healthy ones: the healthy probes finish long before the
+    hung ones time out, and the hung ones end within their timeout."""
+    dicom_port = scp_factory()
+    hung = [check("dicom", hung_port, timeout=0.5) for _ in range(8)]
+    hung += [check("http", hung_port, timeout=0.5), check("https", hung_port, timeout=0.5, tls_verify=False)]
+    healthy = [
+        check("tcp", http_server.server_address[1], timeout=5.0),
+        check("http", http_server.server_address[1], timeout=5.0, path="/ok"),
+        check("https", https_server.server_address[1], timeout=5.0, path="/ok", tls_verify=False),
+        check("dicom", dicom_port, timeout=5.0),
+        check("dicom", dicom_port, timeout=5.0),
+    ]
+
+    async def timed(h):
+        result = await run_probe(h, LOCAL)
+        return result, time.monotonic() - started
+
+    async def everything():
+        return await asyncio.gather(*(timed(h) for h in hung + healthy))
+
+    started = time.monotonic()
+    outcomes = asyncio.run(everything())
+    hung_out, healthy_out = outcomes[:len(hung)], outcomes[len(hung):]
+    for result, finished in healthy_out:
+        assert result.ok, result.reason
+        assert finished < 0.5, (result.reason, finished)
+    for result, finished in hung_out:
+        assert result.kind == "timeout", result.reason
+        assert finished < 0.5 + 0.3, (result.reason, finished)
