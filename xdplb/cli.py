@@ -64,9 +64,10 @@ def attach(interface: str, pool_path: str, mode: str, verbose: bool) -> None:
 
     daemon = Daemon(interface, pool_path, mode)
     try:
-        asyncio.run(daemon.run())
+        code = asyncio.run(daemon.run())
     except (PoolError, AttachError, NetlinkProblem, RuntimeError) as exc:
         raise click.ClickException(str(exc))
+    sys.exit(code)
 
 
 @cli.command()
@@ -151,6 +152,28 @@ def status(interface: str | None, as_json: bool) -> None:
 
 
 @cli.command()
+@click.option("-i", "--interface", help="Interface of the instance (default: every running instance).")
+@click.option("--interval", type=click.FloatRange(min=0.1), default=1.0, show_default=True,
+              help="Seconds between refreshes; rates are over this interval.")
+@click.option("--once", is_flag=True, help="Print one view (rates over one interval) and exit.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (one object per refresh).")
+def top(interface: str | None, interval: float, once: bool, as_json: bool) -> None:
+    """Live per-service and per-backend health, weight, pps, bps, new flows/s and probe latency."""
+    from . import top as top_view
+
+    names = _instances(interface)
+    if not names:
+        raise click.ClickException(f"no xdplb instance is running (no control socket in {control.run_dir()})")
+    try:
+        top_view.run(names, lambda name: control.request(name, {"cmd": "status"}), interval, once, as_json,
+                     single=bool(interface), echo=click.echo, tty=sys.stdout.isatty())
+    except control.NotRunning as exc:
+        raise click.ClickException(str(exc))
+    except KeyboardInterrupt:
+        pass
+
+
+@cli.command()
 @click.argument("interface")
 def detach(interface: str) -> None:
     """Remove a leftover xdplb program and its VIP addresses from INTERFACE."""
@@ -183,11 +206,108 @@ def detach(interface: str) -> None:
     for vip in sorted(nl.vips(link.index)):
         nl.del_vip(link.index, vip)
         removed.append(f"VIP {vip}")
+    from . import pinning
+
+    pins = pinning.pin_dir(interface)
+    if pinning.remove(pins):
+        removed.append(f"pinned maps {pins}")
+    (control.run_dir() / f"{interface}.drained.json").unlink(missing_ok=True)
     path = control.socket_path(interface)
     if path.exists():
         path.unlink()
         removed.append(f"stale socket {path}")
     click.echo(f"detached from {interface}: " + (", ".join(removed) if removed else "nothing of xdplb's was left"))
+
+
+def _one_instance(interface: str | None) -> str:
+    names = _instances(interface)
+    if not names:
+        raise click.ClickException(f"no xdplb instance is running (no control socket in {control.run_dir()})")
+    if len(names) > 1:
+        raise click.ClickException(f"several instances are running ({', '.join(names)}): choose one with -i")
+    return names[0]
+
+
+def _ask(interface: str | None, message: dict) -> dict:
+    name = _one_instance(interface)
+    try:
+        reply = control.request(name, message)
+    except control.NotRunning as exc:
+        raise click.ClickException(str(exc))
+    if "error" in reply:
+        raise click.ClickException(reply["error"])
+    return reply
+
+
+def _backend_packets(interface: str | None, service: str, backend: str) -> int:
+    st = _ask(interface, {"cmd": "status"})
+    for svc in st["services"]:
+        for be in svc["backends"]:
+            if svc["name"] == service and be["name"] == backend:
+                return be["packets"]
+    raise click.ClickException(f"{service} {backend} is no longer in the running pool")
+
+
+@cli.command()
+@click.argument("service")
+@click.argument("backend")
+@click.option("-i", "--interface", help="Interface of the instance (needed when several run).")
+@click.option("--wait", is_flag=True, help="Return only when the backend has carried no packets for --idle seconds.")
+@click.option("--idle", type=click.FloatRange(min=0.5), default=30.0, show_default=True,
+              help="Seconds without packets that count as drained.")
+@click.option("--timeout", type=click.FloatRange(min=1), default=3600.0, show_default=True,
+              help="Give up waiting after this many seconds (exit status 1).")
+def drain(service: str, backend: str, interface: str | None, wait: bool, idle: float, timeout: float) -> None:
+    """Send BACKEND of SERVICE no new flows; its existing flows keep flowing.
+
+    With --wait, watch the data plane's packet counter for that backend and
+    return once it has been still for --idle seconds: then no association is
+    transferring and the server can be rebooted.
+    """
+    _ask(interface, {"cmd": "drain", "service": service, "backend": backend})
+    click.echo(f"drained {backend} of {service}: no new flows")
+    if not wait:
+        return
+    started = time.monotonic()
+    last = _backend_packets(interface, service, backend)
+    still_since = time.monotonic()
+    while True:
+        time.sleep(min(1.0, idle / 4))
+        now = time.monotonic()
+        packets = _backend_packets(interface, service, backend)
+        if packets != last:
+            last, still_since = packets, now
+        if now - still_since >= idle:
+            click.echo(f"{backend} of {service} carried no packets for {idle:g}s: safe to take down "
+                       f"(waited {now - started:.0f}s)")
+            return
+        if now - started >= timeout:
+            raise click.ClickException(f"{backend} of {service} still carries traffic after {timeout:g}s "
+                                       f"(last packet {now - still_since:.0f}s ago)")
+
+
+@cli.command()
+@click.argument("service")
+@click.argument("backend")
+@click.option("-i", "--interface", help="Interface of the instance (needed when several run).")
+def undrain(service: str, backend: str, interface: str | None) -> None:
+    """Let BACKEND of SERVICE take new flows again."""
+    _ask(interface, {"cmd": "undrain", "service": service, "backend": backend})
+    click.echo(f"undrained {backend} of {service}: takes new flows again")
+
+
+@cli.command()
+@click.option("-i", "--interface", help="Interface of the instance (needed when several run).")
+def reload(interface: str | None) -> None:
+    """Re-read the running instance's pool file (as SIGHUP does). A bad file changes nothing."""
+    name = _one_instance(interface)
+    try:
+        reply = control.request(name, {"cmd": "reload"}, timeout=60)
+    except control.NotRunning as exc:
+        raise click.ClickException(str(exc))
+    if reply.get("result") != "applied":
+        raise click.ClickException(f"reload rejected, nothing changed: {reply.get('error', reply)}")
+    click.echo(f"reloaded the pool of {name}")
 
 
 def main() -> None:  # pragma: no cover

@@ -23,13 +23,15 @@ import time
 from . import __version__, control, modes, probes
 from .config import Pool, PoolError, load_pool
 from .desired import desired_state, restart_needed
-from .health_fsm import Health, State, step
-from .plan import Applied, PlanError, plan
+from .health_fsm import Health, State, is_changing, step
+from .plan import Applied, PlanError, adopt, plan
 from .telemetry import Telemetry
 
 log = logging.getLogger("xdplb")
 
 MAC_REFRESH_SECONDS = 1.0
+PROG_NAME = "xdplb_ingress"   # the name bcc gives the program (its C function)
+EXIT_LEFT_RUNNING = 75        # EX_TEMPFAIL: systemd's RestartForceExitStatus restarts on it
 
 
 class AttachError(RuntimeError):
@@ -38,7 +40,7 @@ class AttachError(RuntimeError):
 
 class Daemon:
     def __init__(self, ifname: str, pool_path: str, mode: str = "auto", *,
-                 dataplane_factory=None, netlink=None, probe=probes.probe):
+                 dataplane_factory=None, netlink=None, probe=probes.run_probe, prog_name_lookup=None):
         self.ifname = ifname
         self.pool_path = pool_path
         self.requested_mode = mode
@@ -63,39 +65,72 @@ class Daemon:
         self._first_verdicts = asyncio.Event()
         self._server = None
         self._socket_path = None
+        self.exporter = None          # xdplb/exporter.py's Exporter while metrics are served
+        self.adopting = False         # an earlier xdplb program is attached: replace it, adopt its maps
+        self.leave_running = False    # SIGUSR1: exit without detaching
+        self.drained: set[tuple] = set()  # (service name, backend name) drained at run time
+        if prog_name_lookup is None:
+            from .bpfsys import prog_name as prog_name_lookup
+        self._prog_name = prog_name_lookup
 
     # ---- start and stop ---------------------------------------------------
 
-    async def run(self) -> None:
+    async def run(self) -> int:
+        """Run until signalled. Returns the exit code: 0 after a clean stop,
+        EXIT_LEFT_RUNNING after SIGUSR1 (program, maps and VIPs left in place
+        for the next `xdplb attach` to adopt)."""
         self.pool = load_pool(self.pool_path)  # PoolError: nothing has changed yet
         if self.netlink is None:
             from .netlink import Netlink
             self.netlink = Netlink()
         self.link = self.netlink.link(self.ifname)
         if self.link.xdp_prog_id:
-            raise AttachError(
-                f"{self.ifname} already has an XDP program attached (id {self.link.xdp_prog_id}); "
-                f"if it is a leftover xdplb, run `xdplb detach {self.ifname}`"
-            )
+            name = self._prog_name(self.link.xdp_prog_id)
+            if name != PROG_NAME:
+                raise AttachError(
+                    f"{self.ifname} already has an XDP program attached ({name!r}, id {self.link.xdp_prog_id}) "
+                    f"that is not xdplb's; remove it first"
+                )
+            self.adopting = True
         self._socket_path = control.prepare(self.ifname)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
+        loop.add_signal_handler(signal.SIGUSR1, self._leave_running)
         loop.add_signal_handler(signal.SIGHUP, lambda: self.reload("SIGHUP"))
         try:
             await self._start()
             await self._stop.wait()
-            log.info("stopping: detaching from %s", self.ifname)
         finally:
             await self._cleanup()
+        return EXIT_LEFT_RUNNING if self.leave_running else 0
+
+    def _leave_running(self) -> None:
+        log.info("SIGUSR1: exiting for a restart; the XDP program, its pinned maps and the VIPs stay")
+        self.leave_running = True
+        self._stop.set()
 
     async def _start(self) -> None:
         factory = self._dataplane_factory
         if factory is None:
             from .dataplane import BccDataplane as factory
-        log.info("compiling the XDP program (maglev_size %d)", self.pool.settings.maglev_size)
-        self.dp = factory(self.pool.settings)
+        from . import pinning
+
+        pin_dir = pinning.pin_dir(self.ifname)
+        if self.adopting and not pinning.pinned_maps(pin_dir):
+            raise AttachError(
+                f"{self.ifname} carries an xdplb program but no maps are pinned at {pin_dir} to adopt; "
+                f"run `xdplb detach {self.ifname}` (established flows will break), or set XDPLB_BPFFS "
+                f"to where the earlier instance pinned them"
+            )
+        log.info("compiling the XDP program (maglev_size %d), maps pinned at %s",
+                 self.pool.settings.maglev_size, pin_dir)
+        self.dp = factory(self.pool.settings, pin_dir=pin_dir)
+        for note in getattr(self.dp, "notes", []):
+            log.warning("%s", note)
         log.info("compiled and loaded in %.1fs", getattr(self.dp, "compile_seconds", 0.0))
+        if getattr(self.dp, "adopted", False):
+            self._adopt()
         self._refresh_macs()
         self._sync_probes()
         timeout = max((s.health.timeout for s in self.pool.services), default=1.0) + 1.0
@@ -110,12 +145,35 @@ class Daemon:
         self._server = await asyncio.start_unix_server(self._handle, path=str(self._socket_path))
         os.chmod(self._socket_path, 0o600)
         asyncio.get_running_loop().create_task(self._mac_loop())
+        from .exporter import serve as serve_metrics
+
+        self.exporter = await serve_metrics(self, self.pool)  # logs and returns None if it cannot listen
         self.ready = True
         up = sum(1 for h in self.health.values() if h.state is State.UP)
         log.info("ready on %s in %s mode: %d service(s), %d of %d backend(s) up",
                  self.ifname, self.mode, len(self.pool.services), up, len(self.health))
 
+    def _adopt(self) -> None:
+        """Take over the maps an earlier instance left pinned: keep its ids, so
+        its flow entries stay valid, and its VIP addresses and drain marks."""
+        kernel = self.dp.read_state()
+        names = {s.key: s.name for s in self.pool.services}
+        self.applied = adopt(kernel, names)
+        self.added_vips = set(self.netlink.vips(self.link.index))
+        self.drained = self._load_drained()
+        flows = len(self.dp.flows()) if hasattr(self.dp, "flows") else 0
+        log.info("adopted pinned maps: %d service(s), %d backend id(s), %d flow(s), VIPs %s",
+                 len(kernel.services), len(kernel.backends), flows,
+                 ", ".join(sorted(map(str, self.added_vips))) or "none")
+
     def _attach(self) -> str:
+        if self.adopting:
+            # Same mode as the program being replaced: a second program in
+            # the other mode would not replace it.
+            mode = self.link.xdp_mode
+            self.dp.attach(self.ifname, mode, replace=True)
+            log.info("replaced the running xdplb program on %s in %s mode without a gap", self.ifname, mode)
+            return mode
         errors = []
         for mode, why in modes.attempts(self.requested_mode, self.link.kind):
             try:
@@ -132,13 +190,30 @@ class Daemon:
             task.cancel()
         if self._server is not None:
             self._server.close()
-        if self.dp is not None and getattr(self.dp, "attached", None):
-            self.dp.detach()
-            log.info("detached the XDP program from %s", self.ifname)
-        for vip in sorted(self.added_vips):
-            self.netlink.del_vip(self.link.index, vip)
-            log.info("removed VIP %s from %s", vip, self.ifname)
-        self.added_vips.clear()
+        if self.exporter is not None:
+            await self.exporter.stop()
+            self.exporter = None
+        if self.leave_running:
+            self._save_drained()
+            log.info("left running on %s: program, pinned maps and VIPs stay for the next xdplb attach",
+                     self.ifname)
+        elif self.adopting and self.mode is None:
+            # Taking over failed before our program went in: the earlier
+            # program still runs on the pinned maps and VIPs; leave them be.
+            log.error("start-up failed while taking over %s; the running xdplb program is left in place",
+                      self.ifname)
+        else:
+            log.info("stopping: detaching from %s", self.ifname)
+            if self.dp is not None and getattr(self.dp, "attached", None):
+                self.dp.detach()
+                log.info("detached the XDP program from %s", self.ifname)
+            if self.dp is not None and hasattr(self.dp, "unpin") and self.dp.unpin():
+                log.info("removed the pinned maps")
+            for vip in sorted(self.added_vips):
+                self.netlink.del_vip(self.link.index, vip)
+                log.info("removed VIP %s from %s", vip, self.ifname)
+            self.added_vips.clear()
+            self._drain_file().unlink(missing_ok=True)
         if self._socket_path is not None and self._socket_path.exists():
             self._socket_path.unlink()
 
@@ -149,7 +224,7 @@ class Daemon:
 
     def sync(self) -> None:
         """Recompute what the maps should hold and write the difference."""
-        desired = desired_state(self.pool, self.health, self.macs, self.link.mac)
+        desired = desired_state(self.pool, self.health, self.macs, self.link.mac, self.drained)
         started = time.monotonic()
         result = plan(self.applied, desired)
         if result.ops:
@@ -227,9 +302,13 @@ class Daemon:
         while True:
             svc, be = self._keys[key]
             hc = svc.health
-            result = await self.probe(hc.check, str(be.address), hc.port, hc.timeout)
+            result = await self.probe(hc, str(be.address))
             self._on_result(key, result)
-            await asyncio.sleep(max(0.0, hc.interval - result.seconds))
+            # While a verdict is in the balance (a streak toward rise or fall),
+            # probe twice as often, as ExaBGP does: failover and recovery come
+            # sooner, and a steady backend costs no extra probes.
+            interval = hc.interval / 2 if is_changing(self.health.get(key, Health())) else hc.interval
+            await asyncio.sleep(max(0.0, interval - result.seconds))
 
     def _on_result(self, key: tuple, result) -> None:
         if key not in self._keys:
@@ -260,7 +339,7 @@ class Daemon:
             if blocked:
                 raise PoolError(f"{self.pool_path}: changing {', '.join(blocked)} needs a restart of xdplb")
             # Dry run: the new pool must fit the compiled maps before anything changes.
-            plan(self.applied, desired_state(new, self.health, self.macs, self.link.mac))
+            plan(self.applied, desired_state(new, self.health, self.macs, self.link.mac, self.drained))
         except (PoolError, PlanError) as exc:
             log.error("reload (%s) rejected, keeping the running configuration: %s", trigger, exc)
             self.last_reload = {"result": "rejected", "error": str(exc), "at": time.time()}
@@ -275,6 +354,47 @@ class Daemon:
         self.last_reload = {"result": "applied", "at": time.time()}
         self.telemetry.reload("applied")
         return self.last_reload
+
+    # ---- drain --------------------------------------------------------------
+
+    def _drain_file(self):
+        return control.run_dir() / f"{self.ifname}.drained.json"
+
+    def _load_drained(self) -> set:
+        import json
+
+        try:
+            return {tuple(pair) for pair in json.loads(self._drain_file().read_text())}
+        except (OSError, ValueError):
+            return set()
+
+    def _save_drained(self) -> None:
+        import json
+
+        path = self._drain_file()
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path.write_text(json.dumps(sorted(self.drained)))
+
+    def set_drain(self, service: str, backend: str, drained: bool) -> dict:
+        """Drain (no new flows, existing flows stay) or undrain a backend."""
+        svc = next((s for s in self.pool.services if s.name == service), None)
+        if svc is None:
+            return {"error": f"no service {service!r}; services: {', '.join(s.name for s in self.pool.services)}"}
+        if not any(be.name == backend for be in svc.backends):
+            return {"error": f"service {service!r} has no backend {backend!r}; "
+                             f"backends: {', '.join(be.name for be in svc.backends)}"}
+        key = (service, backend)
+        changed = (key not in self.drained) if drained else (key in self.drained)
+        if drained:
+            self.drained.add(key)
+        else:
+            self.drained.discard(key)
+        if changed:
+            self._save_drained()
+            log.info("%s %s of %s: %s", "drained" if drained else "undrained", backend, service,
+                     "no new flows, existing flows keep flowing" if drained else "takes new flows again")
+            self.sync()
+        return {"ok": True, "changed": changed, "service": service, "backend": backend, "drained": drained}
 
     # ---- control socket ---------------------------------------------------
 
@@ -293,6 +413,8 @@ class Daemon:
                 reply = self.status()
             elif cmd == "reload":
                 reply = self.reload("control socket")
+            elif cmd in ("drain", "undrain"):
+                reply = self.set_drain(str(message.get("service")), str(message.get("backend")), cmd == "drain")
             else:
                 reply = {"error": f"unknown command {cmd!r}"}
             writer.write(json.dumps(reply).encode() + b"\n")
@@ -314,14 +436,17 @@ class Daemon:
                 ab = self.applied.backends.get((svc.name, str(be.address)))
                 bc = stats.backends.get(ab.id) if ab else None
                 mac = self.macs.get(be.address)
+                last = self.telemetry.last_probe.get((svc.name, be.name))  # (ok, seconds, reason)
                 backends.append({
                     "name": be.name, "address": str(be.address), "weight": be.weight,
+                    "drained": be.weight == 0 or (svc.name, be.name) in self.drained,
                     "health": h.state.value, "since": h.since, "reason": h.reason,
                     "mac": mac.hex(":") if mac else None, "id": ab.id if ab else None,
                     "forwarding": bool(ab and ab.up),
                     "packets": bc.packets if bc else 0, "bytes": bc.bytes if bc else 0,
                     "new_flows": bc.new_flows if bc else 0,
                     "table_slots": applied.table.count(ab.id) if (applied and ab) else 0,
+                    "probe_seconds": last[1] if last else None, "probe_ok": last[0] if last else None,
                 })
             services.append({
                 "name": svc.name, "vip": str(svc.vip), "port": svc.port, "protocol": svc.protocol,

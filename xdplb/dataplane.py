@@ -58,18 +58,53 @@ class LoadError(RuntimeError):
     pass
 
 
-class BccDataplane:
-    """The compiled program and its maps. Not attached until attach()."""
+@dataclass(frozen=True)
+class KernelState:
+    """What the maps hold, as read back by a controller adopting them."""
 
-    def __init__(self, settings: Settings):
+    services: dict            # (vip, port, protocol) -> (id, flags, half)
+    backends: dict            # id -> (service_id, address, mac, up)
+    tables: dict              # (service_id, half) -> tuple of backend ids (live halves only)
+    vips: set
+    config: tuple | None      # (mac, hash_seed) or None if never written
+
+
+class BccDataplane:
+    """The compiled program and its maps. Not attached until attach().
+
+    With `pin_dir`, every map is pinned there; maps already pinned there by
+    an earlier controller are reused (`adopted` is then True), after their
+    shapes were checked against `settings`.
+    """
+
+    def __init__(self, settings: Settings, pin_dir=None):
         from bcc import BPF  # imported here so `xdplb --help` and `check` never need bcc
+
+        from . import pinning
 
         self._BPF = BPF
         self.settings = settings
+        self.pin_dir = pin_dir
+        self.adopted = False
+        self.notes: list[str] = []
+        flags = defines(settings)
+        if pin_dir is not None:
+            note = pinning.ensure_bpffs(pin_dir)
+            if note:
+                self.notes.append(note)
+            problems = pinning.check_compatible(pin_dir, settings)
+            if problems:
+                raise LoadError(
+                    f"the maps pinned at {pin_dir} do not fit this pool ({'; '.join(problems)}); "
+                    f"compiled-in sizes cannot change across a hitless restart: restore the old sizes, "
+                    f"or run `xdplb detach` first (established flows will break)"
+                )
+            self.adopted = bool(pinning.pinned_maps(pin_dir))
+            flags["PIN_DIR"] = str(pin_dir)
         self.compile_seconds = 0.0
         started = time.monotonic()
         try:
-            self.bpf = BPF(text=bpf_source.assemble().encode(), cflags=bpf_source.cflags(defines(settings)))
+            self.bpf = BPF(text=bpf_source.assemble().encode(), cflags=bpf_source.cflags(flags))
             self.fn = self.bpf.load_func(PROG_NAME.encode(), BPF.XDP)
         except Exception as exc:  # bcc raises bare Exception for compile and verifier errors
             raise LoadError(f"the XDP program did not load: {exc}") from exc
@@ -108,8 +143,11 @@ class BccDataplane:
 
     # ---- attach -----------------------------------------------------------
 
-    def attach(self, ifname: str, mode: str) -> None:
-        flags = MODE_FLAGS[mode] | XDP_FLAGS_UPDATE_IF_NOEXIST
+    def attach(self, ifname: str, mode: str, replace: bool = False) -> None:
+        """Attach in `mode`. With replace, swap out the program attached now
+        (an earlier xdplb's) in one netlink call: the kernel switches the
+        program pointer, so no packet goes unprocessed."""
+        flags = MODE_FLAGS[mode] | (0 if replace else XDP_FLAGS_UPDATE_IF_NOEXIST)
         try:
             self._BPF.attach_xdp(ifname.encode(), self.fn, flags)
         except Exception as exc:
@@ -123,6 +161,12 @@ class BccDataplane:
         self._BPF.remove_xdp(ifname.encode(), MODE_FLAGS[mode])
         self.attached = None
 
+    def unpin(self) -> bool:
+        """Remove the pinned maps (a clean stop); False if nothing was pinned."""
+        from . import pinning
+
+        return self.pin_dir is not None and pinning.remove(self.pin_dir)
+
     # ---- writes -----------------------------------------------------------
 
     def apply(self, ops: Iterable) -> None:
@@ -131,7 +175,8 @@ class BccDataplane:
 
     def _apply_one(self, op) -> None:
         if isinstance(op, plan.SetConfig):
-            cfg = structs.LbConfig((ctypes.c_uint8 * 6)(*op.mac), 1, 0, op.hash_seed)
+            flags = structs.F_CFG_NO_BACKEND_DROP if op.drop_without_backend else 0
+            cfg = structs.LbConfig((ctypes.c_uint8 * 6)(*op.mac), 1, flags, op.hash_seed)
             self.map("lb_config")[0] = cfg
         elif isinstance(op, plan.ZeroCounters):
             table = self.map("service_stats" if op.kind == "service" else "backend_stats")
@@ -186,6 +231,30 @@ class BccDataplane:
             not_forwarded=self._sum_u64("not_forwarded", structs.REASONS),
             events=self._sum_u64("events", structs.EVENTS),
         )
+
+    def read_state(self) -> KernelState:
+        """Read back what an earlier controller programmed (for adoption)."""
+        services = {}
+        for key, info in self.map("services").items():
+            addr = structs.LbAddr.from_buffer_copy(bytes(key.vip)).ip()
+            proto = {v: k for k, v in structs.IPPROTO.items()}.get(key.proto, str(key.proto))
+            services[(addr, socket.ntohs(key.port), proto)] = (info.id, info.flags, info.table & 1)
+        backends = {}
+        table = self.map("backends")
+        for bid in range(1, self.settings.max_backends):
+            be = table[bid]
+            if any(be.mac):
+                addr = structs.LbAddr.from_buffer_copy(bytes(be.addr)).ip()
+                backends[bid] = (be.service_id, addr, bytes(be.mac), bool(be.flags & structs.F_BACKEND_UP))
+        tables = {}
+        maglev = self.map("maglev_tables")
+        for sid, _flags, half in services.values():
+            tables[(sid, half)] = tuple(maglev[sid * structs.TABLES_PER_SERVICE + half].slots)
+        vips = {structs.LbAddr.from_buffer_copy(bytes(k)).ip() for k in self.map("vips").keys()}
+        cfg = self.map("lb_config")[0]
+        config = ((bytes(cfg.mac), cfg.hash_seed, bool(cfg.flags & structs.F_CFG_NO_BACKEND_DROP))
+                  if cfg.ready else None)
+        return KernelState(services, backends, tables, vips, config)
 
     def flows(self, limit: int = 100000) -> dict:
         """(client, client port, VIP, port, proto) -> backend id, at most `limit` entries."""

@@ -18,7 +18,10 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 ADDR_PROTO = 0x78  # IFA_PROTO tag on VIP addresses added by xdplb ("x")
 
-XDP_ATTACHED = {0: None, 1: "native", 2: "generic", 3: "offload", 4: "multi"}
+# IFLA_XDP_ATTACHED, as a number or as pyroute2's name for it.
+XDP_ATTACHED = {0: None, 1: "native", 2: "generic", 3: "offload", 4: "multi",
+                "none": None, "xdp": "native", "xdpdrv": "native", "xdpgeneric": "generic",
+                "xdpoffload": "offload", "xdpmulti": "multi"}
 
 # Neighbour states whose link-layer address can be used (include/uapi/linux/neighbour.h).
 _NUD_USABLE = 0x02 | 0x04 | 0x08 | 0x10 | 0x40 | 0x80  # REACHABLE STALE DELAY PROBE NOARP PERMANENT
