@@ -116,12 +116,14 @@ class Balancer:
 
     _env = env
 
-    def start(self) -> "Balancer":
+    def start(self, argv: list[str] | None = None) -> "Balancer":
+        """Start `xdplb attach eth0 --pool POOL --mode MODE`, or `argv` as given
+        (the systemd test passes the unit's own ExecStart line)."""
         host_bpffs(self.bpffs)
         self._log = open(self.log_path, "ab")
+        argv = argv or [XDPLB, "attach", "eth0", "--pool", str(self.pool), "--mode", self.mode]
         self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", self.lab.ns("lb"), XDPLB, "attach", "eth0", "--pool", str(self.pool),
-             "--mode", self.mode],
+            ["ip", "netns", "exec", self.lab.ns("lb"), *argv],
             stdout=self._log, stderr=subprocess.STDOUT, env=self._env(),
         )
         return self
