@@ -14,7 +14,7 @@ import ipaddress
 from collections import Counter
 
 from xdplb import plan
-from xdplb.dataplane import Counters, Stats
+from xdplb.dataplane import Counters, KernelState, Stats
 from xdplb.netlink import Link, NetlinkProblem
 from xdplb.probes import ProbeResult
 from xdplb.structs import ACTIONS, EVENTS, REASONS
@@ -39,13 +39,17 @@ class FakeDataplane:
     backends: id -> (service_id, address, mac, up); ClearBackend removes the id
     tables:   (service_id, half) -> tuple of slots
     vips:     set of VIP addresses
-    config:   (mac, hash_seed) or None
+    config:   (mac, hash_seed, drop_without_backend) or None
     counters: ("service" | "backend", id) -> Counters, set by ZeroCounters
     log:      every op applied, in order
     """
 
-    def __init__(self, settings):
+    def __init__(self, settings, pin_dir=None):
         self.settings = settings
+        self.pin_dir = pin_dir
+        self.adopted = False      # True would make the daemon adopt read_state()
+        self.notes: list[str] = []
+        self.unpinned = 0
         self.compile_seconds = 0.0
         self.log: list = []
         self.services: dict[tuple, tuple] = {}
@@ -55,14 +59,14 @@ class FakeDataplane:
         self.config: tuple | None = None
         self.counters: dict[tuple, Counters] = {}
         self.attached: tuple[str, str] | None = None
-        self.attach_calls: list[tuple[str, str]] = []
+        self.attach_calls: list[tuple] = []   # (ifname, mode) or (ifname, mode, "replace")
         self.detach_calls = 0
         self.refuse_modes: set[str] = set()
 
     # ---- attach -----------------------------------------------------------
 
-    def attach(self, ifname: str, mode: str) -> None:
-        self.attach_calls.append((ifname, mode))
+    def attach(self, ifname: str, mode: str, replace: bool = False) -> None:
+        self.attach_calls.append((ifname, mode, "replace") if replace else (ifname, mode))
         if self.attached is not None:
             raise AttachRefused(f"already attached to {self.attached[0]}")
         if mode in self.refuse_modes:
@@ -72,6 +76,10 @@ class FakeDataplane:
     def detach(self) -> None:
         self.detach_calls += 1
         self.attached = None
+
+    def unpin(self) -> bool:
+        self.unpinned += 1
+        return False  # nothing is pinned in a fake
 
     # ---- writes -----------------------------------------------------------
 
@@ -91,7 +99,7 @@ class FakeDataplane:
 
     def _apply_one(self, op) -> None:
         if isinstance(op, plan.SetConfig):
-            self.config = (op.mac, op.hash_seed)
+            self.config = (op.mac, op.hash_seed, getattr(op, "drop_without_backend", False))
         elif isinstance(op, plan.ZeroCounters):
             if op.kind == "service":
                 self._check_service_id(op.id)
@@ -140,6 +148,17 @@ class FakeDataplane:
             not_forwarded={r: 0 for r in REASONS},
             events={e: 0 for e in EVENTS},
         )
+
+    def read_state(self) -> KernelState:
+        """The maps as an adopting controller reads them back (live halves only)."""
+        tables = {}
+        for sid, _flags, half in self.services.values():
+            if (sid, half) in self.tables:
+                tables[(sid, half)] = self.tables[(sid, half)]
+        return KernelState(dict(self.services), dict(self.backends), tables, set(self.vips), self.config)
+
+    def flows(self, limit: int = 100000) -> dict:
+        return {}
 
     # ---- helpers for tests ------------------------------------------------
 
@@ -227,7 +246,9 @@ class FakeNetlink:
 
 
 class FakeProber:
-    """An async probe function: `await prober(check, address, port, timeout)`.
+    """An async probe function, called as the daemon calls xdplb.probes:
+    `await prober(health_check, address)` (run_probe) or
+    `await prober(check, address, port, timeout)` (the older probe).
 
     results: (address str, port) -> True (ok) / False (fail); `default` for
     any other target. Every call is counted per target and logged as
@@ -245,7 +266,12 @@ class FakeProber:
     def set(self, address, port: int, ok: bool) -> None:
         self.results[(str(address), port)] = ok
 
-    async def __call__(self, check: str, address: str, port: int, timeout: float) -> ProbeResult:
+    async def __call__(self, *args) -> ProbeResult:
+        if len(args) == 2:          # run_probe(HealthCheck, address)
+            health, address = args
+            port = health.port
+        else:                       # probe(check, address, port, timeout)
+            _check, address, port, _timeout = args
         target = (str(address), port)
         ok = self.results.get(target, self.default)
         self.counts[target] += 1
@@ -253,7 +279,7 @@ class FakeProber:
         if self._event is not None:
             self._event.set()
         reason = f"connect to {address}:{port} " + ("succeeded" if ok else "refused")
-        return ProbeResult(ok, reason, 0.0)
+        return ProbeResult(ok, reason, 0.0, "ok" if ok else "refused")
 
     async def wait_calls(self, address, port: int, n: int, timeout: float = 5.0) -> None:
         """Wait until (address, port) has been probed at least n times in all."""

@@ -145,7 +145,7 @@ def test_fresh_plan_writes_config_counters_backends_tables_services_vips_in_orde
     assert set(k.live((VIP, 80, "tcp"))) == {addr(11), addr(12)}
     assert set(k.live((VIP2, 104, "tcp"))) == {addr(21)}
     assert sum(k.live((VIP, 104, "tcp")).values()) == SIZE  # no empty slot
-    assert k.dp.config == (GW_MAC, 7)
+    assert k.dp.config == (GW_MAC, 7, False)
     # The same address behind two services is two backends with two ids.
     assert k.backend_id("dicom", 11) != k.backend_id("web", 11)
 
@@ -304,8 +304,14 @@ def test_backend_ids_wrap_past_max_backends_to_the_lowest_free_id():
     k.step(d(12, 13))          # frees id 1
     k.step(d(12, 13, 14))      # cursor is at 4: takes 4, not 1
     assert k.backend_id("dicom", 14) == 4
-    k.step(d(12, 13, 14, 15))  # wraps: only 1 is free
+    k.step(d(12, 13, 14, 15))  # the cursor wrapped: 1 is next, and free
     assert k.backend_id("dicom", 15) == 1
+    k.step(d(13, 14, 15))      # frees 2; the cursor is at 2
+    k.step(d(13, 14, 15, 16))  # takes 2; the cursor moves to 3
+    assert k.backend_id("dicom", 16) == 2
+    k.step(d(13, 14, 16))      # frees 1; 3 and 4 are in use
+    k.step(d(13, 14, 16, 17))  # from the cursor 3: 3, 4 in use, wraps to 1
+    assert k.backend_id("dicom", 17) == 1
 
 
 def test_renaming_a_backend_moves_nothing():
