@@ -65,6 +65,7 @@ class Daemon:
         self._first_verdicts = asyncio.Event()
         self._server = None
         self._socket_path = None
+        self._mac_task = None
         self.exporter = None          # xdplb/exporter.py's Exporter while metrics are served
         self.adopting = False         # an earlier xdplb program is attached: replace it, adopt its maps
         self.leave_running = False    # SIGUSR1: exit without detaching
@@ -144,7 +145,7 @@ class Daemon:
         self._sync_vips()
         self._server = await asyncio.start_unix_server(self._handle, path=str(self._socket_path))
         os.chmod(self._socket_path, 0o600)
-        asyncio.get_running_loop().create_task(self._mac_loop())
+        self._mac_task = asyncio.get_running_loop().create_task(self._mac_loop())
         from .exporter import serve as serve_metrics
 
         self.exporter = await serve_metrics(self, self.pool)  # logs and returns None if it cannot listen
@@ -186,8 +187,9 @@ class Daemon:
         raise AttachError(f"could not attach to {self.ifname}: " + "; ".join(errors))
 
     async def _cleanup(self) -> None:
-        for task in self._tasks.values():
-            task.cancel()
+        for task in [*self._tasks.values(), self._mac_task]:
+            if task is not None:
+                task.cancel()
         if self._server is not None:
             self._server.close()
         if self.exporter is not None:
@@ -302,7 +304,13 @@ class Daemon:
         while True:
             svc, be = self._keys[key]
             hc = svc.health
-            result = await self.probe(hc, str(be.address))
+            try:
+                result = await self.probe(hc, str(be.address))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a probe bug must not freeze this backend's verdict
+                log.exception("probe of %s (%s) for %s crashed", be.name, be.address, svc.name)
+                result = probes.ProbeResult(False, f"{hc.check} probe crashed: {exc!r}", 0.0, "error")
             self._on_result(key, result)
             # While a verdict is in the balance (a streak toward rise or fall),
             # probe twice as often, as ExaBGP does: failover and recovery come

@@ -487,3 +487,28 @@ def test_fakes_and_the_dataplane_types_import_without_bcc():
     proc = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "ok"
+
+
+def test_a_crashing_probe_counts_as_a_failure_and_probing_goes_on(h, caplog):
+    caplog.set_level(logging.INFO, logger="xdplb")
+    real = h.prober
+    crashing = {"on": False}
+
+    async def prober(health, address):
+        if crashing["on"] and str(address) == str(B) and health.port == 104:
+            real.counts[(str(address), 104)] += 1
+            raise RuntimeError("probe bug")
+        return await real(health, address)
+
+    daemon = Daemon(IF, str(h.pool), "auto", dataplane_factory=h.factory, netlink=h.nl, probe=prober,
+                    prog_name_lookup=lambda prog_id: h.prog_name)
+
+    async def scenario():
+        async with running(daemon):
+            crashing["on"] = True
+            await until(lambda: B not in live(h, DICOM), what="B out after crashing probes")
+            assert any("crashed" in r.getMessage() for r in caplog.records)
+            crashing["on"] = False
+            await until(lambda: B in live(h, DICOM), what="B back once probes work again")
+
+    asyncio.run(scenario())
