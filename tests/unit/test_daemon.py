@@ -512,3 +512,16 @@ def test_a_crashing_probe_counts_as_a_failure_and_probing_goes_on(h, caplog):
             await until(lambda: B in live(h, DICOM), what="B back once probes work again")
 
     asyncio.run(scenario())
+
+
+def test_manage_vips_false_adds_no_address(h):
+    h.pool.write_text(h.pool.read_text().replace('metrics = ""', 'metrics = ""\nmanage_vips = false'))
+    daemon = h.daemon()
+
+    async def scenario():
+        async with running(daemon):
+            assert live(h, DICOM) == {A, B, C}  # still balancing
+            assert h.nl.addresses[INDEX] == set()
+            assert not any(call[0] == "add_vip" for call in h.nl.calls)
+
+    asyncio.run(scenario())
