@@ -9,6 +9,10 @@ Run by tools/demo.sh after set-up (as root, with .venv's python):
   4. kills pacs-b's server, measures how long new connections fail, and
      shows it return;
   5. stops xdplb (SIGTERM) and tears the lab down, leaving nothing behind.
+
+`demo.py --pacs` runs the PACS profile instead (tools/pacs_lab.py demo):
+real Orthanc servers behind the VIP, dcmtk C-STOREs of generated studies,
+instances per server from Orthanc's REST API, and a failover.
 """
 from __future__ import annotations
 
@@ -103,4 +107,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:] == ["--pacs"]:
+        import pacs_lab
+        sys.exit(pacs_lab.demo())
     sys.exit(main())

@@ -27,6 +27,11 @@ Python use (stdlib only; tests put ``tools/`` on ``sys.path``)::
 ``Lab.load(prefix)`` rebuilds a ``Lab`` for a lab that ``tools/lab.py up``
 started (it reads ``state.json``).
 
+PACS profile: ``Lab(pacs=True)`` / ``tools/lab.py up --pacs`` leaves ports
+104 and 11112 of the backends to a real Orthanc each (``tools/pacs_lab.py``
+starts them after the stand-ins, which keep their other ports, and stops
+them and deletes their storage in ``down()``).
+
 CLI (as root)::
 
     tools/lab.py up [--backends N] [--prefix P] [--vip IP] [--native-peer]
@@ -63,6 +68,7 @@ BRIDGE = "br0"
 IFNAME = "eth0"
 MAX_IFNAME = 15                 # IFNAMSIZ - 1
 BACKEND_TCP_PORTS = (80, 8080, 9000, 104, 11112)
+DICOM_STAND_IN_PORTS = (104, 11112)   # Orthanc's, not the stand-in's, in the PACS lab
 READY_DEADLINE = 10.0           # seconds for a backend to accept connections
 STOP_GRACE = 3.0                # seconds between SIGTERM and SIGKILL
 POLL = 0.05
@@ -83,6 +89,21 @@ for port in map(int, ports):
             if time.monotonic() > deadline:
                 sys.exit(f"port {port} on {host} not accepting: {exc}")
             time.sleep(0.05)
+"""
+
+# Run inside the switch namespace (native_peer): attach an XDP program that
+# passes every frame to the lb's switch-side veth, in driver mode. A veth
+# drops the frames its peer sends with native XDP_TX unless this side runs
+# XDP too (that is what turns on its NAPI receive path). bcc comes from
+# Debian's python3-bpfcc, which the system python sees. A netlink XDP
+# attachment holds its own reference to the program, so it stays attached
+# after this loader exits; nothing is pinned, and deleting the namespace
+# removes it with the veth.
+_NATIVE_PEER_LOADER = """
+import sys
+from bcc import BPF
+bpf = BPF(text=b"int lab_xdp_pass(struct xdp_md *ctx) { return XDP_PASS; }")
+BPF.attach_xdp(sys.argv[1].encode(), bpf.load_func(b"lab_xdp_pass", BPF.XDP), 1 << 2)  # XDP_FLAGS_DRV_MODE
 """
 
 
@@ -159,6 +180,15 @@ def _proc_alive(pid: int, marker: str | None = None) -> bool:
     return marker is None or marker.encode() in cmdline
 
 
+def _pacs_lab():
+    """tools/pacs_lab.py, imported only when a PACS lab needs it (it imports us)."""
+    # Run as a script this module is __main__; let pacs_lab's `import lab`
+    # find it, so both share one LabError.
+    sys.modules.setdefault("lab", sys.modules[__name__])
+    import pacs_lab
+    return pacs_lab
+
+
 def _tail(path: Path, lines: int = 15) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -174,7 +204,8 @@ class Lab:
     backends: int = 3
     vip: str = "10.10.0.100"
     state_dir: Path | None = None
-    native_peer: bool = False   # reserved: pass-through XDP on the lb switch port
+    native_peer: bool = False   # pass-through XDP on the lb switch port, for native mode on veth
+    pacs: bool = False          # Orthanc on 104 in every backend (tools/pacs_lab.py)
     _procs: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -279,7 +310,8 @@ class Lab:
             count = max((int(n.rsplit("-be", 1)[1]) for n in found), default=3)
             return cls(prefix=prefix, backends=count, state_dir=lab.state_dir)
         return cls(prefix=prefix, backends=saved["backends"], vip=saved["vip"],
-                   native_peer=saved.get("native_peer", False), state_dir=lab.state_dir)
+                   native_peer=saved.get("native_peer", False), pacs=saved.get("pacs", False),
+                   state_dir=lab.state_dir)
 
     def namespaces(self) -> list[str]:
         """This lab's namespaces that exist now (any backend count), sorted."""
@@ -319,6 +351,8 @@ class Lab:
         self._make_switch()
         for host in self.hosts():
             self._make_host(host)
+        if self.native_peer:
+            self._attach_native_peer()
         for name in self.backend_names():
             self.run(name, "bash", PROVISION_SCRIPT, self.vip)
         for name in self.backend_names():
@@ -326,10 +360,12 @@ class Lab:
         deadline = time.monotonic() + READY_DEADLINE
         for name in self.backend_names():
             self._wait_ready(name, deadline)
+        if self.pacs:
+            _pacs_lab().start_all(self)
 
     def _save_state(self) -> None:
         state = {"prefix": self.prefix, "backends": self.backends, "vip": self.vip,
-                 "native_peer": self.native_peer}
+                 "native_peer": self.native_peer, "pacs": self.pacs}
         (Path(self.state_dir) / "state.json").write_text(json.dumps(state, indent=1) + "\n")
 
     def _new_namespace(self, host: str) -> None:
@@ -359,6 +395,17 @@ class Lab:
         self._ip("sw", "link", "set", port, "master", BRIDGE)
         self._ip("sw", "link", "set", port, "up")
 
+    def _attach_native_peer(self) -> None:
+        """Pass-through XDP (driver mode) on the lb's switch port; see _NATIVE_PEER_LOADER."""
+        port = self.port("lb")
+        loaded = self.run("sw", PYTHON, "-c", _NATIVE_PEER_LOADER, port, check=False, timeout=120)
+        if loaded.returncode != 0:
+            raise LabError(f"native peer: loading the pass-through XDP program on {port} failed "
+                           f"(needs python3-bpfcc): {loaded.stderr.strip()[-500:]}")
+        link = json.loads(_execute(["ip", "-n", self.ns("sw"), "-j", "link", "show", port]).stdout)
+        if link[0].get("xdp", {}).get("mode") != 1:  # XDP_ATTACHED_DRV
+            raise LabError(f"native peer: {port} shows no driver-mode XDP program after loading")
+
     def down(self) -> None:
         """Stop backend servers and delete every namespace of this prefix.
 
@@ -367,6 +414,8 @@ class Lab:
         """
         _require_root()
         errors: list[str] = []
+        if self.pacs:
+            _pacs_lab().stop_all(self)
         state = Path(self.state_dir)
         for pidfile in sorted(state.glob("*.pid")) if state.is_dir() else []:
             self._stop_backend(pidfile.stem, graceful=True)
@@ -418,6 +467,7 @@ class Lab:
         with open(self._file(name, "log"), "ab") as log:
             proc = self.popen(name, PYTHON, "-u", BACKEND_SCRIPT, "--name", name,
                               "--bind", "0.0.0.0", "--ready-file", ready,
+                              *(("--hello-ports", "") if self.pacs else ()),
                               stdin=subprocess.DEVNULL, stdout=log,
                               stderr=subprocess.STDOUT, start_new_session=True)
         self._procs[name] = proc  # ip netns exec execs, so proc.pid is python's
@@ -437,9 +487,13 @@ class Lab:
             time.sleep(POLL)
         budget = max(deadline - time.monotonic(), 0.5)
         probe = self.run(name, PYTHON, "-c", _PROBE, self.host_ip(name), f"{budget:.2f}",
-                         *BACKEND_TCP_PORTS, check=False, timeout=budget + 5)
+                         *self._stand_in_ports(), check=False, timeout=budget + 5)
         if probe.returncode != 0:
             raise LabError(f"backend {name}: {probe.stderr.strip()}; {log}:\n{_tail(log)}")
+
+    def _stand_in_ports(self) -> list[int]:
+        """TCP ports the stand-in server listens on (not 104/11112 in the PACS lab)."""
+        return [p for p in BACKEND_TCP_PORTS if not (self.pacs and p in DICOM_STAND_IN_PORTS)]
 
     def _stop_backend(self, name: str, graceful: bool) -> None:
         pid = self.backend_pid(name)
@@ -496,7 +550,7 @@ class Lab:
             pid = self.backend_pid(name)
             servers[name] = {"pid": pid, "alive": pid is not None}
         return {"prefix": self.prefix, "up": bool(present), "vip": self.vip,
-                "backends": self.backends, "native_peer": self.native_peer,
+                "backends": self.backends, "native_peer": self.native_peer, "pacs": self.pacs,
                 "state_dir": str(self.state_dir), "namespaces": present,
                 "addresses": addresses, "servers": servers}
 
@@ -526,8 +580,10 @@ def _parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", parents=[common], help="build the lab")
     up.add_argument("--backends", type=int, default=3)
     up.add_argument("--vip", default="10.10.0.100")
+    up.add_argument("--pacs", action="store_true",
+                    help="real Orthanc (DICOM 104, HTTP 8042) in every backend")
     up.add_argument("--native-peer", action="store_true",
-                    help="reserved: pass-through XDP on the lb switch port")
+                    help="pass-through XDP on the lb switch port (for xdplb --mode native)")
     sub.add_parser("down", parents=[common], help="remove the lab")
     status = sub.add_parser("status", parents=[common], help="show the lab")
     status.add_argument("--json", action="store_true")
@@ -543,7 +599,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "up":
             lab = Lab(prefix=args.prefix, backends=args.backends, vip=args.vip,
-                      state_dir=args.state_dir, native_peer=args.native_peer).up()
+                      state_dir=args.state_dir, native_peer=args.native_peer, pacs=args.pacs).up()
             print(_format_status(lab.status()))
             return 0
         _require_root()

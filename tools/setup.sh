@@ -25,7 +25,7 @@ packages=(
     orthanc dcmtk                                     # PACS lab: real DICOM servers and clients
     prometheus                                        # exporter test: a real Prometheus scrapes xdplb
     nftables haproxy iperf3 wrk                       # benchmark baselines and load
-    shellcheck vagrant                                # provisioning script checks, Vagrantfile validation
+    shellcheck vagrant vagrant-libvirt                # provisioning script checks, Vagrantfile validation (libvirt provider)
     systemd                                           # systemd-analyze verify for the unit file
 )
 

@@ -1,0 +1,166 @@
+"""The Vagrant VM lab and the provisioning scripts it shares with the
+namespace lab, checked as far as a machine that cannot boot VMs allows:
+`vagrant validate` (Debian's vagrant) for both providers, shellcheck on
+every provisioning script, and the shared scripts' output and errors.
+The namespace PACS lab (tests/lab/test_pacs.py) runs the same scripts for real.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from xdplb.config import parse_pool
+
+ROOT = Path(__file__).resolve().parents[2]
+VAGRANT_DIR = ROOT / "vagrant"
+PROVISION_DIR = ROOT / "tools" / "provision"
+SCRIPTS = sorted([*VAGRANT_DIR.glob("*.sh"), *PROVISION_DIR.glob("*.sh")])
+
+
+def _need(tool: str) -> str:
+    path = shutil.which(tool)
+    assert path, f"{tool} not found: tools/setup.sh installs it"
+    return path
+
+
+def test_every_provisioning_script_is_found():
+    names = {p.relative_to(ROOT).as_posix() for p in SCRIPTS}
+    assert {"vagrant/lb.sh", "vagrant/pacs.sh", "vagrant/modality.sh", "tools/provision/dsr-backend.sh",
+            "tools/provision/orthanc-config.sh", "tools/provision/packages.sh",
+            "tools/provision/xdplb-pool.sh"} <= names
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_shellcheck(script):
+    proc = subprocess.run([_need("shellcheck"), "--shell=bash", str(script)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def _validate(vagrant_dir: Path, tmp_path: Path, provider: str) -> subprocess.CompletedProcess:
+    """`vagrant validate` for one provider, leaving nothing in the repository.
+
+    VirtualBox is not packaged by Debian, and vagrant refuses to validate for
+    a provider whose VBoxManage it cannot find; a stub that only prints a
+    version lets vagrant's own VirtualBox config validator run.  No VM, box
+    or network is touched: validate only loads and checks the Vagrantfile.
+    """
+    env = dict(os.environ, VAGRANT_DEFAULT_PROVIDER=provider, VAGRANT_CHECKPOINT_DISABLE="1",
+               VAGRANT_DOTFILE_PATH=str(tmp_path / "dotfile"), VAGRANT_HOME=str(tmp_path / "home"))
+    if provider == "virtualbox":
+        stub = tmp_path / "bin" / "VBoxManage"
+        stub.parent.mkdir()
+        stub.write_text("#!/bin/sh\necho 7.0.14r161095\n")
+        stub.chmod(0o755)
+        env["PATH"] = f"{stub.parent}:{env['PATH']}"
+    return subprocess.run([_need("vagrant"), "validate"], cwd=vagrant_dir, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("provider", ["libvirt", "virtualbox"])
+def test_vagrant_validate(provider, tmp_path):
+    proc = _validate(VAGRANT_DIR, tmp_path, provider)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "validated successfully" in proc.stdout
+    assert not (VAGRANT_DIR / ".vagrant").exists()
+
+
+@pytest.mark.parametrize("provider,block_line", [
+    ("libvirt", '    lv.nic_model_type = "virtio"\n'),
+    ("virtualbox", "    vb.linked_clone = true\n"),
+])
+def test_vagrant_validate_rejects_a_bad_provider_setting(provider, block_line, tmp_path):
+    """The check above can fail: a misspelt key in either provider block."""
+    copy = tmp_path / "vagrant"
+    shutil.copytree(VAGRANT_DIR, copy, ignore=shutil.ignore_patterns(".vagrant"))
+    text = (copy / "Vagrantfile").read_text()
+    assert text.count(block_line) == 1
+    prefix = block_line.split(".")[0]
+    (copy / "Vagrantfile").write_text(text.replace(block_line, block_line + f"{prefix}.memroy = 512\n"))
+    proc = _validate(copy, tmp_path, provider)
+    assert proc.returncode != 0
+    assert "memroy" in proc.stdout + proc.stderr
+
+
+def test_vagrantfile_provisions_only_with_scripts_under_vagrant():
+    text = (VAGRANT_DIR / "Vagrantfile").read_text()
+    for machine in ("lb", "pacs", "modality"):
+        assert f'path: "{machine}.sh"' in text
+    assert "inline:" not in text
+    for script in VAGRANT_DIR.glob("*.sh"):
+        assert "/vagrant/tools/" in script.read_text(), f"{script.name} calls no shared script"
+
+
+# ---- the shared scripts' output and errors (run for real by the PACS lab) ----
+
+def _run(script: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(PROVISION_DIR / script), *args],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_orthanc_config_is_the_lab_pacs(tmp_path):
+    out = tmp_path / "orthanc.json"
+    proc = _run("orthanc-config.sh", "--storage", str(tmp_path / "db"), "--name", "pacs1", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    config = json.loads(out.read_text())
+    assert config["DicomAet"] == "SYNAPSE" and config["DicomPort"] == 104 and config["HttpPort"] == 8042
+    assert config["RemoteAccessAllowed"] is True and config["AuthenticationEnabled"] is False
+    assert config["StorageDirectory"] == config["IndexDirectory"] == str(tmp_path / "db")
+    assert config["DicomAlwaysAllowEcho"] is True and config["DicomAlwaysAllowStore"] is True
+    assert config["DicomModalities"] == {} and config["Name"] == "pacs1"
+
+
+def test_orthanc_config_known_callers_only(tmp_path):
+    proc = _run("orthanc-config.sh", "--storage", "/srv/db", "--known-aet", "XDPLB", "--known-aet", "CT1")
+    config = json.loads(proc.stdout)
+    assert config["DicomAlwaysAllowEcho"] is False and config["DicomAlwaysAllowStore"] is False
+    assert set(config["DicomModalities"]) == {"XDPLB", "CT1"}
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--storage", "/srv/db", "--aet", "MUCH-TOO-LONG-AE-TITLE"], "--aet must be 1..16"),
+    (["--storage", "/srv/db", "--dicom-port", "70000"], "--dicom-port must be a port number 1..65535, not '70000'"),
+    (["--storage", "relative/db"], "--storage must be an absolute path, not 'relative/db'"),
+    (["--storage", '/srv/"db'], "--storage must be non-empty text without quotes"),
+    (["--aet", "SYNAPSE"], "--storage DIR is required"),
+])
+def test_orthanc_config_rejects_bad_input(args, message, tmp_path):
+    out = tmp_path / "orthanc.json"
+    proc = _run("orthanc-config.sh", *args, "--out", str(out))
+    assert proc.returncode != 0
+    assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("check", ["tcp", "dicom"])
+def test_pool_script_writes_a_pool_xdplb_accepts(check):
+    proc = _run("xdplb-pool.sh", "--vip", "192.168.56.100", "--check", check, "--metrics", "127.0.0.1:9742",
+                "pacs1=192.168.56.11", "pacs2=192.168.56.12", "pacs3=192.168.56.13")
+    assert proc.returncode == 0, proc.stderr
+    pool = parse_pool(proc.stdout, "xdplb-pool.sh")
+    assert [(s.name, s.port, s.health.check) for s in pool.services] == [
+        ("synapse-dicom", 104, check), ("synapse-web", 8042, "tcp")]
+    assert [str(b.address) for b in pool.services[0].backends] == [
+        "192.168.56.11", "192.168.56.12", "192.168.56.13"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--vip", "10.0.0.1", "--check", "http", "a=10.0.0.2"], "--check must be tcp or dicom, not 'http'"),
+    (["--vip", "10.0.0.1"], "at least one NAME=ADDRESS backend is required"),
+    (["--vip", "10.0.0.1", "pacs1"], "backend 'pacs1' must be NAME=ADDRESS"),
+    (["a=10.0.0.2"], "--vip IP is required"),
+])
+def test_pool_script_rejects_bad_input(args, message):
+    proc = _run("xdplb-pool.sh", *args)
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr
+
+
+def test_packages_script_names_an_unknown_role():
+    proc = _run("packages.sh", "--check", "pacs", "gateway")
+    assert proc.returncode != 0
+    assert "unknown role 'gateway': use pacs, modality or dicomgen" in proc.stderr
