@@ -17,7 +17,6 @@ instances per server from Orthanc's REST API, and a failover.
 from __future__ import annotations
 
 import collections
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,19 +26,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 
 import lab as labtool  # noqa: E402
-from lab_xdplb import Balancer, backend_health  # noqa: E402
+from lab_xdplb import Balancer, backend_health, client, client_popen  # noqa: E402
 
 POOL = ROOT / "examples" / "pacs.toml"
-CLIENT_TOOL = str(ROOT / "tools" / "lab_client.py")
 NAMES = {"be1": "pacs-a", "be2": "pacs-b", "be3": "pacs-c"}
 
 
 def step(text: str) -> None:
     print(f"\n== {text}", flush=True)
-
-
-def client(lab, *args) -> list[str]:
-    return lab.run("client", "/usr/bin/python3", CLIENT_TOOL, *map(str, args), check=False, timeout=120).stdout.splitlines()
 
 
 def spread(lab, port: int, count: int) -> None:
@@ -77,8 +71,7 @@ def main() -> int:
         print(balancer.cli("status", "-i", "eth0").stdout)
 
         step("killing pacs-b's server; a client opens a new association every 50 ms for 6 s")
-        watch = lab.popen("client", "/usr/bin/python3", CLIENT_TOOL, "watch", lab.vip, 104, 6,
-                          stdout=subprocess.PIPE, text=True)
+        watch = client_popen(lab, "watch", lab.vip, 104, 6)
         t0 = time.monotonic()
         time.sleep(1.0)
         lab.kill_backend("be2")

@@ -43,6 +43,7 @@ CLI (as root)::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 import json
 import os
@@ -146,6 +147,26 @@ def unused_prefix(base: str = "xt") -> str:
         if not _matching(prefix, present):
             return prefix
         n += 1
+
+
+@contextlib.contextmanager
+def temporary_lab(base: str = "xt", **options):
+    """A lab under the first unused prefix ``<base><n>``, up for the ``with``
+    block and torn down after it, however the block ends (for tests)."""
+    for _attempt in range(5):  # another run may take the same prefix first
+        the_lab = Lab(prefix=unused_prefix(base), **options)
+        try:
+            the_lab.up()
+            break
+        except LabError as exc:
+            if "already up" not in str(exc):
+                raise
+    else:
+        raise LabError(f"could not find a free lab prefix starting with {base!r}")
+    try:
+        yield the_lab
+    finally:
+        the_lab.down()
 
 
 def _matching(prefix: str, names: list[str]) -> list[str]:

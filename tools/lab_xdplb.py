@@ -7,6 +7,7 @@ guessed with a sleep.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -181,6 +182,34 @@ class Balancer:
     def release(self) -> None:
         """Unmount the bpffs (after the daemon stopped or was detached)."""
         release_bpffs(self.bpffs)
+
+
+@contextlib.contextmanager
+def running_balancer(lab, pool: Path, work: Path, **options):
+    """A ready Balancer for the ``with`` block; stopped, its bpffs released
+    and its log printed (pytest shows it on failure) afterwards."""
+    b = Balancer(lab, pool, work / "run", work / "xdplb.log", **options).start()
+    try:
+        b.wait_ready()
+        yield b
+    finally:
+        b.stop()
+        b.release()
+        print(b.log())
+
+
+CLIENT_TOOL = str(Path(__file__).resolve().parent / "lab_client.py")
+
+
+def client(lab, *args, timeout: float = 60) -> list[str]:
+    """Run tools/lab_client.py in the client namespace; its output lines."""
+    return lab.run("client", "/usr/bin/python3", CLIENT_TOOL, *map(str, args),
+                   check=False, timeout=timeout).stdout.splitlines()
+
+
+def client_popen(lab, *args) -> subprocess.Popen:
+    """Start tools/lab_client.py in the client namespace, stdout piped as text."""
+    return lab.popen("client", "/usr/bin/python3", CLIENT_TOOL, *map(str, args), stdout=subprocess.PIPE, text=True)
 
 
 def backend_health(st: dict, service: str) -> dict:

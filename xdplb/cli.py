@@ -5,7 +5,6 @@ kernel layer is imported only inside `attach` and `detach`.
 """
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
 import os

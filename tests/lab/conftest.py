@@ -30,20 +30,8 @@ def _need_root() -> None:
 def lab():
     """A running lab (3 backends, default VIP), torn down after the module."""
     _need_root()
-    for _attempt in range(5):  # another run may grab the same prefix first
-        the_lab = labtool.Lab(prefix=labtool.unused_prefix("xt"))
-        try:
-            the_lab.up()
-            break
-        except labtool.LabError as exc:
-            if "already up" not in str(exc):
-                raise
-    else:
-        pytest.fail("could not find a free lab prefix")
-    try:
+    with labtool.temporary_lab("xt") as the_lab:
         yield the_lab
-    finally:
-        the_lab.down()
 
 
 @pytest.fixture

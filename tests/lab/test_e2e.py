@@ -13,12 +13,11 @@ import time
 
 import pytest
 
-from lab_xdplb import Balancer, backend_health, lb_addresses, pool_text, xdp_attached
+from lab_xdplb import Balancer, backend_health, client, client_popen, running_balancer, lb_addresses, pool_text, xdp_attached
 
 pytestmark = [pytest.mark.root, pytest.mark.lab]
 
 INTERVAL, TIMEOUT, RISE, FALL = 1.0, 0.5, 2, 2
-CLIENT = "/usr/bin/python3"
 
 
 @pytest.fixture(scope="module")
@@ -30,30 +29,8 @@ def pool_file(lab, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def balancer(lab, pool_file, tmp_path_factory):
-    work = tmp_path_factory.mktemp("xdplb")
-    b = Balancer(lab, pool_file, work / "run", work / "xdplb.log").start()
-    try:
-        b.wait_ready()
+    with running_balancer(lab, pool_file, tmp_path_factory.mktemp("xdplb")) as b:
         yield b
-    finally:
-        b.stop()
-        b.release()
-        print(b.log())
-
-
-def client(lab, *args, timeout=60):
-    from pathlib import Path
-
-    tool = str(Path(__file__).resolve().parents[2] / "tools" / "lab_client.py")
-    return lab.run("client", CLIENT, tool, *map(str, args), check=False, timeout=timeout).stdout.splitlines()
-
-
-def client_popen(lab, *args):
-    import subprocess
-    from pathlib import Path
-
-    tool = str(Path(__file__).resolve().parents[2] / "tools" / "lab_client.py")
-    return lab.popen("client", CLIENT, tool, *map(str, args), stdout=subprocess.PIPE, text=True)
 
 
 def test_attached_in_generic_mode_with_vip(lab, balancer):

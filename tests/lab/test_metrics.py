@@ -23,7 +23,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import lab as labtool
-from lab_xdplb import Balancer, backend_health, pool_text
+from lab_xdplb import Balancer, backend_health, pool_text, running_balancer
 from prometheus_lab import Prometheus, render_panels
 
 REPO = Path(__file__).resolve().parents[2]
@@ -96,20 +96,8 @@ def lab():
     """This module's own lab (3 backends), torn down after the module."""
     if os.geteuid() != 0:
         pytest.skip("needs root")
-    for _attempt in range(5):
-        the_lab = labtool.Lab(prefix=labtool.unused_prefix("xm"))
-        try:
-            the_lab.up()
-            break
-        except labtool.LabError as exc:
-            if "already up" not in str(exc):
-                raise
-    else:
-        pytest.fail("could not find a free lab prefix")
-    try:
+    with labtool.temporary_lab("xm") as the_lab:
         yield the_lab
-    finally:
-        the_lab.down()
 
 
 def metrics_pool(lab, metrics: str = METRICS) -> str:
@@ -128,14 +116,8 @@ def pool_file(lab, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def balancer(lab, pool_file, tmp_path_factory):
-    work = tmp_path_factory.mktemp("xdplb")
-    b = Balancer(lab, pool_file, work / "run", work / "xdplb.log").start()
-    try:
-        b.wait_ready()
+    with running_balancer(lab, pool_file, tmp_path_factory.mktemp("xdplb")) as b:
         yield b
-    finally:
-        b.stop()
-        print(b.log())
 
 
 def scrape(lab, address: str = METRICS) -> dict:

@@ -35,20 +35,8 @@ SERVICE = "synapse-dicom"
 @pytest.fixture(scope="module")
 def pacs():
     """A PACS lab: three backends, each running Orthanc (AE SYNAPSE, 104, 8042)."""
-    for _attempt in range(5):  # another run may grab the same prefix first
-        the_lab = labtool.Lab(prefix=labtool.unused_prefix("xp"), pacs=True)
-        try:
-            the_lab.up()
-            break
-        except labtool.LabError as exc:
-            if "already up" not in str(exc):
-                raise
-    else:
-        pytest.fail("could not find a free lab prefix")
-    try:
+    with labtool.temporary_lab("xp", pacs=True) as the_lab:
         yield the_lab
-    finally:
-        the_lab.down()
 
 
 @pytest.fixture(scope="module")

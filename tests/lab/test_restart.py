@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from lab_xdplb import Balancer, backend_health, lb_addresses, pool_text, xdp_attached
+from lab_xdplb import Balancer, backend_health, client_popen, lb_addresses, pool_text, xdp_attached
 
 from xdplb import flowhash, maglev
 
@@ -41,8 +41,7 @@ def make_balancer(lab, tmp_path):
 
 
 def _upload(lab, total, seconds, sport):
-    return lab.popen("client", "/usr/bin/python3", TOOL, "upload", lab.vip, 9000, total, seconds, sport,
-                     stdout=subprocess.PIPE, text=True)
+    return client_popen(lab, "upload", lab.vip, 9000, total, seconds, sport)
 
 
 @functools.lru_cache(maxsize=None)
