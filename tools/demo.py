@@ -70,6 +70,12 @@ def main() -> int:
         step("xdplb status")
         print(balancer.cli("status", "-i", "eth0").stdout)
 
+        step("Prometheus metrics on 127.0.0.1:9742 (the pool's [xdplb] metrics), per backend")
+        metrics = lab.run("lb", "curl", "-s", "-m", "5", "http://127.0.0.1:9742/metrics", check=False).stdout
+        for line in metrics.splitlines():
+            if line.startswith(("xdplb_backend_flows_total", "xdplb_backend_up")) and "synapse-dicom\"" in line:
+                print(f"   {line}")
+
         step("killing pacs-b's server; a client opens a new association every 50 ms for 6 s")
         watch = client_popen(lab, "watch", lab.vip, 104, 6)
         t0 = time.monotonic()
