@@ -33,7 +33,6 @@ over randomly chosen filled flows.
 """
 from __future__ import annotations
 
-import ctypes
 import os
 import random
 import time
