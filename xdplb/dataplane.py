@@ -110,11 +110,17 @@ class BccDataplane:
             raise LoadError(f"the XDP program did not load: {exc}") from exc
         self.compile_seconds = time.monotonic() - started
         self._table_type = structs.maglev_table_type(settings.maglev_size)
+        self._maps: dict = {}
         self._check_layouts()
         self.attached: tuple[str, str] | None = None  # (ifname, mode)
 
     def map(self, name: str):
-        return self.bpf.get_table(name.encode())
+        """bcc's handle of a map, built once: bcc builds a new Table object
+        (with its ctypes types) on every get_table call."""
+        table = self._maps.get(name)
+        if table is None:
+            table = self._maps[name] = self.bpf.get_table(name.encode())
+        return table
 
     @property
     def prog_fd(self) -> int:
