@@ -18,70 +18,32 @@ from pathlib import Path
 
 XDPLB = str(Path(sys.executable).with_name("xdplb"))
 
-POOL_TEMPLATE = """
-[xdplb]
-metrics = ""
-
-[[service]]
-name = "hello"
-vip = "{vip}"
-port = 104
-  [service.health]
-  interval = {interval}
-  timeout = {timeout}
-  rise = {rise}
-  fall = {fall}
-{backends}
-
-[[service]]
-name = "web"
-vip = "{vip}"
-port = 80
-  [service.health]
-  interval = {interval}
-  timeout = {timeout}
-  rise = {rise}
-  fall = {fall}
-{backends}
-
-[[service]]
-name = "sink"
-vip = "{vip}"
-port = 9000
-  [service.health]
-  interval = {interval}
-  timeout = {timeout}
-  rise = {rise}
-  fall = {fall}
-{backends}
-
-[[service]]
-name = "echo"
-vip = "{vip}"
-port = 5000
-protocol = "udp"
-  [service.health]
-  port = 9000
-  interval = {interval}
-  timeout = {timeout}
-{backends}
-"""
-
-BACKEND_TEMPLATE = """  [[service.backend]]
-  name = "{name}"
-  address = "{address}"
-  weight = {weight}
-"""
+# The lab's services: (name, port, protocol, health port or None for the service port).
+LAB_SERVICES = (
+    ("hello", 104, "tcp", None),    # the stand-in for DICOM: says which backend answered
+    ("web", 80, "tcp", None),
+    ("sink", 9000, "tcp", None),    # counts an upload's bytes
+    ("echo", 5000, "udp", 9000),    # UDP has no connect probe: check the sink's TCP port
+)
 
 
 def pool_text(lab, interval=1.0, timeout=0.5, rise=2, fall=2, weights=None, skip=()) -> str:
+    """A pool for the lab: every LAB_SERVICES entry on the lab's VIP, over
+    every backend not in `skip`; metrics off unless a test turns them on."""
     weights = weights or {}
-    backends = "".join(
-        BACKEND_TEMPLATE.format(name=name, address=lab.backend_ip(name), weight=weights.get(name, 1))
-        for name in lab.backend_names() if name not in skip
-    )
-    return POOL_TEMPLATE.format(vip=lab.vip, interval=interval, timeout=timeout, rise=rise, fall=fall,
-                                backends=backends)
+    lines = ["[xdplb]", 'metrics = ""', ""]
+    for name, port, protocol, health_port in LAB_SERVICES:
+        lines += ["[[service]]", f'name = "{name}"', f'vip = "{lab.vip}"', f"port = {port}",
+                  f'protocol = "{protocol}"', "  [service.health]"]
+        if health_port:
+            lines.append(f"  port = {health_port}")
+        lines += [f"  interval = {interval}", f"  timeout = {timeout}", f"  rise = {rise}", f"  fall = {fall}"]
+        for backend in lab.backend_names():
+            if backend not in skip:
+                lines += ["  [[service.backend]]", f'  name = "{backend}"',
+                          f'  address = "{lab.backend_ip(backend)}"', f"  weight = {weights.get(backend, 1)}"]
+        lines.append("")
+    return "\n".join(lines)
 
 
 def host_bpffs(path: Path) -> Path:

@@ -44,14 +44,24 @@ def request(ifname: str, message: dict, timeout: float = 5.0) -> dict:
     path = socket_path(ifname)
     if not path.exists():
         raise NotRunning(f"no xdplb instance is running on {ifname} (no control socket at {path})")
+    try:
+        return request_path(path, message, timeout)
+    except (ConnectionRefusedError, FileNotFoundError):
+        raise NotRunning(f"no xdplb instance is running on {ifname} (stale socket {path})") from None
+    except PermissionError:
+        raise NotRunning(f"permission denied on {path}: the control socket is root only") from None
+    except EOFError:
+        raise NotRunning(f"the xdplb instance on {ifname} closed the connection without replying") from None
+
+
+def request_path(path: Path, message: dict, timeout: float = 5.0) -> dict:
+    """One JSON request and reply over the control socket at `path`.
+
+    Raises OSError when the socket cannot be reached, EOFError when the
+    daemon closes it without a reply."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
-        try:
-            sock.connect(str(path))
-        except (ConnectionRefusedError, FileNotFoundError):
-            raise NotRunning(f"no xdplb instance is running on {ifname} (stale socket {path})") from None
-        except PermissionError:
-            raise NotRunning(f"permission denied on {path}: the control socket is root only") from None
+        sock.connect(str(path))
         sock.sendall(json.dumps(message).encode() + b"\n")
         data = b""
         while not data.endswith(b"\n"):
@@ -60,7 +70,7 @@ def request(ifname: str, message: dict, timeout: float = 5.0) -> dict:
                 break
             data += chunk
     if not data:
-        raise NotRunning(f"the xdplb instance on {ifname} closed the connection without replying")
+        raise EOFError(f"{path}: closed without a reply")
     return json.loads(data)
 
 

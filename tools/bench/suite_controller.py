@@ -22,8 +22,6 @@
 """
 from __future__ import annotations
 
-import json
-import socket
 import subprocess
 import time
 from dataclasses import dataclass
@@ -168,17 +166,9 @@ def _socket_path(run_dir: Path) -> Path | None:
 
 
 def control(path: Path, message: dict, timeout: float = 60.0) -> dict:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        sock.connect(str(path))
-        sock.sendall(json.dumps(message).encode() + b"\n")
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    return json.loads(data)
+    from xdplb.control import request_path
+
+    return request_path(path, message, timeout)
 
 
 _FIRST_CONNECTION = """

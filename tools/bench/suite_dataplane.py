@@ -42,7 +42,7 @@ from ipaddress import IPv4Address
 from pathlib import Path
 
 from . import frames, stats
-from .tables import fmt, fmt_ratio, markdown
+from .tables import fmt, fmt_ratio, markdown, targets_table
 
 SEED = 0x5EED
 GW_MAC = bytes.fromhex("02000a0a000a")
@@ -581,9 +581,7 @@ def render(result: dict) -> str:
             "lrrrr"))
     if result["targets"]:
         text.append("")
-        text.append(markdown(["issue target", "measured", "met"],
-                             [[t["target"], fmt_ratio(t["measured"]), "yes" if t["met"] else "no"]
-                              for t in result["targets"]], "lrl"))
+        text.append(targets_table(result["targets"]))
     return "\n".join(text)
 
 

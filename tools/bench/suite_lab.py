@@ -43,7 +43,7 @@ from pathlib import Path
 
 from . import lab_baselines as cfg
 from . import parse, stats
-from .tables import fmt, fmt_ratio, markdown
+from .tables import fmt, fmt_ratio, markdown, targets_table
 
 MODES = ("direct", "xdplb generic", "xdplb native", "nftables DNAT", "HAProxy TCP")
 NFT_TABLE = "xdplb_bench"
@@ -461,9 +461,7 @@ def render(result: dict) -> str:
                               "stream ratio"], pairs, "lrrr"))
     if result["targets"]:
         text.append("")
-        text.append(markdown(["issue target", "measured", "met"],
-                             [[t["target"], fmt_ratio(t["measured"]), "yes" if t["met"] else "no"]
-                              for t in result["targets"]], "lrl"))
+        text.append(targets_table(result["targets"]))
     return "\n".join(text)
 
 

@@ -49,3 +49,9 @@ def context_line(ctx: dict) -> str:
             value = f"{ctx[key]:,}" if isinstance(ctx[key], int) else ctx[key]
             parts.append(f"{label} {value}".strip())
     return "; ".join(parts)
+
+
+def targets_table(targets: Sequence[dict]) -> str:
+    """The issue's targets next to what was measured."""
+    return markdown(["issue target", "measured", "met"],
+                    [[t["target"], fmt_ratio(t["measured"]), "yes" if t["met"] else "no"] for t in targets], "lrl")
