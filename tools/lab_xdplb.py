@@ -132,9 +132,12 @@ class Balancer:
             return self.proc.returncode if self.proc else 0
         self.proc.send_signal(signal.SIGTERM)
         try:
-            return self.proc.wait(timeout)
+            code = self.proc.wait(timeout)
         finally:
             self._log.close()
+        if code == 0:
+            self.release()  # a clean stop unpinned everything: the bpffs mount can go too
+        return code
 
     def kill(self) -> None:
         self.proc.kill()

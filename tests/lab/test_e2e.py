@@ -158,14 +158,19 @@ def test_sigterm_leaves_no_program_and_no_vip(lab, balancer):
 
 def test_detach_cleans_up_after_kill_9(lab, pool_file, tmp_path):
     b = Balancer(lab, pool_file, tmp_path / "run", tmp_path / "xdplb.log").start()
-    b.wait_ready()
-    b.kill()
-    # The program outlives its controller and keeps forwarding the last state.
-    assert xdp_attached(lab) and lab.vip in lb_addresses(lab)
-    assert set(client(lab, "hello", lab.vip, 104, 30)) == set(lab.backend_names())
-    result = b.cli("detach", "eth0")
-    assert "XDP program" in result.stdout and f"VIP {lab.vip}" in result.stdout
-    assert not xdp_attached(lab)
-    assert lab.vip not in lb_addresses(lab)
-    again = b.cli("detach", "eth0")
-    assert "nothing of xdplb's was left" in again.stdout
+    try:
+        b.wait_ready()
+        b.kill()
+        # The program outlives its controller and keeps forwarding the last state.
+        assert xdp_attached(lab) and lab.vip in lb_addresses(lab)
+        assert set(client(lab, "hello", lab.vip, 104, 30)) == set(lab.backend_names())
+        result = b.cli("detach", "eth0")
+        assert "XDP program" in result.stdout and f"VIP {lab.vip}" in result.stdout
+        assert "pinned maps" in result.stdout
+        assert not xdp_attached(lab)
+        assert lab.vip not in lb_addresses(lab)
+        assert not any(b.bpffs.rglob("flows")), "detach unpins the maps"
+        again = b.cli("detach", "eth0")
+        assert "nothing of xdplb's was left" in again.stdout
+    finally:
+        b.release()
