@@ -21,6 +21,7 @@ _SYS_BPF = {"x86_64": 321, "aarch64": 280, "armv7l": 386, "ppc64le": 361, "s390x
 BPF_OBJ_GET = 7
 BPF_PROG_TEST_RUN = 10
 BPF_PROG_GET_FD_BY_ID = 13
+BPF_MAP_GET_FD_BY_ID = 14
 BPF_OBJ_GET_INFO_BY_FD = 15
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -117,13 +118,26 @@ def prog_test_run(prog_fd: int, packet: bytes, repeat: int = 1) -> TestRun:
     return TestRun(attr.retval, data_out.raw[: attr.data_size_out], attr.duration)
 
 
+def fd_by_id(cmd: int, obj_id: int) -> int:
+    """A new fd for the program or map with this id (BPF_PROG_GET_FD_BY_ID or
+    BPF_MAP_GET_FD_BY_ID as `cmd`); the caller closes it."""
+    return _bpf(cmd, _IdAttr(id=obj_id))
+
+
+def obj_info(fd: int, size: int = _PROG_INFO_SIZE, request: bytes = b"") -> bytes:
+    """BPF_OBJ_GET_INFO_BY_FD: the kernel's info struct for a program or map
+    fd. `request` pre-fills the struct, for the fields that ask the kernel to
+    copy arrays out (a program's map ids)."""
+    buf = ctypes.create_string_buffer(request.ljust(size, b"\0"), size)
+    _bpf(BPF_OBJ_GET_INFO_BY_FD, _InfoAttr(bpf_fd=fd, info_len=size, info=ctypes.addressof(buf)))
+    return buf.raw
+
+
 def prog_name(prog_id: int) -> str:
     """Name of a loaded BPF program, from its id (as netlink reports it)."""
-    fd = _bpf(BPF_PROG_GET_FD_BY_ID, _IdAttr(id=prog_id))
+    fd = fd_by_id(BPF_PROG_GET_FD_BY_ID, prog_id)
     try:
-        info = ctypes.create_string_buffer(_PROG_INFO_SIZE)
-        _bpf(BPF_OBJ_GET_INFO_BY_FD, _InfoAttr(bpf_fd=fd, info_len=_PROG_INFO_SIZE, info=ctypes.addressof(info)))
-        raw = info.raw[_PROG_INFO_NAME_OFFSET:_PROG_INFO_NAME_OFFSET + 16]
+        raw = obj_info(fd)[_PROG_INFO_NAME_OFFSET:_PROG_INFO_NAME_OFFSET + 16]
         return raw.split(b"\0", 1)[0].decode()
     finally:
         os.close(fd)
@@ -144,9 +158,7 @@ def pinned_map_info(path: str) -> MapInfo:
     buf = ctypes.create_string_buffer(raw, len(raw))
     fd = _bpf(BPF_OBJ_GET, _ObjGetAttr(pathname=ctypes.addressof(buf)))
     try:
-        info = (ctypes.c_uint8 * _PROG_INFO_SIZE)()
-        _bpf(BPF_OBJ_GET_INFO_BY_FD, _InfoAttr(bpf_fd=fd, info_len=_PROG_INFO_SIZE, info=ctypes.addressof(info)))
-        head = _MapInfo.from_buffer_copy(bytes(info)[: ctypes.sizeof(_MapInfo)])
+        head = _MapInfo.from_buffer_copy(obj_info(fd)[: ctypes.sizeof(_MapInfo)])
         return MapInfo(head.type, head.key_size, head.value_size, head.max_entries, head.map_flags)
     finally:
         os.close(fd)

@@ -12,11 +12,10 @@ import ctypes
 import os
 from pathlib import Path
 
-from xdplb.bpfsys import BPF_OBJ_GET_INFO_BY_FD, _bpf, _IdAttr, _InfoAttr
+from xdplb.bpfsys import BPF_MAP_GET_FD_BY_ID, fd_by_id, obj_info
 
 from . import parse
 
-BPF_MAP_GET_FD_BY_ID = 14
 _PROG_INFO_SIZE = 256
 _PROG_NR_MAP_IDS = 52      # struct bpf_prog_info: __u32 nr_map_ids
 _PROG_MAP_IDS = 56         # __aligned_u64 map_ids
@@ -24,25 +23,19 @@ _MAP_INFO_SIZE = 128
 _MAP_NAME = 24             # struct bpf_map_info: char name[16]
 
 
-def _info(fd: int, size: int, prefill: bytes = b"") -> ctypes.Array:
-    buf = ctypes.create_string_buffer(prefill.ljust(size, b"\0"), size)
-    _bpf(BPF_OBJ_GET_INFO_BY_FD, _InfoAttr(bpf_fd=fd, info_len=size, info=ctypes.addressof(buf)))
-    return buf
-
-
 def program_maps(prog_fd: int) -> list[dict]:
     """name, type, sizes and memlock bytes of every map the program uses."""
-    count = int.from_bytes(_info(prog_fd, _PROG_INFO_SIZE).raw[_PROG_NR_MAP_IDS:_PROG_NR_MAP_IDS + 4], "little")
+    count = int.from_bytes(obj_info(prog_fd, _PROG_INFO_SIZE)[_PROG_NR_MAP_IDS:_PROG_NR_MAP_IDS + 4], "little")
     ids = (ctypes.c_uint32 * max(count, 1))()
     request = bytearray(_PROG_INFO_SIZE)
     request[_PROG_NR_MAP_IDS:_PROG_NR_MAP_IDS + 4] = count.to_bytes(4, "little")
     request[_PROG_MAP_IDS:_PROG_MAP_IDS + 8] = ctypes.addressof(ids).to_bytes(8, "little")
-    _info(prog_fd, _PROG_INFO_SIZE, bytes(request))
+    obj_info(prog_fd, _PROG_INFO_SIZE, bytes(request))
     rows = []
     for map_id in list(ids)[:count]:
-        fd = _bpf(BPF_MAP_GET_FD_BY_ID, _IdAttr(id=map_id))
+        fd = fd_by_id(BPF_MAP_GET_FD_BY_ID, map_id)
         try:
-            raw = _info(fd, _MAP_INFO_SIZE).raw
+            raw = obj_info(fd, _MAP_INFO_SIZE)
             text = Path(f"/proc/self/fdinfo/{fd}").read_text()
         finally:
             os.close(fd)
