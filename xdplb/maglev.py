@@ -13,11 +13,14 @@ from Python's per-process ``hash()``), whatever order the backends are given in.
 
 from __future__ import annotations
 
+import functools
 import hashlib
-import heapq
+import math
 from collections import Counter
 from dataclasses import dataclass
 from typing import Sequence
+
+import numpy as np
 
 NO_BACKEND = 0
 """Table value meaning "no backend": the data plane drops or passes such flows."""
@@ -62,12 +65,14 @@ def _hash64(key: str, person: bytes) -> int:
     return int.from_bytes(digest, "little")
 
 
+@functools.lru_cache(maxsize=16384)
 def permutation_params(key: str, size: int) -> tuple[int, int]:
     """Return ``(offset, skip)`` of the backend's preference list for a table of ``size``.
 
     The backend prefers slots ``(offset + j * skip) % size`` for j = 0, 1, ...;
     with ``size`` prime and ``1 <= skip < size`` this visits every slot once.
     The two hashes are independent BLAKE2b digests (different personalisation).
+    Cached: a rebuild after a health change hashes the same backends again.
     """
     if size < 2:
         raise ValueError(f"table size must be at least 2, got {size!r}")
@@ -95,52 +100,91 @@ def build_table(backends: Sequence[MaglevBackend], size: int = 65537) -> list[in
     preferred slot.  Weights use exact credit scheduling: in round r a backend
     of weight w has earned ``floor(r * w / max_weight)`` claims, so over the
     whole fill each backend owns about ``size * w / sum(weights)`` slots (the
-    weight applies in every round, not only the first).  The rounds are walked
-    with a heap keyed by (round of next claim, backend index), which is the
-    same order as visiting every backend every round but skips idle turns.
+    weight applies in every round, not only the first).  Claim k of backend i
+    falls in round ``ceil(k * max_weight / w_i)``, and claims are made in
+    order of (round, backend index): :func:`claim_order`.
     """
     if not is_prime(size):
         raise ValueError(f"table size must be a prime number, got {size!r}")
     _check_backends(backends)
     eligible = sorted((b for b in backends if b.weight > 0), key=lambda b: b.key)
-    table = [NO_BACKEND] * size
     if not eligible:
-        return table
+        return [NO_BACKEND] * size
+    params = [permutation_params(b.key, size) for b in eligible]
+    claimer = claim_order([b.weight for b in eligible], size)
+    return _fill(params, [b.id for b in eligible], claimer, size)
 
-    ids = [b.id for b in eligible]
-    weights = [b.weight for b in eligible]
-    max_w = max(weights)
-    pos: list[int] = []
-    skips: list[int] = []
-    for b in eligible:
-        offset, skip = permutation_params(b.key, size)
-        pos.append(offset)
-        skips.append(skip)
 
-    # Heap entries: (round of the claim, backend index, claim number k).
-    # Claim k of backend i falls in round ceil(k * max_w / w_i).
-    heap = [(-(-max_w // w), i, 1) for i, w in enumerate(weights)]
-    heapq.heapify(heap)
-    heapreplace = heapq.heapreplace
-    filled = 0
-    while True:
-        _, i, k = heap[0]
+def claim_order(weights: Sequence[int], size: int) -> list[int]:
+    """Return, for each of the ``size`` claims in turn, the index (into
+    ``weights``) of the backend that makes it.
+
+    Equivalent to visiting every backend every round and letting it claim when
+    its credit allows, but computed at once: the order depends only on the
+    weights, never on the table.
+    """
+    w = np.asarray(weights, dtype=np.int64)
+    n = len(w)
+    top = int(w.max())
+    if int(w.min()) == top:
+        return np.tile(np.arange(n, dtype=np.int64), -(-size // n))[:size].tolist()
+    # Enough rounds for `size` claims: sum(floor(R * w / top)) >= R * sum(w) / top - n.
+    rounds = -(-(size + n) * top // int(w.sum()))
+    per_backend = rounds * w // top
+    backend = np.repeat(np.arange(n, dtype=np.int64), per_backend)
+    first = np.repeat(np.cumsum(per_backend) - per_backend, per_backend)
+    k = np.arange(len(backend), dtype=np.int64) - first + 1
+    wk = w[backend]
+    round_of = (k * top + wk - 1) // wk
+    # `backend` is ascending, so a stable sort by round gives (round, backend).
+    return backend[np.argsort(round_of, kind="stable")[:size]].tolist()
+
+
+def _fill(params: list[tuple[int, int]], ids: list[int], claimer: list[int], size: int) -> list[int]:
+    """Make the claims in order: each claimer takes its next free preferred slot.
+
+    Walking a preference list to the next free slot costs about
+    ``size / free`` steps, so the last few hundred claims would cost more
+    than half of all the steps (the sum is ``size * ln(size)``).  Once no
+    more than ``_tail_length(size)`` slots are free, each claim looks at the
+    free slots instead: slot f is ``(f - c) * inverse(skip) % size`` steps
+    after c in a preference list, and the nearest one is the claimer's next
+    free slot, exactly as the walk would find it.
+    """
+    pos = [offset for offset, _ in params]
+    skips = [skip for _, skip in params]
+    table = [NO_BACKEND] * size
+    walk = max(0, size - _tail_length(size))
+    for i in claimer[:walk]:
         c = pos[i]
         s = skips[i]
         while table[c]:
-            c += s
-            if c >= size:
-                c -= size
+            c = (c + s) % size
         table[c] = ids[i]
-        filled += 1
-        if filled == size:
-            return table
-        c += s
-        if c >= size:
-            c -= size
-        pos[i] = c
-        k += 1
-        heapreplace(heap, (-(-(k * max_w) // weights[i]), i, k))
+        pos[i] = (c + s) % size
+    free = []
+    slot = -1
+    for _ in range(size - walk):
+        slot = table.index(NO_BACKEND, slot + 1)
+        free.append(slot)
+    inverse: dict[int, int] = {}
+    for i in claimer[walk:]:
+        c = pos[i]
+        s = skips[i]
+        inv = inverse.get(i)
+        if inv is None:
+            inv = inverse[i] = pow(s, -1, size)
+        slot = min(free, key=lambda f: (f - c) * inv % size)
+        free.remove(slot)
+        table[slot] = ids[i]
+        pos[i] = (slot + s) % size
+    return table
+
+
+def _tail_length(size: int) -> int:
+    """How many last claims search the free list rather than walk: where a
+    walk (about ``size / free`` steps) costs more than a search (``free``)."""
+    return math.isqrt(size)
 
 
 def slot_counts(table: Sequence[int]) -> dict[int, int]:

@@ -14,9 +14,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from xdplb import maglev
 from xdplb.maglev import (
     MaglevBackend,
     build_table,
+    claim_order,
     changed_slots,
     is_prime,
     permutation_params,
@@ -116,6 +118,46 @@ def test_fast_build_equals_reference_scheme(seed):
     rng = random.Random(seed)
     bs = [MaglevBackend(f"b{i}", rng.choice([0, 1, 2, 3, 7, 50, 1000]), i + 1) for i in range(rng.randint(1, 9))]
     assert build_table(bs, 1009) == reference_table(bs, 1009)
+
+
+def reference_claim_order(weights: list[int], size: int) -> list[int]:
+    """Every round, every backend in index order earns its weight in credit and
+    claims once its credit reaches the largest weight."""
+    top = max(weights)
+    credit = [0] * len(weights)
+    order: list[int] = []
+    while True:
+        for i, w in enumerate(weights):
+            credit[i] += w
+            if credit[i] >= top:
+                credit[i] -= top
+                order.append(i)
+                if len(order) == size:
+                    return order
+
+
+@pytest.mark.parametrize("weights", [[1], [1, 1, 1], [3, 1, 2], [1, 1000], [7, 5, 5, 1, 2, 9], [2] * 40])
+def test_claim_order_matches_round_by_round_credit(weights):
+    for size in (13, 251, 1009):
+        assert claim_order(weights, size) == reference_claim_order(weights, size)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_free_list_tail_gives_the_walks_table(seed, monkeypatch):
+    # The last claims search the free slots instead of walking the preference
+    # list; forcing all-walk and all-search must give the same table.
+    rng = random.Random(seed)
+    size = rng.choice([251, 1009, 4001])
+    bs = [MaglevBackend(f"10.9.{i}.{rng.randint(1, 254)}", rng.choice([0, 1, 1, 2, 3, 9]), i + 1)
+          for i in range(rng.randint(1, 80))]
+    default = build_table(bs, size)
+    monkeypatch.setattr(maglev, "_tail_length", lambda n: 0)
+    walked = build_table(bs, size)
+    monkeypatch.setattr(maglev, "_tail_length", lambda n: n)
+    searched = build_table(bs, size)
+    assert default == walked == searched
+    if size <= 1009:
+        assert default == reference_table(bs, size)
 
 
 @pytest.mark.parametrize("n", [3, 10, 100])
