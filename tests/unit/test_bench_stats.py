@@ -274,23 +274,27 @@ def test_nft_and_haproxy_configs_name_every_backend():
         lab_baselines.responder_cfg('be1" \n frontend x')
 
 
-def _lab_row(mode, gbits, conn, cpu):
+def _lab_row(mode, gbits, conn, cpu, tso=None):
     def s(v):
         return None if v is None else {"median": v, "low": v, "high": v, "runs": 1}
     return {"mode": mode, "error": None, "stream_gbits": s(gbits), "conn_per_s": s(conn), "cpu_s_per_gb": s(cpu),
-            "wrk_runs": [], "cpu_runs": []}
+            "stream_tso_gbits": s(tso), "wrk_runs": [], "cpu_runs": []}
 
 
 def test_lab_comparisons_and_targets():
-    rows = [_lab_row("direct", 10.0, 10000, 2.0), _lab_row("xdplb generic", 9.6, 9000, 2.4),
-            _lab_row("xdplb native", 9.0, 9500, 2.2), _lab_row("nftables DNAT", 8.0, 8000, 3.0),
-            _lab_row("HAProxy TCP", 4.0, 9200, 6.0)]
+    rows = [_lab_row("direct", 10.0, 10000, 2.0, 40.0), _lab_row("xdplb generic", 9.6, 9000, 2.4, 36.0),
+            _lab_row("xdplb native", 9.0, 9500, 2.2), _lab_row("nftables DNAT", 8.0, 8000, 3.0, 30.0),
+            _lab_row("HAProxy TCP", 4.0, 9200, 6.0, 20.0)]
     comp = suite_lab.comparisons(rows)
     assert comp["xdplb generic"]["stream_vs_direct"] == pytest.approx(0.96)
+    assert comp["xdplb generic"]["stream_tso_vs_direct"] == pytest.approx(0.9)
+    assert comp["xdplb native"]["stream_tso_vs_direct"] is None   # native runs without TSO
     assert comp["xdplb generic"]["cpu_extra_over_direct"] == pytest.approx(0.4)
     assert comp["xdplb native vs HAProxy TCP"]["conn"] == pytest.approx(9500 / 9200)
     met = {t["target"]: t["met"] for t in suite_lab.targets(rows)}
     assert met["xdplb generic stream ≥ 95% of direct"] and not met["xdplb native stream ≥ 95% of direct"]
+    assert not met["xdplb generic stream ≥ 95% of direct, TSO on"]
+    assert "xdplb native stream ≥ 95% of direct, TSO on" not in met
     assert not met["xdplb generic conn/s above HAProxy TCP"] and met["xdplb native conn/s above HAProxy TCP"]
     assert met["xdplb generic CPU/GB below nftables DNAT"]
 
