@@ -101,7 +101,7 @@ def test_controller_suite(tmp_path):
     stdout, doc = run_suite("controller", tmp_path)
     result = doc["result"]
     assert {(r["size"], r["backends"]) for r in result["maglev"]} == {(65537, 10), (65537, 100), (65537, 1000)}
-    assert all(r["ms"]["median"] > 0 for r in result["maglev"])
+    assert all(r["ms"]["median"] > 0 and r["warm_ms"]["median"] > 0 for r in result["maglev"])
     assert [(r["backends"], r["change"]) for r in result["verdict_to_live"]] == [
         (10, "one backend down"), (10, "one backend up"), (1000, "one backend down"), (1000, "one backend up")]
     assert all(r["writes"] >= 3 and r["ms"]["median"] >= r["apply_ms"] for r in result["verdict_to_live"])
