@@ -224,11 +224,19 @@ class Daemon:
 
     # ---- state -> kernel --------------------------------------------------
 
-    def sync(self) -> None:
-        """Recompute what the maps should hold and write the difference."""
+    def sync(self, prepared: tuple | None = None) -> None:
+        """Recompute what the maps should hold and write the difference.
+
+        ``prepared`` is a (desired, plan result) pair planned from the current
+        applied state (a reload's dry run); it is used when the desired state
+        is still the same, so the Maglev tables are not built twice.
+        """
         desired = desired_state(self.pool, self.health, self.macs, self.link.mac, self.drained)
         started = time.monotonic()
-        result = plan(self.applied, desired)
+        if prepared is not None and prepared[0] == desired:
+            result = prepared[1]
+        else:
+            result = plan(self.applied, desired)
         if result.ops:
             self.dp.apply(result.ops)
         self.applied = result.applied
@@ -347,7 +355,8 @@ class Daemon:
             if blocked:
                 raise PoolError(f"{self.pool_path}: changing {', '.join(blocked)} needs a restart of xdplb")
             # Dry run: the new pool must fit the compiled maps before anything changes.
-            plan(self.applied, desired_state(new, self.health, self.macs, self.link.mac, self.drained))
+            dry_desired = desired_state(new, self.health, self.macs, self.link.mac, self.drained)
+            dry_run = plan(self.applied, dry_desired)
         except (PoolError, PlanError) as exc:
             log.error("reload (%s) rejected, keeping the running configuration: %s", trigger, exc)
             self.last_reload = {"result": "rejected", "error": str(exc), "at": time.time()}
@@ -357,7 +366,7 @@ class Daemon:
         self._sync_probes()
         self._refresh_macs()
         self._sync_vips()
-        self.sync()
+        self.sync(prepared=(dry_desired, dry_run))
         log.info("reload (%s) applied: %d service(s)", trigger, len(new.services))
         self.last_reload = {"result": "applied", "at": time.time()}
         self.telemetry.reload("applied")

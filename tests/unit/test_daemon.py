@@ -314,6 +314,32 @@ def test_valid_reload_adds_a_backend_and_drains_another(h):
     asyncio.run(scenario())
 
 
+def test_reload_builds_each_changed_table_once(h, monkeypatch):
+    # The dry run that validates a reload plans every table; applying it must
+    # reuse that plan, not build the tables a second time.
+    daemon = h.daemon()
+    built = []
+    real_build = xdplb.plan.maglev.build_table
+
+    def counting_build(backends, size):
+        built.append(size)
+        return real_build(backends, size)
+
+    reweighted = [("dicom", VIP1, 104, [("pacs-a", A, 2), ("pacs-b", B, 1), ("pacs-c", C, 1)]),
+                  DEFAULT_SERVICES[1], DEFAULT_SERVICES[2]]
+
+    async def scenario():
+        async with running(daemon):
+            dicom_table = h.dp.live_table(DICOM)
+            monkeypatch.setattr(xdplb.plan.maglev, "build_table", counting_build)
+            h.pool.write_text(pool_toml(reweighted))
+            assert daemon.reload("test")["result"] == "applied"
+            assert len(built) == 1
+            assert h.dp.live_table(DICOM) != dicom_table
+
+    asyncio.run(scenario())
+
+
 def test_reload_removing_a_service_and_its_vip(h):
     daemon = h.daemon()
 
