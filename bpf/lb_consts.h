@@ -38,6 +38,9 @@
 #define MAX_VIPS MAX_SERVICES
 #endif
 
+/* Destination ports, as bits of 32-bit words in the service_ports map. */
+#define PORT_WORDS (65536 / 32)
+
 /* Each service owns two Maglev tables: the live one and the one the
  * controller writes next (see lb_maps.h for why). */
 #define TABLES_PER_SERVICE 2

@@ -32,6 +32,31 @@
 /* service_key -> service_info; written by the controller, read per packet. */
 LB_MAP("hash", struct service_key, struct service_info, services, MAX_SERVICES);
 
+/*
+ * service id -> the service_key it serves now (zero while the id is free);
+ * written by the controller next to every services write, read per packet.
+ *
+ * It lets an established packet skip the services hash lookup: the flow
+ * entry names its service id, and the packet's own (VIP, port, protocol)
+ * must equal what that id serves now. A hash lookup calls into the kernel
+ * (hash, bucket walk, memcmp, each a call and return), an array lookup is
+ * inlined by the verifier, so this saves the dearest part of the hit path.
+ * The controller keeps it a mirror of `services`: an id is written here
+ * before `services` names it and cleared before `services` stops naming it,
+ * so a match always means the services lookup would give the same id.
+ */
+LB_MAP("array", int, struct service_key, service_ids, MAX_SERVICES);
+
+/*
+ * (host-order destination port / 32) -> bit (port % 32) set when some
+ * service uses that port (any VIP, any protocol); written by the controller,
+ * read per TCP/UDP packet. A superset of the services' ports at all times
+ * (bits are set before a service is added, cleared after the last service
+ * on a port is gone), so a clear bit means the services lookup would miss:
+ * the gateway's own traffic passes without any hash lookup.
+ */
+LB_MAP("array", int, __u32, service_ports, PORT_WORDS);
+
 /* VIP address -> 1; written by the controller, read for IPv4 fragments only. */
 LB_MAP("hash", struct lb_addr, __u32, vips, MAX_VIPS);
 

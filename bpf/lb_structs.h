@@ -21,11 +21,13 @@ struct lb_addr {
 	};
 };
 
-/* services map key: what a client addresses. */
+/* services map key: what a client addresses. Also the value of the
+ * service_ids map (the key a service id serves now; all zero while the id is
+ * free). */
 struct service_key {
 	struct lb_addr vip;    /* network order */
 	__be16 port;           /* network order: destination port */
-	__u8 proto;            /* IPPROTO_TCP (6) or IPPROTO_UDP (17) */
+	__u8 proto;            /* IPPROTO_TCP (6) or IPPROTO_UDP (17); 0 in a free service_ids entry */
 	__u8 pad;              /* zero */
 };
 

@@ -2,8 +2,15 @@
 /*
  * xdplb.c - the XDP fast path, compiled at attach time by bcc.
  *
- * xdplb_ingress: parse -> match service -> flow table or Maglev -> DSR forward.
- * Every path ends at the single `out:` label, which counts the action.
+ * xdplb_ingress: parse -> flow table (established) or match service -> Maglev
+ * -> DSR forward. Every path ends at the single `out:` label, which counts the
+ * action.
+ *
+ * Cost: a hash map lookup is several kernel calls, an array lookup is inlined
+ * by the verifier, so the hit path does a single hash lookup (the flow
+ * table) and checks the flow's service through the service_ids array; the
+ * services hash is looked up only for new or re-chosen flows, and neither
+ * for a port no service uses (see lb_maps.h for both arrays).
  *
  * What happens to what (counted in not_forwarded / events):
  *   - not IPv4, not TCP/UDP, or not a configured (VIP, port, protocol):
@@ -61,6 +68,24 @@ static __always_inline __u32 maglev_pick(const struct service_info *svc, __u32 h
 	if (slot >= MAGLEV_SIZE)
 		return 0;
 	return table->slots[slot];
+}
+
+/* Whether any service uses this destination port (service_ports in lb_maps.h). */
+static __always_inline int port_in_use(__be16 dport)
+{
+	__u32 port = bpf_ntohs(dport);
+	__u32 word = port / 32;
+	__u32 *bits = service_ports.lookup(&word);
+
+	return bits && (*bits & (1U << (port % 32)));
+}
+
+/* Whether service id `sid` serves (daddr, dport, proto) now (service_ids in lb_maps.h). */
+static __always_inline int service_serves(__u32 sid, __be32 daddr, __be16 dport, __u8 proto)
+{
+	struct service_key *ref = service_ids.lookup(&sid);
+
+	return ref && ref->vip.v4 == daddr && ref->port == dport && ref->proto == proto;
 }
 
 static __always_inline int is_vip(__be32 daddr)
@@ -144,6 +169,35 @@ int xdplb_ingress(struct xdp_md *ctx)
 		goto out;
 	}
 
+	if (!port_in_use(dport)) {
+		count_reason(REASON_NOT_SERVICE);
+		goto out;
+	}
+
+	fkey.src.v4 = iph->saddr;
+	fkey.dst.v4 = iph->daddr;
+	fkey.sport = sport;
+	fkey.dport = dport;
+	fkey.proto = proto;
+	fv = flows.lookup(&fkey);
+	/* Established fast path: the flow's service still serves this packet's
+	 * (VIP, port, protocol), which is what the services lookup below would
+	 * tell, and its backend is live. Anything else takes the full path. */
+	if (fv && service_serves(fv->service_id, iph->daddr, dport, proto)) {
+		sid = fv->service_id;
+		cfg = lb_config.lookup(&zero);
+		if (!cfg || !cfg->ready) {
+			count_reason(REASON_NO_CONFIG);
+			goto out;
+		}
+		bid = fv->backend_id;
+		be = live_backend(bid, sid);
+		if (be) {
+			count_event(EVENT_FLOW_HIT);
+			goto forward;
+		}
+	}
+
 	skey.vip.v4 = iph->daddr;
 	skey.port = dport;
 	skey.proto = proto;
@@ -159,12 +213,6 @@ int xdplb_ingress(struct xdp_md *ctx)
 	}
 	sid = svc->id;
 
-	fkey.src.v4 = iph->saddr;
-	fkey.dst.v4 = iph->daddr;
-	fkey.sport = sport;
-	fkey.dport = dport;
-	fkey.proto = proto;
-	fv = flows.lookup(&fkey);
 	if (fv) {
 		bid = fv->backend_id;
 		be = live_backend(bid, sid);
@@ -197,6 +245,7 @@ int xdplb_ingress(struct xdp_md *ctx)
 		new_flow = 1;
 	}
 
+forward:
 	count_traffic(service_stats.lookup(&sid), frame_len, new_flow);
 	count_traffic(backend_stats.lookup(&bid), frame_len, new_flow);
 	dsr_rewrite(eth, be, cfg);

@@ -112,6 +112,8 @@ class BccDataplane:
         self._table_type = structs.maglev_table_type(settings.maglev_size)
         self._maps: dict = {}
         self._check_layouts()
+        if self.adopted:
+            self._rebuild_service_index()
         self.attached: tuple[str, str] | None = None  # (ifname, mode)
 
     def map(self, name: str):
@@ -136,6 +138,8 @@ class BccDataplane:
             "maglev_tables": (None, self._table_type),
             "vips": (structs.LbAddr, None),
             "service_stats": (None, structs.LbCounters),
+            "service_ids": (None, structs.ServiceKey),
+            "service_ports": (None, ctypes.c_uint32),
         }
         for name, (key, leaf) in expect.items():
             table = self.map(name)
@@ -198,14 +202,9 @@ class BccDataplane:
             table.slots[:] = op.slots
             self.map("maglev_tables")[op.service_id * structs.TABLES_PER_SERVICE + op.half] = table
         elif isinstance(op, plan.PutService):
-            key = structs.ServiceKey.of(op.vip, op.port, op.protocol)
-            self.map("services")[key] = structs.ServiceInfo(op.id, op.flags, op.half, 0)
+            self._put_service(op)
         elif isinstance(op, plan.DelService):
-            key = structs.ServiceKey.of(op.vip, op.port, op.protocol)
-            try:
-                del self.map("services")[key]
-            except KeyError:
-                pass  # already gone: deleting is idempotent
+            self._del_service(op)
         elif isinstance(op, plan.PutVip):
             self.map("vips")[structs.LbAddr.of(op.address)] = ctypes.c_uint32(1)
         elif isinstance(op, plan.DelVip):
@@ -215,6 +214,76 @@ class BccDataplane:
                 pass
         else:
             raise TypeError(f"unknown map write {op!r}")
+
+    # ---- services and the two arrays derived from them ----------------------
+    #
+    # The program checks an established flow's service through service_ids
+    # and skips every lookup for a port no service uses (service_ports); see
+    # bpf/lb_maps.h. Both must agree with `services` whenever a packet can
+    # see them, hence the order of the writes: service_ids[id] holds a key
+    # before `services` maps that key to the id, and is cleared before
+    # `services` stops doing so; a port's bit is set before the first
+    # service on the port is written and cleared after the last one is gone.
+
+    def _put_service(self, op) -> None:
+        key = structs.ServiceKey.of(op.vip, op.port, op.protocol)
+        services = self.map("services")
+        self._set_port_bit(op.port, True)
+        self.map("service_ids")[op.id] = key
+        old = services.get(key)
+        if old is not None and old.id != op.id:
+            self._release_service_id(old.id, key)  # the key moves to another id (a renamed service)
+        services[key] = structs.ServiceInfo(op.id, op.flags, op.half, 0)
+
+    def _del_service(self, op) -> None:
+        key = structs.ServiceKey.of(op.vip, op.port, op.protocol)
+        services = self.map("services")
+        old = services.get(key)
+        if old is None:
+            return  # already gone: deleting is idempotent
+        self._release_service_id(old.id, key)
+        try:
+            del services[key]
+        except KeyError:
+            pass
+        if not any(socket.ntohs(k.port) == op.port for k in services.keys()):
+            self._set_port_bit(op.port, False)
+
+    def _release_service_id(self, sid: int, key) -> None:
+        ids = self.map("service_ids")
+        if bytes(ids[sid]) == bytes(key):
+            ids[sid] = structs.ServiceKey()
+
+    def _set_port_bit(self, port: int, on: bool) -> None:
+        ports = self.map("service_ports")
+        word, bit = divmod(port, 32)
+        old = ports[word].value
+        new = old | (1 << bit) if on else old & ~(1 << bit)
+        if new != old:
+            ports[word] = ctypes.c_uint32(new)
+
+    def _rebuild_service_index(self) -> None:
+        """Make service_ids and service_ports agree with adopted `services`
+        (maps pinned by an earlier build may lack them or hold stale bits)."""
+        services = {bytes(k): (structs.ServiceKey.from_buffer_copy(bytes(k)), v.id)
+                    for k, v in self.map("services").items()}
+        ids, ports = self.map("service_ids"), self.map("service_ports")
+        want_ids = {sid: key for key, sid in services.values()}
+        words = [0] * structs.PORT_WORDS
+        for key, _ in services.values():
+            word, bit = divmod(socket.ntohs(key.port), 32)
+            words[word] |= 1 << bit
+        for word, bits in enumerate(words):
+            have = ports[word].value
+            if have | bits != have:
+                ports[word] = ctypes.c_uint32(have | bits)  # set first: a superset at every step
+        for sid in range(self.settings.max_services):
+            want = bytes(want_ids.get(sid, structs.ServiceKey()))
+            if bytes(ids[sid]) != want:
+                ids[sid] = structs.ServiceKey.from_buffer_copy(want)
+        for word, bits in enumerate(words):
+            if ports[word].value != bits:
+                ports[word] = ctypes.c_uint32(bits)
 
     # ---- reads ------------------------------------------------------------
 

@@ -99,6 +99,8 @@ def expected_shapes(settings: Settings) -> dict[str, tuple]:
         "xdp_actions": ("percpu_array", 4, 8, len(structs.ACTIONS)),
         "not_forwarded": ("percpu_array", 4, 8, len(structs.REASONS)),
         "events": ("percpu_array", 4, 8, len(structs.EVENTS)),
+        "service_ids": ("array", 4, sz(structs.ServiceKey), settings.max_services),
+        "service_ports": ("array", 4, 4, structs.PORT_WORDS),
     }
 
 

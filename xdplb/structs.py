@@ -20,6 +20,8 @@ F_CFG_NO_BACKEND_DROP = 1 << 0
 F_BACKEND_UP = 1 << 0
 
 TABLES_PER_SERVICE = 2
+# Words of the service_ports bitmap (PORT_WORDS): one bit per destination port.
+PORT_WORDS = 65536 // 32
 
 # Indices of the not_forwarded counters (REASON_* in lb_consts.h).
 REASONS = ("not_service", "malformed", "fragment", "no_backend", "backend_gone", "no_config")
@@ -48,6 +50,8 @@ class LbAddr(ctypes.Structure):
 
 
 class ServiceKey(ctypes.Structure):
+    """struct service_key: the services map key, and the service_ids map value (all zero: id free)."""
+
     _fields_ = [
         ("vip", LbAddr),             # network order
         ("port", ctypes.c_uint16),   # network order (store with socket.htons)
