@@ -21,11 +21,13 @@ struct lb_addr {
 	};
 };
 
-/* services map key: what a client addresses. Also the value of the
- * service_ids map (the key a service id serves now; all zero while the id is
- * free). */
+/* services map key: what a client addresses. IPv4 only, like the program:
+ * the kernel hashes and compares every key byte on every lookup, so the key
+ * holds the 4-byte address rather than a struct lb_addr. Also the value of
+ * the service_ids map (the key a service id serves now; all zero while the
+ * id is free). */
 struct service_key {
-	struct lb_addr vip;    /* network order */
+	__be32 vip;            /* network order */
 	__be16 port;           /* network order: destination port */
 	__u8 proto;            /* IPPROTO_TCP (6) or IPPROTO_UDP (17); 0 in a free service_ids entry */
 	__u8 pad;              /* zero */
@@ -50,10 +52,11 @@ struct backend_info {
 	__u32 service_id;      /* host order: the service this id belongs to */
 };
 
-/* flows map key: one client flow. */
+/* flows map key: one client flow. IPv4 only, 4-byte addresses for the same
+ * reason as service_key (16 bytes rather than 40 to hash per packet). */
 struct flow_key {
-	struct lb_addr src;    /* network order: client address */
-	struct lb_addr dst;    /* network order: VIP */
+	__be32 src;            /* network order: client address */
+	__be32 dst;            /* network order: VIP */
 	__be16 sport;          /* network order */
 	__be16 dport;          /* network order */
 	__u8 proto;            /* IPPROTO_* */

@@ -85,7 +85,7 @@ static __always_inline int service_serves(__u32 sid, __be32 daddr, __be16 dport,
 {
 	struct service_key *ref = service_ids.lookup(&sid);
 
-	return ref && ref->vip.v4 == daddr && ref->port == dport && ref->proto == proto;
+	return ref && ref->vip == daddr && ref->port == dport && ref->proto == proto;
 }
 
 static __always_inline int is_vip(__be32 daddr)
@@ -174,8 +174,8 @@ int xdplb_ingress(struct xdp_md *ctx)
 		goto out;
 	}
 
-	fkey.src.v4 = iph->saddr;
-	fkey.dst.v4 = iph->daddr;
+	fkey.src = iph->saddr;
+	fkey.dst = iph->daddr;
 	fkey.sport = sport;
 	fkey.dport = dport;
 	fkey.proto = proto;
@@ -198,7 +198,7 @@ int xdplb_ingress(struct xdp_md *ctx)
 		}
 	}
 
-	skey.vip.v4 = iph->daddr;
+	skey.vip = iph->daddr;
 	skey.port = dport;
 	skey.proto = proto;
 	svc = services.lookup(&skey);

@@ -7,6 +7,7 @@ which tests replace with tests/fakes.py's FakeDataplane.
 from __future__ import annotations
 
 import ctypes
+import ipaddress
 import socket
 import time
 from dataclasses import dataclass
@@ -311,7 +312,7 @@ class BccDataplane:
         """Read back what an earlier controller programmed (for adoption)."""
         services = {}
         for key, info in self.map("services").items():
-            addr = structs.LbAddr.from_buffer_copy(bytes(key.vip)).ip()
+            addr = structs.ServiceKey.from_buffer_copy(bytes(key)).ip()
             proto = {v: k for k, v in structs.IPPROTO.items()}.get(key.proto, str(key.proto))
             services[(addr, socket.ntohs(key.port), proto)] = (info.id, info.flags, info.table & 1)
         backends = {}
@@ -335,8 +336,8 @@ class BccDataplane:
         """(client, client port, VIP, port, proto) -> backend id, at most `limit` entries."""
         out = {}
         for key, value in self.map("flows").items():
-            src = structs.LbAddr.from_buffer_copy(bytes(key.src)).ip()
-            dst = structs.LbAddr.from_buffer_copy(bytes(key.dst)).ip()
+            src = ipaddress.IPv4Address(bytes(key.src))
+            dst = ipaddress.IPv4Address(bytes(key.dst))
             out[(src, socket.ntohs(key.sport), dst, socket.ntohs(key.dport), key.proto)] = value.backend_id
             if len(out) >= limit:
                 break

@@ -53,7 +53,7 @@ class ServiceKey(ctypes.Structure):
     """struct service_key: the services map key, and the service_ids map value (all zero: id free)."""
 
     _fields_ = [
-        ("vip", LbAddr),             # network order
+        ("vip", ctypes.c_uint8 * 4),  # network order (C: __be32)
         ("port", ctypes.c_uint16),   # network order (store with socket.htons)
         ("proto", ctypes.c_uint8),   # IPPROTO_TCP / IPPROTO_UDP
         ("pad", ctypes.c_uint8),     # zero
@@ -61,7 +61,10 @@ class ServiceKey(ctypes.Structure):
 
     @classmethod
     def of(cls, vip, port: int, protocol: str) -> "ServiceKey":
-        return cls(LbAddr.of(vip), socket.htons(port), IPPROTO[protocol], 0)
+        return cls((ctypes.c_uint8 * 4)(*ipaddress.IPv4Address(vip).packed), socket.htons(port), IPPROTO[protocol], 0)
+
+    def ip(self) -> ipaddress.IPv4Address:
+        return ipaddress.IPv4Address(bytes(self.vip))
 
 
 class ServiceInfo(ctypes.Structure):
@@ -85,8 +88,8 @@ class BackendInfo(ctypes.Structure):
 
 class FlowKey(ctypes.Structure):
     _fields_ = [
-        ("src", LbAddr),               # network order
-        ("dst", LbAddr),               # network order
+        ("src", ctypes.c_uint8 * 4),   # network order (C: __be32)
+        ("dst", ctypes.c_uint8 * 4),   # network order (C: __be32)
         ("sport", ctypes.c_uint16),    # network order
         ("dport", ctypes.c_uint16),    # network order
         ("proto", ctypes.c_uint8),     # IPPROTO_*

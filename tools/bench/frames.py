@@ -12,7 +12,7 @@ import struct
 
 ETH_P_IP = 0x0800
 TCP_SYN, TCP_ACK = 0x02, 0x10
-FLOW_KEY_SIZE = 40      # struct flow_key in bpf/lb_structs.h
+FLOW_KEY_SIZE = 16      # struct flow_key in bpf/lb_structs.h
 
 
 def _checksum(data: bytes) -> int:
@@ -39,8 +39,7 @@ def tcp_frame(src_mac: bytes, dst_mac: bytes, src_ip: str, dst_ip: str, sport: i
 def flow_key(src_ip: int | str, dst_ip: str, sport: int, dport: int, proto: int = socket.IPPROTO_TCP) -> bytes:
     """struct flow_key as the kernel stores it: addresses and ports in network order."""
     src = int(ipaddress.IPv4Address(src_ip)).to_bytes(4, "big") if isinstance(src_ip, str) else src_ip.to_bytes(4, "big")
-    return (src + bytes(12) + socket.inet_aton(dst_ip) + bytes(12)
-            + struct.pack("!HHB", sport, dport, proto) + bytes(3))
+    return src + socket.inet_aton(dst_ip) + struct.pack("!HHB", sport, dport, proto) + bytes(3)
 
 
 def flow_keys(count: int, first_src: str, dst_ip: str, sport: int, dport: int) -> bytes:
@@ -48,7 +47,7 @@ def flow_keys(count: int, first_src: str, dst_ip: str, sport: int, dport: int) -
     start = int(ipaddress.IPv4Address(first_src))
     if start + count - 1 > 0xFFFFFFFF:
         raise ValueError(f"{count} source addresses from {first_src} run past 255.255.255.255")
-    tail = bytes(12) + socket.inet_aton(dst_ip) + bytes(12) + struct.pack("!HHB", sport, dport, socket.IPPROTO_TCP) + bytes(3)
+    tail = socket.inet_aton(dst_ip) + struct.pack("!HHB", sport, dport, socket.IPPROTO_TCP) + bytes(3)
     return b"".join((start + i).to_bytes(4, "big") + tail for i in range(count))
 
 
