@@ -335,7 +335,9 @@ class BccDataplane:
     def flows(self, limit: int = 100000) -> dict:
         """(client, client port, VIP, port, proto) -> backend id, at most `limit` entries."""
         out = {}
-        for key, value in self.map("flows").items():
+        for raw, value in self.map("flows").items():
+            # bcc's own key type reads __be32 as a host-order int; ours keeps the bytes.
+            key = structs.FlowKey.from_buffer_copy(bytes(raw))
             src = ipaddress.IPv4Address(bytes(key.src))
             dst = ipaddress.IPv4Address(bytes(key.dst))
             out[(src, socket.ntohs(key.sport), dst, socket.ntohs(key.dport), key.proto)] = value.backend_id

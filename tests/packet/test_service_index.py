@@ -10,6 +10,7 @@ lookup would.
 from __future__ import annotations
 
 import ctypes
+import ipaddress
 
 import pytest
 
@@ -110,3 +111,15 @@ def test_rebuild_for_adopted_maps_restores_both_arrays(harness):
     hits = harness.stats().events["flow_hit"]
     _tx_to(harness.run(P.ack(sport=41005)))
     assert harness.stats().events["flow_hit"] == hits + 1
+
+
+
+def test_flow_table_reads_back_as_addresses(harness):
+    # What an adopting controller reads from the kernel's flow table (bcc's
+    # key type sees the IPv4 addresses as integers; the reader must not).
+    sent_to = _tx_to(harness.run(P.syn(sport=41007)))
+    flows = harness.dp.flows()
+    key = (ipaddress.IPv4Address(P.CLIENT), 41007, P.VIP, 104, 6)
+    assert list(flows) == [key]
+    backend = harness.dp.read_state().backends[flows[key]]
+    assert backend[2][5] == sent_to          # the entry names the backend the SYN went to
