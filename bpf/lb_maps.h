@@ -42,7 +42,7 @@ LB_MAP("hash", struct service_key, struct service_info, services, MAX_SERVICES);
  * (hash, bucket walk, memcmp, each a call and return), an array lookup is
  * inlined by the verifier, so this saves the dearest part of the hit path.
  * The controller keeps it a mirror of `services`: an id is written here
- * before `services` names it and cleared before `services` stops naming it,
+ * after `services` names it and cleared before `services` stops naming it,
  * so a match always means the services lookup would give the same id.
  */
 LB_MAP("array", int, struct service_key, service_ids, MAX_SERVICES);

@@ -182,9 +182,14 @@ int xdplb_ingress(struct xdp_md *ctx)
 	fv = flows.lookup(&fkey);
 	/* Established fast path: the flow's service still serves this packet's
 	 * (VIP, port, protocol), which is what the services lookup below would
-	 * tell, and its backend is live. Anything else takes the full path. */
-	if (fv && service_serves(fv->service_id, iph->daddr, dport, proto)) {
-		sid = fv->service_id;
+	 * tell, and its backend is live. Anything else takes the full path.
+	 * The entry's service id is read once: an LRU entry can be recycled for
+	 * another flow by another CPU while this one reads it, and the id that
+	 * was checked must be the id used (live_backend then ties the backend
+	 * to it). The volatile read stops clang from loading it again. */
+	if (fv)
+		sid = *(volatile __u32 *)&fv->service_id;
+	if (fv && service_serves(sid, iph->daddr, dport, proto)) {
 		cfg = lb_config.lookup(&zero);
 		if (!cfg || !cfg->ready) {
 			count_reason(REASON_NO_CONFIG);

@@ -222,19 +222,22 @@ class BccDataplane:
     # and skips every lookup for a port no service uses (service_ports); see
     # bpf/lb_maps.h. Both must agree with `services` whenever a packet can
     # see them, hence the order of the writes: service_ids[id] holds a key
-    # before `services` maps that key to the id, and is cleared before
-    # `services` stops doing so; a port's bit is set before the first
-    # service on the port is written and cleared after the last one is gone.
+    # only while `services` maps that key to the id (written after the
+    # services entry, cleared before it goes or moves), so a match in the
+    # program always means the services lookup would give that id; a missing
+    # entry only sends a packet the long way. A port's bit is set before the
+    # first service on the port is written and cleared after the last one
+    # is gone.
 
     def _put_service(self, op) -> None:
         key = structs.ServiceKey.of(op.vip, op.port, op.protocol)
         services = self.map("services")
         self._set_port_bit(op.port, True)
-        self.map("service_ids")[op.id] = key
         old = services.get(key)
         if old is not None and old.id != op.id:
             self._release_service_id(old.id, key)  # the key moves to another id (a renamed service)
         services[key] = structs.ServiceInfo(op.id, op.flags, op.half, 0)
+        self.map("service_ids")[op.id] = key
 
     def _del_service(self, op) -> None:
         key = structs.ServiceKey.of(op.vip, op.port, op.protocol)

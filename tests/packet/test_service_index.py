@@ -79,6 +79,54 @@ def test_service_renamed_under_the_same_key_rechooses_old_flows(harness):
     assert harness.stats().events["flow_hit"] == after["flow_hit"] + 1
 
 
+class _CheckedMap:
+    """A bcc map handle that runs `check` after each write made through it."""
+
+    def __init__(self, table, check):
+        self.table, self._check = table, check
+
+    def __setitem__(self, key, value):
+        self.table[key] = value
+        self._check()
+
+    def __delitem__(self, key):
+        del self.table[key]
+        self._check()
+
+    def __getitem__(self, key):
+        return self.table[key]
+
+    def __getattr__(self, attr):
+        return getattr(self.table, attr)
+
+
+def test_service_ids_names_an_id_only_while_services_does(harness):
+    # After every single write of a rename (the key moves to a new id) and
+    # of a removal, each service_ids entry must name a key that `services`
+    # maps to that same id: the program's shortcut may then never disagree
+    # with the services lookup, whatever a packet sees in between.
+    dp = harness.dp
+    real = {name: dp.map(name) for name in ("services", "service_ids")}
+    checked = []
+
+    def check():
+        services = {bytes(k): v.id for k, v in real["services"].items()}
+        for sid, key in _ids(dp).items():
+            assert services.get(key) == sid, f"service_ids[{sid}] names a key services gives to {services.get(key)}"
+        checked.append(True)
+
+    for name, table in real.items():
+        dp._maps[name] = _CheckedMap(table, check)
+    try:
+        harness.program((service("dicom-renamed", 104),) + default_services()[1:])
+        harness.program(default_services()[1:])
+    finally:
+        dp._maps.update(real)
+    assert len(checked) >= 4       # the rename and the removal went through these maps
+    assert set(_ids(dp).values()) == {bytes(structs.ServiceKey.of(s.vip, s.port, s.protocol))
+                                      for s in default_services()[1:]}
+
+
 def test_port_bit_stays_while_another_service_uses_the_port(harness):
     both = default_services() + (service("dicom-udp", 104, protocol="udp"),)
     harness.program(both)
