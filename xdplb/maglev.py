@@ -167,13 +167,10 @@ def _fill(params: list[tuple[int, int]], ids: list[int], claimer: list[int], siz
     for _ in range(size - walk):
         slot = table.index(NO_BACKEND, slot + 1)
         free.append(slot)
-    inverse: dict[int, int] = {}
     for i in claimer[walk:]:
         c = pos[i]
         s = skips[i]
-        inv = inverse.get(i)
-        if inv is None:
-            inv = inverse[i] = pow(s, -1, size)
+        inv = pow(s, -1, size)
         slot = min(free, key=lambda f: (f - c) * inv % size)
         free.remove(slot)
         table[slot] = ids[i]
