@@ -47,7 +47,7 @@ def flow_keys(count: int, first_src: str, dst_ip: str, sport: int, dport: int) -
     start = int(ipaddress.IPv4Address(first_src))
     if start + count - 1 > 0xFFFFFFFF:
         raise ValueError(f"{count} source addresses from {first_src} run past 255.255.255.255")
-    tail = socket.inet_aton(dst_ip) + struct.pack("!HHB", sport, dport, socket.IPPROTO_TCP) + bytes(3)
+    tail = flow_key(0, dst_ip, sport, dport)[4:]   # everything after the source address
     return b"".join((start + i).to_bytes(4, "big") + tail for i in range(count))
 
 
