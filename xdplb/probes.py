@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from pynetdicom import AE, evt
+from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_RJ
 from pynetdicom.pdu_primitives import A_ABORT, A_P_ABORT
 from pynetdicom.sop_class import Verification
 
@@ -193,7 +194,7 @@ _ABORT_SOURCES = {0: "the peer application", 1: "reserved", 2: "the peer's DICOM
 
 def _dicom_echo(h: HealthCheck, address: str, clock: _Clock, progress: dict) -> ProbeResult:
     target = f"C-ECHO to {h.called_ae}@{address}:{h.port}"
-    seen: dict = {"opened": False, "abort": None}
+    seen: dict = {"opened": False, "abort": None, "reject": None}
 
     def opened(event) -> None:
         seen["opened"] = True
@@ -207,12 +208,27 @@ def _dicom_echo(h: HealthCheck, address: str, clock: _Clock, progress: dict) -> 
         elif isinstance(event.primitive, A_P_ABORT):
             seen["abort"] = f"A-P-ABORT, provider reason 0x{event.primitive.provider_reason:02X}"
 
+    def pdu_received(event) -> None:
+        # pynetdicom 3.0 can see the peer's close before it reads the
+        # A-ASSOCIATE-RJ or A-ABORT it already received, and then reports a
+        # bare abort with no primitive; a PACS that rejects and closes at
+        # once (as Orthanc does) hits that about 1 time in 20.  The PDU as
+        # received is the truth; acse_received, when it runs, says it the
+        # usual way.
+        if isinstance(event.pdu, A_ASSOCIATE_RJ):
+            seen["reject"] = event.pdu.to_primitive()
+        elif isinstance(event.pdu, A_ABORT_RQ) and seen["abort"] is None:
+            source = event.pdu.source
+            seen["abort"] = (f"A-ABORT, source {source} ({_ABORT_SOURCES.get(source, 'unknown')}), "
+                             f"reason 0x{event.pdu.reason_diagnostic:02X}")
+
     ae = AE(ae_title=h.calling_ae)
     ae.add_requested_context(Verification)
     budget = max(clock.left(), 0.001)
     ae.connection_timeout = ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = budget
     assoc = ae.associate(address, h.port, ae_title=h.called_ae, evt_handlers=[
-        (evt.EVT_CONN_OPEN, opened), (evt.EVT_ACSE_RECV, acse_received)])
+        (evt.EVT_CONN_OPEN, opened), (evt.EVT_ACSE_RECV, acse_received),
+        (evt.EVT_PDU_RECV, pdu_received)])
 
     if assoc.is_established:
         try:
@@ -237,8 +253,8 @@ def _dicom_echo(h: HealthCheck, address: str, clock: _Clock, progress: dict) -> 
                                 "echo_status")
         return clock.result(True, f"{target} succeeded (status 0x0000)")
 
-    if assoc.is_rejected:
-        rsp = assoc.acceptor.primitive
+    if assoc.is_rejected or seen["reject"] is not None:
+        rsp = assoc.acceptor.primitive if assoc.is_rejected else seen["reject"]
         return clock.result(
             False, f"{target}: association rejected, result 0x{rsp.result:02X} ({rsp.result_str}), "
                    f"source 0x{rsp.result_source:02X} ({rsp.source_str}), "
@@ -250,6 +266,11 @@ def _dicom_echo(h: HealthCheck, address: str, clock: _Clock, progress: dict) -> 
     if assoc.acceptor.primitive is not None and assoc.acceptor.primitive.result == 0x00:
         return clock.result(False, f"{target}: association accepted without the Verification "
                                    f"SOP Class (1.2.840.10008.1.1)", "rejected")
+    if clock.left() > 0.001:
+        # Over before the deadline with nothing said: the peer closed (or
+        # reset) the connection without answering, which is no timeout.
+        return clock.result(False, f"{target}: connection closed without an A-ASSOCIATE response",
+                            "aborted")
     return clock.result(False, f"{target}: no A-ASSOCIATE response within {h.timeout:g}s", "timeout")
 
 
