@@ -404,3 +404,43 @@ def test_dataplane_report_and_charts_with_a_point_that_does_not_fit(tmp_path):
     charts = suite_dataplane.draw(result, "kernel x", tmp_path)
     assert [c.name for c in charts] == ["dataplane_paths.png", "dataplane_scale.png", "dataplane_flow_table.png"]
     assert all(c.read_bytes()[:4] == b"\x89PNG" for c in charts)
+
+
+# ---- which backends answer ----------------------------------------------------
+
+class _AnsweringLab:
+    """Stands in for the lab's `run`: each curl gets the next scripted responder."""
+
+    def __init__(self, answers):
+        self.answers, self.calls = list(answers), 0
+
+    def backend_names(self):
+        return ["be1", "be2", "be3"]
+
+    def backend_ip(self, name):
+        return f"10.10.0.1{name[-1]}"
+
+    def run(self, host, *argv, check=True):
+        assert host == "client" and argv[0] == "curl"
+        self.calls += 1
+        return SimpleNamespace(returncode=0, stdout=self.answers.pop(0) + "\n")
+
+
+def _lab_bench(answers):
+    lab = _AnsweringLab(answers)
+    return lab, suite_lab.LabBench(lab, Path("/nonexistent"), suite_lab.Options(1, 1.0, True, Path("/nonexistent")))
+
+
+def test_responders_go_on_past_nine_until_a_second_backend_answers():
+    lab, bench = _lab_bench(["be2"] * 12 + ["be1"] + ["be3"] * 40)
+    assert bench.responders_seen("10.10.0.100", backends_wanted=2) == {"be2": 12, "be1": 1}
+    assert lab.calls == 13
+
+
+def test_responders_stop_after_nine_when_enough_answered_and_at_the_cap_otherwise():
+    lab, bench = _lab_bench(["be1", "be2", "be3"] * 20)
+    assert sum(bench.responders_seen("10.10.0.100", backends_wanted=2).values()) == 9
+    lab, bench = _lab_bench(["be2"] * 60)
+    assert bench.responders_seen("10.10.0.100", backends_wanted=2) == {"be2": 30}
+    lab, bench = _lab_bench(["be1"] * 60)
+    assert bench.responders_seen("10.10.0.11", backends_wanted=1) == {"be1": 9}
