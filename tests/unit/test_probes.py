@@ -196,13 +196,12 @@ def test_http_refused_and_hung(refused_port, hung_port):
     assert "no response within 0.5s" in hung.reason
 
 
-@pytest.fixture
-def one_line_server():
-    """Accepts each connection, says `greeting` (may be b""), and closes it."""
+def _serve_each(handle, backlog: int = 8):
+    """A listener on LOCAL that runs ``handle(conn)`` for each connection, in
+    turn, then closes it.  Returns (port, stop)."""
     s = socket.socket()
     s.bind((LOCAL, 0))
-    s.listen(8)
-    said = {"greeting": b""}
+    s.listen(backlog)
 
     def serve():
         while True:
@@ -211,11 +210,19 @@ def one_line_server():
             except OSError:
                 return
             with conn:
-                conn.sendall(said["greeting"])
+                handle(conn)
 
     threading.Thread(target=serve, daemon=True).start()
-    yield s.getsockname()[1], said
-    s.close()
+    return s.getsockname()[1], s.close
+
+
+@pytest.fixture
+def one_line_server():
+    """Accepts each connection, says `greeting` (may be b""), and closes it."""
+    said = {"greeting": b""}
+    port, stop = _serve_each(lambda conn: conn.sendall(said["greeting"]))
+    yield port, said
+    stop()
 
 
 def test_http_to_a_server_that_is_not_http_is_an_error(one_line_server):
@@ -354,27 +361,18 @@ def answer_and_close_server():
     """Answers each connection with ``said["answer"]`` (raw PDU bytes, may be
     b""), reads its A-ASSOCIATE-RQ and closes at once - as Orthanc does when
     it rejects a calling AE title, only sooner."""
-    s = socket.socket()
-    s.bind((LOCAL, 0))
-    s.listen(64)
     said = {"answer": b""}
 
-    def serve():
-        while True:
-            try:
-                conn, _ = s.accept()
-            except OSError:
-                return
-            with conn:
-                # Answering before reading makes the close come as early as
-                # it can; the request is still read, so the close is a FIN
-                # (closing with unread data would send a reset).
-                conn.sendall(said["answer"])
-                _read_pdu(conn)
+    def answer(conn: socket.socket) -> None:
+        # Answering before reading makes the close come as early as it can;
+        # the request is still read, so the close is a FIN (closing with
+        # unread data would send a reset).
+        conn.sendall(said["answer"])
+        _read_pdu(conn)
 
-    threading.Thread(target=serve, daemon=True).start()
-    yield s.getsockname()[1], said
-    s.close()
+    port, stop = _serve_each(answer, backlog=64)
+    yield port, said
+    stop()
 
 
 # A-ASSOCIATE-RJ (PS3.8 9.3.4): type 0x03, reserved, length 4, reserved,
