@@ -269,12 +269,11 @@ class BccDataplane:
     def _rebuild_service_index(self) -> None:
         """Make service_ids and service_ports agree with adopted `services`
         (maps pinned by an earlier build may lack them or hold stale bits)."""
-        services = {bytes(k): (structs.ServiceKey.from_buffer_copy(bytes(k)), v.id)
-                    for k, v in self.map("services").items()}
+        services = [(structs.ServiceKey.from_buffer_copy(bytes(k)), v.id) for k, v in self.map("services").items()]
         ids, ports = self.map("service_ids"), self.map("service_ports")
-        want_ids = {sid: key for key, sid in services.values()}
+        want_ids = {sid: key for key, sid in services}
         words = [0] * structs.PORT_WORDS
-        for key, _ in services.values():
+        for key, _ in services:
             word, bit = divmod(socket.ntohs(key.port), 32)
             words[word] |= 1 << bit
         for word, bits in enumerate(words):

@@ -16,7 +16,6 @@ from xdplb.bpfsys import BPF_MAP_GET_FD_BY_ID, fd_by_id, obj_info
 
 from . import parse
 
-_PROG_INFO_SIZE = 256
 _PROG_NR_MAP_IDS = 52      # struct bpf_prog_info: __u32 nr_map_ids
 _PROG_MAP_IDS = 56         # __aligned_u64 map_ids
 _MAP_INFO_SIZE = 128
@@ -25,12 +24,12 @@ _MAP_NAME = 24             # struct bpf_map_info: char name[16]
 
 def program_maps(prog_fd: int) -> list[dict]:
     """name, type, sizes and memlock bytes of every map the program uses."""
-    count = int.from_bytes(obj_info(prog_fd, _PROG_INFO_SIZE)[_PROG_NR_MAP_IDS:_PROG_NR_MAP_IDS + 4], "little")
+    count = int.from_bytes(obj_info(prog_fd)[_PROG_NR_MAP_IDS:_PROG_NR_MAP_IDS + 4], "little")
     ids = (ctypes.c_uint32 * max(count, 1))()
-    request = bytearray(_PROG_INFO_SIZE)
+    request = bytearray(_PROG_MAP_IDS + 8)   # obj_info zero-fills the rest of struct bpf_prog_info
     request[_PROG_NR_MAP_IDS:_PROG_NR_MAP_IDS + 4] = count.to_bytes(4, "little")
     request[_PROG_MAP_IDS:_PROG_MAP_IDS + 8] = ctypes.addressof(ids).to_bytes(8, "little")
-    obj_info(prog_fd, _PROG_INFO_SIZE, bytes(request))
+    obj_info(prog_fd, request=bytes(request))
     rows = []
     for map_id in list(ids)[:count]:
         fd = fd_by_id(BPF_MAP_GET_FD_BY_ID, map_id)

@@ -303,6 +303,11 @@ def _summary(values: list) -> dict | None:
     return stats.summarize(values).as_dict() if values else None
 
 
+def _stream_runs(streams: list) -> list[dict]:
+    """The JSON record of each iperf3 run."""
+    return [{"gbits": round(s.gbits, 3), "bytes": s.bytes, "retransmits": s.retransmits} for s in streams]
+
+
 def check_path_used(mode: str, facts: dict) -> None:
     """The balancer's own counters must show the traffic went through it."""
     if mode.startswith("xdplb"):
@@ -343,10 +348,9 @@ def measure_path(bench: LabBench, mode: str, rate: float | None) -> dict:
         say(f"lab: {mode}: FAILED: {row['error'][:300]}")
         return row
     row["stream_gbits"] = _summary([s.gbits for s in streams])
-    row["stream_runs"] = [{"gbits": round(s.gbits, 3), "bytes": s.bytes, "retransmits": s.retransmits} for s in streams]
+    row["stream_runs"] = _stream_runs(streams)
     row["stream_tso_gbits"] = _summary([s.gbits for s in tso_streams])
-    row["stream_tso_runs"] = [{"gbits": round(s.gbits, 3), "bytes": s.bytes, "retransmits": s.retransmits}
-                              for s in tso_streams]
+    row["stream_tso_runs"] = _stream_runs(tso_streams)
     row["conn_per_s"] = _summary([w.requests_per_s for w in wrks])
     row["wrk_runs"] = [{"requests_per_s": w.requests_per_s, "requests": w.requests, "socket_errors": w.socket_errors,
                         "non_2xx": w.non_2xx} for w in wrks]
