@@ -11,6 +11,7 @@ import ipaddress
 import socket
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterable, Protocol
 
 from . import bpf_source, plan, structs
@@ -143,7 +144,7 @@ class BccDataplane:
     shapes were checked against `settings`.
     """
 
-    def __init__(self, settings: Settings, pin_dir=None):
+    def __init__(self, settings: Settings, pin_dir=None, bpf_dir=None, extra_defines=None):
         from bcc import BPF  # imported here so `xdplb --help` and `check` never need bcc
 
         from . import pinning
@@ -154,6 +155,9 @@ class BccDataplane:
         self.adopted = False
         self.notes: list[str] = []
         flags = defines(settings)
+        # Tests and benches only: another source tree (an older build) and
+        # test-only defines such as XDPLB_RACE_DELAY.
+        flags.update(extra_defines or {})
         if pin_dir is not None:
             note = pinning.ensure_bpffs(pin_dir)
             if note:
@@ -170,7 +174,8 @@ class BccDataplane:
         self.compile_seconds = 0.0
         started = time.monotonic()
         try:
-            self.bpf = BPF(text=bpf_source.assemble().encode(), cflags=bpf_source.cflags(flags))
+            text = bpf_source.assemble() if bpf_dir is None else bpf_source.assemble(bpf_dir=Path(bpf_dir))
+            self.bpf = BPF(text=text.encode(), cflags=bpf_source.cflags(flags))
             self.fn = self.bpf.load_func(PROG_NAME.encode(), BPF.XDP)
         except Exception as exc:  # bcc raises bare Exception for compile and verifier errors
             raise LoadError(f"the XDP program did not load: {exc}") from exc
