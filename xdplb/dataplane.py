@@ -76,22 +76,33 @@ MEMBARRIER_CMD_GLOBAL = 1
 _SYS_MEMBARRIER = {"x86_64": 324, "aarch64": 283, "ppc64le": 365, "s390x": 356, "riscv64": 283, "armv7l": 389}
 
 
-def synchronize_rcu() -> None:
-    """membarrier(MEMBARRIER_CMD_GLOBAL): returns after an RCU grace period.
-
-    The kernel refuses it with nohz_full CPUs (EINVAL); LoadError then says so.
-    """
-    import os
+def _membarrier(cmd: int) -> int:
     import platform
 
-    libc = ctypes.CDLL(None, use_errno=True)
     number = _SYS_MEMBARRIER.get(platform.machine())
     if number is None:
         raise LoadError(f"membarrier's syscall number on {platform.machine()} is not known to xdplb")
-    if libc.syscall(number, MEMBARRIER_CMD_GLOBAL, 0, 0) != 0:
+    return ctypes.CDLL(None, use_errno=True).syscall(number, cmd, 0, 0)
+
+
+def check_grace_periods() -> None:
+    """LoadError unless membarrier(MEMBARRIER_CMD_GLOBAL) is available: the
+    map writes wait for RCU grace periods with it (bpf/lb_maps.h). The kernel
+    withholds it where CPUs run nohz_full."""
+    supported = _membarrier(MEMBARRIER_CMD_QUERY)
+    if supported < 0 or not supported & MEMBARRIER_CMD_GLOBAL:
+        raise LoadError("this kernel does not offer membarrier(MEMBARRIER_CMD_GLOBAL) (it is withheld when CPUs "
+                        "run nohz_full); xdplb needs it to wait for RCU grace periods between map writes")
+
+
+def synchronize_rcu() -> None:
+    """membarrier(MEMBARRIER_CMD_GLOBAL): returns after an RCU grace period."""
+    import os
+
+    if _membarrier(MEMBARRIER_CMD_GLOBAL) != 0:
         err = ctypes.get_errno()
-        raise LoadError(f"membarrier(MEMBARRIER_CMD_GLOBAL) failed ({os.strerror(err)}): xdplb needs it to wait "
-                        f"for an RCU grace period between map writes (it is refused on nohz_full CPUs)")
+        raise LoadError(f"membarrier(MEMBARRIER_CMD_GLOBAL) failed ({os.strerror(err)}): xdplb cannot wait "
+                        f"for an RCU grace period between map writes")
 
 
 @dataclass
@@ -149,6 +160,7 @@ class BccDataplane:
 
         from . import pinning
 
+        check_grace_periods()
         self._BPF = BPF
         self.settings = settings
         self.pin_dir = pin_dir
