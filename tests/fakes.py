@@ -44,9 +44,10 @@ class FakeDataplane:
     log:      every op applied, in order
     """
 
-    def __init__(self, settings, pin_dir=None):
+    def __init__(self, settings, pin_dir=None, attached_prog_id=None):
         self.settings = settings
         self.pin_dir = pin_dir
+        self.attached_prog_id = attached_prog_id  # the earlier program whose maps a real dataplane adopts
         self.adopted = False      # True would make the daemon adopt read_state()
         self.notes: list[str] = []
         self.unpinned = 0

@@ -118,15 +118,11 @@ class Daemon:
         from . import pinning
 
         pin_dir = pinning.pin_dir(self.ifname)
-        if self.adopting and not pinning.pinned_maps(pin_dir):
-            raise AttachError(
-                f"{self.ifname} carries an xdplb program but no maps are pinned at {pin_dir} to adopt; "
-                f"run `xdplb detach {self.ifname}` (established flows will break), or set XDPLB_BPFFS "
-                f"to where the earlier instance pinned them"
-            )
         log.info("compiling the XDP program (maglev_size %d), maps pinned at %s",
                  self.pool.settings.maglev_size, pin_dir)
-        self.dp = factory(self.pool.settings, pin_dir=pin_dir)
+        # Adopting: where nothing is pinned, the dataplane takes the maps from the attached program.
+        self.dp = factory(self.pool.settings, pin_dir=pin_dir,
+                          attached_prog_id=self.link.xdp_prog_id if self.adopting else None)
         for note in getattr(self.dp, "notes", []):
             log.warning("%s", note)
         log.info("compiled and loaded in %.1fs", getattr(self.dp, "compile_seconds", 0.0))

@@ -405,14 +405,26 @@ def test_link_with_another_xdp_program_is_refused_before_compiling(tmp_path, run
     assert not control.socket_path(IF).exists()
 
 
-def test_leftover_xdplb_program_without_pinned_maps_is_refused_before_compiling(tmp_path, run_dir):
+def test_leftover_xdplb_program_is_handed_to_the_dataplane_to_adopt_its_maps(tmp_path, run_dir):
+    # Where its pins died with its mount namespace, only the program still
+    # holds the maps: the dataplane takes them by the program's id.
     h = Harness(tmp_path, prog_id=42, prog_name=xdplb.daemon.PROG_NAME)
     daemon = h.daemon()
-    with pytest.raises(AttachError, match="no maps are pinned"):
-        asyncio.run(asyncio.wait_for(daemon.run(), 5))  # a run that starts would hang: fail instead
-    assert h.made == []
-    assert not any(c[0] == "add_vip" for c in h.nl.calls)
-    assert not control.socket_path(IF).exists()
+
+    async def scenario():
+        async with running(daemon):
+            assert h.dp.attached_prog_id == 42
+            assert h.dp.attach_calls[-1][-1] == "replace"
+
+    asyncio.run(scenario())
+
+
+def test_a_fresh_attach_adopts_nothing(h):
+    async def scenario():
+        async with running(h.daemon()):
+            assert h.dp.attached_prog_id is None
+
+    asyncio.run(scenario())
 
 
 def test_auto_on_a_nic_falls_back_to_generic_when_native_is_refused(tmp_path, run_dir, caplog):
