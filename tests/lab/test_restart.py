@@ -26,8 +26,9 @@ TOOL = str(Path(__file__).resolve().parents[2] / "tools" / "lab_client.py")
 def make_balancer(lab, tmp_path):
     made = []
 
-    def make(pool: Path, name="xdplb") -> Balancer:
-        b = Balancer(lab, pool, tmp_path / "run", tmp_path / f"{name}.log", bpffs=tmp_path / "bpffs")
+    def make(pool: Path, name="xdplb", host_bpffs=True) -> Balancer:
+        b = Balancer(lab, pool, tmp_path / "run", tmp_path / f"{name}.log", bpffs=tmp_path / "bpffs",
+                     host_bpffs=host_bpffs)
         made.append(b)
         return b
 
@@ -56,18 +57,25 @@ def _owner(backends, sport):
     return ordered[_table(ordered)[slot] - 1]
 
 
-def test_restart_after_kill_9_adopts_flows_even_when_the_table_changes(lab, tmp_path, make_balancer):
+@pytest.mark.parametrize("host_bpffs", [True, False], ids=["pins-on-a-host-bpffs", "as-the-readme-runs-it"])
+def test_restart_after_kill_9_adopts_flows_even_when_the_table_changes(lab, tmp_path, make_balancer, host_bpffs):
+    # as-the-readme-runs-it: `ip netns exec xl-lb xdplb attach eth0 ...` with
+    # no XDPLB_BPFFS. Its bpffs dies with it; the restart takes the maps from
+    # the attached program by id.
     two = [lab.backend_ip(1), lab.backend_ip(2)]
     three = two + [lab.backend_ip(3)]
     # Client ports whose flow sits on be1/be2 now and whose slot belongs to be3
     # once be3 joins: only the adopted flow table can keep them in place.
-    movers = [p for p in range(42000, 47000) if _owner(three, p) == lab.backend_ip(3)][:5]
+    base = 42000 if host_bpffs else 52000  # ports of their own: the other run's may still be in TIME_WAIT
+    movers = [p for p in range(base, base + 5000) if _owner(three, p) == lab.backend_ip(3)][:5]
     sports, fresh_port = movers[:4], movers[4]
     expected = {p: _owner(two, p) for p in sports}
     pool = tmp_path / "pool.toml"
     pool.write_text(pool_text(lab, skip=("be3",)))
-    first = make_balancer(pool, "first").start()
+    first = make_balancer(pool, "first", host_bpffs).start()
     first.wait_ready()
+    if not host_bpffs:
+        assert "a restart then takes the maps from the attached program" in first.log(), "said at the first start"
 
     total = 6 * 1024 * 1024
     uploads = {p: _upload(lab, total, 25, p) for p in sports}
@@ -78,9 +86,11 @@ def test_restart_after_kill_9_adopts_flows_even_when_the_table_changes(lab, tmp_
     assert xdp_attached(lab) and lab.vip in lb_addresses(lab)
 
     pool.write_text(pool_text(lab))  # be3 joins while no controller runs
-    second = make_balancer(pool, "second").start()
+    second = make_balancer(pool, "second", host_bpffs).start()
     st = second.wait_ready()
     assert "adopted pinned maps" in second.log()
+    if not host_bpffs:
+        assert "took 14 from the attached program" in second.log()
     assert "replaced the running xdplb program" in second.log()
     assert backend_health(st, "sink")["be3"] == "up"
 
