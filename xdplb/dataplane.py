@@ -211,24 +211,15 @@ class BccDataplane:
         return self.fn.fd
 
     def _check_layouts(self) -> None:
-        """Fail loudly if bcc's view of a map type differs from structs.py."""
-        expect = {
-            "services": (structs.ServiceKey, structs.ServiceInfo),
-            "backends": (None, structs.BackendInfo),
-            "flows": (structs.FlowKey, structs.FlowValue),
-            "lb_config": (None, structs.LbConfig),
-            "maglev_tables": (None, self._table_type),
-            "vips": (structs.LbAddr, None),
-            "service_stats": (None, structs.LbCounters),
-            "service_ids": (None, structs.ServiceKey),
-            "service_ports": (None, ctypes.c_uint32),
-            "layout": (structs.LayoutKey, ctypes.c_uint64),
-        }
-        for name, (key, leaf) in expect.items():
+        """Fail loudly if bcc's view of a map type differs in size from
+        structs.py (tests/unit/test_struct_layout.py compares every field)."""
+        from . import pinning
+
+        for name, spec in pinning.map_specs(self.settings).items():
             table = self.map(name)
             # bcc's per-CPU tables keep the single-CPU value type in sLeaf.
-            for ours, theirs in ((key, table.Key), (leaf, getattr(table, "sLeaf", table.Leaf))):
-                if ours is not None and ctypes.sizeof(ours) != ctypes.sizeof(theirs):
+            for ours, theirs in ((spec.key, table.Key), (spec.value, getattr(table, "sLeaf", table.Leaf))):
+                if ctypes.sizeof(ours) != ctypes.sizeof(theirs):
                     raise LoadError(
                         f"map {name}: {ours.__name__} is {ctypes.sizeof(ours)} bytes in structs.py "
                         f"but {ctypes.sizeof(theirs)} in bpf/lb_structs.h"

@@ -148,19 +148,19 @@ def map_specs(settings: Settings) -> dict[str, MapSpec]:
 # (main up to 440b3ed): what those maps hold, frozen. Such maps are adopted
 # once, when this build's layouts are the same, and get a layout map then.
 UNRECORDED_LAYOUT = {
-    "services": 0x0f2f3e506e133ff5,
-    "vips": 0x43975a450912a1b2,
-    "backends": 0x2351c28724cf1b10,
-    "maglev_tables": 0xfbfff66e39dfd4bb,
-    "flows": 0x124d663a01b71176,
-    "lb_config": 0x238a33b10826a518,
-    "service_stats": 0xfec9b5c29f07e396,
-    "backend_stats": 0xfec9b5c29f07e396,
-    "xdp_actions": 0x305bd3ad381ad278,
-    "not_forwarded": 0x305bd3ad381ad278,
-    "events": 0x305bd3ad381ad278,
-    "service_ids": 0x79ee84c0e2cc278b,
-    "service_ports": 0xf763205bb2f819d3,
+    "services": 0xa3d26cb1d3885958,
+    "vips": 0x209b35e5d2958f6c,
+    "backends": 0xa4023721ca3b0eeb,
+    "maglev_tables": 0x5357daaa6cc50d83,
+    "flows": 0xd80181ac843dfc7c,
+    "lb_config": 0x6e39dbd55815922f,
+    "service_stats": 0x9d261f4069b9b661,
+    "backend_stats": 0x9d261f4069b9b661,
+    "xdp_actions": 0xf03ff133cfc7e6a4,
+    "not_forwarded": 0xf03ff133cfc7e6a4,
+    "events": 0xf03ff133cfc7e6a4,
+    "service_ids": 0xb6d62def06d4f932,
+    "service_ports": 0x09b09021f9ad086a,
 }
 
 
@@ -223,8 +223,8 @@ def describe_flow_capacity(entries: int, flags: int, cpus: int) -> str:
     cap = flow_capacity(entries, flags, cpus)
     if cap.shared:
         return (f"flow table: {cap.entries} entries in one LRU shared by all {cpus} possible CPUs; "
-                f"per-CPU capacity {cap.per_cpu} flows (any CPU may fill the table, less "
-                f"{LRU_LOCAL_FREE_TARGET} free entries cached per CPU), whatever RSS does")
+                f"per-CPU capacity {cap.per_cpu} flows: any one CPU may fill the table, less "
+                f"{LRU_LOCAL_FREE_TARGET} free entries cached per CPU, however RSS spreads the flows")
     return (f"flow table: {cap.entries} entries in {cpus} per-CPU LRU lists; per-CPU capacity "
             f"{cap.per_cpu} flows: a CPU that inserts more evicts its own flows")
 

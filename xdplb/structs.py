@@ -165,7 +165,10 @@ def layout_text(ctype) -> str:
         return f"{kind}{ctypes.sizeof(ctype)}{{{fields}}}"
     if isinstance(ctype, type) and issubclass(ctype, ctypes.Array):
         return f"{layout_text(ctype._type_)}[{ctype._length_}]"
-    return f"{ctype._type_}{ctypes.sizeof(ctype)}"
+    # ctypes' own codes differ by platform for one C type (c_uint64 is 'L' or 'Q'): spell kind and bits.
+    code = ctype._type_
+    kind = "u" if code in "BHILQ" else "s" if code in "bhilq" else code
+    return f"{kind}{8 * ctypes.sizeof(ctype)}"
 
 
 def layout_digest(key, value) -> int:

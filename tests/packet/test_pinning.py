@@ -91,6 +91,16 @@ def test_kernel_rounds_a_per_cpu_lru_as_kernel_entries_says_and_it_is_adopted(bp
     assert info.max_entries == pinning.kernel_entries("lru_hash", settings.flow_table_size, info.flags, cpus)
     assert info.max_entries > settings.flow_table_size
     legacy.cleanup()
+    specs = pinning.map_specs(settings)
+    changed = sorted(n for n, d in pinning.UNRECORDED_LAYOUT.items() if specs[n].digest() != d)
+    if changed:
+        # A later build changed one of those structs: the first upgrade must
+        # refuse, naming it, rather than misread it.
+        from xdplb.dataplane import LoadError
+
+        with pytest.raises(LoadError, match=rf"{changed[0]} layout .*run `xdplb detach eth0` first"):
+            loaded(settings, bpffs / "eth0")
+        return
     dp = loaded(settings, bpffs / "eth0")
     assert dp.adopted
     notes = " ".join(dp.notes)
