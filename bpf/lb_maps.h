@@ -16,7 +16,7 @@
  * forwarding with its last state when the controller dies, and a new
  * controller adopts the same maps, flow table included. bcc creates and pins
  * a map whose path is free and reuses the one pinned there otherwise (it does
- * not compare shapes: xdplb/pinning.py does that first). Without PIN_DIR (the
+ * compare shapes or layouts: xdplb/pinning.py does that first). Without PIN_DIR (the
  * packet tests) the maps are private to the loader.
  */
 #ifdef PIN_DIR
