@@ -15,9 +15,9 @@
  * controller as -DPIN_DIR="/sys/fs/bpf/xdplb/eth0"), so the program keeps
  * forwarding with its last state when the controller dies, and a new
  * controller adopts the same maps, flow table included. bcc creates and pins
- * a map whose path is free and reuses the one pinned there otherwise (it does
- * compare shapes or layouts: xdplb/pinning.py does that first). Without PIN_DIR (the
- * packet tests) the maps are private to the loader.
+ * a map whose path is free and reuses the one pinned there otherwise (it
+ * compares neither shapes nor layouts: xdplb/pinning.py does that first).
+ * Without PIN_DIR (the packet tests) the maps are private to the loader.
  */
 #ifdef PIN_DIR
 #define LB_MAP(type, key, value, name, size) \
