@@ -168,11 +168,17 @@ class Daemon:
             # Same mode as the program being replaced: a second program in
             # the other mode would not replace it.
             mode = self.link.xdp_mode
+            problem = self._vlan_strip_refusal(mode)
+            if problem:  # the running program has the same problem; refusing would only stop its controller
+                log.warning("%s", problem)
             self.dp.attach(self.ifname, mode, replace=True)
             log.info("replaced the running xdplb program on %s in %s mode without a gap", self.ifname, mode)
             return mode
         errors = []
         for mode, why in modes.attempts(self.requested_mode, self.link.kind):
+            problem = self._vlan_strip_refusal(mode)
+            if problem:
+                raise AttachError(problem)
             try:
                 self.dp.attach(self.ifname, mode)
             except Exception as exc:  # the kernel layer reports driver refusals as LoadError
@@ -181,6 +187,11 @@ class Daemon:
             log.info("attached to %s in %s mode (%s)", self.ifname, mode, why)
             return mode
         raise AttachError(f"could not attach to {self.ifname}: " + "; ".join(errors))
+
+    def _vlan_strip_refusal(self, mode: str) -> str | None:
+        if mode != "native":
+            return None
+        return modes.vlan_strip_refusal(self.ifname, self.link.kind, self.netlink.active_features(self.ifname))
 
     async def _cleanup(self) -> None:
         for task in [*self._tasks.values(), self._mac_task]:

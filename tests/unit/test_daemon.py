@@ -453,6 +453,46 @@ def test_explicit_native_mode_does_not_fall_back(tmp_path, run_dir):
     assert not control.socket_path(IF).exists()
 
 
+@pytest.mark.parametrize("mode", ["auto", "native"])
+def test_a_nic_that_strips_vlan_tags_is_refused_in_native_mode_with_the_fix(tmp_path, run_dir, mode):
+    h = Harness(tmp_path, kind=None)
+    h.nl.features[IF] = frozenset({"rx-vlan-hw-parse", "rx-checksum"})
+    daemon = h.daemon(mode=mode)
+    with pytest.raises(AttachError, match=rf"`ethtool -K {IF} rxvlan off` before attaching"):
+        asyncio.run(asyncio.wait_for(daemon.run(), 5))  # a run that starts would hang: fail instead
+    assert h.dp.attach_calls == [], "refused before any attach, no fallback to generic"
+    assert h.nl.addresses[INDEX] == set()
+    assert not control.socket_path(IF).exists()
+
+
+def test_generic_mode_and_a_nic_without_vlan_stripping_attach(tmp_path, run_dir):
+    stripping = Harness(tmp_path, kind=None)
+    stripping.nl.features[IF] = frozenset({"rx-vlan-hw-parse"})
+    plain = Harness(tmp_path, kind=None)
+    plain.nl.features[IF] = frozenset({"tx-vlan-hw-insert", "rx-checksum"})
+
+    async def scenario():
+        async with running(stripping.daemon(mode="generic")):
+            assert stripping.dp.attached == (IF, "generic")
+        async with running(plain.daemon(mode="native")):
+            assert plain.dp.attached == (IF, "native")
+
+    asyncio.run(scenario())
+
+
+def test_a_restart_onto_a_native_program_with_vlan_stripping_warns_and_replaces(tmp_path, run_dir, caplog):
+    # Refusing would stop only the controller: the running program keeps its mode either way.
+    h = Harness(tmp_path, kind=None, prog_id=42, prog_name=xdplb.daemon.PROG_NAME)
+    h.nl.features[IF] = frozenset({"rx-vlan-hw-parse"})
+
+    async def scenario():
+        async with running(h.daemon()):
+            assert h.dp.attach_calls == [(IF, "native", "replace")]
+
+    asyncio.run(scenario())
+    assert any("rxvlan off" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+
+
 # ---- neighbours --------------------------------------------------------------
 
 def test_mac_change_is_picked_up_within_two_refresh_periods(h, monkeypatch):
