@@ -93,7 +93,14 @@ class BccDataplane:
         self._mounted_bpffs = False
         flags = defines(settings)
         if pin_dir is not None:
-            self._prepare_pins(pin_dir, attached_prog_id)
+            from . import pinning
+
+            try:
+                pins = pinning.prepare(pin_dir, settings, attached_prog_id)
+            except pinning.PinError as exc:
+                raise LoadError(str(exc)) from exc
+            self.adopted, self._mounted_bpffs = pins.adopted, pins.mounted_bpffs
+            self.notes += pins.notes
             flags["PIN_DIR"] = str(pin_dir)
         self.compile_seconds = 0.0
         started = time.monotonic()
@@ -113,59 +120,6 @@ class BccDataplane:
             self._rebuild_service_index()
         self.attached: tuple[str, str] | None = None  # (ifname, mode)
 
-    def _prepare_pins(self, pin_dir, attached_prog_id) -> None:
-        """Mount bpffs, take the attached program's maps if nothing is pinned,
-        and refuse pinned maps this build would misread."""
-        from . import pinning
-
-        note = pinning.ensure_bpffs(pin_dir)
-        if note:
-            self.notes.append(note)
-            self._mounted_bpffs = True
-        if attached_prog_id and not pinning.pinned_maps(pin_dir):
-            try:
-                taken = pinning.adopt_program_maps(attached_prog_id, pin_dir, self.settings)
-            except OSError as exc:
-                raise LoadError(
-                    f"no maps are pinned at {pin_dir} and the attached xdplb program's maps cannot be opened "
-                    f"by id ({exc.strerror}; that needs CAP_SYS_ADMIN): run `xdplb detach {pin_dir.name}` "
-                    f"(established flows will break), or start xdplb where XDPLB_BPFFS points at the bpffs "
-                    f"the earlier instance pinned them in"
-                ) from exc
-            if not taken:
-                raise LoadError(f"the attached xdplb program (id {attached_prog_id}) holds none of this build's "
-                                f"maps: run `xdplb detach {pin_dir.name}` first (established flows will break)")
-            self.notes.append(f"no maps were pinned at {pin_dir}: took {len(taken)} from the attached program "
-                              f"(id {attached_prog_id}) and pinned them there")
-        problems = pinning.check_compatible(pin_dir, self.settings)
-        if problems:
-            raise LoadError(
-                f"the maps pinned at {pin_dir} do not fit this pool ({'; '.join(problems)}); "
-                f"compiled-in sizes cannot change across a hitless restart: restore the old sizes, "
-                f"or run `xdplb detach` first (established flows will break)"
-            )
-        problems, unrecorded = pinning.check_layout(pin_dir, self.settings)
-        if problems:
-            raise LoadError(
-                f"the maps pinned at {pin_dir} hold other structs than this build ({'; '.join(problems)}) "
-                f"and would be misread: run `xdplb detach {pin_dir.name}` first (established flows will break), "
-                f"then attach again"
-            )
-        self.adopted = bool(pinning.pinned_maps(pin_dir))
-        if self.adopted and unrecorded:
-            self.notes.append(f"the maps pinned at {pin_dir} carry no layout record (pinned by an earlier "
-                              f"version); their shapes and this build's layout match that version's, so they "
-                              f"are adopted and their layout recorded now")
-        flows = pin_dir / "flows"
-        if flows.exists():
-            from .bpfsys import pinned_map_info
-
-            legacy = pinned_map_info(str(flows)).flags & pinning.BPF_F_NO_COMMON_LRU
-            if legacy:
-                self.notes.append("the adopted flow table keeps the per-CPU LRU lists of an earlier version "
-                                  "until `xdplb detach`: " + pinning.describe_flow_capacity(
-                                      self.settings.flow_table_size, legacy, pinning.possible_cpus()))
-
     def _bind_and_record_layout(self) -> None:
         """Make the program hold every map (the layout map is not used by it,
         but must be found through the attached program's map ids on a
@@ -178,25 +132,17 @@ class BccDataplane:
             layout[structs.LayoutKey.of(name)] = ctypes.c_uint64(spec.digest())
 
     def _note_restart(self, pin_dir) -> None:
-        """Say at the first start, not at the restart, when a hitless restart cannot work."""
-        from . import bpfsys
+        """Say at the first start, not at the restart, how a restart will adopt the maps."""
+        from . import bpfsys, pinning
 
         if not self._mounted_bpffs:
             return
         try:
             os.close(bpfsys.fd_by_id(bpfsys.BPF_PROG_GET_FD_BY_ID, bpfsys.prog_id(self.fn.fd)))
+            denied = None
         except OSError as exc:
-            self.notes.append(
-                f"a hitless restart will not work here: the bpffs mounted at {pin_dir.parent} may vanish with "
-                f"this process's mount namespace, and this process may not reopen the program's maps by id "
-                f"({exc.strerror}; that needs CAP_SYS_ADMIN); mount a bpffs that outlives it "
-                f"(`mount -t bpf bpf /sys/fs/bpf` in the host namespace, passed into the container) "
-                f"and set XDPLB_BPFFS to a directory on it"
-            )
-        else:
-            self.notes.append(f"the pins at {pin_dir} may vanish with this process's mount namespace "
-                              f"(ip netns exec, a container); a restart then takes the maps from the attached "
-                              f"program instead")
+            denied = exc.strerror
+        self.notes.append(pinning.restart_note(pin_dir, denied))
 
     def map(self, name: str):
         """bcc's handle of a map, built once: bcc builds a new Table object

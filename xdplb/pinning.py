@@ -19,7 +19,7 @@ import ctypes
 import ctypes.util
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import control, structs
@@ -260,6 +260,24 @@ def check_compatible(directory: Path, settings: Settings, cpus: int | None = Non
     return problems
 
 
+def restart_note(directory: Path, reopen_denied: str | None) -> str:
+    """What a start that had to mount its own bpffs says about restarts.
+
+    Such a bpffs lasts as long as this mount namespace, which ends with the
+    process under `ip netns exec` or in a container; a restart then relies on
+    opening the attached program's maps by id, which `reopen_denied` (the
+    error of trying it on our own program) says whether it may.
+    """
+    if reopen_denied is None:
+        return (f"the pins at {directory} last as long as this mount namespace; where that ends with this "
+                f"process (ip netns exec, a container), a restart takes the maps from the attached program")
+    return (f"a restart will not be hitless if this mount namespace ends with this process (ip netns exec, "
+            f"a container): the pins at {directory} go with it, and this process may not reopen the "
+            f"program's maps by id ({reopen_denied}; that needs CAP_SYS_ADMIN); mount a bpffs that outlives "
+            f"it (`mount -t bpf bpf /sys/fs/bpf` on the host, passed into the container) and set "
+            f"XDPLB_BPFFS to a directory on it")
+
+
 def recorded_layout(directory: Path) -> dict[str, int] | None:
     """map name -> layout digest, from the layout map pinned in `directory`
     (None when there is none: maps pinned by a build before it existed)."""
@@ -327,6 +345,74 @@ def adopt_program_maps(prog_id: int, directory: Path, settings: Settings) -> lis
         finally:
             os.close(fd)
     return sorted(pinned)
+
+
+@dataclass
+class Pins:
+    """What prepare() found at a pin directory."""
+
+    adopted: bool = False          # maps are pinned there for bcc to reuse
+    mounted_bpffs: bool = False    # prepare() had to mount the bpffs (it may die with this mount namespace)
+    notes: list = field(default_factory=list)
+
+
+def prepare(directory: Path, settings: Settings, attached_prog_id: int | None = None) -> Pins:
+    """Get `directory` ready for bcc to pin or reuse maps in; PinError where
+    the maps there must not be adopted.
+
+    Mounts a bpffs where none is; where an earlier xdplb program is attached
+    (`attached_prog_id`) and nothing is pinned, pins that program's maps
+    first; then checks every pinned map's shape and layout.
+    """
+    from .bpfsys import pinned_map_info
+
+    pins = Pins()
+    note = ensure_bpffs(directory)
+    if note:
+        pins.notes.append(note)
+        pins.mounted_bpffs = True
+    if attached_prog_id and not pinned_maps(directory):
+        try:
+            taken = adopt_program_maps(attached_prog_id, directory, settings)
+        except OSError as exc:
+            raise PinError(
+                f"no maps are pinned at {directory} and the attached xdplb program's maps cannot be opened "
+                f"by id ({exc.strerror}; that needs CAP_SYS_ADMIN): run `xdplb detach {directory.name}` "
+                f"(established flows will break), or start xdplb where XDPLB_BPFFS points at the bpffs "
+                f"the earlier instance pinned them in"
+            ) from exc
+        if not taken:
+            raise PinError(f"the attached xdplb program (id {attached_prog_id}) holds none of this build's "
+                           f"maps: run `xdplb detach {directory.name}` first (established flows will break)")
+        pins.notes.append(f"no maps were pinned at {directory}: took {len(taken)} from the attached program "
+                          f"(id {attached_prog_id}) and pinned them there")
+    problems = check_compatible(directory, settings)
+    if problems:
+        raise PinError(
+            f"the maps pinned at {directory} do not fit this pool ({'; '.join(problems)}); "
+            f"compiled-in sizes cannot change across a hitless restart: restore the old sizes, "
+            f"or run `xdplb detach` first (established flows will break)"
+        )
+    problems, unrecorded = check_layout(directory, settings)
+    if problems:
+        raise PinError(
+            f"the maps pinned at {directory} hold other structs than this build ({'; '.join(problems)}) "
+            f"and would be misread: run `xdplb detach {directory.name}` first (established flows will break), "
+            f"then attach again"
+        )
+    pins.adopted = bool(pinned_maps(directory))
+    if pins.adopted and unrecorded:
+        pins.notes.append(f"the maps pinned at {directory} carry no layout record (pinned by an earlier "
+                          f"version); their shapes and this build's layout match that version's, so they "
+                          f"are adopted and their layout recorded now")
+    flows = directory / "flows"
+    if flows.exists():
+        per_cpu_lists = pinned_map_info(str(flows)).flags & BPF_F_NO_COMMON_LRU
+        if per_cpu_lists:
+            pins.notes.append("the adopted flow table keeps the per-CPU LRU lists of an earlier version until "
+                              "`xdplb detach`: " + describe_flow_capacity(settings.flow_table_size, per_cpu_lists,
+                                                                          possible_cpus()))
+    return pins
 
 
 def remove(directory: Path) -> bool:

@@ -89,7 +89,7 @@ def test_restart_after_kill_9_adopts_flows_even_when_the_table_changes(lab, tmp_
     first = make_balancer(pool, "first", host_bpffs).start(argv)
     first.wait_ready()
     if not host_bpffs:
-        assert "a restart then takes the maps from the attached program" in first.log(), "said at the first start"
+        assert "a restart takes the maps from the attached program" in first.log(), "said at the first start"
 
     total = 6 * 1024 * 1024
     uploads = {p: _upload(lab, total, 25, p) for p in sports}

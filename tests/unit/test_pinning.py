@@ -79,3 +79,14 @@ def test_every_map_has_a_layout_entry_and_a_kernel_name():
 
 def test_unrecorded_layout_names_the_maps_pinned_before_the_layout_map():
     assert set(pinning.UNRECORDED_LAYOUT) == set(pinning.map_specs(Settings())) - {"layout"}
+
+
+def test_first_start_says_how_a_restart_adopts_where_pins_may_die():
+    ok = pinning.restart_note(pinning.Path("/sys/fs/bpf/xdplb/eth0"), None)
+    assert "a restart takes the maps from the attached program" in ok
+
+
+def test_first_start_says_a_restart_will_not_be_hitless_and_the_fix_when_ids_cannot_be_opened():
+    text = pinning.restart_note(pinning.Path("/sys/fs/bpf/xdplb/eth0"), "Operation not permitted")
+    assert "a restart will not be hitless" in text and "Operation not permitted" in text
+    assert "`mount -t bpf bpf /sys/fs/bpf`" in text and "XDPLB_BPFFS" in text
