@@ -38,6 +38,9 @@
 #define MAX_VIPS MAX_SERVICES
 #endif
 
+/* Maps the layout map can describe (one entry per map). */
+#define LAYOUT_ENTRIES 64
+
 /* Destination ports, as bits of 32-bit words in the service_ports map. */
 #define PORT_WORDS (65536 / 32)
 

@@ -15,9 +15,9 @@
  * controller as -DPIN_DIR="/sys/fs/bpf/xdplb/eth0"), so the program keeps
  * forwarding with its last state when the controller dies, and a new
  * controller adopts the same maps, flow table included. bcc creates and pins
- * a map whose path is free and reuses the one pinned there otherwise (it does
- * not compare shapes: xdplb/pinning.py does that first). Without PIN_DIR (the
- * packet tests) the maps are private to the loader.
+ * a map whose path is free and reuses the one pinned there otherwise (it
+ * compares neither shapes nor layouts: xdplb/pinning.py does that first).
+ * Without PIN_DIR (the packet tests) the maps are private to the loader.
  */
 #ifdef PIN_DIR
 #define LB_MAP(type, key, value, name, size) \
@@ -139,9 +139,18 @@ LB_MAP("array", int, struct maglev_table, maglev_tables, MAX_SERVICES * TABLES_P
  * and may delete entries. One table shared by all CPUs: on veth and with
  * generic XDP a flow's packets can arrive on any CPU, and a per-CPU table
  * would let a second CPU pick a different backend after a table change.
- * BPF_F_NO_COMMON_LRU keeps the LRU lists per CPU to avoid lock contention.
+ *
+ * One common LRU list, not BPF_F_NO_COMMON_LRU. We do not count on RSS to
+ * spread inserts: generic mode and single-queue NICs insert every flow on
+ * one CPU, and RSS on a few modalities' addresses fills a few queues. Per-CPU
+ * lists would cap each CPU at FLOW_TABLE_SIZE / possible CPUs (8192 of the
+ * default 262144 on a 32-CPU gateway) and evict live associations while
+ * other CPUs' shares stand empty. The common LRU lets any CPU use the whole
+ * table, less up to 128 free entries cached per CPU (258048 on 32 CPUs); it
+ * takes its global lock once per 128 inserts on a CPU, and lookups take no
+ * lock. xdplb/pinning.py flow_capacity() states this to the operator.
  */
-LB_MAP_F("lru_hash", struct flow_key, struct flow_value, flows, FLOW_TABLE_SIZE, BPF_F_NO_COMMON_LRU);
+LB_MAP("lru_hash", struct flow_key, struct flow_value, flows, FLOW_TABLE_SIZE);
 
 /* 0 -> lb_config; written by the controller at attach (rule 1), read per packet. */
 LB_MAP("array", int, struct lb_config, lb_config, 1);
@@ -160,5 +169,16 @@ LB_MAP("percpu_array", int, __u64, not_forwarded, REASON_MAX);
 
 /* EVENT_* -> per-CPU count; written per packet, read by the controller. */
 LB_MAP("percpu_array", int, __u64, events, EVENT_MAX);
+
+/*
+ * map name -> 64-bit digest of that map's key and value layout (every
+ * field's name, offset and size); written by the controller after each
+ * load, never read by the program. Pinned with the others so the next
+ * controller can tell whether the pinned maps hold the structs it was built
+ * with before it adopts them (xdplb/pinning.py). New maps add their own
+ * entries. The controller binds it to the program (BPF_PROG_BIND_MAP), so
+ * the attached program's map ids name it too.
+ */
+LB_MAP("hash", struct layout_key, __u64, layout, LAYOUT_ENTRIES);
 
 #endif /* XDPLB_MAPS_H */

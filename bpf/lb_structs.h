@@ -99,4 +99,9 @@ struct lb_config {
 	__u32 hash_seed;       /* host order: seed of the flow hash (xdplb/flowhash.py mirrors it) */
 };
 
+/* layout map key: the name of another map, as the kernel stores map names. */
+struct layout_key {
+	char name[16];         /* NUL-padded */
+};
+
 #endif /* XDPLB_STRUCTS_H */

@@ -44,9 +44,10 @@ class FakeDataplane:
     log:      every op applied, in order
     """
 
-    def __init__(self, settings, pin_dir=None):
+    def __init__(self, settings, pin_dir=None, attached_prog_id=None):
         self.settings = settings
         self.pin_dir = pin_dir
+        self.attached_prog_id = attached_prog_id  # the earlier program whose maps a real dataplane adopts
         self.adopted = False      # True would make the daemon adopt read_state()
         self.notes: list[str] = []
         self.unpinned = 0
@@ -201,8 +202,9 @@ class FakeNetlink:
     neighbours: address -> MAC bytes (or None: unresolved); edit freely
     """
 
-    def __init__(self, links=(), neighbours=None, addresses=None):
+    def __init__(self, links=(), neighbours=None, addresses=None, features=None):
         self.links: dict[str, Link] = {l.name: l for l in links}
+        self.features: dict[str, frozenset] = dict(features or {})  # link name -> active ethtool features
         self.neighbours: dict = dict(neighbours or {})
         self.addresses: dict[int, set] = {l.index: set() for l in links}
         for index, addrs in (addresses or {}).items():
@@ -216,6 +218,10 @@ class FakeNetlink:
         if name not in self.links:
             raise NetlinkProblem(f"interface {name!r} does not exist in this network namespace")
         return self.links[name]
+
+    def active_features(self, name: str) -> frozenset:
+        self.calls.append(("active_features", name))
+        return frozenset(self.features.get(name, ()))
 
     def vips(self, index: int) -> set:
         return set(self.ours.get(index, ()))

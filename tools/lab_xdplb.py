@@ -66,23 +66,36 @@ def release_bpffs(path: Path) -> None:
 
 
 class Balancer:
-    def __init__(self, lab, pool: Path, run_dir: Path, log: Path, mode: str = "auto", bpffs: Path | None = None):
+    """One `xdplb attach` in the lab's lb namespace.
+
+    By default its pins go to a bpffs mounted in the host's mount namespace
+    (`bpffs`); with host_bpffs=False it runs as the README's walkthrough
+    does, without XDPLB_BPFFS, pinning in the bpffs it mounts in its own
+    private mount namespace.
+    """
+
+    def __init__(self, lab, pool: Path, run_dir: Path, log: Path, mode: str = "auto", bpffs: Path | None = None,
+                 host_bpffs: bool = True):
         self.lab, self.pool, self.run_dir, self.log_path, self.mode = lab, pool, run_dir, log, mode
         self.bpffs = bpffs or run_dir.parent / "bpffs"
+        self.host_bpffs = host_bpffs
         self.proc: subprocess.Popen | None = None
 
     cli_path = XDPLB
 
     def env(self) -> dict:
         """The environment every xdplb command of this balancer runs with."""
-        return dict(os.environ, XDPLB_RUN_DIR=str(self.run_dir), XDPLB_BPFFS=str(self.bpffs))
+        env = dict(os.environ, XDPLB_RUN_DIR=str(self.run_dir))
+        env.pop("XDPLB_BPFFS", None)
+        return dict(env, XDPLB_BPFFS=str(self.bpffs)) if self.host_bpffs else env
 
     _env = env
 
     def start(self, argv: list[str] | None = None) -> "Balancer":
         """Start `xdplb attach eth0 --pool POOL --mode MODE`, or `argv` as given
         (the systemd test passes the unit's own ExecStart line)."""
-        host_bpffs(self.bpffs)
+        if self.host_bpffs:
+            host_bpffs(self.bpffs)
         self._log = open(self.log_path, "ab")
         argv = argv or [XDPLB, "attach", "eth0", "--pool", str(self.pool), "--mode", self.mode]
         self.proc = subprocess.Popen(

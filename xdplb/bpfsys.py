@@ -3,7 +3,14 @@
 - BPF_PROG_TEST_RUN: run the loaded XDP program on a packet in the kernel
   (packet tests and the benchmark use it; bcc added a wrapper only later).
 - BPF_PROG_GET_FD_BY_ID + BPF_OBJ_GET_INFO_BY_FD: the name of the program
-  attached to an interface, so `xdplb detach` removes only its own.
+  attached to an interface, so `xdplb detach` removes only its own, and the
+  ids of the maps it uses, so a restart can adopt them where no pin survived.
+- BPF_MAP_GET_FD_BY_ID, BPF_OBJ_GET, BPF_OBJ_PIN: open a map by id or by
+  pin, and pin it again.
+- BPF_MAP_LOOKUP_ELEM, BPF_MAP_GET_NEXT_KEY: read a pinned map (the layout
+  map) before bcc loads anything.
+- BPF_PROG_BIND_MAP: make a loaded program hold a map it does not use, so
+  the map lives, and is found, with the program.
 
 Layouts follow union bpf_attr and struct bpf_prog_info in the kernel's
 include/uapi/linux/bpf.h.
@@ -18,11 +25,15 @@ from dataclasses import dataclass
 
 _SYS_BPF = {"x86_64": 321, "aarch64": 280, "armv7l": 386, "ppc64le": 361, "s390x": 351, "riscv64": 280}
 
+BPF_MAP_LOOKUP_ELEM = 1
+BPF_MAP_GET_NEXT_KEY = 4
+BPF_OBJ_PIN = 6
 BPF_OBJ_GET = 7
 BPF_PROG_TEST_RUN = 10
 BPF_PROG_GET_FD_BY_ID = 13
 BPF_MAP_GET_FD_BY_ID = 14
 BPF_OBJ_GET_INFO_BY_FD = 15
+BPF_PROG_BIND_MAP = 35
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
@@ -62,6 +73,17 @@ class _ObjGetAttr(ctypes.Structure):
     _fields_ = [("pathname", ctypes.c_uint64), ("bpf_fd", ctypes.c_uint32), ("file_flags", ctypes.c_uint32)]
 
 
+class _ElemAttr(ctypes.Structure):
+    """union bpf_attr, the map element commands."""
+
+    _fields_ = [("map_fd", ctypes.c_uint32), ("_pad", ctypes.c_uint32), ("key", ctypes.c_uint64),
+                ("value", ctypes.c_uint64), ("flags", ctypes.c_uint64)]
+
+
+class _BindAttr(ctypes.Structure):
+    _fields_ = [("prog_fd", ctypes.c_uint32), ("map_fd", ctypes.c_uint32), ("flags", ctypes.c_uint32)]
+
+
 class _MapInfo(ctypes.Structure):
     """The head of struct bpf_map_info."""
 
@@ -77,7 +99,10 @@ class _MapInfo(ctypes.Structure):
 
 
 _PROG_INFO_NAME_OFFSET = 64  # struct bpf_prog_info: name[16] follows map_ids
+_PROG_NR_MAP_IDS = 52        # struct bpf_prog_info: __u32 nr_map_ids
+_PROG_MAP_IDS = 56           # __aligned_u64 map_ids
 _PROG_INFO_SIZE = 256
+MAP_INFO_SIZE = 128
 
 
 def _bpf(cmd: int, attr: ctypes.Structure) -> int:
@@ -150,15 +175,82 @@ class MapInfo:
     value_size: int      # per CPU for per-CPU maps
     max_entries: int
     flags: int
+    name: str = ""
+    id: int = 0
+
+
+def map_info(fd: int) -> MapInfo:
+    """Shape, name and id of an open map."""
+    head = _MapInfo.from_buffer_copy(obj_info(fd, MAP_INFO_SIZE)[: ctypes.sizeof(_MapInfo)])
+    return MapInfo(head.type, head.key_size, head.value_size, head.max_entries, head.map_flags,
+                   head.name.decode(errors="replace"), head.id)
+
+
+def open_pinned(path: str) -> int:
+    """A new fd for the object pinned at `path` (BPF_OBJ_GET); the caller closes it."""
+    raw = os.fsencode(path) + b"\0"
+    buf = ctypes.create_string_buffer(raw, len(raw))
+    return _bpf(BPF_OBJ_GET, _ObjGetAttr(pathname=ctypes.addressof(buf)))
+
+
+def pin(fd: int, path: str) -> None:
+    """Pin the object behind `fd` at `path` on a bpffs (BPF_OBJ_PIN)."""
+    raw = os.fsencode(path) + b"\0"
+    buf = ctypes.create_string_buffer(raw, len(raw))
+    _bpf(BPF_OBJ_PIN, _ObjGetAttr(pathname=ctypes.addressof(buf), bpf_fd=fd))
 
 
 def pinned_map_info(path: str) -> MapInfo:
     """Shape of a map pinned in bpffs (needs root)."""
-    raw = os.fsencode(path) + b"\0"
-    buf = ctypes.create_string_buffer(raw, len(raw))
-    fd = _bpf(BPF_OBJ_GET, _ObjGetAttr(pathname=ctypes.addressof(buf)))
+    fd = open_pinned(path)
     try:
-        head = _MapInfo.from_buffer_copy(obj_info(fd)[: ctypes.sizeof(_MapInfo)])
-        return MapInfo(head.type, head.key_size, head.value_size, head.max_entries, head.map_flags)
+        return map_info(fd)
     finally:
         os.close(fd)
+
+
+def map_items(fd: int, key_size: int, value_size: int) -> dict[bytes, bytes]:
+    """Every key and value of a (non-per-CPU) map, as raw bytes."""
+    items: dict[bytes, bytes] = {}
+    key = ctypes.create_string_buffer(key_size)
+    value = ctypes.create_string_buffer(value_size)
+    prev = None
+    while True:
+        attr = _ElemAttr(map_fd=fd, key=ctypes.addressof(prev) if prev is not None else 0,
+                         value=ctypes.addressof(key))
+        try:
+            _bpf(BPF_MAP_GET_NEXT_KEY, attr)
+        except OSError as exc:
+            if exc.errno == 2:  # ENOENT: no more keys
+                return items
+            raise
+        try:
+            _bpf(BPF_MAP_LOOKUP_ELEM, _ElemAttr(map_fd=fd, key=ctypes.addressof(key), value=ctypes.addressof(value)))
+        except OSError as exc:
+            if exc.errno != 2:  # deleted meanwhile
+                raise
+        else:
+            items[key.raw] = value.raw
+        prev = ctypes.create_string_buffer(key.raw, key_size)
+
+
+def prog_id(prog_fd: int) -> int:
+    """The id of a loaded program (struct bpf_prog_info.id)."""
+    return int.from_bytes(obj_info(prog_fd)[4:8], "little")
+
+
+def prog_map_ids(prog_fd: int) -> list[int]:
+    """Ids of every map a loaded program holds (uses, or was bound to)."""
+    count = int.from_bytes(obj_info(prog_fd)[_PROG_NR_MAP_IDS:_PROG_NR_MAP_IDS + 4], "little")
+    ids = (ctypes.c_uint32 * max(count, 1))()
+    request = bytearray(_PROG_MAP_IDS + 8)   # obj_info zero-fills the rest of struct bpf_prog_info
+    request[_PROG_NR_MAP_IDS:_PROG_NR_MAP_IDS + 4] = count.to_bytes(4, "little")
+    request[_PROG_MAP_IDS:_PROG_MAP_IDS + 8] = ctypes.addressof(ids).to_bytes(8, "little")
+    obj_info(prog_fd, request=bytes(request))
+    return list(ids)[:count]
+
+
+def bind_map(prog_fd: int, map_fd: int) -> None:
+    """BPF_PROG_BIND_MAP: the program holds the map from now on (a no-op
+    for a map it already uses)."""
+    _bpf(BPF_PROG_BIND_MAP, _BindAttr(prog_fd=prog_fd, map_fd=map_fd))

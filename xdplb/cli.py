@@ -82,6 +82,7 @@ def check(pool_path: str) -> None:
     except PoolError as exc:
         raise click.ClickException(str(exc))
     click.echo(describe(pool), nl=False)
+    click.echo(_flow_capacity_line(pool.settings))
     for text in warnings(pool):
         click.echo(f"warning: {text}")
     # Assume every backend healthy and reachable: the table it would start with.
@@ -98,6 +99,13 @@ def check(pool_path: str) -> None:
             shares.append(f"{be.name} {count} ({100 * count / len(applied.table):.1f}%)")
         click.echo(f"  {svc.name}: " + ", ".join(shares))
     click.echo(f"ok: {pool_path} is valid ({len(result.ops)} map writes planned)")
+
+
+def _flow_capacity_line(settings) -> str:
+    from . import pinning
+
+    flows = pinning.map_specs(settings)["flows"]
+    return pinning.describe_flow_capacity(flows.entries, flows.flags, pinning.possible_cpus())
 
 
 def _instances(interface: str | None) -> list[str]:

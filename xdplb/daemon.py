@@ -118,15 +118,11 @@ class Daemon:
         from . import pinning
 
         pin_dir = pinning.pin_dir(self.ifname)
-        if self.adopting and not pinning.pinned_maps(pin_dir):
-            raise AttachError(
-                f"{self.ifname} carries an xdplb program but no maps are pinned at {pin_dir} to adopt; "
-                f"run `xdplb detach {self.ifname}` (established flows will break), or set XDPLB_BPFFS "
-                f"to where the earlier instance pinned them"
-            )
         log.info("compiling the XDP program (maglev_size %d), maps pinned at %s",
                  self.pool.settings.maglev_size, pin_dir)
-        self.dp = factory(self.pool.settings, pin_dir=pin_dir)
+        # Adopting: where nothing is pinned, the dataplane takes the maps from the attached program.
+        self.dp = factory(self.pool.settings, pin_dir=pin_dir,
+                          attached_prog_id=self.link.xdp_prog_id if self.adopting else None)
         for note in getattr(self.dp, "notes", []):
             log.warning("%s", note)
         log.info("compiled and loaded in %.1fs", getattr(self.dp, "compile_seconds", 0.0))
@@ -172,11 +168,17 @@ class Daemon:
             # Same mode as the program being replaced: a second program in
             # the other mode would not replace it.
             mode = self.link.xdp_mode
+            problem = self._vlan_strip_refusal(mode)
+            if problem:  # the running program has the same problem; refusing would only stop its controller
+                log.warning("%s", problem)
             self.dp.attach(self.ifname, mode, replace=True)
             log.info("replaced the running xdplb program on %s in %s mode without a gap", self.ifname, mode)
             return mode
         errors = []
         for mode, why in modes.attempts(self.requested_mode, self.link.kind):
+            problem = self._vlan_strip_refusal(mode)
+            if problem:
+                raise AttachError(problem)
             try:
                 self.dp.attach(self.ifname, mode)
             except Exception as exc:  # the kernel layer reports driver refusals as LoadError
@@ -185,6 +187,11 @@ class Daemon:
             log.info("attached to %s in %s mode (%s)", self.ifname, mode, why)
             return mode
         raise AttachError(f"could not attach to {self.ifname}: " + "; ".join(errors))
+
+    def _vlan_strip_refusal(self, mode: str) -> str | None:
+        if mode != "native":
+            return None
+        return modes.vlan_strip_refusal(self.ifname, self.link.kind, self.netlink.active_features(self.ifname))
 
     async def _cleanup(self) -> None:
         for task in [*self._tasks.values(), self._mac_task]:

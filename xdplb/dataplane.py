@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import ipaddress
+import os
 import socket
 import time
 from dataclasses import dataclass, field
@@ -152,13 +153,15 @@ class BccDataplane:
 
     With `pin_dir`, every map is pinned there; maps already pinned there by
     an earlier controller are reused (`adopted` is then True), after their
-    shapes were checked against `settings`.
+    shapes and layouts were checked against this build and `settings`.
+    `attached_prog_id` names the earlier xdplb program attached now: where
+    none of its maps is pinned at `pin_dir` (its bpffs died with its mount
+    namespace), they are taken from the program and pinned there first.
     """
 
-    def __init__(self, settings: Settings, pin_dir=None, bpf_dir=None, extra_defines=None):
+    def __init__(self, settings: Settings, pin_dir=None, bpf_dir=None, extra_defines=None,
+                 attached_prog_id: int | None = None):
         from bcc import BPF  # imported here so `xdplb --help` and `check` never need bcc
-
-        from . import pinning
 
         check_grace_periods()
         self._BPF = BPF
@@ -166,22 +169,20 @@ class BccDataplane:
         self.pin_dir = pin_dir
         self.adopted = False
         self.notes: list[str] = []
+        self._mounted_bpffs = False
         flags = defines(settings)
         # Tests and benches only: another source tree (an older build) and
         # test-only defines such as XDPLB_RACE_DELAY.
         flags.update(extra_defines or {})
         if pin_dir is not None:
-            note = pinning.ensure_bpffs(pin_dir)
-            if note:
-                self.notes.append(note)
-            problems = pinning.check_compatible(pin_dir, settings)
-            if problems:
-                raise LoadError(
-                    f"the maps pinned at {pin_dir} do not fit this pool ({'; '.join(problems)}); "
-                    f"compiled-in sizes cannot change across a hitless restart: restore the old sizes, "
-                    f"or run `xdplb detach` first (established flows will break)"
-                )
-            self.adopted = bool(pinning.pinned_maps(pin_dir))
+            from . import pinning
+
+            try:
+                pins = pinning.prepare(pin_dir, settings, attached_prog_id)
+            except pinning.PinError as exc:
+                raise LoadError(str(exc)) from exc
+            self.adopted, self._mounted_bpffs = pins.adopted, pins.mounted_bpffs
+            self.notes += pins.notes
             flags["PIN_DIR"] = str(pin_dir)
         self.compile_seconds = 0.0
         started = time.monotonic()
@@ -197,9 +198,36 @@ class BccDataplane:
         self._unsettled = False     # something was published or removed since the last grace period
         self.grace_periods = 0      # how many this dataplane waited for (tests and benches read it)
         self._check_layouts()
+        self._bind_and_record_layout()
+        if pin_dir is not None:
+            self._note_restart(pin_dir)
         if self.adopted:
             self._rebuild_service_index()
         self.attached: tuple[str, str] | None = None  # (ifname, mode)
+
+    def _bind_and_record_layout(self) -> None:
+        """Make the program hold every map (the layout map is not used by it,
+        but must be found through the attached program's map ids on a
+        restart), and record each map's layout digest in the layout map."""
+        from . import bpfsys, pinning
+
+        layout = self.map("layout")
+        for name, spec in pinning.map_specs(self.settings).items():
+            bpfsys.bind_map(self.fn.fd, self.map(name).map_fd)
+            layout[structs.LayoutKey.of(name)] = ctypes.c_uint64(spec.digest())
+
+    def _note_restart(self, pin_dir) -> None:
+        """Say at the first start, not at the restart, how a restart will adopt the maps."""
+        from . import bpfsys, pinning
+
+        if not self._mounted_bpffs:
+            return
+        try:
+            os.close(bpfsys.fd_by_id(bpfsys.BPF_PROG_GET_FD_BY_ID, bpfsys.prog_id(self.fn.fd)))
+            denied = None
+        except OSError as exc:
+            denied = exc.strerror
+        self.notes.append(pinning.restart_note(pin_dir, denied))
 
     def map(self, name: str):
         """bcc's handle of a map, built once: bcc builds a new Table object
@@ -214,23 +242,15 @@ class BccDataplane:
         return self.fn.fd
 
     def _check_layouts(self) -> None:
-        """Fail loudly if bcc's view of a map type differs from structs.py."""
-        expect = {
-            "services": (structs.ServiceKey, structs.ServiceInfo),
-            "backends": (None, structs.BackendInfo),
-            "flows": (structs.FlowKey, structs.FlowValue),
-            "lb_config": (None, structs.LbConfig),
-            "maglev_tables": (None, self._table_type),
-            "vips": (structs.LbAddr, None),
-            "service_stats": (None, structs.LbCounters),
-            "service_ids": (None, structs.ServiceRef),
-            "service_ports": (None, ctypes.c_uint32),
-        }
-        for name, (key, leaf) in expect.items():
+        """Fail loudly if bcc's view of a map type differs in size from
+        structs.py (tests/unit/test_struct_layout.py compares every field)."""
+        from . import pinning
+
+        for name, spec in pinning.map_specs(self.settings).items():
             table = self.map(name)
             # bcc's per-CPU tables keep the single-CPU value type in sLeaf.
-            for ours, theirs in ((key, table.Key), (leaf, getattr(table, "sLeaf", table.Leaf))):
-                if ours is not None and ctypes.sizeof(ours) != ctypes.sizeof(theirs):
+            for ours, theirs in ((spec.key, table.Key), (spec.value, getattr(table, "sLeaf", table.Leaf))):
+                if ctypes.sizeof(ours) != ctypes.sizeof(theirs):
                     raise LoadError(
                         f"map {name}: {ours.__name__} is {ctypes.sizeof(ours)} bytes in structs.py "
                         f"but {ctypes.sizeof(theirs)} in bpf/lb_structs.h"

@@ -14,6 +14,13 @@ from __future__ import annotations
 
 MODES = ("auto", "native", "generic")
 
+# Receive VLAN offloads by their kernel feature names (what ETHTOOL_MSG_FEATURES_GET
+# reports), each with the `ethtool -K` words that turn it off.
+VLAN_STRIP_FEATURES = {
+    "rx-vlan-hw-parse": "rxvlan off",                        # 802.1Q; ethtool shows rx-vlan-offload
+    "rx-vlan-stag-hw-parse": "rx-vlan-stag-hw-parse off",    # 802.1ad
+}
+
 
 def attempts(requested: str, link_kind: str | None) -> list[tuple[str, str]]:
     """Modes to try in order, each with the reason it is tried."""
@@ -29,3 +36,24 @@ def attempts(requested: str, link_kind: str | None) -> list[tuple[str, str]]:
         ("native", "auto: driver mode first"),
         ("generic", "auto: the driver refused native XDP, falling back to generic"),
     ]
+
+
+def vlan_strip_refusal(ifname: str, link_kind: str | None, active_features) -> str | None:
+    """Why native XDP must not run on this link, or None.
+
+    With rx-vlan-offload the NIC strips the VLAN tag into the packet's
+    metadata before a native XDP program sees the frame, so XDP_TX sends the
+    balanced frame untagged, onto the native VLAN or nowhere. xdplb does not
+    turn the offload off itself: on a real NIC that can reset the link,
+    which would break the hitless restart it is part of. veth is left out:
+    it has no hardware that strips, and auto never runs native on it.
+    """
+    if link_kind == "veth":
+        return None
+    on = [name for name in VLAN_STRIP_FEATURES if name in active_features]
+    if not on:
+        return None
+    fix = " ".join(VLAN_STRIP_FEATURES[name] for name in on)
+    return (f"{ifname} strips VLAN tags before native XDP sees a frame ({', '.join(on)} is on), so balanced "
+            f"frames would leave untagged: turn it off with `ethtool -K {ifname} {fix}` before attaching "
+            f"(it can reset the link, so xdplb does not do it for you)")

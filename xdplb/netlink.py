@@ -14,7 +14,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from pyroute2 import IPRoute
+from pyroute2.netlink import NLM_F_REQUEST, genlmsg
 from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.generic import GenericNetlinkSocket
+from pyroute2.netlink.generic.ethtool import ethtoolbitset, ethtoolheader
 
 ADDR_PROTO = 0x78  # IFA_PROTO tag on VIP addresses added by xdplb ("x")
 
@@ -29,6 +32,50 @@ _NUD_USABLE = 0x02 | 0x04 | 0x08 | 0x10 | 0x40 | 0x80  # REACHABLE STALE DELAY P
 
 class NetlinkProblem(RuntimeError):
     pass
+
+
+ETHTOOL_MSG_FEATURES_GET = 11  # include/uapi/linux/ethtool_netlink.h
+
+
+class _ethtool_features_msg(genlmsg):
+    """ETHTOOL_MSG_FEATURES_GET and its reply (pyroute2 0.9 has no features message)."""
+
+    nla_map = (
+        ("ETHTOOL_A_FEATURES_UNSPEC", "none"),
+        ("ETHTOOL_A_FEATURES_HEADER", "ethtoolheader"),
+        ("ETHTOOL_A_FEATURES_HW", "ethtoolbitset"),
+        ("ETHTOOL_A_FEATURES_WANTED", "ethtoolbitset"),
+        ("ETHTOOL_A_FEATURES_ACTIVE", "ethtoolbitset"),
+        ("ETHTOOL_A_FEATURES_NOCHANGE", "ethtoolbitset"),
+    )
+    ethtoolheader = ethtoolheader
+    ethtoolbitset = ethtoolbitset
+
+
+def _set_bit_names(bitset) -> frozenset[str]:
+    """Names of the set bits of a verbose ethtool bitset: a NOMASK bitset
+    lists only set bits, otherwise each bit carries a VALUE flag."""
+    if bitset is None:
+        return frozenset()
+    nomask = bool(bitset.get_attr("ETHTOOL_A_BITSET_NOMASK"))
+    bits = bitset.get_attr("ETHTOOL_A_BITSET_BITS")
+    listed = bits.get_attrs("ETHTOOL_A_BITSET_BITS_BIT") if bits is not None else []
+    return frozenset(b.get_attr("ETHTOOL_A_BITSET_BIT_NAME") for b in listed
+                     if nomask or b.get_attr("ETHTOOL_A_BITSET_BIT_VALUE"))
+
+
+def _active_features(ifname: str) -> frozenset[str]:
+    sock = GenericNetlinkSocket()
+    try:
+        sock.bind("ethtool", _ethtool_features_msg)
+        msg = _ethtool_features_msg()
+        msg["cmd"] = ETHTOOL_MSG_FEATURES_GET
+        msg["version"] = 1
+        msg["attrs"].append(("ETHTOOL_A_FEATURES_HEADER", {"attrs": [["ETHTOOL_A_HEADER_DEV_NAME", ifname]]}))
+        replies = list(sock.nlm_request(msg, msg_type=sock.prid, msg_flags=NLM_F_REQUEST))
+    finally:
+        sock.close()
+    return _set_bit_names(replies[0].get_attr("ETHTOOL_A_FEATURES_ACTIVE")) if replies else frozenset()
 
 
 @dataclass(frozen=True)
@@ -74,6 +121,16 @@ class Netlink:
             mode = XDP_ATTACHED.get(xdp.get_attr("IFLA_XDP_ATTACHED") or 0)
             prog_id = xdp.get_attr("IFLA_XDP_PROG_ID")
         return Link(found[0], name, mac, kind, mode, prog_id)
+
+    def active_features(self, name: str) -> frozenset[str]:
+        """Offload features active on the link (`ethtool -k`), by their kernel
+        names (rx-vlan-hw-parse is ethtool's rx-vlan-offload), read through
+        the ETHTOOL generic netlink family."""
+        try:
+            return self._call(_active_features, name)
+        except NetlinkError as exc:
+            raise NetlinkProblem(f"cannot read the offload features of {name} through ethtool netlink: "
+                                 f"{exc}") from exc
 
     # ---- VIP addresses ----------------------------------------------------
 

@@ -9,6 +9,7 @@ explicit and always zero.
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import ipaddress
 import socket
 
@@ -25,6 +26,8 @@ F_BACKEND_READY = 1 << 1   # publishes the entry's other fields (bpf/lb_maps.h)
 TABLES_PER_SERVICE = 2
 # Words of the service_ports bitmap (PORT_WORDS): one bit per destination port.
 PORT_WORDS = 65536 // 32
+# Entries of the layout map (LAYOUT_ENTRIES): one per map it describes.
+LAYOUT_ENTRIES = 64
 
 # Indices of the not_forwarded counters (REASON_* in lb_consts.h).
 REASONS = ("not_service", "malformed", "fragment", "no_backend", "backend_gone", "no_config")
@@ -159,6 +162,42 @@ def mac_str(raw) -> str:
     return ":".join(f"{b:02x}" for b in bytes(raw))
 
 
+class LayoutKey(ctypes.Structure):
+    """struct layout_key: the layout map's key, a map's name."""
+
+    _fields_ = [("name", ctypes.c_char * 16)]  # NUL-padded, as the kernel's map names (BPF_OBJ_NAME_LEN)
+
+    @classmethod
+    def of(cls, name: str) -> "LayoutKey":
+        raw = name.encode()
+        if len(raw) > 15:
+            raise ValueError(f"map name {name!r} is longer than 15 bytes")
+        return cls(raw)
+
+
+def layout_text(ctype) -> str:
+    """The memory layout of a ctypes type as text: every field's name,
+    offset and size, nested structs and arrays spelled out, scalars by their
+    ctypes code and size. Equal text, equal layout."""
+    if isinstance(ctype, type) and issubclass(ctype, (ctypes.Structure, ctypes.Union)):
+        kind = "union" if issubclass(ctype, ctypes.Union) else "struct"
+        fields = ",".join(f"{name}@{getattr(ctype, name).offset}:{layout_text(ftype)}"
+                          for name, ftype, *_ in ctype._fields_)
+        return f"{kind}{ctypes.sizeof(ctype)}{{{fields}}}"
+    if isinstance(ctype, type) and issubclass(ctype, ctypes.Array):
+        return f"{layout_text(ctype._type_)}[{ctype._length_}]"
+    # ctypes' own codes differ by platform for one C type (c_uint64 is 'L' or 'Q'): spell kind and bits.
+    code = ctype._type_
+    kind = "u" if code in "BHILQ" else "s" if code in "bhilq" else code
+    return f"{kind}{8 * ctypes.sizeof(ctype)}"
+
+
+def layout_digest(key, value) -> int:
+    """64-bit digest of a map's key and value layout (the layout map's value)."""
+    text = f"key={layout_text(key)};value={layout_text(value)}"
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
+
+
 # Every shared struct, by its C name: the layout test walks this.
 SHARED_STRUCTS = {
     "lb_addr": LbAddr,
@@ -170,4 +209,5 @@ SHARED_STRUCTS = {
     "flow_value": FlowValue,
     "lb_counters": LbCounters,
     "lb_config": LbConfig,
+    "layout_key": LayoutKey,
 }

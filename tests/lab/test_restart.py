@@ -7,6 +7,7 @@ namespace so a restarted daemon inside `ip netns exec` finds the maps.
 from __future__ import annotations
 
 import functools
+import os
 import signal
 import subprocess
 import time
@@ -26,8 +27,9 @@ TOOL = str(Path(__file__).resolve().parents[2] / "tools" / "lab_client.py")
 def make_balancer(lab, tmp_path):
     made = []
 
-    def make(pool: Path, name="xdplb") -> Balancer:
-        b = Balancer(lab, pool, tmp_path / "run", tmp_path / f"{name}.log", bpffs=tmp_path / "bpffs")
+    def make(pool: Path, name="xdplb", host_bpffs=True) -> Balancer:
+        b = Balancer(lab, pool, tmp_path / "run", tmp_path / f"{name}.log", bpffs=tmp_path / "bpffs",
+                     host_bpffs=host_bpffs)
         made.append(b)
         return b
 
@@ -56,18 +58,38 @@ def _owner(backends, sport):
     return ordered[_table(ordered)[slot] - 1]
 
 
-def test_restart_after_kill_9_adopts_flows_even_when_the_table_changes(lab, tmp_path, make_balancer):
+# How xdplb is started: pins on a bpffs in the host's mount namespace (the
+# lab's default); as the README's PACS walkthrough runs it (`ip netns exec
+# xl-lb xdplb attach eth0 ...`, no XDPLB_BPFFS), where the bpffs it mounts
+# dies with it; and as in a container with host networking, stood in for by
+# unshare: a mount and pid namespace of its own in the lb's network
+# namespace, killed whole (--kill-child) by kill -9. In the last two no pin
+# survives and the restart takes the maps from the attached program by id.
+WAYS = {
+    "pins-on-a-host-bpffs": (True, [], 42000),
+    "as-the-readme-runs-it": (False, [], 52000),
+    "in-a-container-with-host-networking": (False, ["unshare", "--mount", "--pid", "--fork", "--mount-proc",
+                                                    "--kill-child"], 57000),
+}
+
+
+@pytest.mark.parametrize("way", list(WAYS))
+def test_restart_after_kill_9_adopts_flows_even_when_the_table_changes(lab, tmp_path, make_balancer, way):
+    host_bpffs, wrapper, base = WAYS[way]   # base: client ports of its own (another run's may be in TIME_WAIT)
     two = [lab.backend_ip(1), lab.backend_ip(2)]
     three = two + [lab.backend_ip(3)]
     # Client ports whose flow sits on be1/be2 now and whose slot belongs to be3
     # once be3 joins: only the adopted flow table can keep them in place.
-    movers = [p for p in range(42000, 47000) if _owner(three, p) == lab.backend_ip(3)][:5]
+    movers = [p for p in range(base, base + 5000) if _owner(three, p) == lab.backend_ip(3)][:5]
     sports, fresh_port = movers[:4], movers[4]
     expected = {p: _owner(two, p) for p in sports}
     pool = tmp_path / "pool.toml"
     pool.write_text(pool_text(lab, skip=("be3",)))
-    first = make_balancer(pool, "first").start()
+    argv = [*wrapper, Balancer.cli_path, "attach", "eth0", "--pool", str(pool), "--mode", "auto"]
+    first = make_balancer(pool, "first", host_bpffs).start(argv)
     first.wait_ready()
+    if not host_bpffs:
+        assert "a restart takes the maps from the attached program" in first.log(), "said at the first start"
 
     total = 6 * 1024 * 1024
     uploads = {p: _upload(lab, total, 25, p) for p in sports}
@@ -78,9 +100,11 @@ def test_restart_after_kill_9_adopts_flows_even_when_the_table_changes(lab, tmp_
     assert xdp_attached(lab) and lab.vip in lb_addresses(lab)
 
     pool.write_text(pool_text(lab))  # be3 joins while no controller runs
-    second = make_balancer(pool, "second").start()
+    second = make_balancer(pool, "second", host_bpffs).start(argv)
     st = second.wait_ready()
     assert "adopted pinned maps" in second.log()
+    if not host_bpffs:
+        assert "took 14 from the attached program" in second.log()
     assert "replaced the running xdplb program" in second.log()
     assert backend_health(st, "sink")["be3"] == "up"
 
@@ -92,6 +116,14 @@ def test_restart_after_kill_9_adopts_flows_even_when_the_table_changes(lab, tmp_
     # A new flow from such a port goes to be3: the table really changed.
     fresh = lab.run("client", "/usr/bin/python3", TOOL, "upload", lab.vip, 9000, 1000, 0.1, fresh_port).stdout
     assert fresh.splitlines()[-1].split()[1] == "be3"
+    if wrapper:
+        # Stop the container as `docker stop` does: SIGTERM to its first
+        # process (unshare itself ignores it and waits for that process).
+        pid = second.proc.pid
+        (child,) = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        os.kill(int(child), signal.SIGTERM)
+        assert second.proc.wait(20) == 0
+        assert not xdp_attached(lab), "a clean stop in the container detaches"
 
 
 def test_sigusr1_leaves_everything_running_for_the_next_attach(lab, tmp_path, make_balancer):

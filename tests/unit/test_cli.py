@@ -11,6 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 import xdplb.cli
+import xdplb.pinning
 from xdplb.cli import cli
 from xdplb.config import load_pool
 
@@ -83,6 +84,17 @@ def test_check_example_prints_every_service_and_its_maglev_shares(runner):
         assert sum(counts) == size  # every slot has an owner
         equal = size / len(svc.backends)
         assert all(abs(c - equal) <= 0.01 * size for c in counts)
+
+
+def test_check_states_the_flow_tables_per_cpu_capacity(runner, monkeypatch):
+    # A 32-CPU gateway must hold 100k concurrent associations whatever CPU inserts them.
+    monkeypatch.setattr(xdplb.pinning, "possible_cpus", lambda: 32)
+    result = runner.invoke(cli, ["check", "--pool", str(EXAMPLE)])
+    assert result.exit_code == 0, result.output
+    (line,) = [ln for ln in result.stdout.splitlines() if ln.startswith("flow table:")]
+    assert "262144 entries in one LRU shared by all 32 possible CPUs" in line
+    per_cpu = int(re.search(r"per-CPU capacity (\d+) flows", line).group(1))
+    assert per_cpu == 262144 - 32 * 128 and per_cpu >= 100_000
 
 
 def test_check_bad_pool_prints_only_the_one_sentence_error(runner, tmp_path):

@@ -405,14 +405,26 @@ def test_link_with_another_xdp_program_is_refused_before_compiling(tmp_path, run
     assert not control.socket_path(IF).exists()
 
 
-def test_leftover_xdplb_program_without_pinned_maps_is_refused_before_compiling(tmp_path, run_dir):
+def test_leftover_xdplb_program_is_handed_to_the_dataplane_to_adopt_its_maps(tmp_path, run_dir):
+    # Where its pins died with its mount namespace, only the program still
+    # holds the maps: the dataplane takes them by the program's id.
     h = Harness(tmp_path, prog_id=42, prog_name=xdplb.daemon.PROG_NAME)
     daemon = h.daemon()
-    with pytest.raises(AttachError, match="no maps are pinned"):
-        asyncio.run(asyncio.wait_for(daemon.run(), 5))  # a run that starts would hang: fail instead
-    assert h.made == []
-    assert not any(c[0] == "add_vip" for c in h.nl.calls)
-    assert not control.socket_path(IF).exists()
+
+    async def scenario():
+        async with running(daemon):
+            assert h.dp.attached_prog_id == 42
+            assert h.dp.attach_calls[-1][-1] == "replace"
+
+    asyncio.run(scenario())
+
+
+def test_a_fresh_attach_adopts_nothing(h):
+    async def scenario():
+        async with running(h.daemon()):
+            assert h.dp.attached_prog_id is None
+
+    asyncio.run(scenario())
 
 
 def test_auto_on_a_nic_falls_back_to_generic_when_native_is_refused(tmp_path, run_dir, caplog):
@@ -439,6 +451,46 @@ def test_explicit_native_mode_does_not_fall_back(tmp_path, run_dir):
     assert h.dp.attached is None
     assert h.nl.addresses[INDEX] == set()
     assert not control.socket_path(IF).exists()
+
+
+@pytest.mark.parametrize("mode", ["auto", "native"])
+def test_a_nic_that_strips_vlan_tags_is_refused_in_native_mode_with_the_fix(tmp_path, run_dir, mode):
+    h = Harness(tmp_path, kind=None)
+    h.nl.features[IF] = frozenset({"rx-vlan-hw-parse", "rx-checksum"})
+    daemon = h.daemon(mode=mode)
+    with pytest.raises(AttachError, match=rf"`ethtool -K {IF} rxvlan off` before attaching"):
+        asyncio.run(asyncio.wait_for(daemon.run(), 5))  # a run that starts would hang: fail instead
+    assert h.dp.attach_calls == [], "refused before any attach, no fallback to generic"
+    assert h.nl.addresses[INDEX] == set()
+    assert not control.socket_path(IF).exists()
+
+
+def test_generic_mode_and_a_nic_without_vlan_stripping_attach(tmp_path, run_dir):
+    stripping = Harness(tmp_path, kind=None)
+    stripping.nl.features[IF] = frozenset({"rx-vlan-hw-parse"})
+    plain = Harness(tmp_path, kind=None)
+    plain.nl.features[IF] = frozenset({"tx-vlan-hw-insert", "rx-checksum"})
+
+    async def scenario():
+        async with running(stripping.daemon(mode="generic")):
+            assert stripping.dp.attached == (IF, "generic")
+        async with running(plain.daemon(mode="native")):
+            assert plain.dp.attached == (IF, "native")
+
+    asyncio.run(scenario())
+
+
+def test_a_restart_onto_a_native_program_with_vlan_stripping_warns_and_replaces(tmp_path, run_dir, caplog):
+    # Refusing would stop only the controller: the running program keeps its mode either way.
+    h = Harness(tmp_path, kind=None, prog_id=42, prog_name=xdplb.daemon.PROG_NAME)
+    h.nl.features[IF] = frozenset({"rx-vlan-hw-parse"})
+
+    async def scenario():
+        async with running(h.daemon()):
+            assert h.dp.attach_calls == [(IF, "native", "replace")]
+
+    asyncio.run(scenario())
+    assert any("rxvlan off" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
 
 
 # ---- neighbours --------------------------------------------------------------

@@ -10,7 +10,7 @@ import pytest
 from xdplb.config import parse_pool
 from xdplb.desired import COMPILED_SETTINGS, desired_state, restart_needed
 from xdplb.health_fsm import Health, State
-from xdplb.modes import MODES, attempts
+from xdplb.modes import MODES, attempts, vlan_strip_refusal
 
 POOL = """\
 [xdplb]
@@ -148,3 +148,26 @@ def test_modes_list_is_what_attempts_accepts():
     assert MODES == ("auto", "native", "generic")
     for mode in MODES:
         assert attempts(mode, None)
+
+
+# ---- VLAN tag stripping (rx-vlan-offload) in native mode ---------------------
+
+def test_no_vlan_stripping_no_refusal():
+    assert vlan_strip_refusal("eth0", None, frozenset({"tx-vlan-hw-insert", "rx-checksum"})) is None
+
+
+def test_ctag_stripping_is_refused_with_one_sentence_and_the_command():
+    text = vlan_strip_refusal("eth0", None, frozenset({"rx-vlan-hw-parse", "tx-vlan-hw-insert"}))
+    assert text.count(". ") == 0 and "\n" not in text, "one sentence"
+    assert "eth0 strips VLAN tags" in text and "rx-vlan-hw-parse is on" in text
+    assert "`ethtool -K eth0 rxvlan off`" in text
+
+
+def test_stag_stripping_names_its_own_feature():
+    text = vlan_strip_refusal("bond0", None, frozenset({"rx-vlan-hw-parse", "rx-vlan-stag-hw-parse"}))
+    assert "`ethtool -K bond0 rxvlan off rx-vlan-stag-hw-parse off`" in text
+
+
+def test_veth_is_never_refused():
+    # veth reports both features on, but has no hardware that strips a tag.
+    assert vlan_strip_refusal("eth0", "veth", frozenset({"rx-vlan-hw-parse", "rx-vlan-stag-hw-parse"})) is None

@@ -45,7 +45,7 @@ def _program() -> str:
         lines.append(f'printf("EVENT_{event.upper()} %d {i}\\n", EVENT_{event.upper()});')
     lines.append(f'printf("EVENT_MAX %d {len(structs.EVENTS)}\\n", EVENT_MAX);')
     for flag in ("F_SVC_CLIENT_PERSIST", "SVC_STATE_HALF", "F_BACKEND_UP", "F_BACKEND_READY",
-                 "F_CFG_NO_BACKEND_DROP", "TABLES_PER_SERVICE", "PORT_WORDS"):
+                 "F_CFG_NO_BACKEND_DROP", "TABLES_PER_SERVICE", "PORT_WORDS", "LAYOUT_ENTRIES"):
         lines.append(f'printf("{flag} %u {getattr(structs, flag)}\\n", (unsigned){flag});')
     lines.append(f'printf("ACTION_MAX %d {len(structs.ACTIONS)}\\n", ACTION_MAX);')
     lines += ["return 0;", "}"]
@@ -68,7 +68,8 @@ def test_struct_sizes_and_offsets_match(c_layout):
     mismatches = []
     for line in c_layout:
         name, *values = line.split()
-        if name.endswith(("_MAX",)) or name.startswith(("REASON_", "EVENT_", "F_", "SVC_", "TABLES_", "PORT_")):
+        if name.endswith(("_MAX",)) or name.startswith(("REASON_", "EVENT_", "F_", "SVC_", "TABLES_", "PORT_",
+                                                         "LAYOUT_")):
             continue
         if values[0] == "size":
             cls = structs.SHARED_STRUCTS[name]
@@ -94,7 +95,7 @@ def test_shared_constants_match(c_layout):
     wrong = []
     for line in c_layout:
         name, *values = line.split()
-        if name.startswith(("REASON_", "EVENT_", "F_", "SVC_", "TABLES_", "ACTION_", "PORT_")):
+        if name.startswith(("REASON_", "EVENT_", "F_", "SVC_", "TABLES_", "ACTION_", "PORT_", "LAYOUT_")):
             c_value, py_value = values
             if c_value != py_value:
                 wrong.append(f"{name}: C {c_value}, Python {py_value}")
@@ -110,3 +111,82 @@ def test_keys_have_no_hidden_padding():
     for cls in (structs.ServiceKey, structs.FlowKey, structs.LbAddr):
         covered = sum(getattr(cls, name).size for name, _ in cls._fields_)
         assert covered == ctypes.sizeof(cls), cls.__name__
+
+
+# ---- against the types bcc itself generates --------------------------------
+#
+# bcc compiles the program with its own embedded clang and builds a ctypes
+# Key and Leaf for every map from that compiler's view of the structs. The
+# gcc comparison above cannot see a difference between the two compilers;
+# this one compares structs.py with bcc's types, map by map (needs root: bcc
+# creates the maps to load the program).
+
+def _bcc_field(ctype, cname: str):
+    """(offset, size, type) of the field named `cname` in a bcc-generated
+    type, looking through anonymous unions and structs."""
+    for name, ftype, *_ in ctype._fields_:
+        descr = getattr(ctype, name)
+        if name == cname:
+            return descr.offset, descr.size, ftype
+        if name in getattr(ctype, "_anonymous_", ()):
+            found = _bcc_field(ftype, cname)
+            if found:
+                return descr.offset + found[0], found[1], found[2]
+    return None
+
+
+def _drift(ours, theirs, where: str) -> list[str]:
+    if ctypes.sizeof(ours) != ctypes.sizeof(theirs):
+        return [f"{where}: {ctypes.sizeof(ours)} bytes in structs.py, {ctypes.sizeof(theirs)} as bcc built it"]
+    if not (isinstance(ours, type) and issubclass(ours, ctypes.Structure)):
+        return []
+    problems = []
+    names = getattr(ours, "C_NAMES", {})
+    for pyname, ftype in ours._fields_:
+        cname = names.get(pyname, pyname)
+        found = _bcc_field(theirs, cname)
+        field = getattr(ours, pyname)
+        if found is None:
+            problems.append(f"{where}.{cname}: no such field in bcc's type")
+        elif (field.offset, field.size) != found[:2]:
+            problems.append(f"{where}.{cname}: offset {field.offset} size {field.size} in structs.py, "
+                            f"offset {found[0]} size {found[1]} as bcc built it")
+        else:
+            problems += _drift(ftype, found[2], f"{where}.{cname}")
+    return problems
+
+
+@pytest.fixture(scope="module")
+def bcc_dataplane():
+    import os
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root: bcc creates the maps to load the program")
+    from xdplb.config import Settings
+    from xdplb.dataplane import BccDataplane
+
+    dp = BccDataplane(Settings(maglev_size=251))
+    yield dp
+    dp.bpf.cleanup()
+
+
+@pytest.mark.root
+def test_every_map_type_matches_what_bcc_generates(bcc_dataplane):
+    from xdplb import pinning
+
+    problems = []
+    for name, spec in pinning.map_specs(bcc_dataplane.settings).items():
+        table = bcc_dataplane.map(name)
+        problems += _drift(spec.key, table.Key, f"{name} key")
+        # bcc's per-CPU tables keep the single-CPU value type in sLeaf.
+        problems += _drift(spec.value, getattr(table, "sLeaf", table.Leaf), f"{name} value")
+    assert not problems, "\n".join(problems)
+
+
+def test_drift_check_sees_a_swapped_field():
+    # The comparison itself must catch what the layout digest guards against.
+    class Swapped(ctypes.Structure):
+        _fields_ = [("service_id", ctypes.c_uint32), ("backend_id", ctypes.c_uint32)]
+
+    assert _drift(structs.FlowValue, Swapped, "flows value") != []
+    assert _drift(structs.FlowValue, structs.FlowValue, "flows value") == []

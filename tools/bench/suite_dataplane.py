@@ -47,6 +47,9 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 from pathlib import Path
 
+from xdplb.pinning import cpu_list_count as cpu_count_in  # noqa: F401 (tests call it here)
+from xdplb.pinning import possible_cpus
+
 from . import frames, stats
 from .tables import fmt, fmt_ratio, markdown, targets_table
 
@@ -99,26 +102,16 @@ def variant_source(text: str, variant: str) -> str:
     return text.replace(INSERT_LINE, VARIANTS[variant])
 
 
-def cpu_count_in(text: str) -> int:
-    """Number of CPUs in a kernel CPU list such as '0-3,8,10-11'."""
-    count = 0
-    for part in text.strip().split(","):
-        if not part:
-            continue
-        low, _, high = part.partition("-")
-        count += (int(high) - int(low) + 1) if high else 1
-    if count == 0:
-        raise ValueError(f"empty CPU list {text!r}")
-    return count
-
-
 def flow_table_size(max_fill: int, possible_cpus: int, fill_cpus: int, headroom: int = 4096) -> int:
-    """Entries for a per-CPU LRU flow table that holds `max_fill` flows without evicting.
+    """Entries for a flow table that holds `max_fill` flows without evicting.
 
-    With BPF_F_NO_COMMON_LRU the kernel splits the entries evenly over every
-    possible CPU and an insert takes a free entry from the inserting CPU's
-    share, so the fill is spread over `fill_cpus` CPUs and each share gets
-    `headroom` spare entries (for the flows the measured packets insert).
+    Sized for the stricter LRU kind, per-CPU lists (BPF_F_NO_COMMON_LRU, as
+    maps pinned by earlier builds still have): the kernel splits the entries
+    evenly over every possible CPU and an insert takes a free entry from the
+    inserting CPU's share, so the fill is spread over `fill_cpus` CPUs and
+    each share gets `headroom` spare entries (for the flows the measured
+    packets insert). The shared LRU bpf/lb_maps.h declares now needs less:
+    `max_fill` plus 128 cached entries per CPU (xdplb.pinning.flow_capacity).
     """
     if fill_cpus < 1 or possible_cpus < fill_cpus:
         raise ValueError(f"cannot fill from {fill_cpus} of {possible_cpus} CPUs")
@@ -492,7 +485,7 @@ def run(opts: Options) -> dict:
                     ("events", "flow_hit")), acks, acks)
 
     # 2. Loaded flow tables: one program, filled step by step.
-    possible = cpu_count_in(Path("/sys/devices/system/cpu/possible").read_text())
+    possible = possible_cpus()
     size = max(default.flow_table_size, flow_table_size(max(opts.scale.fills), possible, len(allowed)))
     loaded = programs.get(_settings(flow_table_size=size))
     programs.drop_others([main, upper, loaded])   # the baseline's program goes here too

@@ -1,0 +1,79 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * lb_consts.h - every constant of the xdplb data plane.
+ *
+ * Sizes are wrapped in #ifndef so the controller can override them with
+ * -D flags (it passes the pool's [xdplb] settings to bcc this way). Shared
+ * with user space: xdplb/structs.py mirrors the enums and flags, and
+ * tests/unit/test_struct_layout.py fails when the two sides drift.
+ */
+#ifndef XDPLB_CONSTS_H
+#define XDPLB_CONSTS_H
+
+/* Maglev lookup table size per service; must be prime (default from the
+ * Maglev paper). The table value holds MAGLEV_SIZE backend ids. */
+#ifndef MAGLEV_SIZE
+#define MAGLEV_SIZE 65537
+#endif
+
+/* Services (VIP, port, protocol). Service ids run 0 .. MAX_SERVICES-1 and
+ * index the per-service counters and the Maglev table pairs. */
+#ifndef MAX_SERVICES
+#define MAX_SERVICES 64
+#endif
+
+/* Backend ids run 1 .. MAX_BACKENDS-1. Id 0 means "no backend": a Maglev
+ * slot holding 0 is counted as REASON_NO_BACKEND and dropped. */
+#ifndef MAX_BACKENDS
+#define MAX_BACKENDS 4096
+#endif
+
+/* Entries in the flow table (5-tuple -> backend id). */
+#ifndef FLOW_TABLE_SIZE
+#define FLOW_TABLE_SIZE 262144
+#endif
+
+/* Distinct VIP addresses (used to recognise fragments addressed to us). */
+#ifndef MAX_VIPS
+#define MAX_VIPS MAX_SERVICES
+#endif
+
+/* Destination ports, as bits of 32-bit words in the service_ports map. */
+#define PORT_WORDS (65536 / 32)
+
+/* Each service owns two Maglev tables: the live one and the one the
+ * controller writes next (see lb_maps.h for why). */
+#define TABLES_PER_SERVICE 2
+
+/* struct service_info.flags */
+#define F_SVC_CLIENT_PERSIST (1U << 0) /* hash source address only, not the 5-tuple */
+
+/* struct backend_info.flags */
+#define F_BACKEND_UP (1U << 0) /* healthy: flows may stay on / be sent to it */
+
+/* struct lb_config.flags */
+#define F_CFG_NO_BACKEND_DROP (1U << 0) /* drop, rather than pass to the local stack, when no backend is up */
+
+/* Why a packet was not forwarded: index into the not_forwarded counters. */
+#define REASON_NOT_SERVICE 0     /* passed: not addressed to a configured service */
+#define REASON_MALFORMED 1       /* truncated or invalid header */
+#define REASON_FRAGMENT 2        /* IPv4 fragment addressed to a VIP: dropped */
+#define REASON_NO_BACKEND 3      /* Maglev slot empty (0): the service has no healthy backend; passed
+                                  * to the gateway's stack, which holds the VIP and resets (TCP RST,
+                                  * ICMP port unreachable), or dropped with F_CFG_NO_BACKEND_DROP */
+#define REASON_BACKEND_GONE 4    /* the table named a backend that is missing or down */
+#define REASON_NO_CONFIG 5       /* controller has not written lb_config yet */
+#define REASON_MAX 6
+
+/* Events worth counting that are not drops: index into the events counters. */
+#define EVENT_IP_OPTIONS 0       /* IPv4 header with options (forwarded as usual) */
+#define EVENT_VLAN 1             /* one 802.1Q / 802.1ad tag seen (kept on forward) */
+#define EVENT_FLOW_HIT 2         /* flow table hit on a live backend */
+#define EVENT_FLOW_NEW 3         /* no flow entry: chosen by Maglev */
+#define EVENT_FLOW_RESELECT 4    /* flow entry pointed at a down/removed backend: re-chosen */
+#define EVENT_MAX 5
+
+/* XDP actions are counted by their own value: XDP_ABORTED 0 .. XDP_REDIRECT 4. */
+#define ACTION_MAX 5
+
+#endif /* XDPLB_CONSTS_H */

@@ -1,0 +1,92 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * lb_structs.h - structs shared between the XDP program and the controller.
+ *
+ * Keep in sync with xdplb/structs.py (ctypes). tests/unit/test_struct_layout.py
+ * compiles this header with gcc, prints every offset and size, and fails when
+ * the Python side drifts. Every field states its byte order; padding is
+ * explicit and must be zero (the flow and service keys are hashed as bytes).
+ */
+#ifndef XDPLB_STRUCTS_H
+#define XDPLB_STRUCTS_H
+
+#include <linux/types.h>
+#include "lb_consts.h"
+
+/* An IP address, 16 bytes so IPv6 fits later. */
+struct lb_addr {
+	union {
+		__be32 v4;     /* network order; IPv4 uses these first 4 bytes, the other 12 are zero */
+		__be32 v6[4];  /* network order; reserved for IPv6 */
+	};
+};
+
+/* services map key: what a client addresses. IPv4 only, like the program:
+ * the kernel hashes and compares every key byte on every lookup, so the key
+ * holds the 4-byte address rather than a struct lb_addr. Also the value of
+ * the service_ids map (the key a service id serves now; all zero while the
+ * id is free). */
+struct service_key {
+	__be32 vip;            /* network order */
+	__be16 port;           /* network order: destination port */
+	__u8 proto;            /* IPPROTO_TCP (6) or IPPROTO_UDP (17); 0 in a free service_ids entry */
+	__u8 pad;              /* zero */
+};
+
+/* services map value. Replaced whole (hash map update) so a packet sees
+ * either the old or the new value, never a mix: this is how a table flips. */
+struct service_info {
+	__u32 id;              /* host order: 0 .. MAX_SERVICES-1, index of counters and tables */
+	__u32 flags;           /* host order: F_SVC_* */
+	__u32 table;           /* host order: 0 or 1, which of the service's two Maglev tables is live */
+	__u32 pad;             /* zero */
+};
+
+/* backends map value, indexed by backend id (1 .. MAX_BACKENDS-1). One id is
+ * one (service, backend) pair, so health and drain are per service. */
+struct backend_info {
+	struct lb_addr addr;   /* network order: the backend's own address (informational) */
+	__u8 mac[6];           /* wire order: destination MAC written into forwarded frames */
+	__u8 flags;            /* F_BACKEND_* */
+	__u8 pad;              /* zero */
+	__u32 service_id;      /* host order: the service this id belongs to */
+};
+
+/* flows map key: one client flow. IPv4 only, 4-byte addresses for the same
+ * reason as service_key (16 bytes rather than 40 to hash per packet). */
+struct flow_key {
+	__be32 src;            /* network order: client address */
+	__be32 dst;            /* network order: VIP */
+	__be16 sport;          /* network order */
+	__be16 dport;          /* network order */
+	__u8 proto;            /* IPPROTO_* */
+	__u8 pad[3];           /* zero */
+};
+
+/* flows map value. */
+struct flow_value {
+	__u32 backend_id;      /* host order: backend the flow is pinned to */
+	__u32 service_id;      /* host order: service it was chosen in */
+};
+
+/* One Maglev lookup table: slot -> backend id (host order, 0 = no backend). */
+struct maglev_table {
+	__u32 slots[MAGLEV_SIZE];
+};
+
+/* Per-CPU traffic counters, per service and per backend. */
+struct lb_counters {
+	__u64 packets;         /* host order */
+	__u64 bytes;           /* host order: Ethernet frame length as received, without FCS */
+	__u64 new_flows;       /* host order: flows assigned by a Maglev lookup */
+};
+
+/* lb_config value (single entry, key 0): facts about the attached interface. */
+struct lb_config {
+	__u8 mac[6];           /* wire order: source MAC written into forwarded frames */
+	__u8 ready;            /* 1 once the controller has written this entry */
+	__u8 flags;            /* F_CFG_* */
+	__u32 hash_seed;       /* host order: seed of the flow hash (xdplb/flowhash.py mirrors it) */
+};
+
+#endif /* XDPLB_STRUCTS_H */

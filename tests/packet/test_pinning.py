@@ -1,0 +1,151 @@
+"""Adopting pinned maps: exact kernel sizes, recorded layouts, maps taken by id.
+
+The real program is loaded through bcc with its maps pinned on a private
+bpffs (no XDP attach: nothing here needs a mode). Each test loads the
+dataplane twice, as a restart does, and looks at what the second load adopts.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from xdplb import bpf_source, bpfsys, pinning, structs
+from xdplb.config import Settings
+
+pytestmark = pytest.mark.root
+
+LEGACY = Path(__file__).resolve().parent / "legacy_maps"
+
+
+@pytest.fixture
+def bpffs(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("needs root: loads BPF and mounts a bpffs")
+    mount = tmp_path / "bpffs"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "bpf", "bpf", str(mount)], check=True)
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.fixture
+def loaded():
+    """Load BccDataplanes; every one still loaded is unloaded afterwards."""
+    from xdplb.dataplane import BccDataplane
+
+    made = []
+
+    def load(settings, pin_dir, **kwargs):
+        dp = BccDataplane(settings, pin_dir=pin_dir, **kwargs)
+        made.append(dp)
+        return dp
+
+    yield load
+    for dp in made:
+        dp.bpf.cleanup()
+
+
+def odd_flow_table_size() -> int:
+    cpus = pinning.possible_cpus()
+    assert cpus > 1, "a size that does not divide by the CPU count needs more than one possible CPU"
+    return 1024 * cpus + 1
+
+
+def load_legacy_maps(settings: Settings, pin_dir: Path):
+    """Pin the maps as the previous version did (see legacy_maps/maps_only.c)."""
+    from bcc import BPF
+
+    flags = {"MAGLEV_SIZE": settings.maglev_size, "MAX_SERVICES": settings.max_services,
+             "MAX_BACKENDS": settings.max_backends, "FLOW_TABLE_SIZE": settings.flow_table_size,
+             "PIN_DIR": str(pin_dir)}
+    pin_dir.mkdir(parents=True, exist_ok=True)
+    return BPF(text=bpf_source.assemble("maps_only.c", LEGACY).encode(), cflags=bpf_source.cflags(flags))
+
+
+class SwappedFlowValue(ctypes.Structure):
+    """flow_value with its two fields swapped: same size, another layout."""
+
+    _fields_ = [("service_id", ctypes.c_uint32), ("backend_id", ctypes.c_uint32)]
+
+
+def test_restart_adopts_a_flow_table_whose_size_the_cpus_do_not_divide(bpffs, loaded):
+    settings = Settings(maglev_size=251, flow_table_size=odd_flow_table_size())
+    loaded(settings, bpffs / "eth0").bpf.cleanup()
+    second = loaded(settings, bpffs / "eth0")   # refused before: the kernel's size was compared with the asked one
+    assert second.adopted
+
+
+def test_kernel_rounds_a_per_cpu_lru_as_kernel_entries_says_and_it_is_adopted(bpffs, loaded):
+    # The previous version's flow table (BPF_F_NO_COMMON_LRU) at a size the
+    # CPUs do not divide: the kernel creates more entries than were asked.
+    settings = Settings(maglev_size=251, flow_table_size=odd_flow_table_size())
+    legacy = load_legacy_maps(settings, bpffs / "eth0")
+    info = bpfsys.pinned_map_info(str(bpffs / "eth0" / "flows"))
+    assert info.flags == pinning.BPF_F_NO_COMMON_LRU
+    cpus = pinning.possible_cpus()
+    assert info.max_entries == pinning.kernel_entries("lru_hash", settings.flow_table_size, info.flags, cpus)
+    assert info.max_entries > settings.flow_table_size
+    legacy.cleanup()
+    specs = pinning.map_specs(settings)
+    changed = sorted(n for n, d in pinning.UNRECORDED_LAYOUT.items() if specs[n].digest() != d)
+    if changed:
+        # A later build changed one of those structs: the first upgrade must
+        # refuse, naming it, rather than misread it.
+        from xdplb.dataplane import LoadError
+
+        with pytest.raises(LoadError, match=rf"{changed[0]} layout .*run `xdplb detach eth0` first"):
+            loaded(settings, bpffs / "eth0")
+        return
+    dp = loaded(settings, bpffs / "eth0")
+    assert dp.adopted
+    notes = " ".join(dp.notes)
+    assert "carry no layout record" in notes
+    assert f"per-CPU capacity {info.max_entries // cpus} flows" in notes
+    # Adopted once: the layout is recorded now, for the next restart.
+    assert pinning.recorded_layout(bpffs / "eth0")["flows"] == pinning.map_specs(settings)["flows"].digest()
+    dp.bpf.cleanup()
+    again = loaded(settings, bpffs / "eth0")
+    assert again.adopted and not any("no layout record" in n for n in again.notes)
+
+
+def test_pinned_maps_of_another_layout_are_refused_with_detach_first(bpffs, loaded, monkeypatch):
+    from xdplb.dataplane import LoadError
+
+    settings = Settings(maglev_size=251)
+    loaded(settings, bpffs / "eth0").bpf.cleanup()
+    monkeypatch.setattr(structs, "FlowValue", SwappedFlowValue)  # an upgrade that swapped two fields
+    with pytest.raises(LoadError) as refused:
+        loaded(settings, bpffs / "eth0")
+    message = str(refused.value)
+    assert "flows layout" in message and "run `xdplb detach eth0` first" in message
+    assert "services" not in message, "only the map whose layout changed is named"
+
+
+def test_unrecorded_maps_are_refused_when_this_build_changed_a_layout(bpffs, loaded, monkeypatch):
+    from xdplb.dataplane import LoadError
+
+    settings = Settings(maglev_size=251)
+    load_legacy_maps(settings, bpffs / "eth0").cleanup()
+    monkeypatch.setattr(structs, "FlowValue", SwappedFlowValue)
+    with pytest.raises(LoadError, match=r"flows layout .*run `xdplb detach eth0` first"):
+        loaded(settings, bpffs / "eth0")
+
+
+def test_maps_of_the_attached_program_are_taken_by_id_when_no_pin_survived(bpffs, loaded):
+    settings = Settings(maglev_size=251)
+    first = loaded(settings, bpffs / "old" / "eth0")
+    key = structs.FlowKey((ctypes.c_uint8 * 4)(10, 0, 0, 2), (ctypes.c_uint8 * 4)(10, 0, 0, 100), 1, 2, 6)
+    first.map("flows")[key] = structs.FlowValue(7, 3)
+    shutil.rmtree(bpffs / "old")   # the pins die with their mount namespace; the program holds the maps
+    prog = bpfsys.prog_id(first.prog_fd)
+    second = loaded(settings, bpffs / "new" / "eth0", attached_prog_id=prog)
+    assert second.adopted
+    assert "took 14 from the attached program" in " ".join(second.notes)
+    assert sorted(p.name for p in (bpffs / "new" / "eth0").iterdir()) == sorted(pinning.map_specs(settings))
+    value = second.map("flows")[key]
+    assert (value.backend_id, value.service_id) == (7, 3)
