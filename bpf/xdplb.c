@@ -18,10 +18,14 @@
  *     and pings to the VIP all go to its own stack);
  *   - Ethernet or IPv4 header truncated or invalid: XDP_PASS unchanged, the
  *     kernel stack validates and drops it (REASON_MALFORMED);
- *   - IPv4 fragment to a VIP: XDP_DROP (REASON_FRAGMENT). Only the first
- *     fragment carries ports, so fragments cannot be steered consistently;
- *     TCP with path-MTU discovery does not fragment. Fragments to other
- *     addresses pass;
+ *   - TCP/UDP IPv4 fragment to a VIP: XDP_DROP (REASON_FRAGMENT). Only the
+ *     first fragment carries ports, so fragments cannot be steered
+ *     consistently; TCP with path-MTU discovery does not fragment. Other
+ *     fragments to a VIP (ICMP: a large ping) and all fragments to other
+ *     addresses pass to the stack, which reassembles them;
+ *   - ICMP "fragmentation needed" to a VIP about a reply of one of its flows:
+ *     XDP_TX to the flow's backend (EVENT_ICMP_TOO_BIG), so path-MTU
+ *     discovery works with DSR; any other ICMP passes (handle_icmp.h);
  *   - TCP/UDP to a VIP with a truncated L4 header: XDP_DROP (REASON_MALFORMED);
  *   - IPv4 options: forwarded as usual (DSR leaves the IP header alone),
  *     counted as EVENT_IP_OPTIONS;
@@ -96,6 +100,8 @@ static __always_inline int is_vip(__be32 daddr)
 	return vips.lookup(&key) != NULL;
 }
 
+#include "handle_icmp.h"
+
 int xdplb_ingress(struct xdp_md *ctx)
 {
 	void *data = (void *)(long)ctx->data;
@@ -143,7 +149,7 @@ int xdplb_ingress(struct xdp_md *ctx)
 		goto out;
 	}
 	if (ipv4_is_fragment(iph)) {
-		if (is_vip(iph->daddr)) {
+		if ((proto == IPPROTO_TCP || proto == IPPROTO_UDP) && is_vip(iph->daddr)) {
 			count_reason(REASON_FRAGMENT);
 			action = XDP_DROP;
 		} else {
@@ -164,6 +170,9 @@ int xdplb_ingress(struct xdp_md *ctx)
 			goto truncated_l4;
 		sport = udph->source;
 		dport = udph->dest;
+	} else if (proto == IPPROTO_ICMP) {
+		action = handle_icmp_v4(&nh, data_end, eth, iph);
+		goto out;
 	} else {
 		count_reason(REASON_NOT_SERVICE);
 		goto out;

@@ -1,0 +1,187 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * handle_icmp.h - path-MTU discovery through the balancer.
+ *
+ * With direct server return the backend answers the client from the VIP.
+ * When a router on the way back cannot forward one of those large replies
+ * (DF set, as Linux TCP sets it, and a smaller next link), it sends ICMP
+ * "fragmentation needed" (type 3, code 4) to the reply's source: the VIP.
+ * That message reaches the gateway, not the backend whose TCP has to lower
+ * its segment size; the gateway's stack has no such socket and discards it,
+ * the backend keeps resending segments that never arrive, and the transfer
+ * stalls (a PMTUD black hole).
+ *
+ * The message quotes the start of the packet that was too big: its IPv4
+ * header and at least 8 more bytes (RFC 792), so the ports are there. That
+ * packet went VIP:port -> client:port; turned round it is the client's flow
+ * as the flow table keys it. The message is sent on to the backend that owns
+ * that flow, exactly as the flow's own packets are (only the MACs change;
+ * the backend holds the VIP and takes it as addressed to itself):
+ *   - the flow table entry, when it names a live backend of the service that
+ *     serves the quoted (VIP, port, protocol);
+ *   - otherwise Maglev on the same turned-round tuple, which is where a new
+ *     packet of that flow would go: right on a node that never saw the flow
+ *     (another balancer, or this one after a restart without its table).
+ * Counted as EVENT_ICMP_TOO_BIG. No flow entry is created or refreshed.
+ *
+ * Everything else passes to the gateway's stack untouched (XDP_PASS):
+ *   - any other ICMP message (echo requests: pinging the VIP keeps working);
+ *   - a frag-needed quoting a packet that is not TCP/UDP, that is a later
+ *     fragment (no ports), or whose source is not the message's own
+ *     destination, or not a configured service (REASON_NOT_SERVICE);
+ *   - a frag-needed whose quote is cut short or invalid: ICMP header, quoted
+ *     IPv4 header (with its options) or the quoted ports beyond the end of
+ *     the frame (REASON_MALFORMED);
+ *   - a quoted flow whose service has no live backend for it
+ *     (REASON_NO_BACKEND).
+ * A fragmented ICMP message never gets here (see xdplb.c: fragments that are
+ * not TCP/UDP pass to the stack, which reassembles them).
+ *
+ * Needs xdplb.c's service helpers; include it after them.
+ */
+#ifndef XDPLB_HANDLE_ICMP_H
+#define XDPLB_HANDLE_ICMP_H
+
+#include <linux/icmp.h>
+#include "parsing_helpers.h"
+#include "forward.h"
+#include "stats.h"
+
+/* 1: forward frag-needed to the flow's backend. The lab test's negative
+ * control builds the program with 0 to show the black hole it closes. */
+#ifndef XDPLB_PMTU_FORWARD
+#define XDPLB_PMTU_FORWARD 1
+#endif
+
+/* The two ports at the start of a TCP or UDP header: all that RFC 792
+ * promises a quote holds beyond the IP header. */
+struct lb_l4_ports {
+	__be16 source;         /* network order */
+	__be16 dest;           /* network order */
+};
+
+/* Outcome of reading an ICMP message to the gateway. */
+#define ICMP_QUOTE_OK 0         /* a frag-needed quoting TCP/UDP from its destination */
+#define ICMP_QUOTE_OTHER 1      /* anything else: the stack's business */
+#define ICMP_QUOTE_MALFORMED 2  /* a frag-needed cut short or invalid */
+
+/*
+ * Read an ICMP message whose IPv4 header is `outer` and whose ICMP header the
+ * cursor points at. For a frag-needed quoting a TCP/UDP packet sent from
+ * outer->daddr, fill `fkey` with the quoted flow turned round (client ->
+ * VIP) and return ICMP_QUOTE_OK. Every read is bounds-checked first.
+ */
+static __always_inline int read_frag_needed(struct hdr_cursor *nh, void *data_end,
+					    const struct iphdr *outer, struct flow_key *fkey)
+{
+	struct icmphdr *icmph = nh->pos;
+	struct lb_l4_ports *ports;
+	struct iphdr *inner;
+	int inner_proto;
+
+	if ((void *)(icmph + 1) > data_end)
+		return ICMP_QUOTE_MALFORMED;
+	if (icmph->type != ICMP_DEST_UNREACH || icmph->code != ICMP_FRAG_NEEDED)
+		return ICMP_QUOTE_OTHER;
+	nh->pos = icmph + 1;
+	inner_proto = parse_iphdr(nh, data_end, &inner);
+	if (inner_proto < 0)
+		return ICMP_QUOTE_MALFORMED;
+	if (inner_proto != IPPROTO_TCP && inner_proto != IPPROTO_UDP)
+		return ICMP_QUOTE_OTHER;
+	/* A later fragment starts with payload, not ports. */
+	if (inner->frag_off & bpf_htons(IP_OFFSET))
+		return ICMP_QUOTE_OTHER;
+	/* The router sends the message to the source of what it could not
+	 * forward; anything else is not about a reply from this VIP. */
+	if (inner->saddr != outer->daddr)
+		return ICMP_QUOTE_OTHER;
+	ports = nh->pos;
+	if ((void *)(ports + 1) > data_end)
+		return ICMP_QUOTE_MALFORMED;
+
+	fkey->src = inner->daddr;
+	fkey->dst = inner->saddr;
+	fkey->sport = ports->dest;
+	fkey->dport = ports->source;
+	fkey->proto = inner_proto;
+	return ICMP_QUOTE_OK;
+}
+
+/* The live backend the flow table holds for `fkey` in service `sid`, or NULL.
+ * The entry's service id is read once (see xdplb.c's established path). */
+static __always_inline struct backend_info *flow_backend(const struct flow_key *fkey, __u32 sid)
+{
+	struct flow_value *fv = flows.lookup((struct flow_key *)fkey);
+
+	if (!fv || *(volatile __u32 *)&fv->service_id != sid)
+		return NULL;
+	return live_backend(fv->backend_id, sid);
+}
+
+/* The live backend Maglev gives `fkey` in `svc`, or NULL. */
+static __always_inline struct backend_info *maglev_backend(const struct service_info *svc,
+							   const struct lb_config *cfg,
+							   const struct flow_key *fkey)
+{
+	__u32 hash;
+
+	if (svc->flags & F_SVC_CLIENT_PERSIST)
+		hash = client_hash_v4(cfg->hash_seed, fkey->src);
+	else
+		hash = flow_hash_v4(cfg->hash_seed, fkey->src, fkey->dst, fkey->sport,
+				    fkey->dport, fkey->proto);
+	return live_backend(maglev_pick(svc, hash), svc->id);
+}
+
+/*
+ * An ICMP message to the gateway (not a fragment; the cursor at its ICMP
+ * header). Returns XDP_TX with the frame rewritten towards the backend that
+ * owns the quoted flow, or XDP_PASS with the frame untouched.
+ */
+static __always_inline __u32 handle_icmp_v4(struct hdr_cursor *nh, void *data_end,
+					    struct ethhdr *eth, const struct iphdr *iph)
+{
+	struct flow_key fkey = {};
+	struct service_key skey = {};
+	struct service_info *svc;
+	struct backend_info *be;
+	struct lb_config *cfg;
+	__u32 zero = 0;
+	int quote;
+
+	quote = read_frag_needed(nh, data_end, iph, &fkey);
+	if (quote != ICMP_QUOTE_OK || !XDPLB_PMTU_FORWARD) {
+		count_reason(quote == ICMP_QUOTE_MALFORMED ? REASON_MALFORMED : REASON_NOT_SERVICE);
+		return XDP_PASS;
+	}
+	if (!port_in_use(fkey.dport)) {
+		count_reason(REASON_NOT_SERVICE);
+		return XDP_PASS;
+	}
+	skey.vip = fkey.dst;
+	skey.port = fkey.dport;
+	skey.proto = fkey.proto;
+	svc = services.lookup(&skey);
+	if (!svc) {
+		count_reason(REASON_NOT_SERVICE);
+		return XDP_PASS;
+	}
+	cfg = lb_config.lookup(&zero);
+	if (!cfg || !cfg->ready) {
+		count_reason(REASON_NO_CONFIG);
+		return XDP_PASS;
+	}
+	be = flow_backend(&fkey, svc->id);
+	if (!be)
+		be = maglev_backend(svc, cfg, &fkey);
+	if (!be) {
+		count_reason(REASON_NO_BACKEND);
+		return XDP_PASS;
+	}
+	count_event(EVENT_ICMP_TOO_BIG);
+	dsr_rewrite(eth, be, cfg);
+	return XDP_TX;
+}
+
+#endif /* XDPLB_HANDLE_ICMP_H */
