@@ -37,14 +37,14 @@
  * A fragmented ICMP message never gets here (see xdplb.c: fragments that are
  * not TCP/UDP pass to the stack, which reassembles them).
  *
- * Needs xdplb.c's service helpers; include it after them.
+ * Part of xdplb.c (its struct packet, struct dest and service helpers);
+ * included after them.
  */
 #ifndef XDPLB_HANDLE_ICMP_H
 #define XDPLB_HANDLE_ICMP_H
 
 #include <linux/icmp.h>
 #include "parsing_helpers.h"
-#include "forward.h"
 #include "stats.h"
 
 /* 1: forward frag-needed to the flow's backend. The lab test's negative
@@ -108,80 +108,50 @@ static __always_inline int read_frag_needed(struct hdr_cursor *nh, void *data_en
 	return ICMP_QUOTE_OK;
 }
 
-/* The live backend the flow table holds for `fkey` in service `sid`, or NULL.
- * The entry's service id is read once (see xdplb.c's established path). */
-static __always_inline struct backend_info *flow_backend(const struct flow_key *fkey, __u32 sid)
+/* The live backend the flow table holds for `flow` in service `sid`, or
+ * NULL. Read-only: an ICMP message neither creates nor refreshes an entry.
+ * The entry's service id is read once, as in connection_table_lookup. */
+static __always_inline struct backend_info *flow_backend(const struct flow_key *flow,
+							 __u32 sid, __u32 *bid)
 {
-	struct flow_value *fv = flows.lookup((struct flow_key *)fkey);
+	struct flow_value *fv = flows.lookup((struct flow_key *)flow);
 
 	if (!fv || *(volatile __u32 *)&fv->service_id != sid)
 		return NULL;
-	return live_backend(fv->backend_id, sid);
-}
-
-/* The live backend Maglev gives `fkey` in `svc`, or NULL. */
-static __always_inline struct backend_info *maglev_backend(const struct service_info *svc,
-							   const struct lb_config *cfg,
-							   const struct flow_key *fkey)
-{
-	__u32 hash;
-
-	if (svc->flags & F_SVC_CLIENT_PERSIST)
-		hash = client_hash_v4(cfg->hash_seed, fkey->src);
-	else
-		hash = flow_hash_v4(cfg->hash_seed, fkey->src, fkey->dst, fkey->sport,
-				    fkey->dport, fkey->proto);
-	return live_backend(maglev_pick(svc, hash), svc->id);
+	*bid = fv->backend_id;
+	return live_backend(*bid, sid);
 }
 
 /*
- * An ICMP message to the gateway (not a fragment; the cursor at its ICMP
- * header). Returns XDP_TX with the frame rewritten towards the backend that
- * owns the quoted flow, or XDP_PASS with the frame untouched.
+ * Step 1c for ICMP to the gateway (the cursor at the ICMP header): FORWARD
+ * with `dst` naming the backend that owns the quoted flow, or XDP_PASS with
+ * the frame untouched. Forwarded messages count in the service and backend
+ * traffic counters like the flow's own packets (forward()).
  */
-static __always_inline __u32 handle_icmp_v4(struct hdr_cursor *nh, void *data_end,
-					    struct ethhdr *eth, const struct iphdr *iph)
+static __always_inline int handle_icmp(struct hdr_cursor *nh, void *data_end,
+				       const struct packet *pkt, struct dest *dst)
 {
-	struct flow_key fkey = {};
-	struct service_key skey = {};
+	struct flow_key quoted = {};
 	struct service_info *svc;
-	struct backend_info *be;
-	struct lb_config *cfg;
-	__u32 zero = 0;
-	int quote;
+	int quote, action;
 
-	quote = read_frag_needed(nh, data_end, iph, &fkey);
-	if (quote != ICMP_QUOTE_OK || !XDPLB_PMTU_FORWARD) {
-		count_reason(quote == ICMP_QUOTE_MALFORMED ? REASON_MALFORMED : REASON_NOT_SERVICE);
-		return XDP_PASS;
+	quote = read_frag_needed(nh, data_end, pkt->iph, &quoted);
+	if (quote == ICMP_QUOTE_MALFORMED)
+		return counted(REASON_MALFORMED, XDP_PASS);
+	if (quote != ICMP_QUOTE_OK || !XDPLB_PMTU_FORWARD || !port_in_use(quoted.dport))
+		return counted(REASON_NOT_SERVICE, XDP_PASS);
+	action = find_service(&quoted, dst, &svc);
+	if (action != CONTINUE)
+		return action;
+	dst->be = flow_backend(&quoted, dst->sid, &dst->bid);
+	if (!dst->be) {
+		dst->bid = maglev_pick(svc, maglev_hash(svc, dst->cfg, &quoted));
+		dst->be = live_backend(dst->bid, dst->sid);
 	}
-	if (!port_in_use(fkey.dport)) {
-		count_reason(REASON_NOT_SERVICE);
-		return XDP_PASS;
-	}
-	skey.vip = fkey.dst;
-	skey.port = fkey.dport;
-	skey.proto = fkey.proto;
-	svc = services.lookup(&skey);
-	if (!svc) {
-		count_reason(REASON_NOT_SERVICE);
-		return XDP_PASS;
-	}
-	cfg = lb_config.lookup(&zero);
-	if (!cfg || !cfg->ready) {
-		count_reason(REASON_NO_CONFIG);
-		return XDP_PASS;
-	}
-	be = flow_backend(&fkey, svc->id);
-	if (!be)
-		be = maglev_backend(svc, cfg, &fkey);
-	if (!be) {
-		count_reason(REASON_NO_BACKEND);
-		return XDP_PASS;
-	}
+	if (!dst->be)
+		return counted(REASON_NO_BACKEND, XDP_PASS);
 	count_event(EVENT_ICMP_TOO_BIG);
-	dsr_rewrite(eth, be, cfg);
-	return XDP_TX;
+	return FORWARD;
 }
 
 #endif /* XDPLB_HANDLE_ICMP_H */
