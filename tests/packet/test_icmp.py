@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP
+from scapy.layers.l2 import Dot1Q
 from scapy.packet import Raw
 
 from xdplb import structs
@@ -36,11 +37,12 @@ def reply(sport=104, dport=40000, proto="tcp", src=str(VIP), dst=CLIENT, payload
     return IP(src=src, dst=dst, flags="DF", **ip) / l4 / Raw(payload)
 
 
-def too_big(quoted=None, dst=str(VIP), type_=3, code=4, mtu=1400) -> bytes:
+def too_big(quoted=None, dst=str(VIP), type_=3, code=4, mtu=1400, vlan=None) -> bytes:
     """ICMP from the router to `dst` quoting `quoted` (default: a TCP reply VIP:104 -> client:40000)."""
     quoted = reply() if quoted is None else quoted
     icmp = ICMP(type=type_, code=code, nexthopmtu=mtu) if (type_, code) == (3, 4) else ICMP(type=type_, code=code)
-    return bytes(P.eth() / IP(src=ROUTER, dst=dst) / icmp / bytes(quoted))
+    l2 = P.eth() if vlan is None else P.eth() / Dot1Q(vlan=vlan)
+    return bytes(l2 / IP(src=ROUTER, dst=dst) / icmp / bytes(quoted))
 
 
 def cut(frame: bytes, quote_bytes: int) -> bytes:
@@ -80,6 +82,7 @@ def _check(harness, raw, action, output, counter):
 MAGLEV_CASES = [
     ("too-big about a TCP reply with no flow entry: Maglev on the turned-round tuple",
      too_big(), ("dicom", 40000, 104, "tcp")),
+    ("802.1Q-tagged too-big keeps its tag", too_big(reply(dport=40010), vlan=42), ("dicom", 40010, 104, "tcp")),
     ("too-big about a UDP reply", too_big(reply(sport=5000, dport=40020, proto="udp")), ("udp-echo", 40020, 5000, "udp")),
     ("too-big quoting the minimum RFC 792 quote (IP header + 8 bytes)",
      cut(too_big(reply(dport=40030)), 28), ("dicom", 40030, 104, "tcp")),
