@@ -22,7 +22,7 @@
  *   - otherwise Maglev on the same turned-round tuple, which is where a new
  *     packet of that flow would go: right on a node that never saw the flow
  *     (another balancer, or this one after a restart without its table).
- * Counted as EVENT_ICMP_TOO_BIG. No flow entry is created or refreshed.
+ * Counted as EVENT_ICMP_TOO_BIG. No flow entry is created or changed.
  *
  * Everything else passes to the gateway's stack untouched (XDP_PASS):
  *   - any other ICMP message (echo requests: pinging the VIP keeps working);
@@ -109,8 +109,10 @@ static __always_inline int read_frag_needed(struct hdr_cursor *nh, void *data_en
 }
 
 /* The live backend the flow table holds for `flow` in service `sid`, or
- * NULL. Read-only: an ICMP message neither creates nor refreshes an entry.
- * The entry's service id is read once, as in connection_table_lookup. */
+ * NULL. Read-only: an ICMP message never creates or rewrites an entry (the
+ * lookup does mark it recently used, and a flow whose replies are too big
+ * is in use). The entry's service id is read once, as in
+ * connection_table_lookup. */
 static __always_inline struct backend_info *flow_backend(const struct flow_key *flow,
 							 __u32 sid, __u32 *bid)
 {
@@ -123,7 +125,8 @@ static __always_inline struct backend_info *flow_backend(const struct flow_key *
 }
 
 /*
- * Step 1c for ICMP to the gateway (the cursor at the ICMP header): FORWARD
+ * The ICMP step, after parse_l3 in place of parse_l4 (the cursor at the
+ * ICMP header) for ICMP to the gateway, VIP or not: FORWARD
  * with `dst` naming the backend that owns the quoted flow, or XDP_PASS with
  * the frame untouched. Forwarded messages count in the service and backend
  * traffic counters like the flow's own packets (forward()).
