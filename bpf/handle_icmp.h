@@ -37,8 +37,8 @@
  * A fragmented ICMP message never gets here (see xdplb.c: fragments that are
  * not TCP/UDP pass to the stack, which reassembles them).
  *
- * Part of xdplb.c (its struct packet, struct dest and service helpers);
- * included after them.
+ * Part of xdplb.c (its struct packet, struct dest and steps); included
+ * after them.
  */
 #ifndef XDPLB_HANDLE_ICMP_H
 #define XDPLB_HANDLE_ICMP_H
@@ -108,47 +108,38 @@ static __always_inline int read_frag_needed(struct hdr_cursor *nh, void *data_en
 	return ICMP_QUOTE_OK;
 }
 
-/* The live backend the flow table holds for `flow` in service `sid`, or
- * NULL. Read-only: an ICMP message never creates or rewrites an entry (the
- * lookup does mark it recently used, and a flow whose replies are too big
- * is in use). The entry's service id is read once, as in
- * connection_table_lookup. */
-static __always_inline struct backend_info *flow_backend(const struct flow_key *flow,
-							 __u32 sid, __u32 *bid)
-{
-	struct flow_value *fv = flows.lookup((struct flow_key *)flow);
-
-	if (!fv || *(volatile __u32 *)&fv->service_id != sid)
-		return NULL;
-	*bid = fv->backend_id;
-	return live_backend(*bid, sid);
-}
-
 /*
  * The ICMP step, after parse_l3 in place of parse_l4 (the cursor at the
- * ICMP header) for ICMP to the gateway, VIP or not: FORWARD
- * with `dst` naming the backend that owns the quoted flow, or XDP_PASS with
- * the frame untouched. Forwarded messages count in the service and backend
- * traffic counters like the flow's own packets (forward()).
+ * ICMP header) for ICMP to the gateway, VIP or not: FORWARD with `dst`
+ * naming the backend that owns the quoted flow, or XDP_PASS with the frame
+ * untouched. It uses the same steps as a packet of the quoted flow would
+ * (find_service, read_flow, maglev_hash), but never creates or rewrites a
+ * flow entry (the lookup does mark it recently used, and a flow whose
+ * replies are too big is in use). Forwarded messages count in the service
+ * and backend traffic counters like the flow's own packets (forward()).
  */
 static __always_inline int handle_icmp(struct hdr_cursor *nh, void *data_end,
 				       const struct packet *pkt, struct dest *dst)
 {
-	struct flow_key quoted = {};
-	struct service_info *svc;
-	int quote, action;
+	struct packet quoted = {};
+	__u8 state = 0;
+	int quote;
 
-	quote = read_frag_needed(nh, data_end, pkt->iph, &quoted);
+	quote = read_frag_needed(nh, data_end, pkt->iph, &quoted.flow);
 	if (quote == ICMP_QUOTE_MALFORMED)
 		return counted(REASON_MALFORMED, XDP_PASS);
-	if (quote != ICMP_QUOTE_OK || !XDPLB_PMTU_FORWARD || !port_in_use(quoted.dport))
+	if (quote != ICMP_QUOTE_OK || !XDPLB_PMTU_FORWARD || !port_in_use(quoted.flow.dport) ||
+	    !find_service(&quoted, &dst->sid, &state))
 		return counted(REASON_NOT_SERVICE, XDP_PASS);
-	action = find_service(&quoted, dst, &svc);
-	if (action != CONTINUE)
-		return action;
-	dst->be = flow_backend(&quoted, dst->sid, &dst->bid);
+	dst->cfg = ready_config();
+	if (!dst->cfg)
+		return counted(REASON_NO_CONFIG, XDP_PASS);
+	if (read_flow(&quoted, dst)) {
+		dst->bid = dst->flow.value.backend_id;
+		dst->be = live_backend(dst->bid, dst->sid);
+	}
 	if (!dst->be) {
-		dst->bid = maglev_pick(svc, maglev_hash(svc, dst->cfg, &quoted));
+		dst->bid = maglev_pick(dst->sid, state, maglev_hash(state, dst->cfg, &quoted.flow));
 		dst->be = live_backend(dst->bid, dst->sid);
 	}
 	if (!dst->be)

@@ -44,6 +44,7 @@
 #include "lb_maps.h"
 #include "parsing_helpers.h"
 #include "flow_hash.h"
+#include "race_window.h"
 #include "forward.h"
 #include "stats.h"
 
@@ -63,10 +64,23 @@ struct packet {
 	struct flow_key flow;  /* the 5-tuple, as the flow table keys it (pad zero) */
 };
 
+/* A service_ref as one 64-bit word: read in one load (lb_maps.h, rule 5). */
+union service_ref_word {
+	struct service_ref ref;
+	__u64 word;
+};
+
+/* A flow_value as one 64-bit word: read in one load (lb_maps.h, rule 5). */
+union flow_value_word {
+	struct flow_value value;
+	__u64 word;
+};
+
 /* Where the packet goes, as the flow and backend steps find out. */
 struct dest {
 	struct lb_config *cfg;
-	struct flow_value *fv;    /* the flow's entry, NULL when it has none */
+	union flow_value_word flow; /* the flow's entry as read, when has_flow */
+	int has_flow;             /* 1 when the flow table has an entry for the packet */
 	struct backend_info *be;  /* the backend chosen (FORWARD) */
 	__u32 sid;                /* service id: index of the service counters */
 	__u32 bid;                /* backend id: index of the backend counters */
@@ -80,25 +94,43 @@ struct dest {
 #define TCP_FLAGS_RST 0x04
 #define TCP_FLAGS_ACK 0x10
 
+
 /* A backend id from the flow table or a Maglev slot is usable only while the
- * backend is up and still belongs to the service (ids are per service). */
+ * backend is published, up, and still belongs to the service (ids are per
+ * service). Its flags are read once: READY and UP are checked together. */
 static __always_inline struct backend_info *live_backend(__u32 id, __u32 service_id)
 {
+	const __u8 need = F_BACKEND_UP | F_BACKEND_READY;
 	struct backend_info *be;
 
 	if (id == 0 || id >= MAX_BACKENDS)
 		return NULL;
 	be = backends.lookup(&id);
-	if (!be || !(be->flags & F_BACKEND_UP) || be->service_id != service_id)
+	if (!be || (*(volatile __u8 *)&be->flags & need) != need || be->service_id != service_id)
 		return NULL;
 	return be;
 }
 
-/* Maglev lookup in the service's live table. Returns the backend id, 0 when
- * the slot is empty (no healthy backend). */
-static __always_inline __u32 maglev_pick(const struct service_info *svc, __u32 hash)
+/* Whether backend `id` of the service is up but unpublished: the controller
+ * is rewriting it (a new MAC, lb_maps.h rule 1) for a few milliseconds. Its
+ * fields may be torn and are used only to decide to hold its flows (drop:
+ * TCP resends) rather than move them to another backend. */
+static __always_inline int backend_busy(__u32 id, __u32 service_id)
 {
-	__u32 idx = svc->id * TABLES_PER_SERVICE + (svc->table & 1);
+	struct backend_info *be;
+
+	if (id == 0 || id >= MAX_BACKENDS)
+		return 0;
+	be = backends.lookup(&id);
+	return be && (*(volatile __u8 *)&be->flags & (F_BACKEND_UP | F_BACKEND_READY)) == F_BACKEND_UP &&
+	       be->service_id == service_id;
+}
+
+/* Maglev lookup in the live table named by the service's state. Returns
+ * the backend id, 0 when the slot is empty (no healthy backend). */
+static __always_inline __u32 maglev_pick(__u32 sid, __u8 state, __u32 hash)
+{
+	__u32 idx = sid * TABLES_PER_SERVICE + ((state & SVC_STATE_HALF) ? 1 : 0);
 	struct maglev_table *table = maglev_tables.lookup(&idx);
 	__u32 slot = hash % MAGLEV_SIZE;
 
@@ -124,12 +156,27 @@ static __always_inline int port_in_use(__be16 dport)
 }
 
 /* Whether service id `sid` serves the packet's (VIP, port, protocol) now
- * (service_ids in lb_maps.h). */
-static __always_inline int service_serves(__u32 sid, const struct flow_key *flow)
+ * (service_ids in lb_maps.h): one 64-bit load of its service_ref, compared
+ * without the state byte, which is returned in *state. */
+static __always_inline int service_serves(__u32 sid, const struct flow_key *flow, __u8 *state)
 {
-	struct service_key *ref = service_ids.lookup(&sid);
+	union service_ref_word want = {}, mask = {}, got;
+	union service_ref_word *ref;
 
-	return ref && ref->vip == flow->dst && ref->port == flow->dport && ref->proto == flow->proto;
+	if (sid >= MAX_SERVICES)
+		return 0;
+	ref = (union service_ref_word *)service_ids.lookup(&sid);
+	if (!ref)
+		return 0;
+	got.word = *(volatile __u64 *)&ref->word;
+	want.ref.vip = flow->dst;
+	want.ref.port = flow->dport;
+	want.ref.proto = flow->proto;
+	mask.ref.vip = 0xffffffff;
+	mask.ref.port = 0xffff;
+	mask.ref.proto = 0xff;
+	*state = got.ref.state;
+	return (got.word & mask.word) == want.word;
 }
 
 static __always_inline int is_vip(__be32 daddr)
@@ -227,68 +274,56 @@ static __always_inline int parse_l4(struct hdr_cursor *nh, void *data_end, struc
 	return CONTINUE;
 }
 
+/* The packet's flow entry, read in one 64-bit load into dst->flow (see
+ * connection_table_lookup); 1 when there is one. */
+static __always_inline int read_flow(struct packet *pkt, struct dest *dst)
+{
+	union flow_value_word *fv = (union flow_value_word *)flows.lookup(&pkt->flow);
+
+	if (!fv)
+		return 0;
+	dst->has_flow = 1;
+	dst->flow.word = *(volatile __u64 *)&fv->word;
+	return 1;
+}
+
 /*
  * Step 2, the established fast path: the flow's entry names a service that
  * still serves this packet's (VIP, port, protocol), which is what the
  * services lookup would tell, and a live backend. FORWARD then; CONTINUE
- * (with dst->fv kept for the next step) when anything is missing.
- * The entry's service id is read once: an LRU entry can be recycled for
- * another flow by another CPU while this one reads it, and the id that was
- * checked must be the id used (live_backend then ties the backend to it).
- * The volatile read stops clang from loading it again.
+ * (with the entry as read kept for the next step) when anything is missing.
+ * The entry is read in one 64-bit load: an LRU entry can be recycled for
+ * another flow by another CPU while this one reads it, so both ids come from
+ * one version, and the ids that were checked are the ids used (lb_maps.h,
+ * rule 5). The volatile read stops clang from loading it again.
  */
-static __always_inline int connection_table_lookup(const struct packet *pkt, struct dest *dst)
+static __always_inline int connection_table_lookup(struct packet *pkt, struct dest *dst)
 {
-	struct flow_value *fv;
-	__u32 sid;
+	__u8 state;
 
-	fv = flows.lookup(&pkt->flow);
-	dst->fv = fv;
-	if (!fv)
+	if (!read_flow(pkt, dst))
 		return CONTINUE;
-	sid = *(volatile __u32 *)&fv->service_id;
-	if (!service_serves(sid, &pkt->flow))
+	race_window();
+	if (!service_serves(dst->flow.value.service_id, &pkt->flow, &state))
 		return CONTINUE;
 	dst->cfg = ready_config();
 	if (!dst->cfg)
 		return counted(REASON_NO_CONFIG, XDP_PASS);
-	dst->bid = fv->backend_id;
-	dst->be = live_backend(dst->bid, sid);
+	dst->bid = dst->flow.value.backend_id;
+	dst->be = live_backend(dst->bid, dst->flow.value.service_id);
 	if (!dst->be)
 		return CONTINUE;
-	dst->sid = sid;
+	dst->sid = dst->flow.value.service_id;
 	count_event(EVENT_FLOW_HIT);
 	return FORWARD;
 }
 
-/* The services lookup for the flow's (VIP, port, protocol): CONTINUE with
- * *svc, dst->cfg and dst->sid set, or XDP_PASS (counted) when no service
- * serves it or the controller has not configured the program yet. */
-static __always_inline int find_service(const struct flow_key *flow, struct dest *dst,
-					struct service_info **svc)
-{
-	struct service_key skey = {};
-
-	skey.vip = flow->dst;
-	skey.port = flow->dport;
-	skey.proto = flow->proto;
-	*svc = services.lookup(&skey);
-	if (!*svc)
-		return counted(REASON_NOT_SERVICE, XDP_PASS);
-	dst->cfg = ready_config();
-	if (!dst->cfg)
-		return counted(REASON_NO_CONFIG, XDP_PASS);
-	dst->sid = (*svc)->id;
-	return CONTINUE;
-}
-
 /* The hash that picks the flow's Maglev slot: the client address alone
- * for client persistence, else the 5-tuple. */
-static __always_inline __u32 maglev_hash(const struct service_info *svc,
-					 const struct lb_config *cfg,
+ * for client persistence (a flag of the service's state), else the 5-tuple. */
+static __always_inline __u32 maglev_hash(__u8 state, const struct lb_config *cfg,
 					 const struct flow_key *flow)
 {
-	if (svc->flags & F_SVC_CLIENT_PERSIST)
+	if (state & F_SVC_CLIENT_PERSIST)
 		return client_hash_v4(cfg->hash_seed, flow->src);
 	return flow_hash_v4(cfg->hash_seed, flow->src, flow->dst, flow->sport,
 			    flow->dport, flow->proto);
@@ -296,12 +331,11 @@ static __always_inline __u32 maglev_hash(const struct service_info *svc,
 
 /* Maglev places the flow in the service's live table and the flow table
  * remembers it. */
-static __always_inline int place_new_flow(const struct packet *pkt,
-					  const struct service_info *svc, struct dest *dst)
+static __always_inline int place_new_flow(struct packet *pkt, __u8 state, struct dest *dst)
 {
 	struct flow_value fval = {};
 
-	dst->bid = maglev_pick(svc, maglev_hash(svc, dst->cfg, &pkt->flow));
+	dst->bid = maglev_pick(dst->sid, state, maglev_hash(state, dst->cfg, &pkt->flow));
 	if (dst->bid == 0)
 		return counted(REASON_NO_BACKEND,
 			       (dst->cfg->flags & F_CFG_NO_BACKEND_DROP) ? XDP_DROP : XDP_PASS);
@@ -315,28 +349,58 @@ static __always_inline int place_new_flow(const struct packet *pkt,
 	return FORWARD;
 }
 
+/* The service id the packet's (VIP, port, protocol) has, from the services
+ * hash, confirmed in service_ids (lb_maps.h, rule 5), with its state. A
+ * services element replaced while this packet read it can hold another
+ * key's id and fail the check; the lookup is then made once more. */
+static __always_inline int find_service(const struct packet *pkt, __u32 *sid, __u8 *state)
+{
+	struct service_key skey = {};
+	struct service_info *svc;
+
+	skey.vip = pkt->flow.dst;
+	skey.port = pkt->flow.dport;
+	skey.proto = pkt->flow.proto;
+	for (int attempt = 0; attempt < 2; attempt++) {
+		svc = services.lookup(&skey);
+		if (!svc)
+			return 0;
+		race_window();
+		*sid = *(volatile __u32 *)&svc->id;
+		race_window();
+		if (service_serves(*sid, &pkt->flow, state))
+			return 1;
+	}
+	return 0;
+}
+
 /* Step 3, a new or re-chosen flow: the services lookup names the service;
  * a flow entry whose backend is still live keeps it, otherwise Maglev
  * places the flow. */
-static __always_inline int pick_backend(const struct packet *pkt, struct dest *dst)
+static __always_inline int pick_backend(struct packet *pkt, struct dest *dst)
 {
-	struct service_info *svc;
-	int action = find_service(&pkt->flow, dst, &svc);
+	__u8 state = 0;
 
-	if (action != CONTINUE)
-		return action;
-	if (dst->fv) {
-		dst->bid = dst->fv->backend_id;
+	if (!find_service(pkt, &dst->sid, &state))
+		return counted(REASON_NOT_SERVICE, XDP_PASS);
+	dst->cfg = ready_config();
+	if (!dst->cfg)
+		return counted(REASON_NO_CONFIG, XDP_PASS);
+
+	if (dst->has_flow) {
+		dst->bid = dst->flow.value.backend_id;
 		dst->be = live_backend(dst->bid, dst->sid);
 		if (dst->be) {
 			count_event(EVENT_FLOW_HIT);
 			return FORWARD;
 		}
+		if (backend_busy(dst->bid, dst->sid))
+			return counted(REASON_BACKEND_GONE, XDP_DROP);
 		count_event(EVENT_FLOW_RESELECT);
 	} else {
 		count_event(EVENT_FLOW_NEW);
 	}
-	return place_new_flow(pkt, svc, dst);
+	return place_new_flow(pkt, state, dst);
 }
 
 /* Step 4, count the traffic and send the frame to its backend. */
@@ -344,6 +408,7 @@ static __always_inline int forward(const struct packet *pkt, const struct dest *
 {
 	count_traffic(service_stats.lookup((__u32 *)&dst->sid), pkt->frame_len, dst->new_flow);
 	count_traffic(backend_stats.lookup((__u32 *)&dst->bid), pkt->frame_len, dst->new_flow);
+	race_window();
 	dsr_rewrite(pkt->eth, dst->be, dst->cfg);
 	return XDP_TX;
 }
