@@ -8,15 +8,18 @@ Maglev tables (weights change), moves a backend of each to its other MAC,
 marks another up or down, and churns the flow table (deletes A's entries,
 and writes entries for A's 5-tuples that name B's service and backend).
 No frame of A may leave with a MAC of B's backends or with a MAC that was
-never configured, and nothing but the two MACs may change.
+never configured, nothing but the two MACs may change, and B's counters
+(which only a packet of A sent to B could move) must stay still.
 
 On two CPUs the race windows of the old scheme are tens of nanoseconds, so
-the unfixed program rarely fails in a real build. The negative control
-builds with -DXDPLB_RACE_DELAY, which holds each packet about that many
-nanoseconds between a read and the reads that depend on it: the program as
-it was before the safe flip (PRE_FIX_COMMIT, with the same delays patched
-in) then sends A's packets to B's backends and to half-written MACs, while
-the current program, with the same delays, does not.
+the unfixed program rarely fails in a real build. The widened builds define
+XDPLB_RACE_DELAY (bpf/race_window.h), which holds each packet for that many
+clock reads (tens of microseconds) between a read and the reads that depend
+on it. As the negative control, the program as it was before the safe flip
+(PRE_FIX_COMMIT, with the same delays patched in at its reads) runs against
+a writer without grace periods, as the old writer was: it sends A's packets
+to B's backends and to half-written MACs. The current program with the same
+delays and its grace periods does not. Counts are printed (pytest -s).
 """
 from __future__ import annotations
 
