@@ -118,6 +118,8 @@ PASS_CASES = [
     ("quoted IPv6-version header", too_big(b"\x65" + bytes(reply())[1:]), "reason:malformed"),
     ("first fragment of a large ping to the VIP goes to the stack", icmp_fragment(True), "reason:not_service"),
     ("later fragment of a large ping to the VIP goes to the stack", icmp_fragment(False), "reason:not_service"),
+    ("GRE fragment to the VIP goes to the stack",
+     bytes(P.eth() / IP(src=CLIENT, dst=str(VIP), flags="MF", proto=47) / Raw(b"g" * 64)), "reason:not_service"),
 ]
 
 
