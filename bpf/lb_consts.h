@@ -77,7 +77,8 @@
 #define EVENT_FLOW_HIT 2         /* flow table hit on a live backend */
 #define EVENT_FLOW_NEW 3         /* no flow entry: chosen by Maglev */
 #define EVENT_FLOW_RESELECT 4    /* flow entry pointed at a down/removed backend: re-chosen */
-#define EVENT_MAX 5
+#define EVENT_ICMP_TOO_BIG 5     /* ICMP frag-needed to a VIP sent on to the quoted flow's backend */
+#define EVENT_MAX 6
 
 /* XDP actions are counted by their own value: XDP_ABORTED 0 .. XDP_REDIRECT 4. */
 #define ACTION_MAX 5

@@ -24,10 +24,14 @@
  *     and pings to the VIP all go to its own stack);
  *   - Ethernet or IPv4 header truncated or invalid: XDP_PASS unchanged, the
  *     kernel stack validates and drops it (REASON_MALFORMED);
- *   - IPv4 fragment to a VIP: XDP_DROP (REASON_FRAGMENT). Only the first
- *     fragment carries ports, so fragments cannot be steered consistently;
- *     TCP with path-MTU discovery does not fragment. Fragments to other
- *     addresses pass;
+ *   - TCP/UDP IPv4 fragment to a VIP: XDP_DROP (REASON_FRAGMENT). Only the
+ *     first fragment carries ports, so fragments cannot be steered
+ *     consistently; TCP with path-MTU discovery does not fragment. Other
+ *     fragments to a VIP (ICMP: a large ping) and all fragments to other
+ *     addresses pass to the stack, which reassembles them;
+ *   - ICMP "fragmentation needed" to a VIP about a reply of one of its flows:
+ *     XDP_TX to the flow's backend (EVENT_ICMP_TOO_BIG), so path-MTU
+ *     discovery works with DSR; any other ICMP passes (handle_icmp.h);
  *   - TCP/UDP to a VIP with a truncated L4 header: XDP_DROP (REASON_MALFORMED);
  *   - IPv4 options: forwarded as usual (DSR leaves the IP header alone),
  *     counted as EVENT_IP_OPTIONS;
@@ -211,7 +215,7 @@ static __always_inline int parse_l2(struct hdr_cursor *nh, void *data_end, struc
 	return CONTINUE;
 }
 
-/* Step 1b, IPv4: anything else passes; fragments to a VIP are dropped. */
+/* Step 1b, IPv4: anything else passes; TCP/UDP fragments to a VIP are dropped. */
 static __always_inline int parse_l3(struct hdr_cursor *nh, void *data_end, struct packet *pkt)
 {
 	struct iphdr *iph;
@@ -223,7 +227,7 @@ static __always_inline int parse_l3(struct hdr_cursor *nh, void *data_end, struc
 	if (l4_proto < 0)
 		return counted(REASON_MALFORMED, XDP_PASS);
 	if (ipv4_is_fragment(iph)) {
-		if (is_vip(iph->daddr))
+		if ((l4_proto == IPPROTO_TCP || l4_proto == IPPROTO_UDP) && is_vip(iph->daddr))
 			return counted(REASON_FRAGMENT, XDP_DROP);
 		return counted(REASON_NOT_SERVICE, XDP_PASS);
 	}
@@ -270,6 +274,19 @@ static __always_inline int parse_l4(struct hdr_cursor *nh, void *data_end, struc
 	return CONTINUE;
 }
 
+/* The packet's flow entry, read in one 64-bit load into dst->flow (see
+ * connection_table_lookup); 1 when there is one. */
+static __always_inline int read_flow(struct packet *pkt, struct dest *dst)
+{
+	union flow_value_word *fv = (union flow_value_word *)flows.lookup(&pkt->flow);
+
+	if (!fv)
+		return 0;
+	dst->has_flow = 1;
+	dst->flow.word = *(volatile __u64 *)&fv->word;
+	return 1;
+}
+
 /*
  * Step 2, the established fast path: the flow's entry names a service that
  * still serves this packet's (VIP, port, protocol), which is what the
@@ -282,14 +299,10 @@ static __always_inline int parse_l4(struct hdr_cursor *nh, void *data_end, struc
  */
 static __always_inline int connection_table_lookup(struct packet *pkt, struct dest *dst)
 {
-	union flow_value_word *fv;
 	__u8 state;
 
-	fv = (union flow_value_word *)flows.lookup(&pkt->flow);
-	if (!fv)
+	if (!read_flow(pkt, dst))
 		return CONTINUE;
-	dst->has_flow = 1;
-	dst->flow.word = *(volatile __u64 *)&fv->word;
 	race_window();
 	if (!service_serves(dst->flow.value.service_id, &pkt->flow, &state))
 		return CONTINUE;
@@ -305,19 +318,24 @@ static __always_inline int connection_table_lookup(struct packet *pkt, struct de
 	return FORWARD;
 }
 
+/* The hash that picks the flow's Maglev slot: the client address alone
+ * for client persistence (a flag of the service's state), else the 5-tuple. */
+static __always_inline __u32 maglev_hash(__u8 state, const struct lb_config *cfg,
+					 const struct flow_key *flow)
+{
+	if (state & F_SVC_CLIENT_PERSIST)
+		return client_hash_v4(cfg->hash_seed, flow->src);
+	return flow_hash_v4(cfg->hash_seed, flow->src, flow->dst, flow->sport,
+			    flow->dport, flow->proto);
+}
+
 /* Maglev places the flow in the service's live table and the flow table
  * remembers it. */
 static __always_inline int place_new_flow(struct packet *pkt, __u8 state, struct dest *dst)
 {
 	struct flow_value fval = {};
-	__u32 hash;
 
-	if (state & F_SVC_CLIENT_PERSIST)
-		hash = client_hash_v4(dst->cfg->hash_seed, pkt->flow.src);
-	else
-		hash = flow_hash_v4(dst->cfg->hash_seed, pkt->flow.src, pkt->flow.dst,
-				    pkt->flow.sport, pkt->flow.dport, pkt->flow.proto);
-	dst->bid = maglev_pick(dst->sid, state, hash);
+	dst->bid = maglev_pick(dst->sid, state, maglev_hash(state, dst->cfg, &pkt->flow));
 	if (dst->bid == 0)
 		return counted(REASON_NO_BACKEND,
 			       (dst->cfg->flags & F_CFG_NO_BACKEND_DROP) ? XDP_DROP : XDP_PASS);
@@ -395,6 +413,8 @@ static __always_inline int forward(const struct packet *pkt, const struct dest *
 	return XDP_TX;
 }
 
+#include "handle_icmp.h"
+
 int xdplb_ingress(struct xdp_md *ctx)
 {
 	void *data_end = (void *)(long)ctx->data_end;
@@ -408,8 +428,8 @@ int xdplb_ingress(struct xdp_md *ctx)
 	/* Here pkt.eth is parsed: the place for a check of the destination MAC. */
 	if (action == CONTINUE)
 		action = parse_l3(&nh, data_end, &pkt);
-	/* Here the IPv4 header is parsed, L4 not yet: the place for ICMP to a VIP
-	 * (pkt.l4_proto == IPPROTO_ICMP, pkt.flow.dst the VIP). */
+	if (action == CONTINUE && pkt.l4_proto == IPPROTO_ICMP)
+		action = handle_icmp(&nh, data_end, &pkt, &dst);
 	if (action == CONTINUE)
 		action = parse_l4(&nh, data_end, &pkt);
 	if (action == CONTINUE)

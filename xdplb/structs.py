@@ -32,7 +32,7 @@ LAYOUT_ENTRIES = 64
 # Indices of the not_forwarded counters (REASON_* in lb_consts.h).
 REASONS = ("not_service", "malformed", "fragment", "no_backend", "backend_gone", "no_config")
 # Indices of the events counters (EVENT_*).
-EVENTS = ("ip_options", "vlan", "flow_hit", "flow_new", "flow_reselect")
+EVENTS = ("ip_options", "vlan", "flow_hit", "flow_new", "flow_reselect", "icmp_too_big")
 # XDP actions, by value.
 ACTIONS = ("aborted", "drop", "pass", "tx", "redirect")
 XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX, XDP_REDIRECT = range(5)

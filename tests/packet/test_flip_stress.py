@@ -240,6 +240,12 @@ def _pre_fix_source(tmp: Path) -> Path:
         ('#include "lb_structs.h"\n', '#include "lb_structs.h"\n#include "race_window.h"\n'),
         ("\tdst[2] = src[2];\n\tdst[3] = src[3];\n", "\tdst[2] = src[2];\n\trace_window();\n\tdst[3] = src[3];\n"),
     ])
+    # Counter maps as long as this tree's structs read them: later changes
+    # add events and reasons, which the old program just never counts.
+    _patch(bpf / "lb_consts.h", [
+        ("#define REASON_MAX 6\n", f"#define REASON_MAX {len(structs.REASONS)}\n"),
+        ("#define EVENT_MAX 5\n", f"#define EVENT_MAX {len(structs.EVENTS)}\n"),
+    ])
     _patch(bpf / "xdplb.c", [
         ("\tsid = svc->id;\n", "\trace_window();\n\tsid = svc->id;\n"),
         ("\t\tsid = *(volatile __u32 *)&fv->service_id;\n",

@@ -333,3 +333,8 @@ def test_parse_address(text, expected):
 def test_parse_address_rejects(text):
     with pytest.raises(ExporterError, match="metrics address"):
         parse_address(text)
+
+
+def test_icmp_frag_needed_forwarding_is_exported(src):
+    src.dp.events.update(icmp_too_big=7)
+    assert value(registry_for(src), "xdplb_events_total", event="icmp_too_big") == 7
