@@ -4,16 +4,22 @@ A pool file says which virtual services (VIP, port, protocol) xdplb serves and
 which PACS/DICOM backends stand behind each.  A hospital config must never be
 half-understood, so everything is checked strictly: unknown keys (with a "did
 you mean" hint), wrong types (a boolean is not an integer), bad addresses,
-out-of-range numbers, duplicates.  The first problem found, in file order,
-becomes one PoolError whose single sentence names the file, the key path and
-the offending value.
+out-of-range numbers, duplicates, a backend that is a VIP.  Every problem
+found becomes one sentence naming the file, the line, the key path and the
+offending value, as `haproxy -c` does; a PoolError carries them all in file
+order (each table is checked on its own: its first value problem and every
+unknown key in it).
 
 Pure: ``parse_pool`` takes text and returns frozen dataclasses; only
-``load_pool`` reads a file.
+``load_pool`` reads a file, and only a regular file of at most
+MAX_POOL_BYTES, so a FIFO, a device or a runaway file cannot hang or exhaust
+the controller.
 """
 
 from __future__ import annotations
 
+import bisect
+import contextlib
 import dataclasses
 import difflib
 import ipaddress
@@ -22,6 +28,7 @@ import math
 import os
 import re
 import ssl
+import stat
 import tomllib
 from dataclasses import dataclass
 from os import PathLike
@@ -55,6 +62,7 @@ _SERVICE_KEYS = ("name", "vip", "port", "protocol", "persistence", "health", "ba
 _BACKEND_KEYS = ("name", "address", "weight")
 
 _NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_BARE_KEY_RE = re.compile(r"[A-Za-z0-9_-]+")
 _NAME_RULE = "1 to 64 characters from A-Z a-z 0-9 _ . -"
 
 MAGLEV_SIZE_RANGE = (251, 1000003)
@@ -66,6 +74,7 @@ PORT_RANGE = (1, 65535)
 WEIGHT_RANGE = (0, 1000)
 RISE_FALL_RANGE = (1, 100)
 MAX_INTERVAL = 3600.0
+MAX_POOL_BYTES = 16 * 1024 * 1024  # 65535 commented backends take about 7 MiB
 
 
 @dataclass(frozen=True)
@@ -144,10 +153,40 @@ class Pool:
 
 
 class PoolError(ValueError):
-    """The pool file is unreadable or invalid; the message is one sentence."""
+    """The pool file is unreadable or invalid.
+
+    str() is one sentence; ``problems`` holds every problem found, one
+    sentence each ("FILE: line N: ..."), in file order.
+    """
+
+    def __init__(self, message: str, problems: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.problems = tuple(problems) or (message,)
+
+    @classmethod
+    def of(cls, problems: list[str]) -> PoolError:
+        more = len(problems) - 1
+        if not more:
+            return cls(problems[0])
+        return cls(f"{problems[0]} (and {more} more problem{'s' if more > 1 else ''}; "
+                   f"xdplb check lists every one)", tuple(problems))
+
+
+class _Problem(PoolError):
+    """A problem found by a check, before the file and line are put in front of it."""
+
+    def __init__(self, sentence: str, table: dict | None = None, key: str | None = None) -> None:
+        super().__init__(sentence)
+        self.sentence = sentence
+        self.place = (table, key)
 
 
 _MISSING = object()
+
+
+def _printable(text: str) -> str:
+    """Escape what would break an error message's single line (U+2028 too)."""
+    return "".join(c if c.isprintable() else json.dumps(c)[1:-1] for c in text)
 
 
 def _show(value: Any) -> str:
@@ -155,7 +194,7 @@ def _show(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
-        text = json.dumps(value, ensure_ascii=False)
+        text = _printable(json.dumps(value, ensure_ascii=False))
         return text if len(text) <= 80 else text[:76] + '..."'
     if isinstance(value, (int, float)):
         return repr(value)
@@ -189,31 +228,57 @@ def _quoted(words: tuple[str, ...] | list[str]) -> str:
 
 
 def _path(label: str, key: str) -> str:
+    if not _BARE_KEY_RE.fullmatch(key):
+        key = _show(key)  # written quoted in the file too; may hold anything
     return f"{label}.{key}" if label else key
 
 
 class _Reader:
-    """Typed getters that raise a PoolError naming the source and key path."""
+    """Typed getters that raise a problem naming the key path, and the list of problems found.
+
+    A check raises ``r.fail(sentence)``; the enclosing ``section`` notes it
+    and validation goes on with the next table, so one run finds them all.
+    """
 
     def __init__(self, source: str) -> None:
         self.source = source
+        self.found: list[tuple[str, tuple]] = []   # (sentence, (table, key) places for its line)
+        self.vips: dict[ipaddress.IPv4Address, str] = {}  # a backend must not be one
+        self._sections: list[tuple] = []
 
-    def fail(self, sentence: str) -> PoolError:
-        return PoolError(f"{self.source}: {sentence}")
+    def fail(self, sentence: str, table: dict | None = None, key: str | None = None) -> PoolError:
+        return _Problem(sentence, table, key)
+
+    def note(self, sentence: str, table: dict | None = None, key: str | None = None) -> None:
+        self.found.append((sentence, ((table, key), *reversed(self._sections))))
+
+    @contextlib.contextmanager
+    def section(self, *places: tuple):
+        """Check one table: a problem raised inside is noted (its line found
+        from its own key, else from ``places``) and the caller goes on."""
+        self._sections.extend(places)
+        try:
+            yield
+        except _Problem as problem:
+            self.note(problem.sentence, *problem.place)
+        finally:
+            del self._sections[len(self._sections) - len(places):]
 
     def check_keys(self, table: dict, label: str, known: tuple[str, ...]) -> None:
         for key in table:
-            if key in known:
-                continue
-            close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-            hint = f'did you mean "{close[0]}"?' if close else f"known keys are {_quoted(known)}"
-            raise self.fail(f"{_path(label, key)} is not a known key; {hint}")
+            if key not in known:
+                self.unknown_key(table, label, key, known)
+
+    def unknown_key(self, table: dict, label: str, key: str, known: tuple[str, ...]) -> None:
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+        hint = f'did you mean "{close[0]}"?' if close else f"known keys are {_quoted(known)}"
+        self.note(f"{_path(label, key)} is not a known key; {hint}", table, key)
 
     def _get(self, table: dict, key: str, label: str, default: Any, expect: str) -> Any:
         value = table.get(key, _MISSING)
         if value is _MISSING:
             if default is _MISSING:
-                raise self.fail(f"{_path(label, key)} is missing; expected {expect}")
+                raise self.fail(f"{_path(label, key)} is missing; expected {expect}", table, key)
             return default
         return value
 
@@ -221,7 +286,8 @@ class _Reader:
         value = self._get(table, key, label, default, expect)
         if not isinstance(value, str):
             raise self.fail(
-                f"{_path(label, key)} = {_show(value)} must be a string ({expect}), got {_kind(value)}"
+                f"{_path(label, key)} = {_show(value)} must be a string ({expect}), got {_kind(value)}",
+                table, key,
             )
         return value
 
@@ -229,7 +295,8 @@ class _Reader:
         value = self._get(table, key, label, default, "true or false")
         if not isinstance(value, bool):
             raise self.fail(
-                f"{_path(label, key)} = {_show(value)} must be true or false, got {_kind(value)}"
+                f"{_path(label, key)} = {_show(value)} must be true or false, got {_kind(value)}",
+                table, key,
             )
         return value
 
@@ -239,9 +306,11 @@ class _Reader:
         expect = f"an integer from {lo} to {hi}"
         value = self._get(table, key, label, default, expect)
         if isinstance(value, bool) or not isinstance(value, int):
-            raise self.fail(f"{_path(label, key)} = {_show(value)} must be {expect}, got {_kind(value)}")
+            raise self.fail(f"{_path(label, key)} = {_show(value)} must be {expect}, got {_kind(value)}",
+                            table, key)
         if not lo <= value <= hi:
-            raise self.fail(f"{_path(label, key)} = {_show(value)} is out of range; expected {expect}")
+            raise self.fail(f"{_path(label, key)} = {_show(value)} is out of range; expected {expect}",
+                            table, key)
         return value
 
     def seconds(
@@ -250,9 +319,11 @@ class _Reader:
         expect = f"a number of seconds greater than 0 and at most {hi:g}"
         value = self._get(table, key, label, default, expect)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise self.fail(f"{_path(label, key)} = {_show(value)} must be {expect}, got {_kind(value)}")
+            raise self.fail(f"{_path(label, key)} = {_show(value)} must be {expect}, got {_kind(value)}",
+                            table, key)
         if not (math.isfinite(value) and 0 < value <= hi):
-            raise self.fail(f"{_path(label, key)} = {_show(value)} is out of range; expected {expect}")
+            raise self.fail(f"{_path(label, key)} = {_show(value)} is out of range; expected {expect}",
+                            table, key)
         return float(value)
 
     def choice(
@@ -261,7 +332,8 @@ class _Reader:
         value = self.string(table, key, label, f"one of {_quoted(choices)}", default)
         if value not in choices:
             raise self.fail(
-                f"{_path(label, key)} = {_show(value)} is not a known {what}; expected one of {_quoted(choices)}"
+                f"{_path(label, key)} = {_show(value)} is not a known {what}; expected one of {_quoted(choices)}",
+                table, key,
             )
         return value
 
@@ -269,7 +341,8 @@ class _Reader:
         value = parent.get(key, {})
         if not isinstance(value, dict):
             raise self.fail(
-                f"{_path(label, key)} = {_show(value)} must be a table written [{header}], got {_kind(value)}"
+                f"{_path(label, key)} = {_show(value)} must be a table written [{header}], got {_kind(value)}",
+                parent, key,
             )
         return value
 
@@ -278,14 +351,15 @@ class _Reader:
         if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
             raise self.fail(
                 f"{_path(label, key)} = {_show(value)} must be an array of tables written "
-                f"[[{header}]], got {_kind(value) if not isinstance(value, list) else 'an array of other values'}"
+                f"[[{header}]], got {_kind(value) if not isinstance(value, list) else 'an array of other values'}",
+                parent, key,
             )
         return value
 
     def name(self, table: dict, label: str) -> str:
         value = self.string(table, "name", label, _NAME_RULE)
         if not _NAME_RE.fullmatch(value):
-            raise self.fail(f"{_path(label, 'name')} = {_show(value)} must be {_NAME_RULE}")
+            raise self.fail(f"{_path(label, 'name')} = {_show(value)} must be {_NAME_RULE}", table, "name")
         return value
 
     def address(self, table: dict, key: str, label: str, role: str) -> ipaddress.IPv4Address:
@@ -295,12 +369,12 @@ class _Reader:
         try:
             addr = ipaddress.ip_address(text)
         except ValueError:
-            raise self.fail(f"{where} is not a valid IPv4 address") from None
+            raise self.fail(f"{where} is not a valid IPv4 address", table, key) from None
         if addr.version == 6:
-            raise self.fail(f"{where} is an IPv6 address; IPv6 is not supported yet")
+            raise self.fail(f"{where} is an IPv6 address; IPv6 is not supported yet", table, key)
         problem = _unusable_address(addr)
         if problem:
-            raise self.fail(f"{where} is {problem}, which cannot be used as a {role}")
+            raise self.fail(f"{where} is {problem}, which cannot be used as a {role}", table, key)
         return addr
 
 
@@ -401,11 +475,12 @@ def _check_kind_keys(r: _Reader, t: dict, label: str, check: str) -> None:
             continue
         owners = [k for k in HEALTH_CHECK_KINDS if key in _HEALTH_EXTRA_KEYS[k]]
         if owners:
-            raise r.fail(
+            r.note(
                 f"{label}.{key} is not a known key for check = {_show(check)}; it applies only to "
-                f"check = {' or '.join(_show(k) for k in owners)}"
+                f"check = {' or '.join(_show(k) for k in owners)}", t, key
             )
-        r.check_keys(t, label, known)  # raises on this key, with a "did you mean"
+        else:
+            r.unknown_key(t, label, key, known)
 
 
 def _ca_file(r: _Reader, t: dict, label: str) -> str:
@@ -443,7 +518,8 @@ def _parse_health(r: _Reader, svc: dict, svc_label: str, service_port: int) -> H
     timeout = r.seconds(t, "timeout", label, MAX_INTERVAL, 0.5)
     if timeout > interval:
         raise r.fail(
-            f"{label}.timeout = {_show(timeout)} must not exceed .health.interval = {_show(interval)}"
+            f"{label}.timeout = {_show(timeout)} must not exceed .health.interval = {_show(interval)}",
+            t, "timeout",
         )
     rise = r.integer(t, "rise", label, *RISE_FALL_RANGE, 2)
     fall = r.integer(t, "fall", label, *RISE_FALL_RANGE, 2)
@@ -510,22 +586,29 @@ def _parse_backends(r: _Reader, svc: dict, svc_label: str) -> tuple[Backend, ...
     addresses: dict[ipaddress.IPv4Address, int] = {}
     for i, t in enumerate(raw):
         label = svc_label + _item_label("backend", i, t)
-        r.check_keys(t, label, _BACKEND_KEYS)
-        name = r.name(t, label)
-        if name in names:
-            raise r.fail(
-                f'{label}.name = {_show(name)} is already used by backend[{names[name]}] of this service'
-            )
-        names[name] = i
-        address = r.address(t, "address", label, "backend address")
-        if address in addresses:
-            raise r.fail(
-                f'{label}.address = "{address}" is already used by backend[{addresses[address]}] '
-                f"of this service"
-            )
-        addresses[address] = i
-        weight = r.integer(t, "weight", label, *WEIGHT_RANGE, 1)
-        backends.append(Backend(name, address, weight))
+        with r.section((t, None), (svc, "backend")):
+            r.check_keys(t, label, _BACKEND_KEYS)
+            name = r.name(t, label)
+            if name in names:
+                raise r.fail(
+                    f'{label}.name = {_show(name)} is already used by backend[{names[name]}] of this service',
+                    t, "name",
+                )
+            names[name] = i
+            address = r.address(t, "address", label, "backend address")
+            if address in addresses:
+                raise r.fail(
+                    f'{label}.address = "{address}" is already used by backend[{addresses[address]}] '
+                    f"of this service", t, "address",
+                )
+            if address in r.vips:
+                raise r.fail(
+                    f'{label}.address = "{address}" is the VIP of {r.vips[address]}; forwarding to it '
+                    f"would send the traffic back to xdplb in a loop", t, "address",
+                )
+            addresses[address] = i
+            weight = r.integer(t, "weight", label, *WEIGHT_RANGE, 1)
+            backends.append(Backend(name, address, weight))
     return tuple(backends)
 
 
@@ -546,13 +629,15 @@ def _parse_service(r: _Reader, index: int, t: dict, earlier: list[Service]) -> S
                 f'by service[{j}] "{other.name}"'
             )
     persistence = r.choice(t, "persistence", label, PERSISTENCE_MODES, "persistence mode", "flow")
-    health = _parse_health(r, t, label, port)
+    health = None  # stays None only when a problem is noted, and then no Pool is built
+    with r.section((t.get("health"), None), (t, "health")):
+        health = _parse_health(r, t, label, port)
     backends = _parse_backends(r, t, label)
     return Service(name, vip, port, protocol, persistence, health, backends)
 
 
 def _syntax_error(source: str, err: tomllib.TOMLDecodeError) -> PoolError:
-    text = str(err)
+    text = _printable(str(err))
     m = re.search(r"\s*\((at line (\d+), column (\d+)|at end of document)\)$", text)
     if m:
         message = text[: m.start()]
@@ -561,42 +646,114 @@ def _syntax_error(source: str, err: tomllib.TOMLDecodeError) -> PoolError:
     return PoolError(f"{source}: TOML syntax error: {text}")
 
 
-def parse_pool(text: str, source: str = "<string>") -> Pool:
-    """Parse and validate pool TOML text; raise PoolError for the first problem."""
+def _decode(text: str, source: str) -> dict:
+    """tomllib.loads, with each way it can fail turned into a one-sentence PoolError."""
     try:
-        doc = tomllib.loads(text)
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise _syntax_error(source, err) from None
-    r = _Reader(source)
-    r.check_keys(doc, "", _TOP_KEYS)
-    settings = _parse_settings(r, doc)
-    raw = r.tables(doc, "service", "", "service")
-    if not raw:
-        raise r.fail("the pool defines no [[service]]")
-    if len(raw) > settings.max_services:
-        raise r.fail(
-            f"the pool defines {len(raw)} services but xdplb.max_services = {settings.max_services}"
-        )
-    services: list[Service] = []
+    except RecursionError:
+        raise PoolError(f"{source}: TOML syntax error: arrays or inline tables nest too deeply") from None
+    except ValueError as err:  # an integer of more digits than Python converts
+        raise PoolError(f"{source}: TOML syntax error: {_printable(str(err).partition(':')[0])}") from None
+    except MemoryError:
+        raise PoolError(f"{source}: the pool text is too large to parse") from None
+
+
+def _vips(raw: list[dict]) -> dict[ipaddress.IPv4Address, str]:
+    """Each VIP written in the services, and the first service that uses it; bad ones are
+    reported by their own service."""
+    vips: dict[ipaddress.IPv4Address, str] = {}
     for i, t in enumerate(raw):
-        services.append(_parse_service(r, i, t, services))
-    total = sum(len(s.backends) for s in services)
-    if total > settings.max_backends - 1:
-        raise r.fail(
-            f"the pool defines {total} backends in total but xdplb.max_backends = "
-            f"{settings.max_backends} allows at most {settings.max_backends - 1}"
-        )
-    return Pool(settings, tuple(services), source)
+        with contextlib.suppress(ValueError, TypeError):
+            vips.setdefault(ipaddress.IPv4Address(t.get("vip")), _item_label("service", i, t).rstrip())
+    return vips
+
+
+def _validate(r: _Reader, doc: dict) -> Pool | None:
+    """Check the whole document, noting every problem in ``r``; the Pool if there are none."""
+    with r.section():  # problems of the whole pool, which no table's section catches
+        r.check_keys(doc, "", _TOP_KEYS)
+        settings = None
+        with r.section((doc.get("xdplb"), None), (doc, "xdplb")):
+            settings = _parse_settings(r, doc)
+        raw = r.tables(doc, "service", "", "service")
+        if not raw:
+            raise r.fail("the pool defines no [[service]]")
+        if settings and len(raw) > settings.max_services:
+            r.note(f"the pool defines {len(raw)} services but xdplb.max_services = {settings.max_services}",
+                   doc.get("xdplb"), "max_services")
+        r.vips = _vips(raw)
+        services: list[Service] = []
+        for i, t in enumerate(raw):
+            with r.section((t, None)):
+                services.append(_parse_service(r, i, t, services))
+        total = sum(len(s.backends) for s in services)
+        if settings and total > settings.max_backends - 1:
+            r.note(
+                f"the pool defines {total} backends in total but xdplb.max_backends = "
+                f"{settings.max_backends} allows at most {settings.max_backends - 1}",
+                doc.get("xdplb"), "max_backends",
+            )
+        if settings and not r.found:
+            return Pool(settings, tuple(services), r.source)
+    return None
+
+
+def _report(r: _Reader, text: str, doc: dict) -> PoolError:
+    """One PoolError for every problem noted, each with its line, in file order
+    (problems of the whole pool last)."""
+    lines = _line_index(text, doc)
+    found = sorted(((lines.find(places), sentence) for sentence, places in r.found),
+                   key=lambda f: math.inf if f[0] is None else f[0])
+    return PoolError.of([f"{r.source}: line {line}: {sentence}" if line else f"{r.source}: {sentence}"
+                         for line, sentence in found])
+
+
+def parse_pool(text: str, source: str = "<string>") -> Pool:
+    """Parse and validate pool TOML text; raise one PoolError naming every problem found."""
+    doc = _decode(text, source)
+    r = _Reader(source)
+    try:
+        pool = _validate(r, doc)
+    except RecursionError:  # a deep value that tomllib took, rendered in a message
+        raise PoolError(f"{source}: values nest too deeply to check") from None
+    if pool is None:
+        raise _report(r, text, doc)
+    return pool
+
+
+def _refuse_non_regular(name: str, st: os.stat_result) -> None:
+    """A FIFO would hang the reader and a device (/dev/zero) never end: only regular files."""
+    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+             (stat.S_ISSOCK, "a socket"))
+    if not stat.S_ISREG(st.st_mode):
+        kind = next((text for test, text in kinds if test(st.st_mode)), "not a file")
+        raise PoolError(f"cannot read pool file {name}: it is {kind}, not a regular file")
+    if st.st_size > MAX_POOL_BYTES:
+        raise PoolError(f"cannot read pool file {name}: it holds {st.st_size} bytes, more than the "
+                        f"{MAX_POOL_BYTES // 2**20} MiB a pool file may have")
+
+
+def _read_pool_file(name: str) -> bytes:
+    try:
+        _refuse_non_regular(name, os.stat(name))  # before opening: opening some devices acts
+        fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        with open(fd, "rb") as f:
+            _refuse_non_regular(name, os.fstat(f.fileno()))  # the name may point elsewhere by now
+            data = f.read(MAX_POOL_BYTES + 1)
+    except OSError as err:
+        raise PoolError(f"cannot read pool file {name}: {err.strerror or err}") from None
+    if len(data) > MAX_POOL_BYTES:  # it grew after the fstat
+        _refuse_non_regular(name, os.stat_result((stat.S_IFREG, 0, 0, 0, 0, 0, len(data), 0, 0, 0)))
+    return data
 
 
 def load_pool(path: str | PathLike[str]) -> Pool:
-    """Read and parse a pool file; an unreadable file is a PoolError naming it."""
+    """Read and parse a pool file; a file that cannot be read is a PoolError naming it."""
     name = str(path)
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as err:
-        raise PoolError(f"cannot read pool file {name}: {err.strerror or err}") from None
+    data = _read_pool_file(name)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -614,6 +771,12 @@ def warnings(pool: Pool) -> list[str]:
             out.append(
                 f'service "{s.name}": maglev_size {m} is less than 100 x {n} backends; '
                 f"spread will be uneven"
+            )
+        if s.health.check == "dicom" and s.health.called_ae == HealthCheck.called_ae:
+            out.append(
+                f'service "{s.name}": the dicom check calls AE title "{s.health.called_ae}", xdplb\'s '
+                f"default; a PACS that checks the called AE title rejects it and every backend goes down, "
+                f"so set health.called_ae to the PACS's own AE title"
             )
         if all(b.weight == 0 for b in s.backends):
             out.append(
@@ -675,3 +838,189 @@ def describe(pool: Pool) -> str:
             state = "weight 0 (drained)" if b.weight == 0 else f"weight {b.weight}"
             lines.append(f'  backend "{b.name}" {b.address}: {state}')
     return "\n".join(lines) + "\n"
+
+
+# ---- where things are written ------------------------------------------------
+#
+# tomllib returns plain dicts and lists with no positions.  When a pool has
+# problems, this scanner walks the (already valid) TOML text once, noting the
+# line of every table header and every key, and maps them onto the parsed
+# dicts by identity.  A valid file never runs it.
+
+class _Lines:
+    """Line numbers of a parsed document's tables and keys, looked up by the dicts themselves."""
+
+    def __init__(self) -> None:
+        self.tables: dict[int, int] = {}
+        self.keys: dict[tuple[int, str], int] = {}
+
+    def find(self, places) -> int | None:
+        """The line of the first of ``places`` ((table, key or None) pairs) that is known."""
+        for table, key in places:
+            if table is None:
+                continue
+            line = self.keys.get((id(table), key)) if key is not None else None
+            if line is None:
+                line = self.tables.get(id(table))
+            if line is not None:
+                return line
+        return None
+
+
+def _end_of_basic(s: str, i: int) -> int:
+    """Index just past the closing quote of a "..." string whose body starts at i."""
+    while s[i] != '"':
+        i += 2 if s[i] == "\\" else 1
+    return i + 1
+
+
+def _end_of_multiline(s: str, i: int, quotes: str) -> int:
+    """Index just past a multi-line string's closing quotes; its body starts at i."""
+    while True:
+        if quotes == '"""' and s[i] == "\\":
+            i += 2
+        elif s.startswith(quotes, i):
+            i += 3
+            for _ in range(2):  # up to two quotes may sit right before the delimiter
+                if s.startswith(quotes[0], i):
+                    i += 1
+            return i
+        else:
+            i += 1
+
+
+def _end_of_value(s: str, i: int) -> int:
+    """Index just past a value (and the rest of its line) starting at or after i."""
+    depth = 0
+    while i < len(s):
+        if s.startswith('"""', i) or s.startswith("'''", i):
+            i = _end_of_multiline(s, i + 3, s[i:i + 3])
+        elif s[i] == '"':
+            i = _end_of_basic(s, i + 1)
+        elif s[i] == "'":
+            i = s.index("'", i + 1) + 1
+        elif s[i] in "[{":
+            depth += 1
+            i += 1
+        elif s[i] in "]}":
+            depth -= 1
+            i += 1
+        elif s[i] == "#":
+            end = s.find("\n", i)
+            i = len(s) if end < 0 else end
+        elif s[i] == "\n" and depth == 0:
+            return i + 1
+        else:
+            i += 1
+    return i
+
+
+def _dotted_key(s: str, i: int) -> tuple[tuple[str, ...], int]:
+    """Parse a (dotted) key at i; return its parts and the index of what follows."""
+    parts = []
+    while True:
+        while s[i] in " \t":
+            i += 1
+        if s[i] == '"':
+            end = _end_of_basic(s, i + 1)
+            parts.append(tomllib.loads(f"k = {s[i:end]}")["k"])  # TOML's own escapes
+        elif s[i] == "'":
+            end = s.index("'", i + 1) + 1
+            parts.append(s[i + 1:end - 1])
+        else:
+            end = _BARE_KEY_RE.match(s, i).end()
+            parts.append(s[i:end])
+        i = end
+        while s[i] in " \t":
+            i += 1
+        if s[i] != ".":
+            return tuple(parts), i
+        i += 1
+
+
+def _scan(text: str):
+    """Yield ("table", keys, is_array, line) for each header and ("key", keys, line) for each key."""
+    s = text.replace("\r\n", "\n")
+    starts = [0] + [m.end() for m in re.finditer("\n", s)]
+    i = 0
+    while i < len(s):
+        c = s[i]
+        if c in " \t\n":
+            i += 1
+        elif c == "#":
+            end = s.find("\n", i)
+            i = len(s) if end < 0 else end
+        elif c == "[":
+            array = s.startswith("[[", i)
+            keys, i = _dotted_key(s, i + (2 if array else 1))
+            yield ("table", keys, array, bisect.bisect_right(starts, i))
+            i += 2 if array else 1
+        else:
+            line = bisect.bisect_right(starts, i)
+            keys, i = _dotted_key(s, i)
+            yield ("key", keys, line)
+            i = _end_of_value(s, i + 1)  # past the "="
+
+
+def _walk(doc: dict, path: tuple) -> Any:
+    node: Any = doc
+    for step in path:
+        node = node[step]
+    return node
+
+
+def _scan_lines(text: str, doc: dict) -> _Lines:
+    """Map every table and key of ``doc`` (parsed from valid ``text``) to its line."""
+    paths: dict[tuple, int] = {}                  # concrete path (keys and array indices) -> line
+    arrays: dict[tuple, int] = {}                 # path of an array of tables -> its length so far
+    current: tuple = ()
+
+    def into(path: tuple, key: str, line: int) -> tuple:
+        path += (key,)
+        paths.setdefault(path, line)
+        if path in arrays:                        # [[a]] then [a.b]: b is in a's last element
+            path += (arrays[path] - 1,)
+        return path
+
+    for event in _scan(text):
+        if event[0] == "table":
+            _, keys, array, line = event
+            path = ()
+            for key in keys[:-1]:
+                path = into(path, key, line)
+            path += (keys[-1],)
+            paths.setdefault(path, line)
+            if array:
+                arrays[path] = arrays.get(path, 0) + 1
+                path += (arrays[path] - 1,)
+            paths[path] = line
+            current = path
+        else:
+            _, keys, line = event
+            path = current
+            for key in keys:
+                path = into(path, key, line)
+
+    lines = _Lines()
+    for path, line in paths.items():
+        try:
+            parent, node = _walk(doc, path[:-1]), _walk(doc, path)
+        except (KeyError, IndexError, TypeError):
+            continue
+        if isinstance(path[-1], str) and isinstance(parent, dict):
+            lines.keys[(id(parent), path[-1])] = line
+        if isinstance(node, dict):
+            lines.tables[id(node)] = line                 # its header, or its key's line
+        elif isinstance(node, list):
+            for item in node:                             # an inline array of tables: the key's line,
+                if isinstance(item, dict):                # unless the item has a [[header]] of its own
+                    lines.tables.setdefault(id(item), line)
+    return lines
+
+
+def _line_index(text: str, doc: dict) -> _Lines:
+    """_scan_lines, but a scanner bug costs only the line numbers, never the error report."""
+    try:
+        return _scan_lines(text, doc)
+    except Exception:  # noqa: BLE001 - line numbers are a help; the problems are reported regardless
+        return _Lines()

@@ -299,7 +299,7 @@ def test_load_pool_missing_file_names_path_and_reason(tmp_path):
 def test_load_pool_uses_path_as_source(tmp_path):
     path = tmp_path / "pacs.toml"
     path.write_text(edit('"10.10.0.100"', '"10.10.0.300"'))
-    with pytest.raises(PoolError, match=r"^" + str(path).replace("\\", "\\\\") + r": service\[0\]"):
+    with pytest.raises(PoolError, match=r"^" + str(path).replace("\\", "\\\\") + r": line 3: service\[0\]"):
         load_pool(path)
     path.write_text(MINIMAL)
     assert load_pool(path).source == str(path)
