@@ -612,28 +612,39 @@ def _parse_backends(r: _Reader, svc: dict, svc_label: str) -> tuple[Backend, ...
     return tuple(backends)
 
 
-def _parse_service(r: _Reader, index: int, t: dict, earlier: list[Service]) -> Service:
+def _parse_service(r: _Reader, index: int, t: dict, earlier: list[Service]) -> Service | None:
+    """One [[service]], or None when a problem was noted.  Its own keys, its
+    health table and each backend are checked apart: a bad port does not hide
+    a bad backend."""
     label = _item_label("service", index, t)
     r.check_keys(t, label, _SERVICE_KEYS)
-    name = r.name(t, label)
-    for j, other in enumerate(earlier):
-        if other.name == name:
-            raise r.fail(f"{label}.name = {_show(name)} is already used by service[{j}]")
-    vip = r.address(t, "vip", label, "VIP")
-    port = r.integer(t, "port", label, *PORT_RANGE)
-    protocol = r.choice(t, "protocol", label, PROTOCOLS, "protocol", "tcp")
-    for j, other in enumerate(earlier):
-        if other.key == (vip, port, protocol):
-            raise r.fail(
-                f'{label}(.vip, .port, .protocol) = ("{vip}", {port}, "{protocol}") is already used '
-                f'by service[{j}] "{other.name}"'
-            )
-    persistence = r.choice(t, "persistence", label, PERSISTENCE_MODES, "persistence mode", "flow")
-    health = None  # stays None only when a problem is noted, and then no Pool is built
+    own = None
+    port = PORT_RANGE[0]  # the health check's default port, should the service's own be bad
+    with r.section((t, None)):
+        name = r.name(t, label)
+        for j, other in enumerate(earlier):
+            if other.name == name:
+                raise r.fail(f"{label}.name = {_show(name)} is already used by service[{j}]", t, "name")
+        vip = r.address(t, "vip", label, "VIP")
+        port = r.integer(t, "port", label, *PORT_RANGE)
+        protocol = r.choice(t, "protocol", label, PROTOCOLS, "protocol", "tcp")
+        for j, other in enumerate(earlier):
+            if other.key == (vip, port, protocol):
+                raise r.fail(
+                    f'{label}(.vip, .port, .protocol) = ("{vip}", {port}, "{protocol}") is already used '
+                    f'by service[{j}] "{other.name}"'
+                )
+        persistence = r.choice(t, "persistence", label, PERSISTENCE_MODES, "persistence mode", "flow")
+        own = (name, vip, port, protocol, persistence)
+    health = None
     with r.section((t.get("health"), None), (t, "health")):
         health = _parse_health(r, t, label, port)
-    backends = _parse_backends(r, t, label)
-    return Service(name, vip, port, protocol, persistence, health, backends)
+    backends = None
+    with r.section((t, "backend")):
+        backends = _parse_backends(r, t, label)
+    if own is None or health is None or backends is None:
+        return None
+    return Service(*own, health, backends)
 
 
 def _syntax_error(source: str, err: tomllib.TOMLDecodeError) -> PoolError:
@@ -686,8 +697,9 @@ def _validate(r: _Reader, doc: dict) -> Pool | None:
         r.vips = _vips(raw)
         services: list[Service] = []
         for i, t in enumerate(raw):
-            with r.section((t, None)):
-                services.append(_parse_service(r, i, t, services))
+            service = _parse_service(r, i, t, services)
+            if service is not None:
+                services.append(service)
         total = sum(len(s.backends) for s in services)
         if settings and total > settings.max_backends - 1:
             r.note(

@@ -471,8 +471,11 @@ def test_every_problem_is_reported_with_its_line_in_file_order():
         'pacs.toml: line 24: service[0] "dicom" backend[1] "pacs-b" .weight = 1001 is out of range; '
         "expected an integer from 0 to 1000",
         'pacs.toml: line 29: service[1] "web" .port = 0 is out of range; expected an integer from 1 to 65535',
+        # a bad port does not keep its backends from being checked; an inline table gets its key's line
+        'pacs.toml: line 30: service[1] "web" backend[1] "b" .address = "10.10.0.11" is already used by '
+        "backend[0] of this service",
     )
-    assert str(info.value) == info.value.problems[0] + " (and 7 more problems; xdplb check lists every one)"
+    assert str(info.value) == info.value.problems[0] + " (and 8 more problems; xdplb check lists every one)"
 
 
 def test_a_single_problem_is_the_message_itself():
