@@ -189,8 +189,9 @@ def _printable(text: str) -> str:
     return "".join(c if c.isprintable() else json.dumps(c)[1:-1] for c in text)
 
 
-def _show(value: Any) -> str:
-    """Render a TOML value for an error message, in TOML-like spelling."""
+def _show(value: Any, depth: int = 0) -> str:
+    """Render a TOML value for an error message, in TOML-like spelling, at most
+    three arrays deep (tomllib accepts hundreds)."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
@@ -201,7 +202,9 @@ def _show(value: Any) -> str:
     if isinstance(value, dict):
         return "{...}"
     if isinstance(value, list):
-        inner = ", ".join(_show(v) for v in value[:5])
+        if depth == 3:
+            return "[...]"
+        inner = ", ".join(_show(v, depth + 1) for v in value[:5])
         return f"[{inner}{', ...' if len(value) > 5 else ''}]"
     return str(value)
 
@@ -726,10 +729,7 @@ def parse_pool(text: str, source: str = "<string>") -> Pool:
     """Parse and validate pool TOML text; raise one PoolError naming every problem found."""
     doc = _decode(text, source)
     r = _Reader(source)
-    try:
-        pool = _validate(r, doc)
-    except RecursionError:  # a deep value that tomllib took, rendered in a message
-        raise PoolError(f"{source}: values nest too deeply to check") from None
+    pool = _validate(r, doc)
     if pool is None:
         raise _report(r, text, doc)
     return pool
@@ -744,8 +744,12 @@ def _refuse_non_regular(name: str, st: os.stat_result) -> None:
         kind = next((text for test, text in kinds if test(st.st_mode)), "not a file")
         raise PoolError(f"cannot read pool file {name}: it is {kind}, not a regular file")
     if st.st_size > MAX_POOL_BYTES:
-        raise PoolError(f"cannot read pool file {name}: it holds {st.st_size} bytes, more than the "
-                        f"{MAX_POOL_BYTES // 2**20} MiB a pool file may have")
+        raise _too_large(name, st.st_size)
+
+
+def _too_large(name: str, size: int) -> PoolError:
+    return PoolError(f"cannot read pool file {name}: it holds {size} bytes, more than the "
+                     f"{MAX_POOL_BYTES // 2**20} MiB a pool file may have")
 
 
 def _read_pool_file(name: str) -> bytes:
@@ -758,7 +762,7 @@ def _read_pool_file(name: str) -> bytes:
     except OSError as err:
         raise PoolError(f"cannot read pool file {name}: {err.strerror or err}") from None
     if len(data) > MAX_POOL_BYTES:  # it grew after the fstat
-        _refuse_non_regular(name, os.stat_result((stat.S_IFREG, 0, 0, 0, 0, 0, len(data), 0, 0, 0)))
+        raise _too_large(name, len(data))
     return data
 
 

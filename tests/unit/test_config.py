@@ -392,6 +392,13 @@ def test_what_tomllib_cannot_read_is_a_pool_error(text, fragment):
     assert str(info.value) == f"pacs.toml: {fragment}"
 
 
+def test_a_deep_value_that_tomllib_reads_is_shown_three_arrays_deep():
+    with pytest.raises(PoolError) as info:
+        parse_pool("[xdplb]\nhash_seed = " + "[" * 400 + "]" * 400 + "\n" + MINIMAL, "pacs.toml")
+    assert str(info.value) == ("pacs.toml: line 2: xdplb.hash_seed = [[[[...]]]] must be an integer from 0 to "
+                               "4294967295, got an array")
+
+
 # ---- semantic checks ---------------------------------------------------------
 
 def test_backend_that_is_a_vip_is_refused_as_a_loop():
