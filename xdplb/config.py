@@ -7,8 +7,9 @@ you mean" hint), wrong types (a boolean is not an integer), bad addresses,
 out-of-range numbers, duplicates, a backend that is a VIP.  Every problem
 found becomes one sentence naming the file, the line, the key path and the
 offending value, as `haproxy -c` does; a PoolError carries them all in file
-order (each table is checked on its own: its first value problem and every
-unknown key in it).
+order.  A bad value is noted and checking goes on with a stand-in; a check
+that compares values is skipped (says nothing) where one of them is a
+stand-in, so no problem is reported that only follows from another.
 
 Pure: ``parse_pool`` takes text and returns frozen dataclasses; only
 ``load_pool`` reads a file, and only a regular file of at most
@@ -236,36 +237,68 @@ def _path(label: str, key: str) -> str:
     return f"{label}.{key}" if label else key
 
 
-class _Reader:
-    """Typed getters that raise a problem naming the key path, and the list of problems found.
+class _Section:
+    """One table being checked (see _Reader.section)."""
 
-    A check raises ``r.fail(sentence)``; the enclosing ``section`` notes it
-    and validation goes on with the next table, so one run finds them all.
+    def __init__(self, places: tuple) -> None:
+        self.places = places    # (table, key) pairs that locate it, innermost first
+        self.bad_values = 0     # bad values noted while this was the innermost section
+        self.ok = True          # no bad value and no failed check here or in a nested section
+
+
+class _Reader:
+    """Typed getters that note every bad value and go on, and the list of problems found.
+
+    A getter given a bad value notes it and returns a stand-in (the default,
+    or a neutral value of its type; None for a name or address), so the
+    table's other keys are still checked.  A check raises ``r.fail(sentence)``
+    instead; the enclosing ``section`` notes it, unless that section already
+    noted a bad value (the check may have judged a stand-in), and validation
+    goes on with the next table.  One run finds every problem.
     """
 
     def __init__(self, source: str) -> None:
         self.source = source
         self.found: list[tuple[str, tuple]] = []   # (sentence, (table, key) places for its line)
         self.vips: dict[ipaddress.IPv4Address, str] = {}  # a backend must not be one
-        self._sections: list[tuple] = []
+        self._sections: list[_Section] = []
+        self._bad_values = 0
 
     def fail(self, sentence: str, table: dict | None = None, key: str | None = None) -> PoolError:
         return _Problem(sentence, table, key)
 
     def note(self, sentence: str, table: dict | None = None, key: str | None = None) -> None:
-        self.found.append((sentence, ((table, key), *reversed(self._sections))))
+        places = [(table, key)]
+        for section in reversed(self._sections):
+            places.extend(section.places)
+        self.found.append((sentence, tuple(places)))
+
+    def bad(self, sentence: str, table: dict, key: str, stand_in: Any = None) -> Any:
+        """Note a bad value of ``key`` and return ``stand_in``: the table's other keys are still checked."""
+        self.note(sentence, table, key)
+        self._bad_values += 1
+        if self._sections:
+            self._sections[-1].bad_values += 1
+        return stand_in
 
     @contextlib.contextmanager
     def section(self, *places: tuple):
-        """Check one table: a problem raised inside is noted (its line found
-        from its own key, else from ``places``) and the caller goes on."""
-        self._sections.extend(places)
+        """Check one table; yields its _Section, whose ``ok`` says afterwards
+        whether its values can be trusted by checks across tables."""
+        section = _Section(places)
+        self._sections.append(section)
         try:
-            yield
+            yield section
         except _Problem as problem:
-            self.note(problem.sentence, *problem.place)
+            section.ok = False
+            if not section.bad_values:
+                self.note(problem.sentence, *problem.place)
         finally:
-            del self._sections[len(self._sections) - len(places):]
+            self._sections.pop()
+            if section.bad_values:
+                section.ok = False
+            if not section.ok and self._sections:
+                self._sections[-1].ok = False
 
     def check_keys(self, table: dict, label: str, known: tuple[str, ...]) -> None:
         for key in table:
@@ -278,28 +311,35 @@ class _Reader:
         self.note(f"{_path(label, key)} is not a known key; {hint}", table, key)
 
     def _get(self, table: dict, key: str, label: str, default: Any, expect: str) -> Any:
+        """The value, the default, or _MISSING once a missing required key is noted."""
         value = table.get(key, _MISSING)
         if value is _MISSING:
             if default is _MISSING:
-                raise self.fail(f"{_path(label, key)} is missing; expected {expect}", table, key)
+                return self.bad(f"{_path(label, key)} is missing; expected {expect}", table, key, _MISSING)
             return default
         return value
 
     def string(self, table: dict, key: str, label: str, expect: str, default: Any = _MISSING) -> str:
+        stand_in = "" if default is _MISSING else default
         value = self._get(table, key, label, default, expect)
+        if value is _MISSING:
+            return stand_in
         if not isinstance(value, str):
-            raise self.fail(
+            return self.bad(
                 f"{_path(label, key)} = {_show(value)} must be a string ({expect}), got {_kind(value)}",
-                table, key,
+                table, key, stand_in,
             )
         return value
 
     def boolean(self, table: dict, key: str, label: str, default: Any = _MISSING) -> bool:
+        stand_in = False if default is _MISSING else default
         value = self._get(table, key, label, default, "true or false")
+        if value is _MISSING:
+            return stand_in
         if not isinstance(value, bool):
-            raise self.fail(
+            return self.bad(
                 f"{_path(label, key)} = {_show(value)} must be true or false, got {_kind(value)}",
-                table, key,
+                table, key, stand_in,
             )
         return value
 
@@ -307,77 +347,92 @@ class _Reader:
         self, table: dict, key: str, label: str, lo: int, hi: int, default: Any = _MISSING
     ) -> int:
         expect = f"an integer from {lo} to {hi}"
+        stand_in = lo if default is _MISSING else default
         value = self._get(table, key, label, default, expect)
+        if value is _MISSING:
+            return stand_in
         if isinstance(value, bool) or not isinstance(value, int):
-            raise self.fail(f"{_path(label, key)} = {_show(value)} must be {expect}, got {_kind(value)}",
-                            table, key)
+            return self.bad(f"{_path(label, key)} = {_show(value)} must be {expect}, got {_kind(value)}",
+                             table, key, stand_in)
         if not lo <= value <= hi:
-            raise self.fail(f"{_path(label, key)} = {_show(value)} is out of range; expected {expect}",
-                            table, key)
+            return self.bad(f"{_path(label, key)} = {_show(value)} is out of range; expected {expect}",
+                             table, key, stand_in)
         return value
 
     def seconds(
         self, table: dict, key: str, label: str, hi: float, default: Any = _MISSING
     ) -> float:
         expect = f"a number of seconds greater than 0 and at most {hi:g}"
+        stand_in = float(hi if default is _MISSING else default)
         value = self._get(table, key, label, default, expect)
+        if value is _MISSING:
+            return stand_in
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise self.fail(f"{_path(label, key)} = {_show(value)} must be {expect}, got {_kind(value)}",
-                            table, key)
+            return self.bad(f"{_path(label, key)} = {_show(value)} must be {expect}, got {_kind(value)}",
+                             table, key, stand_in)
         if not (math.isfinite(value) and 0 < value <= hi):
-            raise self.fail(f"{_path(label, key)} = {_show(value)} is out of range; expected {expect}",
-                            table, key)
+            return self.bad(f"{_path(label, key)} = {_show(value)} is out of range; expected {expect}",
+                             table, key, stand_in)
         return float(value)
 
     def choice(
         self, table: dict, key: str, label: str, choices: tuple[str, ...], what: str, default: str
     ) -> str:
+        bad_before = self._bad_values
         value = self.string(table, key, label, f"one of {_quoted(choices)}", default)
-        if value not in choices:
-            raise self.fail(
+        if self._bad_values == bad_before and value not in choices:
+            return self.bad(
                 f"{_path(label, key)} = {_show(value)} is not a known {what}; expected one of {_quoted(choices)}",
-                table, key,
+                table, key, default,
             )
         return value
 
     def table(self, parent: dict, key: str, label: str, header: str) -> dict:
         value = parent.get(key, {})
         if not isinstance(value, dict):
-            raise self.fail(
+            return self.bad(
                 f"{_path(label, key)} = {_show(value)} must be a table written [{header}], got {_kind(value)}",
-                parent, key,
+                parent, key, {},
             )
         return value
 
     def tables(self, parent: dict, key: str, label: str, header: str) -> list[dict]:
         value = parent.get(key, [])
         if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
-            raise self.fail(
+            return self.bad(
                 f"{_path(label, key)} = {_show(value)} must be an array of tables written "
                 f"[[{header}]], got {_kind(value) if not isinstance(value, list) else 'an array of other values'}",
-                parent, key,
+                parent, key, [],
             )
         return value
 
-    def name(self, table: dict, label: str) -> str:
+    def name(self, table: dict, label: str) -> str | None:
+        """The name, or None once a problem with it is noted."""
+        bad_before = self._bad_values
         value = self.string(table, "name", label, _NAME_RULE)
+        if self._bad_values != bad_before:
+            return None
         if not _NAME_RE.fullmatch(value):
-            raise self.fail(f"{_path(label, 'name')} = {_show(value)} must be {_NAME_RULE}", table, "name")
+            return self.bad(f"{_path(label, 'name')} = {_show(value)} must be {_NAME_RULE}", table, "name", None)
         return value
 
-    def address(self, table: dict, key: str, label: str, role: str) -> ipaddress.IPv4Address:
+    def address(self, table: dict, key: str, label: str, role: str) -> ipaddress.IPv4Address | None:
+        """The address, or None once a problem with it is noted."""
         expect = 'an IPv4 address such as "10.10.0.100"'
+        bad_before = self._bad_values
         text = self.string(table, key, label, expect)
+        if self._bad_values != bad_before:
+            return None
         where = f"{_path(label, key)} = {_show(text)}"
         try:
             addr = ipaddress.ip_address(text)
         except ValueError:
-            raise self.fail(f"{where} is not a valid IPv4 address", table, key) from None
+            return self.bad(f"{where} is not a valid IPv4 address", table, key, None)
         if addr.version == 6:
-            raise self.fail(f"{where} is an IPv6 address; IPv6 is not supported yet", table, key)
+            return self.bad(f"{where} is an IPv6 address; IPv6 is not supported yet", table, key, None)
         problem = _unusable_address(addr)
         if problem:
-            raise self.fail(f"{where} is {problem}, which cannot be used as a {role}", table, key)
+            return self.bad(f"{where} is {problem}, which cannot be used as a {role}", table, key, None)
         return addr
 
 
@@ -593,23 +648,19 @@ def _parse_backends(r: _Reader, svc: dict, svc_label: str) -> tuple[Backend, ...
             r.check_keys(t, label, _BACKEND_KEYS)
             name = r.name(t, label)
             if name in names:
-                raise r.fail(
-                    f'{label}.name = {_show(name)} is already used by backend[{names[name]}] of this service',
-                    t, "name",
-                )
-            names[name] = i
+                r.bad(f'{label}.name = {_show(name)} is already used by backend[{names[name]}] of this service',
+                      t, "name")
+            elif name is not None:
+                names[name] = i
             address = r.address(t, "address", label, "backend address")
             if address in addresses:
-                raise r.fail(
-                    f'{label}.address = "{address}" is already used by backend[{addresses[address]}] '
-                    f"of this service", t, "address",
-                )
-            if address in r.vips:
-                raise r.fail(
-                    f'{label}.address = "{address}" is the VIP of {r.vips[address]}; forwarding to it '
-                    f"would send the traffic back to xdplb in a loop", t, "address",
-                )
-            addresses[address] = i
+                r.bad(f'{label}.address = "{address}" is already used by backend[{addresses[address]}] '
+                      f"of this service", t, "address")
+            elif address in r.vips:
+                r.bad(f'{label}.address = "{address}" is the VIP of {r.vips[address]}; forwarding to it '
+                      f"would send the traffic back to xdplb in a loop", t, "address")
+            elif address is not None:
+                addresses[address] = i
             weight = r.integer(t, "weight", label, *WEIGHT_RANGE, 1)
             backends.append(Backend(name, address, weight))
     return tuple(backends)
@@ -621,33 +672,29 @@ def _parse_service(r: _Reader, index: int, t: dict, earlier: list[Service]) -> S
     a bad backend."""
     label = _item_label("service", index, t)
     r.check_keys(t, label, _SERVICE_KEYS)
-    own = None
     port = PORT_RANGE[0]  # the health check's default port, should the service's own be bad
-    with r.section((t, None)):
+    with r.section((t, None)) as own:
         name = r.name(t, label)
         for j, other in enumerate(earlier):
             if other.name == name:
-                raise r.fail(f"{label}.name = {_show(name)} is already used by service[{j}]", t, "name")
+                r.bad(f"{label}.name = {_show(name)} is already used by service[{j}]", t, "name")
         vip = r.address(t, "vip", label, "VIP")
         port = r.integer(t, "port", label, *PORT_RANGE)
         protocol = r.choice(t, "protocol", label, PROTOCOLS, "protocol", "tcp")
         for j, other in enumerate(earlier):
-            if other.key == (vip, port, protocol):
+            if not own.bad_values and other.key == (vip, port, protocol):
                 raise r.fail(
                     f'{label}(.vip, .port, .protocol) = ("{vip}", {port}, "{protocol}") is already used '
                     f'by service[{j}] "{other.name}"'
                 )
         persistence = r.choice(t, "persistence", label, PERSISTENCE_MODES, "persistence mode", "flow")
-        own = (name, vip, port, protocol, persistence)
-    health = None
-    with r.section((t.get("health"), None), (t, "health")):
+    with r.section((t.get("health"), None), (t, "health")) as checked_health:
         health = _parse_health(r, t, label, port)
-    backends = None
-    with r.section((t, "backend")):
+    with r.section((t, "backend")) as checked_backends:
         backends = _parse_backends(r, t, label)
-    if own is None or health is None or backends is None:
+    if not (own.ok and checked_health.ok and checked_backends.ok):
         return None
-    return Service(*own, health, backends)
+    return Service(name, vip, port, protocol, persistence, health, backends)
 
 
 def _syntax_error(source: str, err: tomllib.TOMLDecodeError) -> PoolError:
@@ -688,13 +735,12 @@ def _validate(r: _Reader, doc: dict) -> Pool | None:
     """Check the whole document, noting every problem in ``r``; the Pool if there are none."""
     with r.section():  # problems of the whole pool, which no table's section catches
         r.check_keys(doc, "", _TOP_KEYS)
-        settings = None
-        with r.section((doc.get("xdplb"), None), (doc, "xdplb")):
+        with r.section((doc.get("xdplb"), None), (doc, "xdplb")) as checked_settings:
             settings = _parse_settings(r, doc)
         raw = r.tables(doc, "service", "", "service")
         if not raw:
             raise r.fail("the pool defines no [[service]]")
-        if settings and len(raw) > settings.max_services:
+        if checked_settings.ok and len(raw) > settings.max_services:
             r.note(f"the pool defines {len(raw)} services but xdplb.max_services = {settings.max_services}",
                    doc.get("xdplb"), "max_services")
         r.vips = _vips(raw)
@@ -704,13 +750,13 @@ def _validate(r: _Reader, doc: dict) -> Pool | None:
             if service is not None:
                 services.append(service)
         total = sum(len(s.backends) for s in services)
-        if settings and total > settings.max_backends - 1:
+        if checked_settings.ok and total > settings.max_backends - 1:
             r.note(
                 f"the pool defines {total} backends in total but xdplb.max_backends = "
                 f"{settings.max_backends} allows at most {settings.max_backends - 1}",
                 doc.get("xdplb"), "max_backends",
             )
-        if settings and not r.found:
+        if not r.found:
             return Pool(settings, tuple(services), r.source)
     return None
 

@@ -481,8 +481,48 @@ def test_every_problem_is_reported_with_its_line_in_file_order():
         # a bad port does not keep its backends from being checked; an inline table gets its key's line
         'pacs.toml: line 30: service[1] "web" backend[1] "b" .address = "10.10.0.11" is already used by '
         "backend[0] of this service",
+        'pacs.toml: line 30: service[1] "web" backend[1] "b" .weight = "x" must be an integer from 0 to 1000, '
+        "got a string",
     )
-    assert str(info.value) == info.value.problems[0] + " (and 8 more problems; xdplb check lists every one)"
+    assert str(info.value) == info.value.problems[0] + " (and 9 more problems; xdplb check lists every one)"
+
+
+def test_every_bad_value_of_one_table_is_reported():
+    text = edit('  name = "pacs-b"\n  address = "10.10.0.12"\n',
+                '  name = "pacs b"\n  address = "10.10.0.1200"\n  weight = 1.5\n  colour = "red"\n')
+    text = edit("port = 104\n", 'port = 104\n[service.health]\ninterval = "1s"\nrise = 0\n', text)
+    with pytest.raises(PoolError) as info:
+        parse_pool(text, "p.toml")
+    assert info.value.problems == (
+        'p.toml: line 6: service[0] "synapse-dicom" .health.interval = "1s" must be a number of seconds greater '
+        "than 0 and at most 3600, got a string",
+        'p.toml: line 7: service[0] "synapse-dicom" .health.rise = 0 is out of range; expected an integer from '
+        "1 to 100",
+        'p.toml: line 14: service[0] "synapse-dicom" backend[1] .name = "pacs b" must be 1 to 64 characters '
+        "from A-Z a-z 0-9 _ . -",
+        'p.toml: line 15: service[0] "synapse-dicom" backend[1] .address = "10.10.0.1200" is not a valid IPv4 '
+        "address",
+        'p.toml: line 16: service[0] "synapse-dicom" backend[1] .weight = 1.5 must be an integer from 0 to 1000, '
+        "got a float",
+        'p.toml: line 17: service[0] "synapse-dicom" backend[1] .colour is not a known key; known keys are '
+        '"name", "address", "weight"',
+    )
+
+
+def test_a_check_on_a_stand_in_for_a_bad_value_says_nothing():
+    # interval is bad, so timeout = 2 is not compared with a stand-in interval;
+    # the bad port is not compared with the other service's port 1.
+    text = edit("port = 104\n", 'port = 104\n[service.health]\ninterval = "2s"\ntimeout = 2\n')
+    second = SECOND_SERVICE.replace("port = 80", 'port = "1"')
+    first_on_port_1 = edit("port = 104\n", "port = 1\n", MINIMAL).replace("synapse-dicom", "first")
+    with pytest.raises(PoolError) as info:
+        parse_pool(text, "p.toml")
+    assert len(info.value.problems) == 1 and ".health.interval" in str(info.value)
+    with pytest.raises(PoolError) as info:
+        parse_pool(first_on_port_1 + second, "p.toml")
+    assert info.value.problems == (
+        'p.toml: line 17: service[1] "synapse-web" .port = "1" must be an integer from 1 to 65535, got a string',
+    )
 
 
 def test_a_single_problem_is_the_message_itself():
