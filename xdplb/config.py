@@ -263,6 +263,7 @@ class _Reader:
         self.vips: dict[ipaddress.IPv4Address, str] = {}  # a backend must not be one
         self._sections: list[_Section] = []
         self._bad_values = 0
+        self._bad_keys: set[tuple[int, str]] = set()
 
     def fail(self, sentence: str, table: dict | None = None, key: str | None = None) -> PoolError:
         return _Problem(sentence, table, key)
@@ -276,10 +277,15 @@ class _Reader:
     def bad(self, sentence: str, table: dict, key: str, stand_in: Any = None) -> Any:
         """Note a bad value of ``key`` and return ``stand_in``: the table's other keys are still checked."""
         self.note(sentence, table, key)
+        self._bad_keys.add((id(table), key))
         self._bad_values += 1
         if self._sections:
             self._sections[-1].bad_values += 1
         return stand_in
+
+    def good(self, table: dict, *keys: str) -> bool:
+        """True when no problem was noted with these keys: a check comparing them may judge them."""
+        return not any((id(table), key) in self._bad_keys for key in keys)
 
     @contextlib.contextmanager
     def section(self, *places: tuple):
@@ -491,17 +497,17 @@ def _parse_settings(r: _Reader, doc: dict) -> Settings:
     d = Settings()
     metrics = r.string(t, "metrics", label, '"host:port" or ""', d.metrics)
     if not _valid_metrics(metrics):
-        raise r.fail(
+        metrics = r.bad(
             f"{label}.metrics = {_show(metrics)} must be \"\" (disabled) or \"host:port\" with an IP "
-            f'address or localhost, e.g. "127.0.0.1:9742" or "[::1]:9742"'
+            f'address or localhost, e.g. "127.0.0.1:9742" or "[::1]:9742"', t, "metrics", d.metrics
         )
     manage_vips = r.boolean(t, "manage_vips", label, d.manage_vips)
     maglev_size = r.integer(t, "maglev_size", label, *MAGLEV_SIZE_RANGE, d.maglev_size)
     if not is_prime(maglev_size):
         below, above = _nearby_primes(maglev_size)
-        raise r.fail(
+        maglev_size = r.bad(
             f"{label}.maglev_size = {maglev_size} must be a prime number; "
-            f"the nearest primes are {below} and {above}"
+            f"the nearest primes are {below} and {above}", t, "maglev_size", d.maglev_size
         )
     return Settings(
         metrics=metrics,
@@ -550,11 +556,12 @@ def _ca_file(r: _Reader, t: dict, label: str) -> str:
     base = os.path.dirname(os.path.abspath(r.source)) if r.source != "<string>" else os.getcwd()
     path = os.path.join(base, os.path.expanduser(text))
     if not os.path.isfile(path):
-        raise r.fail(f"{where} is not an existing file (looked for {path})")
+        return r.bad(f"{where} is not an existing file (looked for {path})", t, "ca_file", "")
     try:
         ssl.create_default_context(cafile=path)
     except (ssl.SSLError, OSError) as err:
-        raise r.fail(f"{where} is not a readable PEM CA certificate file: {err.strerror or err}") from None
+        return r.bad(f"{where} is not a readable PEM CA certificate file: {err.strerror or err}",
+                     t, "ca_file", "")
     return os.path.normpath(path)
 
 
@@ -562,7 +569,8 @@ def _ae_title(r: _Reader, t: dict, label: str, key: str, default: str) -> str:
     value = r.string(t, key, label, _AE_RULE, default)
     if not (1 <= len(value) <= 16 and value.isascii() and value.isprintable()
             and "\\" not in value and value.strip(" ")):
-        raise r.fail(f"{label}.{key} = {_show(value)} is not a valid DICOM AE title; expected {_AE_RULE}")
+        return r.bad(f"{label}.{key} = {_show(value)} is not a valid DICOM AE title; expected {_AE_RULE}",
+                     t, key, default)
     return value
 
 
@@ -574,11 +582,9 @@ def _parse_health(r: _Reader, svc: dict, svc_label: str, service_port: int) -> H
     port = r.integer(t, "port", label, *PORT_RANGE, service_port)
     interval = r.seconds(t, "interval", label, MAX_INTERVAL, 1.0)
     timeout = r.seconds(t, "timeout", label, MAX_INTERVAL, 0.5)
-    if timeout > interval:
-        raise r.fail(
-            f"{label}.timeout = {_show(timeout)} must not exceed .health.interval = {_show(interval)}",
-            t, "timeout",
-        )
+    if timeout > interval and r.good(t, "interval", "timeout"):
+        r.bad(f"{label}.timeout = {_show(timeout)} must not exceed .health.interval = {_show(interval)}",
+              t, "timeout")
     rise = r.integer(t, "rise", label, *RISE_FALL_RANGE, 2)
     fall = r.integer(t, "fall", label, *RISE_FALL_RANGE, 2)
     d = HealthCheck(check, port, interval, timeout, rise, fall)
@@ -586,29 +592,27 @@ def _parse_health(r: _Reader, svc: dict, svc_label: str, service_port: int) -> H
     if check in ("http", "https"):
         path = r.string(t, "path", label, 'a URL path starting with "/"', d.path)
         if not _HTTP_PATH_RE.fullmatch(path):
-            raise r.fail(
+            path = r.bad(
                 f'{label}.path = {_show(path)} must start with "/" and hold only printable '
-                f"ASCII without spaces (percent-encode others)"
+                f"ASCII without spaces (percent-encode others)", t, "path", d.path
             )
         extra["path"] = path
         extra["expect"] = r.integer(t, "expect", label, *HTTP_STATUS_RANGE, d.expect)
         host = r.string(t, "host", label, "an HTTP Host header value", d.host)
-        if "host" in t and not _HTTP_HOST_RE.fullmatch(host):
-            raise r.fail(
-                f"{label}.host = {_show(host)} must be 1 to 255 printable ASCII characters without spaces"
-            )
+        if "host" in t and r.good(t, "host") and not _HTTP_HOST_RE.fullmatch(host):
+            r.bad(f"{label}.host = {_show(host)} must be 1 to 255 printable ASCII characters without spaces",
+                  t, "host")
         extra["host"] = host
     if check == "https":
         ca_file = _ca_file(r, t, label)
         tls_verify = r.boolean(t, "tls_verify", label, d.tls_verify)
         if ca_file and not tls_verify:
-            raise r.fail(
-                f"{label}.tls_verify = false contradicts .ca_file = {_show(t['ca_file'])}; "
-                f"remove one of them"
-            )
+            r.bad(f"{label}.tls_verify = false contradicts .ca_file = {_show(t['ca_file'])}; "
+                  f"remove one of them", t, "tls_verify")
         server_name = r.string(t, "server_name", label, "a DNS name or IP address", d.server_name)
-        if "server_name" in t and not (_DNS_NAME_RE.fullmatch(server_name) or _is_ip(server_name)):
-            raise r.fail(f"{label}.server_name = {_show(server_name)} is not a DNS name or IP address")
+        if "server_name" in t and r.good(t, "server_name") and not (
+                _DNS_NAME_RE.fullmatch(server_name) or _is_ip(server_name)):
+            r.bad(f"{label}.server_name = {_show(server_name)} is not a DNS name or IP address", t, "server_name")
         extra.update(ca_file=ca_file, tls_verify=tls_verify, server_name=server_name)
     if check == "dicom":
         extra["calling_ae"] = _ae_title(r, t, label, "calling_ae", d.calling_ae)
@@ -673,7 +677,7 @@ def _parse_service(r: _Reader, index: int, t: dict, earlier: list[Service]) -> S
     label = _item_label("service", index, t)
     r.check_keys(t, label, _SERVICE_KEYS)
     port = PORT_RANGE[0]  # the health check's default port, should the service's own be bad
-    with r.section((t, None)) as own:
+    with r.section((t, None)) as own:  # the service's own keys
         name = r.name(t, label)
         for j, other in enumerate(earlier):
             if other.name == name:
@@ -682,11 +686,10 @@ def _parse_service(r: _Reader, index: int, t: dict, earlier: list[Service]) -> S
         port = r.integer(t, "port", label, *PORT_RANGE)
         protocol = r.choice(t, "protocol", label, PROTOCOLS, "protocol", "tcp")
         for j, other in enumerate(earlier):
-            if not own.bad_values and other.key == (vip, port, protocol):
-                raise r.fail(
-                    f'{label}(.vip, .port, .protocol) = ("{vip}", {port}, "{protocol}") is already used '
-                    f'by service[{j}] "{other.name}"'
-                )
+            if r.good(t, "vip", "port", "protocol") and other.key == (vip, port, protocol):
+                r.bad(f'{label}(.vip, .port, .protocol) = ("{vip}", {port}, "{protocol}") is already used '
+                      f'by service[{j}] "{other.name}"', t, "port")
+                break
         persistence = r.choice(t, "persistence", label, PERSISTENCE_MODES, "persistence mode", "flow")
     with r.section((t.get("health"), None), (t, "health")) as checked_health:
         health = _parse_health(r, t, label, port)

@@ -670,3 +670,24 @@ def test_fuzz_the_line_scanner_reads_every_valid_document(text):
     except (tomllib.TOMLDecodeError, ValueError, RecursionError):
         return
     config._scan_lines(text, doc)  # unguarded: a scanner bug fails here, not just loses line numbers
+
+
+@pytest.mark.parametrize("health, expected", [
+    ('check = "http"\ninterval = 1\ntimeout = 2\npath = "x"\nhost = "a b"\n',
+     [(8, '.health.timeout = 2.0 must not exceed .health.interval = 1.0'),
+      (9, '.health.path = "x" must start with "/"'),
+      (10, '.health.host = "a b" must be 1 to 255 printable ASCII characters without spaces')]),
+    ('check = "dicom"\ncalling_ae = ""\ncalled_ae = "A\\\\B"\n',
+     [(7, '.health.calling_ae = "" is not a valid DICOM AE title'),
+      (8, '.health.called_ae = "A\\\\B" is not a valid DICOM AE title')]),
+    ('check = "https"\nhost = 7\nserver_name = "-bad-"\ntls_verify = "no"\n',
+     [(7, '.health.host = 7 must be a string'),
+      (8, '.health.server_name = "-bad-" is not a DNS name or IP address'),
+      (9, '.health.tls_verify = "no" must be true or false')]),
+], ids=["http", "dicom", "https"])
+def test_every_bad_value_of_a_health_table_is_reported(health, expected):
+    with pytest.raises(PoolError) as info:
+        parse_pool(edit("port = 104\n", "port = 104\n[service.health]\n" + health), "p.toml")
+    assert problem_lines(info.value) == [line for line, _ in expected], info.value.problems
+    for problem, (_, fragment) in zip(info.value.problems, expected):
+        assert fragment in problem
