@@ -9,7 +9,7 @@ from ipaddress import IPv4Address
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck as Hypothesis, given, settings, strategies as st
+from hypothesis import HealthCheck as Hypothesis, example, given, settings, strategies as st
 
 from xdplb import config
 from xdplb.config import (
@@ -640,6 +640,10 @@ FUZZ = settings(max_examples=400, deadline=None, database=None,
 
 @FUZZ
 @given(st.lists(TOML_BITS | st.text(max_size=3), max_size=60).map("".join))
+@example('"a\\nb" = 1\n')                     # a key holding a newline, named in "not a known key"
+@example('[[service]]\nname = "a\\u2028b"\n')  # a value holding U+2028, a line break to splitlines()
+@example("x = " + "9" * 4400)                  # more digits than Python's int() takes
+@example("x = " + "[" * 600 + "]" * 600)         # deeper than tomllib's recursion
 def test_fuzz_random_text_fails_only_as_one_sentence_pool_errors(text):
     assert_one_sentence_problems(text)
 
