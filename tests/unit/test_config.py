@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck as Hypothesis, example, given, settings, strategies as st
 
-from xdplb import config
+from xdplb import tomllines
 from xdplb.config import (
     HEALTH_CHECK_KINDS,
     MAX_POOL_BYTES,
@@ -673,7 +673,7 @@ def test_fuzz_the_line_scanner_reads_every_valid_document(text):
         doc = tomllib.loads(text)
     except (tomllib.TOMLDecodeError, ValueError, RecursionError):
         return
-    config._scan_lines(text, doc)  # unguarded: a scanner bug fails here, not just loses line numbers
+    tomllines.scan_lines(text, doc)  # unguarded: a scanner bug fails here, not just loses line numbers
 
 
 @pytest.mark.parametrize("health, expected", [
