@@ -21,3 +21,30 @@ def pytest_runtest_makereport(item, call):
         report.outcome = "failed"
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
         report.longrepr = f"skipped under XDPLB_REQUIRE_ROOT_TESTS=1: {reason}"
+
+
+class DeadlineExceeded(Exception):
+    """Raised inside the test by SIGALRM when a call that must return promptly blocks."""
+
+
+@pytest.fixture
+def deadline():
+    """``with deadline(5): ...`` fails the test instead of hanging it when the body blocks
+    (SIGALRM interrupts even a blocking open() of a FIFO in the main thread)."""
+    import contextlib
+    import signal
+
+    @contextlib.contextmanager
+    def limit(seconds: float):
+        def expire(signum, frame):
+            raise DeadlineExceeded(f"still blocked after {seconds}s")
+
+        previous = signal.signal(signal.SIGALRM, expire)
+        signal.setitimer(signal.ITIMER_REAL, seconds)
+        try:
+            yield
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+
+    return limit

@@ -3,7 +3,7 @@
 
 Run by tools/demo.sh after set-up (as root, with .venv's python):
   1. builds the namespace lab (client, lb, three PACS stand-ins, one bridge);
-  2. runs `xdplb attach eth0 --pool examples/pacs.toml` in the lb namespace;
+  2. runs `xdplb attach eth0 examples/pacs.toml` in the lb namespace;
   3. opens 60 DICOM-port (104) connections through the VIP, and 20 web
      requests (port 80, client persistence), and shows where they went;
   4. kills pacs-b's server, measures how long new connections fail, and
@@ -50,7 +50,7 @@ def main() -> int:
     lab.up()
     balancer = Balancer(lab, POOL, work / "run", work / "xdplb.log")
     try:
-        step(f"sudo xdplb attach eth0 --pool {POOL.relative_to(ROOT)}   (in the lb namespace)")
+        step(f"sudo xdplb attach eth0 {POOL.relative_to(ROOT)}   (in the lb namespace)")
         started = time.monotonic()
         balancer.start()
         balancer.wait_ready()

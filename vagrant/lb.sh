@@ -16,11 +16,11 @@ bash /vagrant/tools/setup.sh
 mkdir -p /etc/xdplb
 bash /vagrant/tools/provision/xdplb-pool.sh --out /etc/xdplb/vagrant.toml --vip "$vip" \
     --check dicom --metrics 127.0.0.1:9742 "$@"
-/vagrant/.venv/bin/xdplb check --pool /etc/xdplb/vagrant.toml
+/vagrant/.venv/bin/xdplb check /etc/xdplb/vagrant.toml
 
 # The private network's interface: the one holding this machine's address
 # on the VIP's /24 (eth1 on most boxes, a predictable name on others).
 iface=$(ip -o -4 addr show | awk -v net="${vip%.*}." 'index($4, net) == 1 { print $2; exit }')
 [ -n "$iface" ] || { echo "lb: no interface on ${vip%.*}.0/24" >&2; exit 1; }
 printf '%s\n' "$iface" >/etc/xdplb/vagrant.iface
-echo "lb: ready; attach with: sudo /vagrant/.venv/bin/xdplb attach $iface --pool /etc/xdplb/vagrant.toml"
+echo "lb: ready; attach with: sudo /vagrant/.venv/bin/xdplb attach $iface /etc/xdplb/vagrant.toml"

@@ -14,13 +14,51 @@ import time
 import click
 
 from . import __version__, control
-from .config import PoolError, describe, load_pool, warnings
+from .config import Pool, PoolError, describe, load_pool, warnings
 from .modes import MODES
 
 
 def _need_root(what: str) -> None:
     if os.geteuid() != 0:
         raise click.ClickException(f"{what} needs root: it loads BPF programs and changes interface addresses")
+
+
+class PoolProblems(click.ClickException):
+    """A bad pool file: every problem on its own "Error:" line, as `haproxy -c` lists them."""
+
+    def __init__(self, err: PoolError) -> None:
+        super().__init__(str(err))
+        self.problems = err.problems
+
+    def show(self, file=None) -> None:
+        lines = list(self.problems)
+        if len(lines) > 1:
+            lines.append(f"{len(lines)} problems found; nothing was changed")
+        for line in lines:
+            click.echo(f"Error: {line}", file=file, err=file is None)
+
+
+def _load(pool_path: str) -> Pool:
+    try:
+        return load_pool(pool_path)
+    except PoolError as exc:
+        raise PoolProblems(exc) from None
+
+
+# The pool file is a positional argument (`xdplb check pacs.toml`); --pool FILE
+# still works.  No click.Path checks: load_pool itself refuses a missing,
+# unreadable or non-regular file, with one message and one exit status.
+_POOL_ARGUMENT = click.argument("pool_argument", metavar="POOL", required=False)
+_POOL_OPTION = click.option("--pool", "pool_option", metavar="FILE",
+                            help="The pool file (TOML), instead of the POOL argument.")
+
+
+def _pool_path(argument: str | None, option: str | None, command: str) -> str:
+    if argument is not None and option is not None:
+        raise click.UsageError("give the pool file once: as the POOL argument or with --pool, not both")
+    if argument is None and option is None:
+        raise click.UsageError(f"missing the pool file: {command} POOL (or --pool POOL)")
+    return argument if argument is not None else option
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -30,8 +68,8 @@ def cli() -> None:
 
     \b
     Examples:
-      xdplb check --pool /etc/xdplb/eth0.toml
-      sudo xdplb attach eth0 --pool /etc/xdplb/eth0.toml
+      xdplb check /etc/xdplb/eth0.toml
+      sudo xdplb attach eth0 /etc/xdplb/eth0.toml
       sudo xdplb status --json
       sudo xdplb detach eth0
     """
@@ -39,22 +77,21 @@ def cli() -> None:
 
 @cli.command()
 @click.argument("interface")
-@click.option("--pool", "pool_path", required=True, type=click.Path(dir_okay=False), help="Pool file (TOML).")
+@_POOL_ARGUMENT
+@_POOL_OPTION
 @click.option("--mode", type=click.Choice(MODES), default="auto", show_default=True,
               help="XDP mode: native (driver), generic (skb), or auto (native where it is safe).")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
-def attach(interface: str, pool_path: str, mode: str, verbose: bool) -> None:
-    """Attach to INTERFACE and balance the pool's services until signalled.
+def attach(interface: str, pool_argument: str | None, pool_option: str | None, mode: str, verbose: bool) -> None:
+    """Attach to INTERFACE and balance the services of the pool file POOL until signalled.
 
     SIGHUP re-reads the pool (a bad file changes nothing); SIGTERM or SIGINT
     detach cleanly, removing the program and the VIP addresses added.
     """
+    pool_path = _pool_path(pool_argument, pool_option, "xdplb attach INTERFACE")
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
                         format=f"xdplb[{interface}]: %(message)s")
-    try:
-        load_pool(pool_path)  # a bad pool is reported before root is even needed
-    except PoolError as exc:
-        raise click.ClickException(str(exc))
+    _load(pool_path)  # a bad pool is reported before root is even needed
     _need_root("xdplb attach")
     import asyncio
 
@@ -70,17 +107,19 @@ def attach(interface: str, pool_path: str, mode: str, verbose: bool) -> None:
 
 
 @cli.command()
-@click.option("--pool", "pool_path", required=True, type=click.Path(dir_okay=False), help="Pool file (TOML).")
-def check(pool_path: str) -> None:
-    """Validate a pool file and show what would be programmed. Needs no root."""
+@_POOL_ARGUMENT
+@_POOL_OPTION
+def check(pool_argument: str | None, pool_option: str | None) -> None:
+    """Validate a pool file, POOL, and show what would be programmed. Needs no root.
+
+    Every problem is listed, one line each with its line number.
+    """
     from . import plan
     from .desired import desired_state
     from .health_fsm import Health, State
 
-    try:
-        pool = load_pool(pool_path)
-    except PoolError as exc:
-        raise click.ClickException(str(exc))
+    pool_path = _pool_path(pool_argument, pool_option, "xdplb check")
+    pool = _load(pool_path)
     click.echo(describe(pool), nl=False)
     click.echo(_flow_capacity_line(pool.settings))
     for text in warnings(pool):

@@ -4,16 +4,22 @@ A pool file says which virtual services (VIP, port, protocol) xdplb serves and
 which PACS/DICOM backends stand behind each.  A hospital config must never be
 half-understood, so everything is checked strictly: unknown keys (with a "did
 you mean" hint), wrong types (a boolean is not an integer), bad addresses,
-out-of-range numbers, duplicates.  The first problem found, in file order,
-becomes one PoolError whose single sentence names the file, the key path and
-the offending value.
+out-of-range numbers, duplicates, a backend that is a VIP.  Every problem
+found becomes one sentence naming the file, the line, the key path and the
+offending value, as `haproxy -c` does; a PoolError carries them all in file
+order.  A bad value is noted and checking goes on with a stand-in; a check
+that compares values is skipped (says nothing) where one of them is a
+stand-in, so no problem is reported that only follows from another.
 
 Pure: ``parse_pool`` takes text and returns frozen dataclasses; only
-``load_pool`` reads a file.
+``load_pool`` reads a file, and only a regular file of at most
+MAX_POOL_BYTES, so a FIFO, a device or a runaway file cannot hang or exhaust
+the controller.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import ipaddress
@@ -22,12 +28,14 @@ import math
 import os
 import re
 import ssl
+import stat
 import tomllib
 from dataclasses import dataclass
 from os import PathLike
 from typing import Any
 
 from xdplb.maglev import is_prime
+from xdplb.tomllines import BARE_KEY_RE, line_index
 
 HEALTH_CHECK_KINDS = ("tcp", "http", "https", "dicom")
 # Keys a [service.health] table may hold besides the common ones, per check
@@ -66,6 +74,7 @@ PORT_RANGE = (1, 65535)
 WEIGHT_RANGE = (0, 1000)
 RISE_FALL_RANGE = (1, 100)
 MAX_INTERVAL = 3600.0
+MAX_POOL_BYTES = 16 * 1024 * 1024  # 65535 backends commented line by line as in examples/pacs.toml: 13.7 MiB
 
 
 @dataclass(frozen=True)
@@ -144,25 +153,58 @@ class Pool:
 
 
 class PoolError(ValueError):
-    """The pool file is unreadable or invalid; the message is one sentence."""
+    """The pool file is unreadable or invalid.
+
+    str() is one sentence; ``problems`` holds every problem found, one
+    sentence each ("FILE: line N: ..."), in file order.
+    """
+
+    def __init__(self, message: str, problems: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.problems = tuple(problems) or (message,)
+
+    @classmethod
+    def of(cls, problems: list[str]) -> PoolError:
+        more = len(problems) - 1
+        if not more:
+            return cls(problems[0])
+        return cls(f"{problems[0]} (and {more} more problem{'s' if more > 1 else ''}; "
+                   f"xdplb check lists every one)", tuple(problems))
+
+
+class _Problem(PoolError):
+    """A problem found by a check, before the file and line are put in front of it."""
+
+    def __init__(self, sentence: str, table: dict | None = None, key: str | None = None) -> None:
+        super().__init__(sentence)
+        self.sentence = sentence
+        self.place = (table, key)
 
 
 _MISSING = object()
 
 
-def _show(value: Any) -> str:
-    """Render a TOML value for an error message, in TOML-like spelling."""
+def _printable(text: str) -> str:
+    """Escape what would break an error message's single line (U+2028 too)."""
+    return "".join(c if c.isprintable() else json.dumps(c)[1:-1] for c in text)
+
+
+def _show(value: Any, depth: int = 0) -> str:
+    """Render a TOML value for an error message, in TOML-like spelling, at most
+    three arrays deep (tomllib accepts hundreds)."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
-        text = json.dumps(value, ensure_ascii=False)
+        text = _printable(json.dumps(value, ensure_ascii=False))
         return text if len(text) <= 80 else text[:76] + '..."'
     if isinstance(value, (int, float)):
         return repr(value)
     if isinstance(value, dict):
         return "{...}"
     if isinstance(value, list):
-        inner = ", ".join(_show(v) for v in value[:5])
+        if depth == 3:
+            return "[...]"
+        inner = ", ".join(_show(v, depth + 1) for v in value[:5])
         return f"[{inner}{', ...' if len(value) > 5 else ''}]"
     return str(value)
 
@@ -189,47 +231,120 @@ def _quoted(words: tuple[str, ...] | list[str]) -> str:
 
 
 def _path(label: str, key: str) -> str:
+    if not BARE_KEY_RE.fullmatch(key):
+        key = _show(key)  # written quoted in the file too; may hold anything
     return f"{label}.{key}" if label else key
 
 
+class _Section:
+    """One table being checked (see _Reader.section)."""
+
+    def __init__(self, places: tuple) -> None:
+        self.places = places    # (table, key) pairs that locate it, innermost first
+        self.bad_values = 0     # bad values noted while this was the innermost section
+        self.ok = True          # no bad value and no failed check here or in a nested section
+
+
 class _Reader:
-    """Typed getters that raise a PoolError naming the source and key path."""
+    """Typed getters that note every bad value and go on, and the list of problems found.
+
+    A getter given a bad value notes it and returns a stand-in (the default,
+    or a neutral value of its type; None for a name or address), so the
+    table's other keys are still checked.  A check raises ``r.fail(sentence)``
+    instead; the enclosing ``section`` notes it, unless that section already
+    noted a bad value (the check may have judged a stand-in), and validation
+    goes on with the next table.  One run finds every problem.
+    """
 
     def __init__(self, source: str) -> None:
         self.source = source
+        self.found: list[tuple[str, tuple]] = []   # (sentence, (table, key) places for its line)
+        self.vips: dict[ipaddress.IPv4Address, str] = {}  # a backend must not be one
+        self._sections: list[_Section] = []
+        self._bad_values = 0
+        self._bad_keys: set[tuple[int, str]] = set()
 
-    def fail(self, sentence: str) -> PoolError:
-        return PoolError(f"{self.source}: {sentence}")
+    def fail(self, sentence: str, table: dict | None = None, key: str | None = None) -> PoolError:
+        return _Problem(sentence, table, key)
+
+    def note(self, sentence: str, table: dict | None = None, key: str | None = None) -> None:
+        places = [(table, key)]
+        for section in reversed(self._sections):
+            places.extend(section.places)
+        self.found.append((sentence, tuple(places)))
+
+    def bad(self, sentence: str, table: dict, key: str, stand_in: Any = None) -> Any:
+        """Note a bad value of ``key`` and return ``stand_in``: the table's other keys are still checked."""
+        self.note(sentence, table, key)
+        self._bad_keys.add((id(table), key))
+        self._bad_values += 1
+        if self._sections:
+            self._sections[-1].bad_values += 1
+        return stand_in
+
+    def good(self, table: dict, *keys: str) -> bool:
+        """True when no problem was noted with these keys: a check comparing them may judge them."""
+        return not any((id(table), key) in self._bad_keys for key in keys)
+
+    @contextlib.contextmanager
+    def section(self, *places: tuple):
+        """Check one table; yields its _Section, whose ``ok`` says afterwards
+        whether its values can be trusted by checks across tables."""
+        section = _Section(places)
+        self._sections.append(section)
+        try:
+            yield section
+        except _Problem as problem:
+            section.ok = False
+            if not section.bad_values:
+                self.note(problem.sentence, *problem.place)
+        finally:
+            self._sections.pop()
+            if section.bad_values:
+                section.ok = False
+            if not section.ok and self._sections:
+                self._sections[-1].ok = False
 
     def check_keys(self, table: dict, label: str, known: tuple[str, ...]) -> None:
         for key in table:
-            if key in known:
-                continue
-            close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-            hint = f'did you mean "{close[0]}"?' if close else f"known keys are {_quoted(known)}"
-            raise self.fail(f"{_path(label, key)} is not a known key; {hint}")
+            if key not in known:
+                self.unknown_key(table, label, key, known)
+
+    def unknown_key(self, table: dict, label: str, key: str, known: tuple[str, ...]) -> None:
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+        hint = f'did you mean "{close[0]}"?' if close else f"known keys are {_quoted(known)}"
+        self.note(f"{_path(label, key)} is not a known key; {hint}", table, key)
 
     def _get(self, table: dict, key: str, label: str, default: Any, expect: str) -> Any:
+        """The value, the default, or _MISSING once a missing required key is noted."""
         value = table.get(key, _MISSING)
         if value is _MISSING:
             if default is _MISSING:
-                raise self.fail(f"{_path(label, key)} is missing; expected {expect}")
+                return self.bad(f"{_path(label, key)} is missing; expected {expect}", table, key, _MISSING)
             return default
         return value
 
     def string(self, table: dict, key: str, label: str, expect: str, default: Any = _MISSING) -> str:
+        stand_in = "" if default is _MISSING else default
         value = self._get(table, key, label, default, expect)
+        if value is _MISSING:
+            return stand_in
         if not isinstance(value, str):
-            raise self.fail(
-                f"{_path(label, key)} = {_show(value)} must be a string ({expect}), got {_kind(value)}"
+            return self.bad(
+                f"{_path(label, key)} = {_show(value)} must be a string ({expect}), got {_kind(value)}",
+                table, key, stand_in,
             )
         return value
 
     def boolean(self, table: dict, key: str, label: str, default: Any = _MISSING) -> bool:
+        stand_in = False if default is _MISSING else default
         value = self._get(table, key, label, default, "true or false")
+        if value is _MISSING:
+            return stand_in
         if not isinstance(value, bool):
-            raise self.fail(
-                f"{_path(label, key)} = {_show(value)} must be true or false, got {_kind(value)}"
+            return self.bad(
+                f"{_path(label, key)} = {_show(value)} must be true or false, got {_kind(value)}",
+                table, key, stand_in,
             )
         return value
 
@@ -237,70 +352,92 @@ class _Reader:
         self, table: dict, key: str, label: str, lo: int, hi: int, default: Any = _MISSING
     ) -> int:
         expect = f"an integer from {lo} to {hi}"
+        stand_in = lo if default is _MISSING else default
         value = self._get(table, key, label, default, expect)
+        if value is _MISSING:
+            return stand_in
         if isinstance(value, bool) or not isinstance(value, int):
-            raise self.fail(f"{_path(label, key)} = {_show(value)} must be {expect}, got {_kind(value)}")
+            return self.bad(f"{_path(label, key)} = {_show(value)} must be {expect}, got {_kind(value)}",
+                             table, key, stand_in)
         if not lo <= value <= hi:
-            raise self.fail(f"{_path(label, key)} = {_show(value)} is out of range; expected {expect}")
+            return self.bad(f"{_path(label, key)} = {_show(value)} is out of range; expected {expect}",
+                             table, key, stand_in)
         return value
 
     def seconds(
         self, table: dict, key: str, label: str, hi: float, default: Any = _MISSING
     ) -> float:
         expect = f"a number of seconds greater than 0 and at most {hi:g}"
+        stand_in = float(hi if default is _MISSING else default)
         value = self._get(table, key, label, default, expect)
+        if value is _MISSING:
+            return stand_in
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise self.fail(f"{_path(label, key)} = {_show(value)} must be {expect}, got {_kind(value)}")
+            return self.bad(f"{_path(label, key)} = {_show(value)} must be {expect}, got {_kind(value)}",
+                             table, key, stand_in)
         if not (math.isfinite(value) and 0 < value <= hi):
-            raise self.fail(f"{_path(label, key)} = {_show(value)} is out of range; expected {expect}")
+            return self.bad(f"{_path(label, key)} = {_show(value)} is out of range; expected {expect}",
+                             table, key, stand_in)
         return float(value)
 
     def choice(
         self, table: dict, key: str, label: str, choices: tuple[str, ...], what: str, default: str
     ) -> str:
+        bad_before = self._bad_values
         value = self.string(table, key, label, f"one of {_quoted(choices)}", default)
-        if value not in choices:
-            raise self.fail(
-                f"{_path(label, key)} = {_show(value)} is not a known {what}; expected one of {_quoted(choices)}"
+        if self._bad_values == bad_before and value not in choices:
+            return self.bad(
+                f"{_path(label, key)} = {_show(value)} is not a known {what}; expected one of {_quoted(choices)}",
+                table, key, default,
             )
         return value
 
     def table(self, parent: dict, key: str, label: str, header: str) -> dict:
         value = parent.get(key, {})
         if not isinstance(value, dict):
-            raise self.fail(
-                f"{_path(label, key)} = {_show(value)} must be a table written [{header}], got {_kind(value)}"
+            return self.bad(
+                f"{_path(label, key)} = {_show(value)} must be a table written [{header}], got {_kind(value)}",
+                parent, key, {},
             )
         return value
 
     def tables(self, parent: dict, key: str, label: str, header: str) -> list[dict]:
         value = parent.get(key, [])
         if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
-            raise self.fail(
+            return self.bad(
                 f"{_path(label, key)} = {_show(value)} must be an array of tables written "
-                f"[[{header}]], got {_kind(value) if not isinstance(value, list) else 'an array of other values'}"
+                f"[[{header}]], got {_kind(value) if not isinstance(value, list) else 'an array of other values'}",
+                parent, key, [],
             )
         return value
 
-    def name(self, table: dict, label: str) -> str:
+    def name(self, table: dict, label: str) -> str | None:
+        """The name, or None once a problem with it is noted."""
+        bad_before = self._bad_values
         value = self.string(table, "name", label, _NAME_RULE)
+        if self._bad_values != bad_before:
+            return None
         if not _NAME_RE.fullmatch(value):
-            raise self.fail(f"{_path(label, 'name')} = {_show(value)} must be {_NAME_RULE}")
+            return self.bad(f"{_path(label, 'name')} = {_show(value)} must be {_NAME_RULE}", table, "name", None)
         return value
 
-    def address(self, table: dict, key: str, label: str, role: str) -> ipaddress.IPv4Address:
+    def address(self, table: dict, key: str, label: str, role: str) -> ipaddress.IPv4Address | None:
+        """The address, or None once a problem with it is noted."""
         expect = 'an IPv4 address such as "10.10.0.100"'
+        bad_before = self._bad_values
         text = self.string(table, key, label, expect)
+        if self._bad_values != bad_before:
+            return None
         where = f"{_path(label, key)} = {_show(text)}"
         try:
             addr = ipaddress.ip_address(text)
         except ValueError:
-            raise self.fail(f"{where} is not a valid IPv4 address") from None
+            return self.bad(f"{where} is not a valid IPv4 address", table, key, None)
         if addr.version == 6:
-            raise self.fail(f"{where} is an IPv6 address; IPv6 is not supported yet")
+            return self.bad(f"{where} is an IPv6 address; IPv6 is not supported yet", table, key, None)
         problem = _unusable_address(addr)
         if problem:
-            raise self.fail(f"{where} is {problem}, which cannot be used as a {role}")
+            return self.bad(f"{where} is {problem}, which cannot be used as a {role}", table, key, None)
         return addr
 
 
@@ -359,17 +496,17 @@ def _parse_settings(r: _Reader, doc: dict) -> Settings:
     d = Settings()
     metrics = r.string(t, "metrics", label, '"host:port" or ""', d.metrics)
     if not _valid_metrics(metrics):
-        raise r.fail(
+        metrics = r.bad(
             f"{label}.metrics = {_show(metrics)} must be \"\" (disabled) or \"host:port\" with an IP "
-            f'address or localhost, e.g. "127.0.0.1:9742" or "[::1]:9742"'
+            f'address or localhost, e.g. "127.0.0.1:9742" or "[::1]:9742"', t, "metrics", d.metrics
         )
     manage_vips = r.boolean(t, "manage_vips", label, d.manage_vips)
     maglev_size = r.integer(t, "maglev_size", label, *MAGLEV_SIZE_RANGE, d.maglev_size)
     if not is_prime(maglev_size):
         below, above = _nearby_primes(maglev_size)
-        raise r.fail(
+        maglev_size = r.bad(
             f"{label}.maglev_size = {maglev_size} must be a prime number; "
-            f"the nearest primes are {below} and {above}"
+            f"the nearest primes are {below} and {above}", t, "maglev_size", d.maglev_size
         )
     return Settings(
         metrics=metrics,
@@ -401,11 +538,12 @@ def _check_kind_keys(r: _Reader, t: dict, label: str, check: str) -> None:
             continue
         owners = [k for k in HEALTH_CHECK_KINDS if key in _HEALTH_EXTRA_KEYS[k]]
         if owners:
-            raise r.fail(
+            r.note(
                 f"{label}.{key} is not a known key for check = {_show(check)}; it applies only to "
-                f"check = {' or '.join(_show(k) for k in owners)}"
+                f"check = {' or '.join(_show(k) for k in owners)}", t, key
             )
-        r.check_keys(t, label, known)  # raises on this key, with a "did you mean"
+        else:
+            r.unknown_key(t, label, key, known)
 
 
 def _ca_file(r: _Reader, t: dict, label: str) -> str:
@@ -417,11 +555,12 @@ def _ca_file(r: _Reader, t: dict, label: str) -> str:
     base = os.path.dirname(os.path.abspath(r.source)) if r.source != "<string>" else os.getcwd()
     path = os.path.join(base, os.path.expanduser(text))
     if not os.path.isfile(path):
-        raise r.fail(f"{where} is not an existing file (looked for {path})")
+        return r.bad(f"{where} is not an existing file (looked for {path})", t, "ca_file", "")
     try:
         ssl.create_default_context(cafile=path)
     except (ssl.SSLError, OSError) as err:
-        raise r.fail(f"{where} is not a readable PEM CA certificate file: {err.strerror or err}") from None
+        return r.bad(f"{where} is not a readable PEM CA certificate file: {err.strerror or err}",
+                     t, "ca_file", "")
     return os.path.normpath(path)
 
 
@@ -429,7 +568,8 @@ def _ae_title(r: _Reader, t: dict, label: str, key: str, default: str) -> str:
     value = r.string(t, key, label, _AE_RULE, default)
     if not (1 <= len(value) <= 16 and value.isascii() and value.isprintable()
             and "\\" not in value and value.strip(" ")):
-        raise r.fail(f"{label}.{key} = {_show(value)} is not a valid DICOM AE title; expected {_AE_RULE}")
+        return r.bad(f"{label}.{key} = {_show(value)} is not a valid DICOM AE title; expected {_AE_RULE}",
+                     t, key, default)
     return value
 
 
@@ -441,10 +581,9 @@ def _parse_health(r: _Reader, svc: dict, svc_label: str, service_port: int) -> H
     port = r.integer(t, "port", label, *PORT_RANGE, service_port)
     interval = r.seconds(t, "interval", label, MAX_INTERVAL, 1.0)
     timeout = r.seconds(t, "timeout", label, MAX_INTERVAL, 0.5)
-    if timeout > interval:
-        raise r.fail(
-            f"{label}.timeout = {_show(timeout)} must not exceed .health.interval = {_show(interval)}"
-        )
+    if timeout > interval and r.good(t, "interval", "timeout"):
+        r.bad(f"{label}.timeout = {_show(timeout)} must not exceed .health.interval = {_show(interval)}",
+              t, "timeout")
     rise = r.integer(t, "rise", label, *RISE_FALL_RANGE, 2)
     fall = r.integer(t, "fall", label, *RISE_FALL_RANGE, 2)
     d = HealthCheck(check, port, interval, timeout, rise, fall)
@@ -452,29 +591,27 @@ def _parse_health(r: _Reader, svc: dict, svc_label: str, service_port: int) -> H
     if check in ("http", "https"):
         path = r.string(t, "path", label, 'a URL path starting with "/"', d.path)
         if not _HTTP_PATH_RE.fullmatch(path):
-            raise r.fail(
+            path = r.bad(
                 f'{label}.path = {_show(path)} must start with "/" and hold only printable '
-                f"ASCII without spaces (percent-encode others)"
+                f"ASCII without spaces (percent-encode others)", t, "path", d.path
             )
         extra["path"] = path
         extra["expect"] = r.integer(t, "expect", label, *HTTP_STATUS_RANGE, d.expect)
         host = r.string(t, "host", label, "an HTTP Host header value", d.host)
-        if "host" in t and not _HTTP_HOST_RE.fullmatch(host):
-            raise r.fail(
-                f"{label}.host = {_show(host)} must be 1 to 255 printable ASCII characters without spaces"
-            )
+        if "host" in t and r.good(t, "host") and not _HTTP_HOST_RE.fullmatch(host):
+            r.bad(f"{label}.host = {_show(host)} must be 1 to 255 printable ASCII characters without spaces",
+                  t, "host")
         extra["host"] = host
     if check == "https":
         ca_file = _ca_file(r, t, label)
         tls_verify = r.boolean(t, "tls_verify", label, d.tls_verify)
         if ca_file and not tls_verify:
-            raise r.fail(
-                f"{label}.tls_verify = false contradicts .ca_file = {_show(t['ca_file'])}; "
-                f"remove one of them"
-            )
+            r.bad(f"{label}.tls_verify = false contradicts .ca_file = {_show(t['ca_file'])}; "
+                  f"remove one of them", t, "tls_verify")
         server_name = r.string(t, "server_name", label, "a DNS name or IP address", d.server_name)
-        if "server_name" in t and not (_DNS_NAME_RE.fullmatch(server_name) or _is_ip(server_name)):
-            raise r.fail(f"{label}.server_name = {_show(server_name)} is not a DNS name or IP address")
+        if "server_name" in t and r.good(t, "server_name") and not (
+                _DNS_NAME_RE.fullmatch(server_name) or _is_ip(server_name)):
+            r.bad(f"{label}.server_name = {_show(server_name)} is not a DNS name or IP address", t, "server_name")
         extra.update(ca_file=ca_file, tls_verify=tls_verify, server_name=server_name)
     if check == "dicom":
         extra["calling_ae"] = _ae_title(r, t, label, "calling_ae", d.calling_ae)
@@ -510,49 +647,60 @@ def _parse_backends(r: _Reader, svc: dict, svc_label: str) -> tuple[Backend, ...
     addresses: dict[ipaddress.IPv4Address, int] = {}
     for i, t in enumerate(raw):
         label = svc_label + _item_label("backend", i, t)
-        r.check_keys(t, label, _BACKEND_KEYS)
-        name = r.name(t, label)
-        if name in names:
-            raise r.fail(
-                f'{label}.name = {_show(name)} is already used by backend[{names[name]}] of this service'
-            )
-        names[name] = i
-        address = r.address(t, "address", label, "backend address")
-        if address in addresses:
-            raise r.fail(
-                f'{label}.address = "{address}" is already used by backend[{addresses[address]}] '
-                f"of this service"
-            )
-        addresses[address] = i
-        weight = r.integer(t, "weight", label, *WEIGHT_RANGE, 1)
-        backends.append(Backend(name, address, weight))
+        with r.section((t, None), (svc, "backend")):
+            r.check_keys(t, label, _BACKEND_KEYS)
+            name = r.name(t, label)
+            if name in names:
+                r.bad(f'{label}.name = {_show(name)} is already used by backend[{names[name]}] of this service',
+                      t, "name")
+            elif name is not None:
+                names[name] = i
+            address = r.address(t, "address", label, "backend address")
+            if address in addresses:
+                r.bad(f'{label}.address = "{address}" is already used by backend[{addresses[address]}] '
+                      f"of this service", t, "address")
+            elif address in r.vips:
+                r.bad(f'{label}.address = "{address}" is the VIP of {r.vips[address]}; forwarding to it '
+                      f"would send the traffic back to xdplb in a loop", t, "address")
+            elif address is not None:
+                addresses[address] = i
+            weight = r.integer(t, "weight", label, *WEIGHT_RANGE, 1)
+            backends.append(Backend(name, address, weight))
     return tuple(backends)
 
 
-def _parse_service(r: _Reader, index: int, t: dict, earlier: list[Service]) -> Service:
+def _parse_service(r: _Reader, index: int, t: dict, earlier: list[Service]) -> Service | None:
+    """One [[service]], or None when a problem was noted.  Its own keys, its
+    health table and each backend are checked apart: a bad port does not hide
+    a bad backend."""
     label = _item_label("service", index, t)
     r.check_keys(t, label, _SERVICE_KEYS)
-    name = r.name(t, label)
-    for j, other in enumerate(earlier):
-        if other.name == name:
-            raise r.fail(f"{label}.name = {_show(name)} is already used by service[{j}]")
-    vip = r.address(t, "vip", label, "VIP")
-    port = r.integer(t, "port", label, *PORT_RANGE)
-    protocol = r.choice(t, "protocol", label, PROTOCOLS, "protocol", "tcp")
-    for j, other in enumerate(earlier):
-        if other.key == (vip, port, protocol):
-            raise r.fail(
-                f'{label}(.vip, .port, .protocol) = ("{vip}", {port}, "{protocol}") is already used '
-                f'by service[{j}] "{other.name}"'
-            )
-    persistence = r.choice(t, "persistence", label, PERSISTENCE_MODES, "persistence mode", "flow")
-    health = _parse_health(r, t, label, port)
-    backends = _parse_backends(r, t, label)
+    port = PORT_RANGE[0]  # the health check's default port, should the service's own be bad
+    with r.section((t, None)) as own:  # the service's own keys
+        name = r.name(t, label)
+        for j, other in enumerate(earlier):
+            if other.name == name:
+                r.bad(f"{label}.name = {_show(name)} is already used by service[{j}]", t, "name")
+        vip = r.address(t, "vip", label, "VIP")
+        port = r.integer(t, "port", label, *PORT_RANGE)
+        protocol = r.choice(t, "protocol", label, PROTOCOLS, "protocol", "tcp")
+        for j, other in enumerate(earlier):
+            if r.good(t, "vip", "port", "protocol") and other.key == (vip, port, protocol):
+                r.bad(f'{label}(.vip, .port, .protocol) = ("{vip}", {port}, "{protocol}") is already used '
+                      f'by service[{j}] "{other.name}"', t, "port")
+                break
+        persistence = r.choice(t, "persistence", label, PERSISTENCE_MODES, "persistence mode", "flow")
+    with r.section((t.get("health"), None), (t, "health")) as checked_health:
+        health = _parse_health(r, t, label, port)
+    with r.section((t, "backend")) as checked_backends:
+        backends = _parse_backends(r, t, label)
+    if not (own.ok and checked_health.ok and checked_backends.ok):
+        return None
     return Service(name, vip, port, protocol, persistence, health, backends)
 
 
 def _syntax_error(source: str, err: tomllib.TOMLDecodeError) -> PoolError:
-    text = str(err)
+    text = _printable(str(err))
     m = re.search(r"\s*\((at line (\d+), column (\d+)|at end of document)\)$", text)
     if m:
         message = text[: m.start()]
@@ -561,42 +709,115 @@ def _syntax_error(source: str, err: tomllib.TOMLDecodeError) -> PoolError:
     return PoolError(f"{source}: TOML syntax error: {text}")
 
 
-def parse_pool(text: str, source: str = "<string>") -> Pool:
-    """Parse and validate pool TOML text; raise PoolError for the first problem."""
+def _decode(text: str, source: str) -> dict:
+    """tomllib.loads, with each way it can fail turned into a one-sentence PoolError."""
     try:
-        doc = tomllib.loads(text)
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise _syntax_error(source, err) from None
-    r = _Reader(source)
-    r.check_keys(doc, "", _TOP_KEYS)
-    settings = _parse_settings(r, doc)
-    raw = r.tables(doc, "service", "", "service")
-    if not raw:
-        raise r.fail("the pool defines no [[service]]")
-    if len(raw) > settings.max_services:
-        raise r.fail(
-            f"the pool defines {len(raw)} services but xdplb.max_services = {settings.max_services}"
-        )
-    services: list[Service] = []
+    except RecursionError:
+        raise PoolError(f"{source}: TOML syntax error: arrays or inline tables nest too deeply") from None
+    except ValueError as err:  # an integer of more digits than Python converts
+        raise PoolError(f"{source}: TOML syntax error: {_printable(str(err).partition(':')[0])}") from None
+    except MemoryError:
+        raise PoolError(f"{source}: the pool text is too large to parse") from None
+
+
+def _vips(raw: list[dict]) -> dict[ipaddress.IPv4Address, str]:
+    """Each VIP written in the services, and the first service that uses it; bad ones are
+    reported by their own service."""
+    vips: dict[ipaddress.IPv4Address, str] = {}
     for i, t in enumerate(raw):
-        services.append(_parse_service(r, i, t, services))
-    total = sum(len(s.backends) for s in services)
-    if total > settings.max_backends - 1:
-        raise r.fail(
-            f"the pool defines {total} backends in total but xdplb.max_backends = "
-            f"{settings.max_backends} allows at most {settings.max_backends - 1}"
-        )
-    return Pool(settings, tuple(services), source)
+        with contextlib.suppress(ValueError, TypeError):
+            vips.setdefault(ipaddress.IPv4Address(t.get("vip")), _item_label("service", i, t).rstrip())
+    return vips
+
+
+def _validate(r: _Reader, doc: dict) -> Pool | None:
+    """Check the whole document, noting every problem in ``r``; the Pool if there are none."""
+    with r.section():  # problems of the whole pool, which no table's section catches
+        r.check_keys(doc, "", _TOP_KEYS)
+        with r.section((doc.get("xdplb"), None), (doc, "xdplb")) as checked_settings:
+            settings = _parse_settings(r, doc)
+        raw = r.tables(doc, "service", "", "service")
+        if not raw:
+            raise r.fail("the pool defines no [[service]]")
+        if checked_settings.ok and len(raw) > settings.max_services:
+            r.note(f"the pool defines {len(raw)} services but xdplb.max_services = {settings.max_services}",
+                   doc.get("xdplb"), "max_services")
+        r.vips = _vips(raw)
+        services: list[Service] = []
+        for i, t in enumerate(raw):
+            service = _parse_service(r, i, t, services)
+            if service is not None:
+                services.append(service)
+        total = sum(len(s.backends) for s in services)
+        if checked_settings.ok and total > settings.max_backends - 1:
+            r.note(
+                f"the pool defines {total} backends in total but xdplb.max_backends = "
+                f"{settings.max_backends} allows at most {settings.max_backends - 1}",
+                doc.get("xdplb"), "max_backends",
+            )
+        if not r.found:
+            return Pool(settings, tuple(services), r.source)
+    return None
+
+
+def _report(r: _Reader, text: str, doc: dict) -> PoolError:
+    """One PoolError for every problem noted, each with its line, in file order
+    (problems of the whole pool last)."""
+    lines = line_index(text, doc)
+    found = sorted(((lines.find(places), sentence) for sentence, places in r.found),
+                   key=lambda f: math.inf if f[0] is None else f[0])
+    return PoolError.of([f"{r.source}: line {line}: {sentence}" if line else f"{r.source}: {sentence}"
+                         for line, sentence in found])
+
+
+def parse_pool(text: str, source: str = "<string>") -> Pool:
+    """Parse and validate pool TOML text; raise one PoolError naming every problem found."""
+    doc = _decode(text, source)
+    r = _Reader(source)
+    pool = _validate(r, doc)
+    if pool is None:
+        raise _report(r, text, doc)
+    return pool
+
+
+def _refuse_non_regular(name: str, st: os.stat_result) -> None:
+    """A FIFO would hang the reader and a device (/dev/zero) never end: only regular files."""
+    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+             (stat.S_ISSOCK, "a socket"))
+    if not stat.S_ISREG(st.st_mode):
+        kind = next((text for test, text in kinds if test(st.st_mode)), "not a file")
+        raise PoolError(f"cannot read pool file {name}: it is {kind}, not a regular file")
+    if st.st_size > MAX_POOL_BYTES:
+        raise _too_large(name, st.st_size)
+
+
+def _too_large(name: str, size: int) -> PoolError:
+    return PoolError(f"cannot read pool file {name}: it holds {size} bytes, more than the "
+                     f"{MAX_POOL_BYTES // 2**20} MiB a pool file may have")
+
+
+def _read_pool_file(name: str) -> bytes:
+    try:
+        _refuse_non_regular(name, os.stat(name))  # before opening: opening some devices acts
+        fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        with open(fd, "rb") as f:
+            _refuse_non_regular(name, os.fstat(f.fileno()))  # the name may point elsewhere by now
+            data = f.read(MAX_POOL_BYTES + 1)
+    except OSError as err:
+        raise PoolError(f"cannot read pool file {name}: {err.strerror or err}") from None
+    if len(data) > MAX_POOL_BYTES:  # it grew after the fstat
+        raise _too_large(name, len(data))
+    return data
 
 
 def load_pool(path: str | PathLike[str]) -> Pool:
-    """Read and parse a pool file; an unreadable file is a PoolError naming it."""
+    """Read and parse a pool file; a file that cannot be read is a PoolError naming it."""
     name = str(path)
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as err:
-        raise PoolError(f"cannot read pool file {name}: {err.strerror or err}") from None
+    data = _read_pool_file(name)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -614,6 +835,12 @@ def warnings(pool: Pool) -> list[str]:
             out.append(
                 f'service "{s.name}": maglev_size {m} is less than 100 x {n} backends; '
                 f"spread will be uneven"
+            )
+        if s.health.check == "dicom" and s.health.called_ae == HealthCheck.called_ae:
+            out.append(
+                f'service "{s.name}": the dicom check calls AE title "{s.health.called_ae}", xdplb\'s '
+                f"default; a PACS that checks the called AE title rejects it and every backend goes down, "
+                f"so set health.called_ae to the PACS's own AE title"
             )
         if all(b.weight == 0 for b in s.backends):
             out.append(

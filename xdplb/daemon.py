@@ -364,7 +364,9 @@ class Daemon:
             # Dry run: the new pool must fit the compiled maps before anything changes.
             dry_desired = desired_state(new, self.health, self.macs, self.link.mac, self.drained)
             dry_run = plan(self.applied, dry_desired)
-        except (PoolError, PlanError) as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever the file holds, the daemon keeps its last good state
+            if not isinstance(exc, (PoolError, PlanError)):
+                log.exception("reload (%s): checking the new pool failed unexpectedly", trigger)
             log.error("reload (%s) rejected, keeping the running configuration: %s", trigger, exc)
             self.last_reload = {"result": "rejected", "error": str(exc), "at": time.time()}
             self.telemetry.reload("rejected")

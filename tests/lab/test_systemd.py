@@ -3,7 +3,7 @@
 No systemd runs here, so the test reads the unit, expands %i, ${...} and
 $MAINPID the way systemd does, and runs its command lines itself in the
 lab's lb namespace (generic mode on veth): ExecStartPre, ExecStart,
-ExecReload, then the restart path (SIGUSR1 -> exit 75, which
+ExecReload (a good and a rejected reload), then the restart path (SIGUSR1 -> exit 75, which
 RestartForceExitStatus restarts) and the stop path (KillSignal).
 `systemd-analyze verify` checks the unit file itself.
 """
@@ -67,7 +67,9 @@ def test_unit_file_verifies(tmp_path):
 
 def test_unit_promises(unit):
     service = unit["Service"]
-    assert service["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
+    # `xdplb reload` passes the daemon's verdict through; a bare HUP could not.
+    assert service["ExecReload"] == ["/usr/local/bin/xdplb reload -i %i"]
+    assert expand(service["ExecReload"][0], "eth0", {}) == [XDPLB, "reload", "-i", "eth0"]
     assert service["Restart"] == ["on-failure"]
     assert service["RestartForceExitStatus"] == ["75"]
     assert "/etc/xdplb/%i.toml" in unit["Unit"]["ConditionPathExists"][0]
@@ -86,7 +88,7 @@ def test_unit_command_lines_run_reload_restart_and_stop(lab, unit, tmp_path):
     assert subprocess.run(pre, capture_output=True, text=True).returncode == 0
 
     start = expand(service["ExecStart"][0], "eth0", env)
-    assert start == [XDPLB, "attach", "eth0", "--pool", str(pool)]
+    assert start == [XDPLB, "attach", "eth0", str(pool)]
     b = Balancer(lab, pool, tmp_path / "run", tmp_path / "xdplb.log")
     try:
         b.start(start)
@@ -94,9 +96,21 @@ def test_unit_command_lines_run_reload_restart_and_stop(lab, unit, tmp_path):
 
         pool.write_text(pool_text(lab, skip=("be3",)))
         reload_cmd = expand(service["ExecReload"][0], "eth0", env, mainpid=b.proc.pid)
-        subprocess.run(reload_cmd, check=True)
-        st = b.wait_for(lambda s: s["last_reload"]["result"] == "applied", 10, "the reload")
+        subprocess.run(reload_cmd, check=True, env=b.env(), timeout=90)
+        st = b.status()
+        assert st["last_reload"]["result"] == "applied"
         assert all(len(s["backends"]) == 2 for s in st["services"])
+
+        # A rejected reload fails `systemctl reload`, with the file's problem; the old pool stays.
+        pool.write_text(pool_text(lab).replace("weight = 1", "weight = -1", 1))
+        rejected = subprocess.run(reload_cmd, capture_output=True, text=True, env=b.env(), timeout=90)
+        assert rejected.returncode == 1, rejected
+        assert f"reload rejected, nothing changed: {pool}: line " in rejected.stderr
+        assert ".weight = -1 is out of range" in rejected.stderr
+        st = b.status()
+        assert st["last_reload"]["result"] == "rejected"
+        assert all(len(s["backends"]) == 2 for s in st["services"])
+        pool.write_text(pool_text(lab, skip=("be3",)))  # the restart below reads it again
 
         # Hitless restart: SIGUSR1 -> exit 75 -> systemd starts ExecStart again.
         b.signal(__import__("signal").SIGUSR1)

@@ -1,9 +1,13 @@
 """The command line, through click's CliRunner: no root, no bcc, no daemon."""
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import click
@@ -206,3 +210,98 @@ def test_help_and_check_never_import_bcc():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "no bcc"
+
+
+# ---- the pool as a positional argument ---------------------------------------
+
+def test_check_takes_the_pool_as_an_argument(runner):
+    result = runner.invoke(cli, ["check", str(EXAMPLE)])
+    assert result.exit_code == 0, result.output
+    assert f"ok: {EXAMPLE} is valid" in result.stdout
+
+
+def test_attach_takes_the_pool_as_its_second_argument(runner, no_root):
+    result = runner.invoke(cli, ["attach", "lbt-none0", str(EXAMPLE)])
+    assert no_root == ["xdplb attach"], result.output  # the pool was read and found valid
+
+
+@pytest.mark.parametrize("command", [["check"], ["attach", "lbt-none0"]])
+def test_pool_given_twice_or_not_at_all_is_a_usage_error(runner, no_root, command):
+    both = runner.invoke(cli, [*command, str(EXAMPLE), "--pool", str(EXAMPLE)])
+    assert both.exit_code == 2
+    assert "give the pool file once: as the POOL argument or with --pool, not both" in both.stderr
+    neither = runner.invoke(cli, command)
+    assert neither.exit_code == 2
+    assert "missing the pool file: xdplb " in neither.stderr
+    assert no_root == []
+
+
+# ---- files that cannot hang it, and one exit status for unreadable ones ------
+
+def test_check_of_a_fifo_returns_at_once(runner, tmp_path, deadline):
+    fifo = tmp_path / "pool.toml"
+    os.mkfifo(fifo)
+    with deadline(5):
+        result = runner.invoke(cli, ["check", str(fifo)])
+    assert result.exit_code == 1
+    assert result.stderr == f"Error: cannot read pool file {fifo}: it is a FIFO (named pipe), not a regular file\n"
+
+
+@contextlib.contextmanager
+def unprivileged():
+    """As root, become nobody (real and effective, as click's os.access check sees it) until the end."""
+    if os.geteuid() != 0:
+        yield
+        return
+    os.setresgid(65534, 65534, 0)
+    os.setresuid(65534, 65534, 0)
+    try:
+        yield
+    finally:
+        os.setresuid(0, 0, 0)
+        os.setresgid(0, 0, 0)
+
+
+def test_unreadable_missing_and_directory_pools_exit_alike(runner):
+    folder = Path(tempfile.mkdtemp(prefix="xdplb-cli-"))
+    try:
+        folder.chmod(0o755)
+        unreadable = folder / "secret.toml"
+        unreadable.write_text(EXAMPLE.read_text())
+        unreadable.chmod(0o000)
+        with unprivileged():
+            results = {name: runner.invoke(cli, ["check", str(path)])
+                       for name, path in [("unreadable", unreadable), ("missing", folder / "nope.toml"),
+                                          ("directory", folder)]}
+    finally:
+        shutil.rmtree(folder)
+    assert {name: r.exit_code for name, r in results.items()} == {"unreadable": 1, "missing": 1, "directory": 1}
+    assert results["unreadable"].stderr == f"Error: cannot read pool file {unreadable}: Permission denied\n"
+    assert results["missing"].stderr == f"Error: cannot read pool file {folder}/nope.toml: No such file or directory\n"
+    assert results["directory"].stderr == (f"Error: cannot read pool file {folder}: it is a directory, "
+                                           f"not a regular file\n")
+
+
+def test_check_lists_every_problem_on_its_own_line(runner, tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text(BAD_WEIGHT.replace('name = "pacs-a"', 'name = "pacs a"') + "[[servce]]\n")
+    result = runner.invoke(cli, ["check", str(path)])
+    assert result.exit_code == 1
+    assert result.stdout == ""
+    assert result.stderr.splitlines() == [
+        f'Error: {path}: line 7: service[0] "dicom" backend[0] .name = "pacs a" must be 1 to 64 characters '
+        f"from A-Z a-z 0-9 _ . -",
+        f'Error: {path}: line 13: service[0] "dicom" backend[1] "pacs-b" .weight = -1 is out of range; '
+        f"expected an integer from 0 to 1000",
+        f'Error: {path}: line 14: servce is not a known key; did you mean "service"?',
+        "Error: 3 problems found; nothing was changed",
+    ]
+
+
+def test_check_warns_about_the_default_called_ae_title(runner, tmp_path):
+    path = tmp_path / "dicom.toml"
+    path.write_text(BAD_WEIGHT.replace("weight = -1", "weight = 1").replace(
+        "port = 104\n", 'port = 104\n[service.health]\ncheck = "dicom"\n'))
+    result = runner.invoke(cli, ["check", str(path)])
+    assert result.exit_code == 0, result.output
+    assert 'warning: service "dicom": the dicom check calls AE title "ANY-SCP"' in result.stdout

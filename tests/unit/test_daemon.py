@@ -286,6 +286,84 @@ def test_rejected_reload_changes_nothing(h, caplog, breakage, expected):
     asyncio.run(scenario())
 
 
+@pytest.mark.parametrize("bad_file, expected", [
+    ("fifo", "it is a FIFO (named pipe), not a regular file"),
+    ("dev-zero", "it is a character device, not a regular file"),
+    ("deep-nesting", "TOML syntax error: arrays or inline tables nest too deeply"),
+    ("directory", "it is a directory, not a regular file"),
+])
+def test_reload_of_a_file_that_would_hang_or_crash_keeps_the_last_good_state(h, deadline, bad_file, expected):
+    daemon = h.daemon()
+
+    async def scenario():
+        async with running(daemon):
+            before, pool = snapshot(h.dp), daemon.pool
+            h.pool.unlink()
+            if bad_file == "fifo":
+                os.mkfifo(h.pool)
+            elif bad_file == "dev-zero":
+                h.pool.symlink_to("/dev/zero")
+            elif bad_file == "directory":
+                h.pool.mkdir()
+            else:
+                h.pool.write_text("x = " + "[" * 5000 + "]" * 5000 + "\n" + pool_toml())
+            with deadline(5):
+                result = daemon.reload("test")
+            assert result == {"result": "rejected", "error": f"cannot read pool file {h.pool}: {expected}"
+                              if bad_file != "deep-nesting" else f"{h.pool}: {expected}", "at": result["at"]}
+            assert daemon.status()["last_reload"] == result
+            assert snapshot(h.dp) == before
+            assert daemon.pool is pool
+            h.prober.set(A, 104, ok=False)  # still health-checking the last good pool
+            await until(lambda: A not in live(h, DICOM), what="pacs-a out")
+
+    asyncio.run(scenario())
+
+
+def test_reload_survives_an_unexpected_error_while_checking_the_new_pool(h, caplog, monkeypatch):
+    daemon = h.daemon()
+
+    def broken(old, new):
+        raise KeyError("a bug")
+
+    async def scenario():
+        async with running(daemon):
+            before, pool = snapshot(h.dp), daemon.pool
+            monkeypatch.setattr(xdplb.daemon, "restart_needed", broken)
+            result = daemon.reload("test")
+            assert (result["result"], result["error"]) == ("rejected", "'a bug'")
+            assert snapshot(h.dp) == before and daemon.pool is pool
+            assert any(r.exc_info and "failed unexpectedly" in r.getMessage() for r in caplog.records)
+
+    asyncio.run(scenario())
+
+
+def test_xdplb_reload_exits_non_zero_when_the_daemon_rejects_a_fifo(h, deadline):
+    """What ExecReload runs: `xdplb reload -i IF` passes the daemon's verdict through its exit status."""
+    from click.testing import CliRunner
+
+    from xdplb.cli import cli
+
+    daemon = h.daemon()
+
+    async def scenario():
+        async with running(daemon):
+            h.pool.unlink()
+            os.mkfifo(h.pool)
+            with deadline(10):
+                rejected = await asyncio.to_thread(CliRunner().invoke, cli, ["reload", "-i", IF])
+            assert rejected.exit_code == 1
+            assert rejected.stderr == (f"Error: reload rejected, nothing changed: cannot read pool file {h.pool}: "
+                                       f"it is a FIFO (named pipe), not a regular file\n")
+            h.pool.unlink()
+            h.pool.write_text(pool_toml())
+            applied = await asyncio.to_thread(CliRunner().invoke, cli, ["reload", "-i", IF])
+            assert applied.exit_code == 0, applied.output
+            assert daemon.last_reload["result"] == "applied"
+
+    asyncio.run(scenario())
+
+
 def test_valid_reload_adds_a_backend_and_drains_another(h):
     daemon = h.daemon()
     changed = [

@@ -10,7 +10,7 @@
 # association (calling AE XDPLB, called AE SYNAPSE) and needs a C-ECHO
 # status 0.  The web service always uses a TCP check.  --metrics "" (the
 # default) turns the Prometheus endpoint off.  Values are not judged here:
-# `xdplb check --pool FILE` does that, naming the key.
+# `xdplb check FILE` does that, naming the key.
 #
 # Shared by the namespace PACS lab (tools/pacs_lab.py) and the Vagrant lb
 # machine (vagrant/lb.sh).  Needs only bash.
