@@ -209,7 +209,7 @@ def test_failing_backend_leaves_after_fall_probes_and_returns_after_rise(h, capl
             await h.prober.wait_calls(B, 104, n + 1)
             assert B in live(h, DICOM)  # one failure of fall = 2: still in
             await h.prober.wait_calls(B, 104, n + 2)
-            assert live(h, DICOM) == {A, C}
+            await until(lambda: live(h, DICOM) == {A, C}, what="pacs-b out")  # the reconciler's next pass
             assert live(h, WEB) == {A, B}  # probed on port 80: unaffected
             bid = h.dp.backend_by_address(DICOM, B)[0]
             assert h.dp.backends[bid][3] is False
@@ -223,7 +223,7 @@ def test_failing_backend_leaves_after_fall_probes_and_returns_after_rise(h, capl
             await h.prober.wait_calls(B, 104, n + 1)
             assert B not in live(h, DICOM)  # one success of rise = 2: still out
             await h.prober.wait_calls(B, 104, n + 2)
-            assert live(h, DICOM) == {A, B, C}
+            await until(lambda: live(h, DICOM) == {A, B, C}, what="pacs-b back")
             assert h.dp.backends[bid][3] is True
             assert any("of dicom: down -> up: connect to 10.10.0.12:104 succeeded" in r.getMessage()
                        for r in caplog.records)
@@ -270,7 +270,7 @@ def test_rejected_reload_changes_nothing(h, caplog, breakage, expected):
         async with running(daemon):
             before, pool = snapshot(h.dp), daemon.pool
             h.pool.write_text(breakage(pool_toml()))
-            result = daemon.reload("test")
+            result = await daemon.reload("test")
             assert result["result"] == "rejected"
             assert expected in result["error"]
             assert str(h.pool) in result["error"]
@@ -299,7 +299,7 @@ def test_valid_reload_adds_a_backend_and_drains_another(h):
             a_id = h.dp.backend_by_address(DICOM, A)[0]
             web_table = h.dp.live_table(WEB)
             h.pool.write_text(pool_toml(changed))
-            result = daemon.reload("test")
+            result = await daemon.reload("test")
             assert result["result"] == "applied", result
             assert A not in live(h, DICOM)               # drained at once
             assert h.dp.backends[a_id][3] is True         # but still up for its flows
@@ -333,7 +333,7 @@ def test_reload_builds_each_changed_table_once(h, monkeypatch):
             dicom_table = h.dp.live_table(DICOM)
             monkeypatch.setattr(xdplb.plan.maglev, "build_table", counting_build)
             h.pool.write_text(pool_toml(reweighted))
-            assert daemon.reload("test")["result"] == "applied"
+            assert (await daemon.reload("test"))["result"] == "applied"
             assert len(built) == 1
             assert h.dp.live_table(DICOM) != dicom_table
 
@@ -346,7 +346,7 @@ def test_reload_removing_a_service_and_its_vip(h):
     async def scenario():
         async with running(daemon):
             h.pool.write_text(pool_toml(DEFAULT_SERVICES[:2]))
-            assert daemon.reload("test")["result"] == "applied"
+            assert (await daemon.reload("test"))["result"] == "applied"
             assert set(h.dp.services) == {DICOM, WEB}
             assert h.dp.vips == {VIP1}
             assert h.nl.vips(INDEX) == {VIP1}
