@@ -99,6 +99,7 @@ class Reconciler:
         self.passes = 0                           # passes that wrote something
         self.drifts = 0
         self._stale = False                       # the maps may not match `applied`: read them back first
+        self._full_pending = False                # the periodic read-back is due
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reconcile")
@@ -199,23 +200,28 @@ class Reconciler:
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         delay = RETRY_MIN
-        next_full = loop.time() + FULL_RECONCILE_SECONDS
-        while True:
-            if self.error is None:
-                try:
-                    await asyncio.wait_for(self._wake.wait(), max(0.0, next_full - loop.time()))
-                except asyncio.TimeoutError:
-                    pass
-            self._wake.clear()
-            if loop.time() >= next_full:
-                next_full = loop.time() + FULL_RECONCILE_SECONDS
-                try:
-                    await self.check_drift()
-                except Exception as exc:
-                    self._failed(exc)
-                    self._stale = True
-            if await self.reconcile() is None:
-                delay = RETRY_MIN
-                continue
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, RETRY_MAX)
+        timer = loop.call_later(FULL_RECONCILE_SECONDS, self._full_due)
+        try:
+            while True:
+                if self.error is None:
+                    await self._wake.wait()
+                self._wake.clear()
+                if self._full_pending:
+                    self._full_pending = False
+                    timer = loop.call_later(FULL_RECONCILE_SECONDS, self._full_due)
+                    try:
+                        await self.check_drift()
+                    except Exception as exc:
+                        self._failed(exc)
+                        self._stale = True
+                if await self.reconcile() is None:
+                    delay = RETRY_MIN
+                    continue
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX)
+        finally:
+            timer.cancel()
+
+    def _full_due(self) -> None:
+        self._full_pending = True
+        self._wake.set()

@@ -46,11 +46,15 @@ DEFAULT_SERVICES = [
 ]
 
 
-def pool_toml(services=DEFAULT_SERVICES, maglev_size: int = SIZE, rise: int = 2, fall: int = 2) -> str:
-    lines = ["[xdplb]", 'metrics = ""', f"maglev_size = {maglev_size}", "max_services = 8", "max_backends = 32", ""]
+def pool_toml(services=DEFAULT_SERVICES, maglev_size: int = SIZE, rise: int = 2, fall: int = 2,
+              interval: float = 0.05, timeout: float = 0.02, health_port: int | None = None,
+              max_services: int = 8, max_backends: int = 32, metrics: str = "") -> str:
+    lines = ["[xdplb]", f'metrics = "{metrics}"', f"maglev_size = {maglev_size}", f"max_services = {max_services}",
+             f"max_backends = {max_backends}", ""]
     for name, vip, port, backends in services:
         lines += ["[[service]]", f'name = "{name}"', f'vip = "{vip}"', f"port = {port}", "",
-                  "  [service.health]", "  interval = 0.05", "  timeout = 0.02", f"  rise = {rise}", f"  fall = {fall}", ""]
+                  "  [service.health]", f"  interval = {interval}", f"  timeout = {timeout}", f"  rise = {rise}",
+                  f"  fall = {fall}", *([f"  port = {health_port}"] if health_port else []), ""]
         for bname, address, weight in backends:
             lines += ["  [[service.backend]]", f'  name = "{bname}"', f'  address = "{address}"', f"  weight = {weight}", ""]
     return "\n".join(lines)
