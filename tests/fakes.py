@@ -64,14 +64,15 @@ class FakeDataplane:
         self.detach_calls = 0
         self.refuse_modes: set[str] = set()
         self.apply_calls = 0                  # apply() calls that wrote at least one op
-        self.failures: list = []              # [op class name or None, remaining] of writes to fail
+        self.failures: list = []              # [op class name or None, writes to fail, writes to let through first]
         self.live_table_writes: list = []     # PutTable ops that rewrote a live table in place
 
-    def fail_writes(self, times: int = 1, op: str | None = None) -> None:
-        """Make the next `times` writes (of op class `op`, or any) raise OSError,
-        as a map update refused by the kernel does; ops before it in the same
-        apply() are written, so a plan can be left half applied."""
-        self.failures.append([op, times])
+    def fail_writes(self, times: int = 1, op: str | None = None, after: int = 0) -> None:
+        """Make `times` writes (of op class `op`, or any) raise OSError, as a map
+        update refused by the kernel does, after letting `after` such writes
+        through. Ops before it in the same apply() are written, so a plan can
+        be left half applied."""
+        self.failures.append([op, times, after])
 
     # ---- attach -----------------------------------------------------------
 
@@ -109,6 +110,9 @@ class FakeDataplane:
         for op in ops:
             for failure in self.failures:
                 if failure[1] > 0 and failure[0] in (None, type(op).__name__):
+                    if failure[2] > 0:
+                        failure[2] -= 1
+                        continue
                     failure[1] -= 1
                     raise OSError(f"injected failure writing {type(op).__name__}")
             self.log.append(op)
