@@ -11,8 +11,9 @@ whose rows it shares with `xdplb status` and `top`), plus `mode`, `ifname`
 and, optionally, `map_write_errors`. Unit tests pass a fake one.
 
 The HTTP side is a small asyncio server in the daemon's own loop rather
-than prometheus-client's threaded one: a scrape then runs between two
-steps of the loop, never while a probe result or a reload is half applied.
+than prometheus-client's threaded one: a scrape reads the per-CPU counters
+in a worker thread, then builds its families between two steps of the
+loop, never while a probe result or a reload is half applied.
 """
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ from prometheus_client.core import (
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import CollectorRegistry
 
-from . import __version__, status
+from . import __version__
+from .status import read_stats, rows
 from .config import parse_metrics_address
 
 log = logging.getLogger("xdplb")
@@ -55,6 +57,7 @@ class XdplbCollector:
 
     def __init__(self, source):
         self.source = source
+        self.stats = None     # counters read ahead (off the event loop) for the next collect()
 
     def describe(self):
         return []  # names are dynamic; an empty describe keeps register() from scraping
@@ -62,8 +65,8 @@ class XdplbCollector:
     def collect(self):
         src = self.source
         telemetry = src.telemetry
-        stats = status.read_stats(src)
-        services = status.rows(src, stats)
+        stats, self.stats = self.stats or read_stats(src), None
+        services = rows(src, stats)
 
         info = InfoMetricFamily("xdplb", "Build and attach information.",
                                 labels=("version", "interface", "mode"))
@@ -148,10 +151,10 @@ class XdplbCollector:
         return family
 
 
-def registry_for(source) -> CollectorRegistry:
+def registry_for(source, collector: XdplbCollector | None = None) -> CollectorRegistry:
     """A private registry holding only xdplb's collector (no process metrics)."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(XdplbCollector(source))
+    registry.register(collector or XdplbCollector(source))
     return registry
 
 
@@ -172,7 +175,9 @@ class Exporter:
             self.host, self.port = parse_metrics_address(address, any_port=True)
         except ValueError as exc:
             raise ExporterError(str(exc)) from None
-        self.registry = registry_for(source)
+        self.source = source
+        self.collector = XdplbCollector(source)
+        self.registry = registry_for(source, self.collector)
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self) -> "Exporter":
@@ -216,6 +221,9 @@ class Exporter:
                 status, body, ctype = 405, b"only GET and HEAD\n", "text/plain"
             elif parts[1].split("?", 1)[0] == "/metrics":
                 try:
+                    # The map reads happen in a thread; the join and the
+                    # rendering on the loop, between two of its steps.
+                    self.collector.stats = await asyncio.to_thread(read_stats, self.source)
                     body, ctype = self.render(headers.get("accept", ""))
                     status = 200
                 except Exception as exc:  # a failed map read must not take the daemon down

@@ -335,3 +335,29 @@ def test_parse_address(text, expected):
 def test_parse_address_rejects(text):
     with pytest.raises(ValueError, match="metrics address"):
         parse_address(text)
+
+
+def test_a_scrape_reads_the_maps_off_the_event_loop(src):
+    # Issue 11 point 2: per-CPU map reads cost a syscall per id; a scrape must
+    # not hold the daemon's loop (and its probes) while they run.
+    import threading
+
+    readers = []
+    real = src.dp.read_stats
+
+    def read_stats(service_ids, backend_ids):
+        readers.append(threading.current_thread() is threading.main_thread())
+        return real(service_ids, backend_ids)
+
+    src.dp.read_stats = read_stats
+
+    async def scenario():
+        exporter = await Exporter(src, "127.0.0.1:0").start()
+        try:
+            return await get(f"http://127.0.0.1:{exporter.port}/metrics")
+        finally:
+            await exporter.stop()
+
+    code, _ctype, body = asyncio.run(scenario())
+    assert code == 200 and 'xdplb_backend_up{backend="pacs-a",service="dicom"} 1.0' in body
+    assert readers == [False]
