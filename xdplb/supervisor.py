@@ -64,7 +64,7 @@ class Supervisor:
                 if loop.time() - started >= HEALTHY_AFTER:
                     delay = RESTART_DELAY
                 self.restarts[name] += 1
-                log.exception("task %s crashed; restarting it in %.1fs", _label(name), delay)
+                log.exception("task %s crashed; restarting it in %gs", _label(name), round(delay, 3))
             await asyncio.sleep(delay)
             delay = min(delay * 2, MAX_DELAY)
 
