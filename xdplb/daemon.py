@@ -28,7 +28,6 @@ writes and netlink calls run in threads, so probes keep their timing.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import json
 import logging
 import os
@@ -39,6 +38,7 @@ from . import __version__, control, modes, probes, status
 from .config import Pool, PoolError, load_pool
 from .dataplane import PROG_NAME
 from .desired import desired_state, restart_needed
+from .drains import Drains, identities
 from .plan import Applied, PlanError
 from .reconciler import Reconciler
 from .scheduler import ProbeScheduler
@@ -92,7 +92,7 @@ class Daemon:
         self.exporter = None          # xdplb/exporter.py's Exporter while metrics are served
         self.adopting = False         # an earlier xdplb program is attached: replace it, adopt its maps
         self.leave_running = False    # SIGUSR1: exit without detaching
-        self.drained: set[tuple] = set()  # (service name, backend address) drained at run time
+        self.drains = Drains(control.run_dir() / f"{ifname}.drained.json")
         self.cleanup_errors: list[str] = []
         if prog_name_lookup is None:
             from .bpfsys import prog_name as prog_name_lookup
@@ -242,7 +242,7 @@ class Daemon:
         its flow entries stay valid, and its VIP addresses and drain marks."""
         kernel = await self.reconciler.adopt_kernel()
         self.added_vips = set(await asyncio.to_thread(self.netlink.vips, self.link.index))
-        self.drained = self._load_drained()
+        self.drains.load(self.pool)
         flows = len(await asyncio.to_thread(self.dp.flows)) if hasattr(self.dp, "flows") else 0
         log.info("adopted pinned maps: %d service(s), %d backend id(s), %d flow(s), VIPs %s",
                  len(kernel.services), len(kernel.backends), flows,
@@ -282,7 +282,7 @@ class Daemon:
             await self._step("stopping the metrics exporter", self.exporter.stop)
             self.exporter = None
         if self.leave_running:
-            await self._step("saving the drained backends", self._save_drained)
+            await self._step("saving the drained backends", self.drains.save)
             log.info("left running on %s: program, pinned maps and VIPs stay for the next xdplb attach",
                      self.ifname)
         elif self.adopting and self.mode is None:
@@ -302,7 +302,7 @@ class Daemon:
                 if await self._step(f"removing VIP {vip}", self.netlink.del_vip, self.link.index, vip, thread=True):
                     self.added_vips.discard(vip)
                     log.info("removed VIP %s from %s", vip, self.ifname)
-            await self._step("removing the drain file", self._drain_file().unlink, missing_ok=True)
+            await self._step("removing the drain file", self.drains.remove)
         if self._socket_path is not None:
             await self._step("removing the control socket", self._socket_path.unlink, missing_ok=True)
         if self.reconciler is not None:
@@ -411,7 +411,7 @@ class Daemon:
                 raise PoolError(f"{self.pool_path}: changing {', '.join(blocked)} needs a restart of xdplb")
             # MACs first, so the dry run plans with them and is the plan applied.
             macs = await asyncio.to_thread(self._read_neighbours, new, self.macs)
-            drained = self._drains_in(new)
+            drained = self.drains.within(new)
             # Dry run: the new pool must fit the compiled maps before anything changes.
             prepared = await self.reconciler.prepare(
                 desired_state(new, self.health, macs, self.link.mac, drained))
@@ -422,84 +422,44 @@ class Daemon:
             log.error("reload (%s) rejected, keeping the running configuration: %s: %s",
                       trigger, type(exc).__name__, exc)
             return self._finish_reload("rejected", trigger, f"{self.pool_path}: {exc}")
-        old = (self.pool, self.macs, self.drained)
-        self.pool, self.macs, self.drained = new, macs, drained
+        old = (self.pool, self.macs, self.drains.keys)
+        self.pool, self.macs, self.drains.keys = new, macs, drained
         error = await self.reconciler.reconcile(prepared)
         if error is not None:
             # The maps may hold part of the new pool: go back to the running
             # pool; the reconciler rebuilds from the kernel and repairs them.
-            self.pool, self.macs, self.drained = old
+            self.pool, self.macs, self.drains.keys = old
             self.reconciler.trigger()
             log.error("reload (%s) failed while writing the maps, keeping the running configuration: %s",
                       trigger, error)
             return self._finish_reload("failed", trigger, f"writing the maps failed: {error}")
         self.scheduler.sync(new)
-        self.telemetry.prune(self._identities())
+        self.telemetry.prune({(service, str(address)) for service, address in identities(new)})
         if drained != old[2]:
-            self._save_drained()
+            self.drains.save()
         await self._sync_vips()
         log.info("reload (%s) applied: %d service(s)", trigger, len(new.services))
         return self._finish_reload("applied", trigger)
 
-    def _identities(self) -> set:
-        return {(s.name, str(be.address)) for s in self.pool.services for be in s.backends}
-
     # ---- drain --------------------------------------------------------------
 
-    def _drain_file(self):
-        return control.run_dir() / f"{self.ifname}.drained.json"
-
-    def _drains_in(self, pool: Pool, drained: set | None = None) -> set:
-        """The drains that still name a backend of `pool`."""
-        present = {(s.name, be.address) for s in pool.services for be in s.backends}
-        return {d for d in (self.drained if drained is None else drained) if d in present}
-
-    def _load_drained(self) -> set:
-        """Drains saved by an earlier instance: [service, address] pairs (or,
-        from older versions, [service, backend name], mapped by the pool)."""
-        try:
-            pairs = json.loads(self._drain_file().read_text())
-        except (OSError, ValueError):
-            return set()
-        by_name = {(s.name, be.name): be.address for s in self.pool.services for be in s.backends}
-        out = set()
-        for pair in pairs if isinstance(pairs, list) else ():
-            if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
-                continue
-            try:
-                out.add((pair[0], ipaddress.IPv4Address(pair[1])))
-            except ValueError:
-                if tuple(pair) in by_name:
-                    out.add((pair[0], by_name[tuple(pair)]))
-        return self._drains_in(self.pool, out)
-
-    def _save_drained(self) -> None:
-        path = self._drain_file()
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        path.write_text(json.dumps(sorted([s, str(a)] for s, a in self.drained)))
+    @property
+    def drained(self) -> set:
+        return self.drains.keys
 
     def set_drain(self, service: str, backend: str, drained: bool) -> dict:
         """Drain (no new flows, existing flows stay) or undrain a backend,
         named by its name or its address."""
-        svc = next((s for s in self.pool.services if s.name == service), None)
-        if svc is None:
-            return {"error": f"no service {service!r}; services: {', '.join(s.name for s in self.pool.services)}"}
-        be = next((b for b in svc.backends if backend in (b.name, str(b.address))), None)
-        if be is None:
-            return {"error": f"service {service!r} has no backend {backend!r}; "
-                             f"backends: {', '.join(b.name for b in svc.backends)}"}
-        key = (service, be.address)
-        changed = (key not in self.drained) if drained else (key in self.drained)
-        if drained:
-            self.drained.add(key)
-        else:
-            self.drained.discard(key)
+        found = self.drains.find(self.pool, service, backend)
+        if isinstance(found, str):
+            return {"error": found}
+        key, name = found
+        changed = self.drains.set(key, drained)
         if changed:
-            self._save_drained()
-            log.info("%s %s of %s: %s", "drained" if drained else "undrained", be.name, service,
+            log.info("%s %s of %s: %s", "drained" if drained else "undrained", name, service,
                      "no new flows, existing flows keep flowing" if drained else "takes new flows again")
             self._desired_changed()
-        return {"ok": True, "changed": changed, "service": service, "backend": be.name, "drained": drained}
+        return {"ok": True, "changed": changed, "service": service, "backend": name, "drained": drained}
 
     # ---- control requests -----------------------------------------------------
 
