@@ -398,7 +398,7 @@ class Daemon:
         async with self._reload_lock:
             return await self._reload(trigger)
 
-    def _finish_reload(self, result: str, trigger: str, error: str | None = None) -> dict:
+    def _finish_reload(self, result: str, error: str | None = None) -> dict:
         self.last_reload = {"result": result, "at": time.time(), **({"error": error} if error else {})}
         self.telemetry.reload(result)
         return self.last_reload
@@ -417,11 +417,11 @@ class Daemon:
                 desired_state(new, self.health, macs, self.link.mac, drained))
         except (PoolError, PlanError) as exc:
             log.error("reload (%s) rejected, keeping the running configuration: %s", trigger, exc)
-            return self._finish_reload("rejected", trigger, str(exc))
+            return self._finish_reload("rejected", str(exc))
         except Exception as exc:  # whatever else reading it raised: an answer, never a dead handler
             log.error("reload (%s) rejected, keeping the running configuration: %s: %s",
                       trigger, type(exc).__name__, exc)
-            return self._finish_reload("rejected", trigger, f"{self.pool_path}: {exc}")
+            return self._finish_reload("rejected", f"{self.pool_path}: {exc}")
         old = (self.pool, self.macs, self.drains.keys)
         self.pool, self.macs, self.drains.keys = new, macs, drained
         error = await self.reconciler.reconcile(prepared)
@@ -432,14 +432,14 @@ class Daemon:
             self.reconciler.trigger()
             log.error("reload (%s) failed while writing the maps, keeping the running configuration: %s",
                       trigger, error)
-            return self._finish_reload("failed", trigger, f"writing the maps failed: {error}")
+            return self._finish_reload("failed", f"writing the maps failed: {error}")
         self.scheduler.sync(new)
         self.telemetry.prune({(service, str(address)) for service, address in identities(new)})
         if drained != old[2]:
             self.drains.save()
         await self._sync_vips()
         log.info("reload (%s) applied: %d service(s)", trigger, len(new.services))
-        return self._finish_reload("applied", trigger)
+        return self._finish_reload("applied")
 
     # ---- drain --------------------------------------------------------------
 
