@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import time
 from collections import Counter
 
 from xdplb import plan
@@ -63,6 +64,16 @@ class FakeDataplane:
         self.attach_calls: list[tuple] = []   # (ifname, mode) or (ifname, mode, "replace")
         self.detach_calls = 0
         self.refuse_modes: set[str] = set()
+        self.apply_calls = 0                  # apply() calls that wrote at least one op
+        self.failures: list = []              # [op class name or None, writes to fail, writes to let through first]
+        self.live_table_writes: list = []     # PutTable ops that rewrote a live table in place
+
+    def fail_writes(self, times: int = 1, op: str | None = None, after: int = 0) -> None:
+        """Make `times` writes (of op class `op`, or any) raise OSError, as a map
+        update refused by the kernel does, after letting `after` such writes
+        through. Ops before it in the same apply() are written, so a plan can
+        be left half applied."""
+        self.failures.append([op, times, after])
 
     # ---- attach -----------------------------------------------------------
 
@@ -94,7 +105,17 @@ class FakeDataplane:
             raise ValueError(f"backend id {bid} outside 1..{self.settings.max_backends - 1}")
 
     def apply(self, ops) -> None:
+        ops = list(ops)
+        if ops:
+            self.apply_calls += 1
         for op in ops:
+            for failure in self.failures:
+                if failure[1] > 0 and failure[0] in (None, type(op).__name__):
+                    if failure[2] > 0:
+                        failure[2] -= 1
+                        continue
+                    failure[1] -= 1
+                    raise OSError(f"injected failure writing {type(op).__name__}")
             self.log.append(op)
             self._apply_one(op)
 
@@ -124,6 +145,8 @@ class FakeDataplane:
                 raise ValueError(f"table half {op.half}")
             if len(op.slots) != self.settings.maglev_size:
                 raise ValueError(f"table of {len(op.slots)} slots, compiled for {self.settings.maglev_size}")
+            if any(sid == op.service_id and half == op.half for sid, _f, half in self.services.values()):
+                self.live_table_writes.append(op)
             self.tables[(op.service_id, op.half)] = tuple(op.slots)
         elif isinstance(op, plan.PutService):
             self._check_service_id(op.id)
@@ -212,6 +235,21 @@ class FakeNetlink:
         self.ours: dict[int, set] = {l.index: set() for l in links}
         self.solicited: list = []
         self.calls: list[tuple] = []
+        self.dumps = 0                       # neighbour_macs calls
+        self.lookups = 0                     # neighbour_mac calls
+        self.failing: Counter = Counter()    # method name -> calls still to fail
+        self.delay = 0.0                     # seconds each neighbour read blocks its caller
+
+    def fail(self, method: str, times: int = 1) -> None:
+        """Make the next `times` calls of `method` raise NetlinkProblem."""
+        self.failing[method] += times
+
+    def _maybe_fail(self, method: str) -> None:
+        if self.delay:
+            time.sleep(self.delay)
+        if self.failing[method] > 0:
+            self.failing[method] -= 1
+            raise NetlinkProblem(f"injected netlink failure in {method}")
 
     def link(self, name: str) -> Link:
         self.calls.append(("link", name))
@@ -242,7 +280,14 @@ class FakeNetlink:
         self.addresses.get(index, set()).discard(_ip(address))
         self.ours.get(index, set()).discard(_ip(address))
 
+    def neighbour_macs(self, index: int) -> dict:
+        self.dumps += 1
+        self._maybe_fail("neighbour_macs")
+        return {_ip(a): mac for a, mac in self.neighbours.items() if mac is not None}
+
     def neighbour_mac(self, index: int, address) -> bytes | None:
+        self.lookups += 1
+        self._maybe_fail("neighbour_mac")
         if _ip(address) in self.neighbours:
             return self.neighbours[_ip(address)]
         return self.neighbours.get(str(address))

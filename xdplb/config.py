@@ -454,29 +454,33 @@ def _unusable_address(addr: ipaddress.IPv4Address) -> str:
     return ""
 
 
-def _valid_metrics(text: str) -> bool:
-    """True for "" or "host:port" with an IP (IPv6 in brackets) or localhost."""
-    if text == "":
-        return True
+def parse_metrics_address(text: str, any_port: bool = False) -> tuple[str, int]:
+    """ "127.0.0.1:9742" -> ("127.0.0.1", 9742); "[::1]:9742" -> ("::1", 9742).
+
+    The host is an IPv4 address, an IPv6 address in brackets, or localhost;
+    the port 1-65535 (0, "any free port", only with any_port). Raises
+    ValueError with one sentence otherwise. The pool check and the exporter
+    both use this one parser.
+    """
+    bad = f'metrics address "{text}" is not "host:port" or "[IPv6]:port"'
     if text.startswith("["):
         host, sep, port = text[1:].partition("]:")
-        if not sep:
-            return False
         try:
-            if ipaddress.ip_address(host).version != 6:
-                return False
+            ok = bool(sep) and ipaddress.ip_address(host).version == 6
         except ValueError:
-            return False
+            ok = False
     else:
         host, sep, port = text.rpartition(":")
-        if not sep:
-            return False
-        if host != "localhost":
+        ok = bool(sep)
+        if ok and host != "localhost":
             try:
                 ipaddress.IPv4Address(host)
             except ValueError:
-                return False
-    return port.isascii() and port.isdigit() and 1 <= int(port) <= 65535
+                raise ValueError(f"metrics address \"{text}\" names {host!r}, which is not an IP address "
+                                 f"or localhost") from None
+    if not ok or not (port.isascii() and port.isdigit()) or not (0 if any_port else 1) <= int(port) <= 65535:
+        raise ValueError(bad)
+    return host, int(port)
 
 
 def _nearby_primes(n: int) -> tuple[int, int]:
@@ -495,7 +499,10 @@ def _parse_settings(r: _Reader, doc: dict) -> Settings:
     r.check_keys(t, label, _SETTINGS_KEYS)
     d = Settings()
     metrics = r.string(t, "metrics", label, '"host:port" or ""', d.metrics)
-    if not _valid_metrics(metrics):
+    try:
+        if metrics:
+            parse_metrics_address(metrics)
+    except ValueError:
         metrics = r.bad(
             f"{label}.metrics = {_show(metrics)} must be \"\" (disabled) or \"host:port\" with an IP "
             f'address or localhost, e.g. "127.0.0.1:9742" or "[::1]:9742"', t, "metrics", d.metrics

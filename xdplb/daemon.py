@@ -1,41 +1,65 @@
-"""The `xdplb attach` daemon: glue between pool, probes, planner and kernel.
+"""The `xdplb attach` daemon: wires the pool, the probe scheduler, the
+reconciler, the status view and the control requests together, and handles
+signals.
 
 Everything it decides comes from pure modules (config, health_fsm, desired,
 plan, modes); everything it changes goes through two injected objects, a
 dataplane (xdplb/dataplane.py) and a netlink handle (xdplb/netlink.py), which
-tests replace with fakes. It runs one asyncio loop:
+tests replace with fakes. Its parts, each owning one thing:
+
+  scheduler.ProbeScheduler  probe tasks and health verdicts; one "desired
+                            changed" signal per probe result that moved any
+  reconciler.Reconciler     what the maps hold: plans on a worker thread,
+                            writes, retries with backoff, repairs drift
+  supervisor.Supervisor     restarts any long-running task that crashes
+  status                    the one join behind `status`, `top` and /metrics
+
+The event loop never waits on the kernel: the compile, Maglev planning, map
+writes and netlink calls run in threads, so probes keep their timing.
 
   start:  load pool -> compile -> first probe round -> program maps ->
           attach -> add VIPs -> control socket -> "ready"
-  events: a probe result that changes a verdict, a neighbour MAC change,
-          SIGHUP (reload) -> recompute desired state -> plan -> apply
+          (SIGTERM at any point stops before the next step)
+  events: a verdict change, a neighbour MAC change, a drain, SIGHUP (reload)
+          -> the reconciler's next pass
   stop:   SIGTERM/SIGINT -> detach the program, remove the VIPs it added,
-          remove the control socket
+          remove the control socket; every step runs and logs its failure
 """
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
 import time
 
-from . import __version__, control, modes, probes
+from . import __version__, control, modes, probes, status
 from .config import Pool, PoolError, load_pool
+from .dataplane import PROG_NAME
 from .desired import desired_state, restart_needed
-from .health_fsm import Health, State, is_changing, step
-from .plan import Applied, PlanError, adopt, plan
+from .drains import Drains, identities
+from .plan import Applied, PlanError
+from .reconciler import Reconciler
+from .scheduler import ProbeScheduler
+from .supervisor import Supervisor
 from .telemetry import Telemetry
 
 log = logging.getLogger("xdplb")
 
 MAC_REFRESH_SECONDS = 1.0
-PROG_NAME = "xdplb_ingress"   # the name bcc gives the program (its C function)
 EXIT_LEFT_RUNNING = 75        # EX_TEMPFAIL: systemd's RestartForceExitStatus restarts on it
+EXIT_CLEANUP_FAILED = 1
+
+__all__ = ["AttachError", "Daemon", "PROG_NAME", "EXIT_LEFT_RUNNING"]
 
 
 class AttachError(RuntimeError):
     pass
+
+
+class _Stopped(Exception):
+    """SIGTERM/SIGINT arrived during start-up: stop before the next step."""
 
 
 class Daemon:
@@ -46,40 +70,69 @@ class Daemon:
         self.requested_mode = mode
         self._dataplane_factory = dataplane_factory
         self.netlink = netlink
-        self.probe = probe
         self.pool: Pool | None = None
         self.link = None
         self.dp = None
         self.mode: str | None = None
-        self.applied = Applied()
-        self.health: dict[tuple, Health] = {}
         self.macs: dict = {}
         self.added_vips: set = set()
         self.started = time.time()
         self.ready = False
+        self.stopping = False
         self.last_reload: dict = {"result": "none"}
         self.telemetry = Telemetry()
-        self._tasks: dict[tuple, asyncio.Task] = {}
-        self._keys: dict[tuple, tuple] = {}   # (service name, address) -> (Service, Backend)
+        self.supervisor = Supervisor()
+        self.scheduler = ProbeScheduler(probe, self.telemetry, self.supervisor, self._desired_changed)
+        self.reconciler: Reconciler | None = None
         self._stop = asyncio.Event()
-        self._first_verdicts = asyncio.Event()
         self._server = None
         self._socket_path = None
-        self._mac_task = None
+        self._reload_lock = asyncio.Lock()
+        self._background: set[asyncio.Task] = set()
         self.exporter = None          # xdplb/exporter.py's Exporter while metrics are served
         self.adopting = False         # an earlier xdplb program is attached: replace it, adopt its maps
         self.leave_running = False    # SIGUSR1: exit without detaching
-        self.drained: set[tuple] = set()  # (service name, backend name) drained at run time
+        self.drains = Drains(control.run_dir() / f"{ifname}.drained.json")
+        self.cleanup_errors: list[str] = []
         if prog_name_lookup is None:
             from .bpfsys import prog_name as prog_name_lookup
         self._prog_name = prog_name_lookup
+
+    # ---- what the parts share (the status view and the exporter read these) --
+
+    @property
+    def health(self) -> dict:
+        return self.scheduler.health
+
+    @property
+    def applied(self) -> Applied:
+        return self.reconciler.applied if self.reconciler is not None else Applied()
+
+    @property
+    def slots(self) -> dict:
+        return self.reconciler.slots if self.reconciler is not None else {}
+
+    @property
+    def map_write_errors(self) -> int:
+        return self.reconciler.errors_total if self.reconciler is not None else 0
+
+    def _desired(self):
+        return desired_state(self.pool, self.health, self.macs, self.link.mac, self.drained)
+
+    def _service_names(self) -> dict:
+        return {s.key: s.name for s in self.pool.services}
+
+    def _desired_changed(self) -> None:
+        if self.ready and self.reconciler is not None:
+            self.reconciler.trigger()
 
     # ---- start and stop ---------------------------------------------------
 
     async def run(self) -> int:
         """Run until signalled. Returns the exit code: 0 after a clean stop,
         EXIT_LEFT_RUNNING after SIGUSR1 (program, maps and VIPs left in place
-        for the next `xdplb attach` to adopt)."""
+        for the next `xdplb attach` to adopt), EXIT_CLEANUP_FAILED when a
+        clean-up step failed (each is logged)."""
         self.pool = load_pool(self.pool_path)  # PoolError: nothing has changed yet
         if self.netlink is None:
             from .netlink import Netlink
@@ -98,18 +151,31 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         loop.add_signal_handler(signal.SIGUSR1, self._leave_running)
-        loop.add_signal_handler(signal.SIGHUP, lambda: self.reload("SIGHUP"))
+        loop.add_signal_handler(signal.SIGHUP, lambda: self._in_background(self.reload("SIGHUP")))
         try:
             await self._start()
             await self._stop.wait()
+        except _Stopped as stopped:
+            log.info("stopped during start-up (%s): nothing further is attached or added", stopped)
         finally:
             await self._cleanup()
-        return EXIT_LEFT_RUNNING if self.leave_running else 0
+        if self.leave_running:
+            return EXIT_LEFT_RUNNING
+        return EXIT_CLEANUP_FAILED if self.cleanup_errors else 0
 
     def _leave_running(self) -> None:
         log.info("SIGUSR1: exiting for a restart; the XDP program, its pinned maps and the VIPs stay")
         self.leave_running = True
         self._stop.set()
+
+    def _in_background(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _check_stop(self, step: str) -> None:
+        if self._stop.is_set():
+            raise _Stopped(f"signalled {step}")
 
     async def _start(self) -> None:
         factory = self._dataplane_factory
@@ -120,45 +186,60 @@ class Daemon:
         pin_dir = pinning.pin_dir(self.ifname)
         log.info("compiling the XDP program (maglev_size %d), maps pinned at %s",
                  self.pool.settings.maglev_size, pin_dir)
+        # In a thread: the loop stays free to hear SIGTERM during the compile.
         # Adopting: where nothing is pinned, the dataplane takes the maps from the attached program.
-        self.dp = factory(self.pool.settings, pin_dir=pin_dir,
-                          attached_prog_id=self.link.xdp_prog_id if self.adopting else None)
+        self.dp = await asyncio.to_thread(factory, self.pool.settings, pin_dir=pin_dir,
+                                          attached_prog_id=self.link.xdp_prog_id if self.adopting else None)
+        self._check_stop("during the compile")
         for note in getattr(self.dp, "notes", []):
             log.warning("%s", note)
         log.info("compiled and loaded in %.1fs", getattr(self.dp, "compile_seconds", 0.0))
+        self.reconciler = Reconciler(self.dp, self._desired, self._service_names, self.telemetry)
         if getattr(self.dp, "adopted", False):
-            self._adopt()
-        self._refresh_macs()
-        self._sync_probes()
+            await self._adopt()
+        await self._refresh_macs()
+        self.scheduler.sync(self.pool)
         timeout = max((s.health.timeout for s in self.pool.services), default=1.0) + 1.0
-        try:
-            await asyncio.wait_for(self._first_verdicts.wait(), timeout)
-        except asyncio.TimeoutError:
-            log.warning("not every backend answered its first probe within %.1fs", timeout)
-        self._refresh_macs()
-        self.sync()
-        self.mode = self._attach()
-        self._sync_vips()
+        await self._wait_or_stop(self.scheduler.first_verdicts.wait(), timeout,
+                                 "not every backend answered its first probe within %.1fs" % timeout)
+        self._check_stop("during the first probes")
+        await self._refresh_macs()
+        error = await self.reconciler.reconcile()
+        if error is not None:
+            raise AttachError(f"programming the maps failed: {error}")
+        self._check_stop("while programming the maps")
+        self.mode = await asyncio.to_thread(self._attach)
+        self._check_stop("while attaching")
+        await self._sync_vips()
         self._server = await asyncio.start_unix_server(self._handle, path=str(self._socket_path))
         os.chmod(self._socket_path, 0o600)
-        self._mac_task = asyncio.get_running_loop().create_task(self._mac_loop())
+        self.supervisor.start("neighbour refresh", self._mac_loop)
+        self.supervisor.start("reconciler", self.reconciler.run)
         from .exporter import serve as serve_metrics
 
         self.exporter = await serve_metrics(self, self.pool)  # logs and returns None if it cannot listen
         self.ready = True
-        up = sum(1 for h in self.health.values() if h.state is State.UP)
+        self.reconciler.trigger()  # verdicts that changed while starting
         log.info("ready on %s in %s mode: %d service(s), %d of %d backend(s) up",
-                 self.ifname, self.mode, len(self.pool.services), up, len(self.health))
+                 self.ifname, self.mode, len(self.pool.services), self.scheduler.up_count(), len(self.health))
 
-    def _adopt(self) -> None:
+    async def _wait_or_stop(self, awaitable, timeout: float, warning: str) -> None:
+        """Wait for `awaitable` at most `timeout` seconds, or until stopped."""
+        waiting = asyncio.ensure_future(awaitable)
+        stopped = asyncio.ensure_future(self._stop.wait())
+        done, pending = await asyncio.wait({waiting, stopped}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        for task in pending:
+            task.cancel()
+        if not done:
+            log.warning("%s", warning)
+
+    async def _adopt(self) -> None:
         """Take over the maps an earlier instance left pinned: keep its ids, so
         its flow entries stay valid, and its VIP addresses and drain marks."""
-        kernel = self.dp.read_state()
-        names = {s.key: s.name for s in self.pool.services}
-        self.applied = adopt(kernel, names)
-        self.added_vips = set(self.netlink.vips(self.link.index))
-        self.drained = self._load_drained()
-        flows = len(self.dp.flows()) if hasattr(self.dp, "flows") else 0
+        kernel = await self.reconciler.adopt_kernel()
+        self.added_vips = set(await asyncio.to_thread(self.netlink.vips, self.link.index))
+        self.drains.load(self.pool)
+        flows = len(await asyncio.to_thread(self.dp.flows)) if hasattr(self.dp, "flows") else 0
         log.info("adopted pinned maps: %d service(s), %d backend id(s), %d flow(s), VIPs %s",
                  len(kernel.services), len(kernel.backends), flows,
                  ", ".join(sorted(map(str, self.added_vips))) or "none")
@@ -194,16 +275,21 @@ class Daemon:
         return modes.vlan_strip_refusal(self.ifname, self.link.kind, self.netlink.active_features(self.ifname))
 
     async def _cleanup(self) -> None:
-        for task in [*self._tasks.values(), self._mac_task]:
-            if task is not None:
-                task.cancel()
+        """Stop. Every step runs even when an earlier one failed; each failure is logged."""
+        self.stopping = True
+        self.ready = False
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, lambda: log.info("SIGHUP while stopping: ignored"))
+        await self._step("stopping the probe, neighbour and reconciler tasks", self.supervisor.stop_all)
+        for task in list(self._background):
+            task.cancel()
         if self._server is not None:
-            self._server.close()
+            await self._step("closing the control socket", self._server.close)
         if self.exporter is not None:
-            await self.exporter.stop()
+            await self._step("stopping the metrics exporter", self.exporter.stop)
             self.exporter = None
         if self.leave_running:
-            self._save_drained()
+            await self._step("saving the drained backends", self.drains.save)
             log.info("left running on %s: program, pinned maps and VIPs stay for the next xdplb attach",
                      self.ifname)
         elif self.adopting and self.mode is None:
@@ -214,277 +300,230 @@ class Daemon:
         else:
             log.info("stopping: detaching from %s", self.ifname)
             if self.dp is not None and getattr(self.dp, "attached", None):
-                self.dp.detach()
-                log.info("detached the XDP program from %s", self.ifname)
-            if self.dp is not None and hasattr(self.dp, "unpin") and self.dp.unpin():
-                log.info("removed the pinned maps")
+                if await self._step("detaching the XDP program", self.dp.detach, thread=True):
+                    log.info("detached the XDP program from %s", self.ifname)
+            if self.dp is not None and hasattr(self.dp, "unpin"):
+                if await self._step("removing the pinned maps", self.dp.unpin, thread=True) is True:
+                    log.info("removed the pinned maps")
             for vip in sorted(self.added_vips):
-                self.netlink.del_vip(self.link.index, vip)
-                log.info("removed VIP %s from %s", vip, self.ifname)
-            self.added_vips.clear()
-            self._drain_file().unlink(missing_ok=True)
-        if self._socket_path is not None and self._socket_path.exists():
-            self._socket_path.unlink()
+                if await self._step(f"removing VIP {vip}", self.netlink.del_vip, self.link.index, vip, thread=True):
+                    self.added_vips.discard(vip)
+                    log.info("removed VIP %s from %s", vip, self.ifname)
+            await self._step("removing the drain file", self.drains.remove)
+        if self._socket_path is not None:
+            await self._step("removing the control socket", self._socket_path.unlink, missing_ok=True)
+        if self.reconciler is not None:
+            self.reconciler.close()
+
+    async def _step(self, what: str, fn, *args, thread: bool = False, **kwargs):
+        """One clean-up step: its failure is logged and the next step still runs.
+        Returns the step's result, True for None, or False when it failed."""
+        try:
+            if thread:
+                result = await asyncio.to_thread(fn, *args, **kwargs)
+            else:
+                result = fn(*args, **kwargs)
+                if asyncio.iscoroutine(result):
+                    result = await result
+        except Exception as exc:
+            self.cleanup_errors.append(f"{what}: {exc}")
+            log.error("clean-up: %s failed: %s", what, exc)
+            return False
+        return True if result is None else result
 
     def stop(self) -> None:
         self._stop.set()
 
-    # ---- state -> kernel --------------------------------------------------
-
-    def sync(self, prepared: tuple | None = None) -> None:
-        """Recompute what the maps should hold and write the difference.
-
-        ``prepared`` is a (desired, plan result) pair planned from the current
-        applied state (a reload's dry run); it is used when the desired state
-        is still the same, so the Maglev tables are not built twice.
-        """
-        desired = desired_state(self.pool, self.health, self.macs, self.link.mac, self.drained)
-        started = time.monotonic()
-        if prepared is not None and prepared[0] == desired:
-            result = prepared[1]
-        else:
-            result = plan(self.applied, desired)
-        if result.ops:
-            self.dp.apply(result.ops)
-        self.applied = result.applied
-        if result.rebuilt:
-            self.telemetry.rebuilt(time.monotonic() - started)
-            log.info("Maglev table rebuilt and flipped for %s (%d writes, %.0f ms)",
-                     ", ".join(result.rebuilt), len(result.ops), (time.monotonic() - started) * 1000)
+    # ---- VIP addresses --------------------------------------------------------
 
     def _wanted_vips(self) -> set:
         if not self.pool.settings.manage_vips:
             return set()
         return {s.vip for s in self.pool.services}
 
-    def _sync_vips(self) -> None:
+    async def _sync_vips(self) -> None:
         wanted = self._wanted_vips()
+        index = self.link.index
         for vip in sorted(wanted - self.added_vips):
-            if self.netlink.add_vip(self.link.index, vip):
+            if await asyncio.to_thread(self.netlink.add_vip, index, vip):
                 self.added_vips.add(vip)
                 log.info("added VIP %s/32 to %s", vip, self.ifname)
             else:
                 log.info("VIP %s is already on %s; leaving it as configured", vip, self.ifname)
         for vip in sorted(self.added_vips - wanted):
-            self.netlink.del_vip(self.link.index, vip)
+            await asyncio.to_thread(self.netlink.del_vip, index, vip)
             self.added_vips.discard(vip)
             log.info("removed VIP %s from %s", vip, self.ifname)
 
     # ---- neighbours -------------------------------------------------------
 
-    def _backend_addresses(self) -> set:
-        return {be.address for s in self.pool.services for be in s.backends}
-
-    def _refresh_macs(self) -> bool:
-        changed = False
-        for address in sorted(self._backend_addresses()):
-            mac = self.netlink.neighbour_mac(self.link.index, address)
-            old = self.macs.get(address)
+    def _read_neighbours(self, pool: Pool, known: dict) -> dict:
+        """The backends' MACs from one neighbour dump (runs in a thread).
+        An unresolved backend is solicited and keeps its last known MAC: a
+        failed probe, not a missing entry, takes a dead host out."""
+        found = self.netlink.neighbour_macs(self.link.index)
+        macs = {}
+        for address in sorted({be.address for s in pool.services for be in s.backends}):
+            mac = found.get(address)
             if mac is None:
                 self.netlink.solicit(address)
-                continue  # keep the last known MAC; a failed probe takes a dead host out
-            if mac != old:
-                changed = True
-                self.macs[address] = mac
-                if old is not None:
-                    log.info("backend %s moved from MAC %s to %s", address, old.hex(":"), mac.hex(":"))
-        for address in set(self.macs) - self._backend_addresses():
-            del self.macs[address]
+                mac = known.get(address)
+            if mac is not None:
+                macs[address] = mac
+        return macs
+
+    def _take_macs(self, macs: dict) -> bool:
+        changed = macs != self.macs
+        for address, mac in macs.items():
+            old = self.macs.get(address)
+            if old is not None and old != mac:
+                log.info("backend %s moved from MAC %s to %s", address, old.hex(":"), mac.hex(":"))
+        self.macs = macs
         return changed
+
+    async def _refresh_macs(self) -> bool:
+        pool = self.pool
+        macs = await asyncio.to_thread(self._read_neighbours, pool, self.macs)
+        return pool is self.pool and self._take_macs(macs)
 
     async def _mac_loop(self) -> None:
         while True:
             await asyncio.sleep(MAC_REFRESH_SECONDS)
-            if self._refresh_macs():
-                self.sync()
-
-    # ---- health -----------------------------------------------------------
-
-    def _probe_keys(self) -> dict:
-        return {(s.name, be.address): (s, be) for s in self.pool.services for be in s.backends}
-
-    def _sync_probes(self) -> None:
-        keys = self._keys = self._probe_keys()
-        for key in list(self._tasks):
-            if key not in keys:
-                self._tasks.pop(key).cancel()
-                self.health.pop(key, None)
-        loop = asyncio.get_running_loop()
-        for key in keys:
-            if key not in self._tasks:
-                self.health.setdefault(key, Health())
-                self._tasks[key] = loop.create_task(self._probe_loop(key))
-
-    async def _probe_loop(self, key: tuple) -> None:
-        while True:
-            svc, be = self._keys[key]
-            hc = svc.health
-            try:
-                result = await self.probe(hc, str(be.address))
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # a probe bug must not freeze this backend's verdict
-                log.exception("probe of %s (%s) for %s crashed", be.name, be.address, svc.name)
-                result = probes.ProbeResult(False, f"{hc.check} probe crashed: {exc!r}", 0.0, "error")
-            self._on_result(key, result)
-            # While a verdict is in the balance (a streak toward rise or fall),
-            # probe twice as often, as ExaBGP does: failover and recovery come
-            # sooner, and a steady backend costs no extra probes.
-            interval = hc.interval / 2 if is_changing(self.health.get(key, Health())) else hc.interval
-            await asyncio.sleep(max(0.0, interval - result.seconds))
-
-    def _on_result(self, key: tuple, result) -> None:
-        if key not in self._keys:
-            return  # removed by a reload while the probe ran
-        svc, be = self._keys[key]
-        old = self.health.get(key, Health())
-        new, transition = step(old, result.ok, result.reason, time.time(), svc.health.rise, svc.health.fall)
-        self.health[key] = new
-        self.telemetry.probe(svc.name, be.name, svc.health.check, result.seconds, result.ok,
-                             getattr(result, "kind", "error"), result.reason)
-        if transition is not None:
-            self.telemetry.transition(svc.name, be.name, transition.old.value, transition.new.value,
-                                      transition.reason, transition.at)
-            log.info("backend %s (%s) of %s: %s -> %s: %s", be.name, be.address, svc.name,
-                     transition.old.value, transition.new.value, transition.reason)
-            if self.ready:
-                self.sync()
-        if not self._first_verdicts.is_set() and all(h.state is not State.UNKNOWN for h in self.health.values()):
-            self._first_verdicts.set()
+            if await self._refresh_macs():
+                self._desired_changed()
 
     # ---- reload -----------------------------------------------------------
 
-    def reload(self, trigger: str) -> dict:
-        """Re-read the pool file. A bad file changes nothing."""
+    async def reload(self, trigger: str) -> dict:
+        """Re-read the pool file. A bad file changes nothing; a pool whose
+        writes fail is rolled back (the maps are repaired to the running
+        pool). The caller gets the outcome either way."""
+        if self.stopping or not self.ready:
+            why = "xdplb is stopping" if self.stopping else "xdplb is still starting; reload once it is ready"
+            log.info("reload (%s) ignored: %s", trigger, why)
+            return {"result": "rejected", "error": why, "at": time.time()}
+        async with self._reload_lock:
+            return await self._reload(trigger)
+
+    def _finish_reload(self, result: str, error: str | None = None) -> dict:
+        self.last_reload = {"result": result, "at": time.time(), **({"error": error} if error else {})}
+        self.telemetry.reload(result)
+        return self.last_reload
+
+    async def _reload(self, trigger: str) -> dict:
         try:
-            new = load_pool(self.pool_path)
+            new = await asyncio.to_thread(load_pool, self.pool_path)
             blocked = restart_needed(self.pool, new)
             if blocked:
                 raise PoolError(f"{self.pool_path}: changing {', '.join(blocked)} needs a restart of xdplb")
+            # MACs first, so the dry run plans with them and is the plan applied.
+            macs = await asyncio.to_thread(self._read_neighbours, new, self.macs)
+            drained = self.drains.within(new)
             # Dry run: the new pool must fit the compiled maps before anything changes.
-            dry_desired = desired_state(new, self.health, self.macs, self.link.mac, self.drained)
-            dry_run = plan(self.applied, dry_desired)
-        except Exception as exc:  # noqa: BLE001 - whatever the file holds, the daemon keeps its last good state
-            if not isinstance(exc, (PoolError, PlanError)):
-                log.exception("reload (%s): checking the new pool failed unexpectedly", trigger)
+            prepared = await self.reconciler.prepare(
+                desired_state(new, self.health, macs, self.link.mac, drained))
+        except (PoolError, PlanError) as exc:
             log.error("reload (%s) rejected, keeping the running configuration: %s", trigger, exc)
-            self.last_reload = {"result": "rejected", "error": str(exc), "at": time.time()}
-            self.telemetry.reload("rejected")
-            return self.last_reload
-        self.pool = new
-        self._sync_probes()
-        self._refresh_macs()
-        self._sync_vips()
-        self.sync(prepared=(dry_desired, dry_run))
+            return self._finish_reload("rejected", str(exc))
+        except Exception as exc:  # whatever else reading it raised: an answer, never a dead handler
+            # Unexpected: the traceback goes to the log, the caller gets one sentence.
+            log.exception("reload (%s) rejected, keeping the running configuration: checking the new pool "
+                          "failed unexpectedly: %s: %s", trigger, type(exc).__name__, exc)
+            return self._finish_reload("rejected", f"{self.pool_path}: {exc}")
+        old = (self.pool, self.macs, self.drains.keys)
+        self.pool, self.macs, self.drains.keys = new, macs, drained
+        error = await self.reconciler.reconcile(prepared)
+        if error is not None:
+            # The maps may hold part of the new pool: go back to the running
+            # pool; the reconciler rebuilds from the kernel and repairs them.
+            self.pool, self.macs, self.drains.keys = old
+            self.reconciler.trigger()
+            log.error("reload (%s) failed while writing the maps, keeping the running configuration: %s",
+                      trigger, error)
+            return self._finish_reload("failed", f"writing the maps failed: {error}")
+        self.scheduler.sync(new)
+        self.telemetry.prune({(service, str(address)) for service, address in identities(new)})
+        if drained != old[2]:
+            self.drains.save()
+        await self._sync_vips()
         log.info("reload (%s) applied: %d service(s)", trigger, len(new.services))
-        self.last_reload = {"result": "applied", "at": time.time()}
-        self.telemetry.reload("applied")
-        return self.last_reload
+        return self._finish_reload("applied")
 
     # ---- drain --------------------------------------------------------------
 
-    def _drain_file(self):
-        return control.run_dir() / f"{self.ifname}.drained.json"
-
-    def _load_drained(self) -> set:
-        import json
-
-        try:
-            return {tuple(pair) for pair in json.loads(self._drain_file().read_text())}
-        except (OSError, ValueError):
-            return set()
-
-    def _save_drained(self) -> None:
-        import json
-
-        path = self._drain_file()
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        path.write_text(json.dumps(sorted(self.drained)))
+    @property
+    def drained(self) -> set:
+        return self.drains.keys
 
     def set_drain(self, service: str, backend: str, drained: bool) -> dict:
-        """Drain (no new flows, existing flows stay) or undrain a backend."""
-        svc = next((s for s in self.pool.services if s.name == service), None)
-        if svc is None:
-            return {"error": f"no service {service!r}; services: {', '.join(s.name for s in self.pool.services)}"}
-        if not any(be.name == backend for be in svc.backends):
-            return {"error": f"service {service!r} has no backend {backend!r}; "
-                             f"backends: {', '.join(be.name for be in svc.backends)}"}
-        key = (service, backend)
-        changed = (key not in self.drained) if drained else (key in self.drained)
-        if drained:
-            self.drained.add(key)
-        else:
-            self.drained.discard(key)
+        """Drain (no new flows, existing flows stay) or undrain a backend,
+        named by its name or its address."""
+        found = self.drains.find(self.pool, service, backend)
+        if isinstance(found, str):
+            return {"error": found}
+        key, name = found
+        changed = self.drains.set(key, drained)
         if changed:
-            self._save_drained()
-            log.info("%s %s of %s: %s", "drained" if drained else "undrained", backend, service,
+            log.info("%s %s of %s: %s", "drained" if drained else "undrained", name, service,
                      "no new flows, existing flows keep flowing" if drained else "takes new flows again")
-            self.sync()
-        return {"ok": True, "changed": changed, "service": service, "backend": backend, "drained": drained}
+            self._desired_changed()
+        return {"ok": True, "changed": changed, "service": service, "backend": name, "drained": drained}
 
-    # ---- control socket ---------------------------------------------------
+    # ---- control requests -----------------------------------------------------
+
+    async def handle_request(self, message: dict) -> dict:
+        """One control request (a parsed JSON object) -> its reply. The socket
+        server (framing, limits, peer check) calls this."""
+        cmd = message.get("cmd")
+        if cmd == "ping":
+            return {"ok": True}
+        if cmd == "status":
+            return await self.status_async()
+        if cmd == "reload":
+            return await self.reload("control socket")
+        if cmd in ("drain", "undrain"):
+            reply = self.set_drain(str(message.get("service")), str(message.get("backend")), cmd == "drain")
+            if reply.get("changed") and self.reconciler is not None:
+                error = await self.reconciler.reconcile()
+                if error is not None:
+                    reply["warning"] = f"writing the maps failed, retrying: {error}"
+            return reply
+        return {"error": f"unknown command {cmd!r}"}
 
     async def _handle(self, reader, writer) -> None:
         try:
             line = await reader.readline()
-            import json
             try:
                 message = json.loads(line or b"{}")
-                cmd = message.get("cmd")
             except ValueError:
-                cmd = None
-            if cmd == "ping":
-                reply = {"ok": True}
-            elif cmd == "status":
-                reply = self.status()
-            elif cmd == "reload":
-                reply = self.reload("control socket")
-            elif cmd in ("drain", "undrain"):
-                reply = self.set_drain(str(message.get("service")), str(message.get("backend")), cmd == "drain")
-            else:
-                reply = {"error": f"unknown command {cmd!r}"}
+                message = {}
+            if not isinstance(message, dict):
+                message = {}
+            reply = await self.handle_request(message)
             writer.write(json.dumps(reply).encode() + b"\n")
             await writer.drain()
         finally:
             writer.close()
 
-    def status(self) -> dict:
-        service_ids = [a.id for a in self.applied.services.values()]
-        backend_ids = [b.id for b in self.applied.backends.values()]
-        stats = self.dp.read_stats(service_ids, backend_ids)
-        services = []
-        for svc in self.pool.services:
-            applied = self.applied.services.get(svc.name)
-            sc = stats.services.get(applied.id) if applied else None
-            backends = []
-            for be in svc.backends:
-                h = self.health.get((svc.name, be.address), Health())
-                ab = self.applied.backends.get((svc.name, str(be.address)))
-                bc = stats.backends.get(ab.id) if ab else None
-                mac = self.macs.get(be.address)
-                last = self.telemetry.last_probe.get((svc.name, be.name))  # (ok, seconds, reason)
-                backends.append({
-                    "name": be.name, "address": str(be.address), "weight": be.weight,
-                    "drained": be.weight == 0 or (svc.name, be.name) in self.drained,
-                    "health": h.state.value, "since": h.since, "reason": h.reason,
-                    "mac": mac.hex(":") if mac else None, "id": ab.id if ab else None,
-                    "forwarding": bool(ab and ab.up),
-                    "packets": bc.packets if bc else 0, "bytes": bc.bytes if bc else 0,
-                    "new_flows": bc.new_flows if bc else 0,
-                    "table_slots": applied.table.count(ab.id) if (applied and ab) else 0,
-                    "probe_seconds": last[1] if last else None, "probe_ok": last[0] if last else None,
-                })
-            services.append({
-                "name": svc.name, "vip": str(svc.vip), "port": svc.port, "protocol": svc.protocol,
-                "persistence": svc.persistence, "check": svc.health.check,
-                "id": applied.id if applied else None,
-                "packets": sc.packets if sc else 0, "bytes": sc.bytes if sc else 0,
-                "new_flows": sc.new_flows if sc else 0, "backends": backends,
-            })
+    # ---- status -----------------------------------------------------------------
+
+    def _status(self, stats) -> dict:
+        reconcile = self.reconciler
         return {
             "version": __version__, "interface": self.ifname, "mode": self.mode, "pid": os.getpid(),
             "pool": self.pool_path, "started": self.started, "ready": self.ready,
             "vips_added": sorted(str(v) for v in self.added_vips), "last_reload": self.last_reload,
-            "services": services, "actions": stats.actions, "not_forwarded": stats.not_forwarded,
+            "map_writes": {"error": reconcile.error if reconcile else None,
+                           "errors_total": reconcile.errors_total if reconcile else 0},
+            "services": status.rows(self, stats), "actions": stats.actions, "not_forwarded": stats.not_forwarded,
             "events": stats.events,
         }
+
+    def status(self) -> dict:
+        return self._status(status.read_stats(self))
+
+    async def status_async(self) -> dict:
+        """status() with the counter read (map lookups) off the loop."""
+        ids = status.counter_ids(self)
+        stats = await asyncio.to_thread(self.dp.read_stats, *ids)
+        return self._status(stats)

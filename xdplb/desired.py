@@ -12,10 +12,16 @@ from .health_fsm import Health, State
 from .plan import BackendState, Desired, ServiceState
 
 
+def is_drained(service: str, backend, drained) -> bool:
+    """Drained by the pool (weight 0) or at run time. A backend is (service
+    name, address) everywhere, so a drain survives renaming the backend."""
+    return backend.weight == 0 or (service, backend.address) in drained
+
+
 def desired_state(pool: Pool, health: Mapping[tuple, Health], macs: Mapping, gw_mac: bytes,
                   drained: frozenset | set = frozenset()) -> Desired:
     """health is keyed by (service name, backend address); macs by address;
-    drained holds (service name, backend name) pairs drained at run time,
+    drained holds (service name, backend address) pairs drained at run time,
     which count as weight 0: no new flows, existing flows stay."""
     services = []
     for svc in pool.services:
@@ -23,7 +29,7 @@ def desired_state(pool: Pool, health: Mapping[tuple, Health], macs: Mapping, gw_
             BackendState(
                 be.name,
                 be.address,
-                0 if (svc.name, be.name) in drained else be.weight,
+                0 if is_drained(svc.name, be, drained) else be.weight,
                 macs.get(be.address),
                 health.get((svc.name, be.address), Health()).state is State.UP,
             )

@@ -6,19 +6,18 @@ and turns the controller's own telemetry into metric families. It keeps
 nothing between scrapes, so a number it shows is always what the maps and
 the daemon hold at that moment.
 
-Its source is any object with the daemon's attributes: `pool`, `applied`,
-`health`, `telemetry`, `mode`, `ifname`, `dp` (with `read_stats`) and,
-optionally, `drained` (a set of (service, backend) names). Unit tests pass a
-fake one.
+Its source is any object with the daemon's attributes (see xdplb/status.py,
+whose rows it shares with `xdplb status` and `top`), plus `mode`, `ifname`
+and, optionally, `map_write_errors`. Unit tests pass a fake one.
 
 The HTTP side is a small asyncio server in the daemon's own loop rather
-than prometheus-client's threaded one: a scrape then runs between two
-steps of the loop, never while a probe result or a reload is half applied.
+than prometheus-client's threaded one: a scrape reads the per-CPU counters
+in a worker thread, then builds its families between two steps of the
+loop, never while a probe result or a reload is half applied.
 """
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import os
 
@@ -32,33 +31,18 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import CollectorRegistry
 
 from . import __version__
-from .health_fsm import Health, State
+from .status import read_stats, rows
+from .config import parse_metrics_address
 
 log = logging.getLogger("xdplb")
 
 REQUEST_TIMEOUT = 10.0        # seconds a client may take to send its request head
 TRANSITION_TARGETS = ("up", "down")
-RELOAD_RESULTS = ("applied", "rejected")
+RELOAD_RESULTS = ("applied", "rejected", "failed")
 
 
 class ExporterError(RuntimeError):
     """The exporter cannot serve; the message is one sentence."""
-
-
-def parse_address(text: str) -> tuple[str, int]:
-    """ "127.0.0.1:9742" -> ("127.0.0.1", 9742); "[::1]:9742" -> ("::1", 9742)."""
-    if text.startswith("["):
-        host, sep, port = text[1:].partition("]:")
-    else:
-        host, sep, port = text.rpartition(":")
-    if not sep or not host or not (port.isascii() and port.isdigit()) or int(port) > 65535:
-        raise ExporterError(f'metrics address "{text}" is not "host:port" or "[IPv6]:port"')
-    if host != "localhost":
-        try:
-            ipaddress.ip_address(host)
-        except ValueError:
-            raise ExporterError(f'metrics address "{text}" names {host!r}, which is not an IP address') from None
-    return host, int(port)
 
 
 # ---- the collector ------------------------------------------------------------
@@ -73,16 +57,16 @@ class XdplbCollector:
 
     def __init__(self, source):
         self.source = source
+        self.stats = None     # counters read ahead (off the event loop) for the next collect()
 
     def describe(self):
         return []  # names are dynamic; an empty describe keeps register() from scraping
 
     def collect(self):
         src = self.source
-        pool, applied, telemetry = src.pool, src.applied, src.telemetry
-        stats = src.dp.read_stats([s.id for s in applied.services.values()],
-                                  [b.id for b in applied.backends.values()])
-        drained = set(getattr(src, "drained", None) or ())
+        telemetry = src.telemetry
+        stats, self.stats = self.stats or read_stats(src), None
+        services = rows(src, stats)
 
         info = InfoMetricFamily("xdplb", "Build and attach information.",
                                 labels=("version", "interface", "mode"))
@@ -105,46 +89,42 @@ class XdplbCollector:
                                      "Unix time of the backend's last health change.", labels=be)
         transitions = CounterMetricFamily("xdplb_health_transitions", "Health verdict changes, by new state.",
                                           labels=be + ["to"])
-        seen_transitions = dict(telemetry.transitions)
-        for svc in pool.services:
-            a = applied.services.get(svc.name)
-            sc = stats.services.get(a.id) if a else None
-            if sc is not None:
-                svc_packets.add_metric([svc.name], sc.packets)
-                svc_bytes.add_metric([svc.name], sc.bytes)
-            for b in svc.backends:
-                labels = [svc.name, b.name]
-                ab = applied.backends.get((svc.name, str(b.address)))
-                bc = stats.backends.get(ab.id) if ab else None
-                if bc is not None:
-                    be_packets.add_metric(labels, bc.packets)
-                    be_bytes.add_metric(labels, bc.bytes)
-                    be_flows.add_metric(labels, bc.new_flows)
-                health = src.health.get((svc.name, b.address), Health())
-                be_up.add_metric(labels, 1 if health.state is State.UP else 0)
-                be_weight.add_metric(labels, b.weight)
-                be_drained.add_metric(labels, 1 if b.weight == 0 or (svc.name, b.name) in drained else 0)
-                if health.since:
-                    be_since.add_metric(labels, health.since)
+        probe_seconds = HistogramMetricFamily("xdplb_health_probe_duration_seconds", "Health probe duration.",
+                                              labels=["service", "backend", "check"])
+        failures = CounterMetricFamily("xdplb_health_probe_failures", "Failed health probes by reason.",
+                                       labels=["service", "backend", "reason"])
+        # Telemetry is keyed by (service, address); only backends of the
+        # running pool are exported, under their current names.
+        failures_of: dict = {}
+        for (service, ident, kind), n in telemetry.probe_failures.items():
+            failures_of.setdefault((service, ident), []).append((kind, n))
+        for svc in services:
+            if svc["id"] is not None:
+                svc_packets.add_metric([svc["name"]], svc["packets"])
+                svc_bytes.add_metric([svc["name"]], svc["bytes"])
+            for b in svc["backends"]:
+                labels = [svc["name"], b["name"]]
+                ident = (svc["name"], b["address"])
+                if b["id"] is not None:
+                    be_packets.add_metric(labels, b["packets"])
+                    be_bytes.add_metric(labels, b["bytes"])
+                    be_flows.add_metric(labels, b["new_flows"])
+                be_up.add_metric(labels, 1 if b["health"] == "up" else 0)
+                be_weight.add_metric(labels, b["weight"])
+                be_drained.add_metric(labels, 1 if b["drained"] else 0)
+                if b["since"]:
+                    be_since.add_metric(labels, b["since"])
                 # Zeros for transitions that have not happened yet, so that the
                 # first one shows as an increase rather than as a new series.
                 for to in TRANSITION_TARGETS:
-                    seen_transitions.setdefault((svc.name, b.name, to), 0)
-        for (service, backend, to), n in sorted(seen_transitions.items()):
-            transitions.add_metric([service, backend, to], n)
+                    transitions.add_metric(labels + [to], telemetry.transitions.get(ident + (to,), 0))
+                hist = telemetry.probe_seconds.get(ident + (svc["check"],))
+                if hist is not None:
+                    _histogram(probe_seconds, labels + [svc["check"]], hist)
+                for kind, n in sorted(failures_of.get(ident, ())):
+                    failures.add_metric(labels + [kind], n)
         yield from (svc_packets, svc_bytes, be_packets, be_bytes, be_flows, be_up, be_weight, be_drained,
-                    be_since, transitions)
-
-        probe_seconds = HistogramMetricFamily("xdplb_health_probe_duration_seconds", "Health probe duration.",
-                                              labels=["service", "backend", "check"])
-        for key, hist in sorted(telemetry.probe_seconds.items()):
-            _histogram(probe_seconds, list(key), hist)
-        yield probe_seconds
-        failures = CounterMetricFamily("xdplb_health_probe_failures", "Failed health probes by reason.",
-                                       labels=["service", "backend", "reason"])
-        for key, n in sorted(telemetry.probe_failures.items()):
-            failures.add_metric(list(key), n)
-        yield failures
+                    be_since, transitions, probe_seconds, failures)
 
         yield self._by_label("xdplb_xdp_actions", "Packets by XDP action the program returned.", "action",
                              stats.actions)
@@ -159,6 +139,9 @@ class XdplbCollector:
         reloads = {result: 0 for result in RELOAD_RESULTS}
         reloads.update(telemetry.reloads)
         yield self._by_label("xdplb_config_reloads", "Pool reloads by result.", "result", reloads)
+        errors = CounterMetricFamily("xdplb_map_write_errors", "Failed passes of writing the maps (each is retried).")
+        errors.add_metric([], getattr(src, "map_write_errors", 0))
+        yield errors
 
     @staticmethod
     def _by_label(name: str, doc: str, label: str, values: dict) -> CounterMetricFamily:
@@ -168,10 +151,10 @@ class XdplbCollector:
         return family
 
 
-def registry_for(source) -> CollectorRegistry:
+def registry_for(source, collector: XdplbCollector | None = None) -> CollectorRegistry:
     """A private registry holding only xdplb's collector (no process metrics)."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(XdplbCollector(source))
+    registry.register(collector or XdplbCollector(source))
     return registry
 
 
@@ -187,8 +170,14 @@ class Exporter:
 
     def __init__(self, source, address: str):
         self.address = address
-        self.host, self.port = parse_address(address)
-        self.registry = registry_for(source)
+        try:
+            # Port 0 (any free port) only for tests: a pool never passes config with it.
+            self.host, self.port = parse_metrics_address(address, any_port=True)
+        except ValueError as exc:
+            raise ExporterError(str(exc)) from None
+        self.source = source
+        self.collector = XdplbCollector(source)
+        self.registry = registry_for(source, self.collector)
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self) -> "Exporter":
@@ -232,6 +221,9 @@ class Exporter:
                 status, body, ctype = 405, b"only GET and HEAD\n", "text/plain"
             elif parts[1].split("?", 1)[0] == "/metrics":
                 try:
+                    # The map reads happen in a thread; the join and the
+                    # rendering on the loop, between two of its steps.
+                    self.collector.stats = await asyncio.to_thread(read_stats, self.source)
                     body, ctype = self.render(headers.get("accept", ""))
                     status = 200
                 except Exception as exc:  # a failed map read must not take the daemon down

@@ -91,6 +91,9 @@ class Link:
 class Netlink:
     """Synchronous netlink calls, all made from one private thread.
 
+    They block their caller until the kernel answers: the daemon makes them
+    from a worker thread (asyncio.to_thread), never on its event loop.
+
     pyroute2 0.9's IPRoute drives an asyncio loop of its own and refuses to
     run inside the daemon's loop, so every call is handed to a dedicated
     worker thread (which also keeps the socket to a single thread).
@@ -161,6 +164,16 @@ class Netlink:
                 raise
 
     # ---- neighbours -------------------------------------------------------
+
+    def neighbour_macs(self, index: int) -> dict[ipaddress.IPv4Address, bytes]:
+        """Every usable IPv4 neighbour of the link, address -> MAC, from one dump
+        (one call serves all backends, however many there are)."""
+        out = {}
+        for msg in self._call(self._ipr.get_neighbours, family=socket.AF_INET, ifindex=index):
+            lladdr, dst = msg.get_attr("NDA_LLADDR"), msg.get_attr("NDA_DST")
+            if lladdr and dst and msg["state"] & _NUD_USABLE:
+                out[ipaddress.IPv4Address(dst)] = bytes.fromhex(lladdr.replace(":", ""))
+        return out
 
     def neighbour_mac(self, index: int, address) -> bytes | None:
         """The backend's MAC from the neighbour table, or None if unresolved."""

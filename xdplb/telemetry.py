@@ -48,6 +48,10 @@ class Histogram:
 
 @dataclass
 class Telemetry:
+    """Keyed by the backend's identity: (service name, backend address as str),
+    as health verdicts and drains are; the exporter labels it with the
+    backend's current name."""
+
     probe_seconds: dict = field(default_factory=dict)               # (service, backend, check) -> Histogram
     last_probe: dict = field(default_factory=dict)                  # (service, backend) -> (ok, seconds, reason)
     probe_failures: collections.Counter = field(default_factory=collections.Counter)  # (service, backend, kind)
@@ -75,3 +79,10 @@ class Telemetry:
 
     def reload(self, result: str) -> None:
         self.reloads[result] += 1
+
+    def prune(self, backends: set) -> None:
+        """Forget every backend not in `backends` ((service, backend) pairs):
+        a backend removed from the pool leaves the metrics with it."""
+        for table in (self.probe_seconds, self.last_probe, self.probe_failures, self.transitions):
+            for key in [k for k in table if k[:2] not in backends]:
+                del table[key]

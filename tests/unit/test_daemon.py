@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import json
 import logging
 import os
 import shutil
@@ -18,6 +20,7 @@ import tempfile
 import time
 from ipaddress import IPv4Address
 from pathlib import Path
+from types import MappingProxyType
 
 import pytest
 
@@ -46,11 +49,15 @@ DEFAULT_SERVICES = [
 ]
 
 
-def pool_toml(services=DEFAULT_SERVICES, maglev_size: int = SIZE, rise: int = 2, fall: int = 2) -> str:
-    lines = ["[xdplb]", 'metrics = ""', f"maglev_size = {maglev_size}", "max_services = 8", "max_backends = 32", ""]
+def pool_toml(services=DEFAULT_SERVICES, maglev_size: int = SIZE, rise: int = 2, fall: int = 2,
+              interval: float = 0.05, timeout: float = 0.02, health_port: int | None = None,
+              max_services: int = 8, max_backends: int = 32, metrics: str = "") -> str:
+    lines = ["[xdplb]", f'metrics = "{metrics}"', f"maglev_size = {maglev_size}", f"max_services = {max_services}",
+             f"max_backends = {max_backends}", ""]
     for name, vip, port, backends in services:
         lines += ["[[service]]", f'name = "{name}"', f'vip = "{vip}"', f"port = {port}", "",
-                  "  [service.health]", "  interval = 0.05", "  timeout = 0.02", f"  rise = {rise}", f"  fall = {fall}", ""]
+                  "  [service.health]", f"  interval = {interval}", f"  timeout = {timeout}", f"  rise = {rise}",
+                  f"  fall = {fall}", *([f"  port = {health_port}"] if health_port else []), ""]
         for bname, address, weight in backends:
             lines += ["  [[service.backend]]", f'  name = "{bname}"', f'  address = "{address}"', f"  weight = {weight}", ""]
     return "\n".join(lines)
@@ -209,7 +216,7 @@ def test_failing_backend_leaves_after_fall_probes_and_returns_after_rise(h, capl
             await h.prober.wait_calls(B, 104, n + 1)
             assert B in live(h, DICOM)  # one failure of fall = 2: still in
             await h.prober.wait_calls(B, 104, n + 2)
-            assert live(h, DICOM) == {A, C}
+            await until(lambda: live(h, DICOM) == {A, C}, what="pacs-b out")  # the reconciler's next pass
             assert live(h, WEB) == {A, B}  # probed on port 80: unaffected
             bid = h.dp.backend_by_address(DICOM, B)[0]
             assert h.dp.backends[bid][3] is False
@@ -223,7 +230,7 @@ def test_failing_backend_leaves_after_fall_probes_and_returns_after_rise(h, capl
             await h.prober.wait_calls(B, 104, n + 1)
             assert B not in live(h, DICOM)  # one success of rise = 2: still out
             await h.prober.wait_calls(B, 104, n + 2)
-            assert live(h, DICOM) == {A, B, C}
+            await until(lambda: live(h, DICOM) == {A, B, C}, what="pacs-b back")
             assert h.dp.backends[bid][3] is True
             assert any("of dicom: down -> up: connect to 10.10.0.12:104 succeeded" in r.getMessage()
                        for r in caplog.records)
@@ -270,7 +277,7 @@ def test_rejected_reload_changes_nothing(h, caplog, breakage, expected):
         async with running(daemon):
             before, pool = snapshot(h.dp), daemon.pool
             h.pool.write_text(breakage(pool_toml()))
-            result = daemon.reload("test")
+            result = await daemon.reload("test")
             assert result["result"] == "rejected"
             assert expected in result["error"]
             assert str(h.pool) in result["error"]
@@ -308,7 +315,7 @@ def test_reload_of_a_file_that_would_hang_or_crash_keeps_the_last_good_state(h, 
             else:
                 h.pool.write_text("x = " + "[" * 5000 + "]" * 5000 + "\n" + pool_toml())
             with deadline(5):
-                result = daemon.reload("test")
+                result = await daemon.reload("test")
             assert result == {"result": "rejected", "error": f"cannot read pool file {h.pool}: {expected}"
                               if bad_file != "deep-nesting" else f"{h.pool}: {expected}", "at": result["at"]}
             assert daemon.status()["last_reload"] == result
@@ -330,8 +337,8 @@ def test_reload_survives_an_unexpected_error_while_checking_the_new_pool(h, capl
         async with running(daemon):
             before, pool = snapshot(h.dp), daemon.pool
             monkeypatch.setattr(xdplb.daemon, "restart_needed", broken)
-            result = daemon.reload("test")
-            assert (result["result"], result["error"]) == ("rejected", "'a bug'")
+            result = await daemon.reload("test")
+            assert (result["result"], result["error"]) == ("rejected", f"{h.pool}: 'a bug'")
             assert snapshot(h.dp) == before and daemon.pool is pool
             assert any(r.exc_info and "failed unexpectedly" in r.getMessage() for r in caplog.records)
 
@@ -377,7 +384,7 @@ def test_valid_reload_adds_a_backend_and_drains_another(h):
             a_id = h.dp.backend_by_address(DICOM, A)[0]
             web_table = h.dp.live_table(WEB)
             h.pool.write_text(pool_toml(changed))
-            result = daemon.reload("test")
+            result = await daemon.reload("test")
             assert result["result"] == "applied", result
             assert A not in live(h, DICOM)               # drained at once
             assert h.dp.backends[a_id][3] is True         # but still up for its flows
@@ -411,7 +418,7 @@ def test_reload_builds_each_changed_table_once(h, monkeypatch):
             dicom_table = h.dp.live_table(DICOM)
             monkeypatch.setattr(xdplb.plan.maglev, "build_table", counting_build)
             h.pool.write_text(pool_toml(reweighted))
-            assert daemon.reload("test")["result"] == "applied"
+            assert (await daemon.reload("test"))["result"] == "applied"
             assert len(built) == 1
             assert h.dp.live_table(DICOM) != dicom_table
 
@@ -424,7 +431,7 @@ def test_reload_removing_a_service_and_its_vip(h):
     async def scenario():
         async with running(daemon):
             h.pool.write_text(pool_toml(DEFAULT_SERVICES[:2]))
-            assert daemon.reload("test")["result"] == "applied"
+            assert (await daemon.reload("test"))["result"] == "applied"
             assert set(h.dp.services) == {DICOM, WEB}
             assert h.dp.vips == {VIP1}
             assert h.nl.vips(INDEX) == {VIP1}
@@ -679,5 +686,447 @@ def test_manage_vips_false_adds_no_address(h):
             assert live(h, DICOM) == {A, B, C}  # still balancing
             assert h.nl.addresses[INDEX] == set()
             assert not any(call[0] == "add_vip" for call in h.nl.calls)
+
+    asyncio.run(scenario())
+
+
+# ---- issue 11: a controller that never stalls and never gives up ----------------
+#
+# Each test below reproduces one failure of the daemon before the reconciler,
+# scheduler and supervisor split; each fails on that code.
+
+import xdplb.reconciler  # noqa: E402
+import xdplb.supervisor  # noqa: E402
+from xdplb import probes  # noqa: E402
+
+
+@pytest.fixture
+def fast_retries(monkeypatch):
+    monkeypatch.setattr(xdplb.supervisor, "RESTART_DELAY", 0.02, raising=False)
+    monkeypatch.setattr(xdplb.reconciler, "RETRY_MIN", 0.02, raising=False)
+
+
+def test_a_failed_map_write_is_retried_and_the_killed_backend_still_leaves(h, caplog, fast_retries):
+    # Point 1: one failed write used to kill the probe task of the backend
+    # whose verdict caused it; the backend then stayed in the live table,
+    # shown down, for good.
+    caplog.set_level(logging.INFO, logger="xdplb")
+    daemon = h.daemon()
+
+    async def scenario():
+        async with running(daemon):
+            assert live(h, DICOM) == {A, B, C}
+            h.dp.fail_writes(times=3)               # the next three map writes are refused
+            h.prober.set(B, 104, ok=False)          # pacs-b dies
+            await until(lambda: h.dp.failures[0][1] == 0, what="the three failed writes")
+            st = daemon.status()
+            assert st["map_writes"]["errors_total"] >= 3
+            await until(lambda: live(h, DICOM) == {A, C}, what="pacs-b out once writes succeed")
+            assert daemon.status()["map_writes"]["error"] is None
+            assert any("writing the maps failed" in r.getMessage() for r in caplog.records)
+            # pacs-b's probe task is alive: it comes back when it answers again.
+            h.prober.set(B, 104, ok=True)
+            await until(lambda: live(h, DICOM) == {A, B, C}, what="pacs-b back")
+            assert h.dp.live_table_writes == []
+
+    asyncio.run(scenario())
+
+
+def test_a_failed_reload_is_rolled_back_and_repaired_from_the_kernel(h, fast_retries):
+    # Point 1: a reload whose writes fail part way (one table already
+    # flipped) must not leave the new pool in place, must answer, and the
+    # retry must start from what the maps hold, never rewrite a live table.
+    daemon = h.daemon()
+    reweighted = [(n, vip, port, [(b, a, 3 if b == "pacs-a" else w) for b, a, w in bes])
+                  for n, vip, port, bes in DEFAULT_SERVICES]
+
+    async def scenario():
+        async with running(daemon):
+            before = {key: h.dp.live_table(key) for key in (DICOM, WEB, STORE)}
+            pool = daemon.pool
+            h.dp.fail_writes(times=1, op="PutService", after=1)  # the first table flips, the second fails
+            h.pool.write_text(pool_toml(reweighted))
+            reply = await asyncio.to_thread(control.request, IF, {"cmd": "reload"}, 30)
+            assert reply["result"] == "failed" and "writing the maps failed" in reply["error"], reply
+            assert daemon.pool is pool
+            assert daemon.last_reload["result"] == "failed"
+            await until(lambda: {key: h.dp.live_table(key) for key in before} == before,
+                        what="the maps repaired to the running pool")
+            assert h.dp.live_table_writes == []
+            assert daemon.status()["map_writes"]["error"] is None
+
+    asyncio.run(scenario())
+
+
+def test_the_neighbour_refresh_survives_a_netlink_error(h, monkeypatch):
+    # Point 1: the MAC loop died on its first netlink error.
+    monkeypatch.setattr(xdplb.daemon, "MAC_REFRESH_SECONDS", 0.05)
+    daemon = h.daemon()
+    new_mac = bytes.fromhex("02aabbccdd0c")
+
+    async def scenario():
+        async with running(daemon):
+            h.nl.fail("neighbour_macs")
+            h.nl.fail("neighbour_mac")
+            await asyncio.sleep(0.2)
+            h.nl.neighbours[B] = new_mac
+            await until(lambda: {v[2] for v in h.dp.backends.values() if v[1] == B} == {new_mac},
+                        what="the new MAC after a netlink error")
+
+    asyncio.run(scenario())
+
+
+def test_a_crash_while_handling_a_probe_result_restarts_the_probe_loop(h, caplog, fast_retries):
+    # Point 1: only the probe itself was guarded; an exception in handling
+    # its result ended the backend's probing for good.
+    caplog.set_level(logging.INFO, logger="xdplb")
+    daemon = h.daemon()
+    real = daemon.telemetry.probe
+    crashes = []
+
+    def probe_telemetry(service, backend, *args):
+        if service == "dicom" and backend in (str(B), "pacs-b") and not crashes:
+            crashes.append(1)
+            raise RuntimeError("bug in result handling")
+        return real(service, backend, *args)
+
+    async def scenario():
+        async with running(daemon):
+            daemon.telemetry.probe = probe_telemetry
+            await until(lambda: crashes, what="the crash")
+            h.prober.set(B, 104, ok=False)
+            await until(lambda: B not in live(h, DICOM), what="pacs-b out after the crash")
+            assert any("crashed" in r.getMessage() for r in caplog.records)
+
+    asyncio.run(scenario())
+
+
+def test_one_dead_server_shared_by_six_services_gives_one_plan(tmp_path, run_dir):
+    # Point 2: each service's verdict used to plan and write on its own.
+    services = [(f"svc{i}", VIP1, 2000 + i, [("pacs-a", A, 1), ("pacs-b", B, 1), ("pacs-c", C, 1)])
+                for i in range(6)]
+    h = Harness(tmp_path)
+    h.pool.write_text(pool_toml(services, health_port=9000, fall=1))
+    daemon = h.daemon()
+
+    async def scenario():
+        async with running(daemon):
+            await asyncio.sleep(0.2)
+            calls = h.dp.apply_calls
+            h.prober.set(B, 9000, ok=False)
+            await until(lambda: all(B not in live(h, (VIP1, 2000 + i, "tcp")) for i in range(6)),
+                        what="pacs-b out of all six")
+            await asyncio.sleep(0.2)
+            assert h.dp.apply_calls - calls == 1
+
+    asyncio.run(scenario())
+
+
+class LocalTcp:
+    """A real TCP listener on 127.0.0.1 and a probe function that checks it
+    with the real tcp probe in place of each backend (backend addresses
+    cannot be loopback). Keeps every probe's measured seconds."""
+
+    def __init__(self):
+        self.server = None
+        self.port = None
+        self.results: list = []      # (loop time, ok, seconds)
+
+    async def start(self):
+        self.server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def __call__(self, health, address):
+        result = await probes.tcp_probe("127.0.0.1", self.port, health.timeout)
+        self.results.append((time.monotonic(), result.ok, result.seconds))
+        return result
+
+    def stop(self):
+        self.server.close()
+
+
+def test_a_probe_keeps_its_verdict_while_a_64_service_reload_and_status_calls_run(tmp_path, run_dir):
+    # Point 2: a 64-service reload (about 1.7 s of Maglev builds) and
+    # `xdplb top`'s status calls ran on the event loop, and a healthy
+    # backend's probes timed out behind them. With fall = 1 a single late
+    # probe would take the backend out: the verdict must stay up.
+    backends = [("pacs-a", A, 1), ("pacs-b", B, 1), ("pacs-c", C, 1), ("pacs-d", D, 1)]
+    services = [(f"svc{i}", VIP1, 2000 + i, backends) for i in range(64)]
+    reweighted = [(n, v, p, [(b, a, 2 if b == "pacs-a" else w) for b, a, w in bes]) for n, v, p, bes in services]
+    kw = dict(maglev_size=65537, health_port=9000, fall=1, interval=0.25, timeout=0.25,
+              max_services=64, max_backends=512)
+    h = Harness(tmp_path)
+    h.pool.write_text(pool_toml(services, **kw))
+
+    async def scenario():
+        tcp = await LocalTcp().start()
+        daemon = Daemon(IF, str(h.pool), "auto", dataplane_factory=h.factory, netlink=h.nl, probe=tcp,
+                        prog_name_lookup=lambda prog_id: h.prog_name)
+        try:
+            task = asyncio.create_task(daemon.run())
+            await until(lambda: daemon.ready or task.done(), timeout=60, what="ready")
+            try:
+                h.pool.write_text(pool_toml(reweighted, **kw))
+                status_calls = 0
+                reloading = asyncio.ensure_future(asyncio.to_thread(control.request, IF, {"cmd": "reload"}, 120))
+                started = time.monotonic()
+                while not reloading.done():   # what `xdplb top` does, as fast as it can
+                    await asyncio.to_thread(control.request, IF, {"cmd": "status"}, 120)
+                    status_calls += 1
+                reply = await reloading
+                ended = time.monotonic()
+                assert reply["result"] == "applied", reply
+                during = [r for r in tcp.results if started <= r[0] <= ended]
+                print(f"\nreload took {ended - started:.2f}s with {status_calls} status calls; "
+                      f"{len(during)} probes during it, slowest {max((r[2] for r in during), default=0) * 1000:.1f} ms, "
+                      f"all probes slowest {max(r[2] for r in tcp.results) * 1000:.1f} ms")
+                assert during, "no probe completed while the reload ran"
+                assert all(ok for _t, ok, _s in tcp.results)
+                assert all(h_.state.value == "up" for h_ in daemon.health.values())
+                assert not any(to == "down" for (_s, _b, to) in daemon.telemetry.transitions)
+                assert h.dp.live_backends((VIP1, 2000, "tcp"))[A] > h.dp.live_backends((VIP1, 2000, "tcp"))[B]
+            finally:
+                daemon.stop()
+                await asyncio.wait_for(task, 30)
+        finally:
+            tcp.stop()
+
+    asyncio.run(scenario())
+
+
+def test_neighbour_reads_do_not_stall_probes_and_one_dump_serves_all(h, monkeypatch):
+    # Point 2: one blocking netlink lookup per backend every second ran on
+    # the loop. Here each neighbour read blocks for 0.3 s.
+    monkeypatch.setattr(xdplb.daemon, "MAC_REFRESH_SECONDS", 0.05)
+    h.pool.write_text(pool_toml(health_port=9000, fall=1, interval=0.2, timeout=0.2))
+
+    async def scenario():
+        tcp = await LocalTcp().start()
+        daemon = Daemon(IF, str(h.pool), "auto", dataplane_factory=h.factory, netlink=h.nl, probe=tcp,
+                        prog_name_lookup=lambda prog_id: h.prog_name)
+        try:
+            async with running(daemon):
+                h.nl.delay = 0.3
+                dumps = h.nl.dumps
+                mark = len(tcp.results)
+                await until(lambda: h.nl.dumps >= dumps + 4, what="four neighbour refreshes")
+                h.nl.delay = 0.0
+                assert len(tcp.results) > mark
+                assert all(ok for _t, ok, _s in tcp.results)
+                assert all(h_.state.value == "up" for h_ in daemon.health.values())
+                assert h.nl.lookups == 0       # one dump per refresh, no per-backend lookup
+        finally:
+            tcp.stop()
+
+    asyncio.run(scenario())
+
+
+def test_status_reads_slot_counts_planned_with_the_table_not_the_table(h):
+    # Point 2: status counted each backend's slots with table.count(id):
+    # O(backends x table size), about 3 s for 64 x 64 at 65537 slots.
+    daemon = h.daemon()
+    scans = []
+
+    class Watched(tuple):
+        def count(self, value):
+            scans.append(value)
+            return super().count(value)
+
+        def __iter__(self):
+            scans.append("iter")
+            return super().__iter__()
+
+    async def scenario():
+        async with running(daemon):
+            owner = daemon.reconciler if getattr(daemon, "reconciler", None) else daemon
+            applied = owner.applied
+            services = {n: dataclasses.replace(a, table=Watched(a.table)) for n, a in applied.services.items()}
+            owner.applied = dataclasses.replace(applied, services=MappingProxyType(services))
+            bes = status_backends(await asyncio.to_thread(control.request, IF, {"cmd": "status"}))
+            assert scans == []
+            assert bes[("dicom", "pacs-a")]["table_slots"] + bes[("dicom", "pacs-b")]["table_slots"] \
+                + bes[("dicom", "pacs-c")]["table_slots"] == SIZE
+            assert all(bes[("dicom", n)]["table_slots"] > 0 for n in ("pacs-a", "pacs-b", "pacs-c"))
+
+    asyncio.run(scenario())
+
+
+def test_a_reload_that_learns_a_new_mac_builds_each_table_once(h, monkeypatch):
+    # Point 2: the reload's dry run planned without the new backend's MAC,
+    # then the MAC refresh changed the desired state and every changed table
+    # was built a second time.
+    daemon = h.daemon()
+    built = []
+    real_build = xdplb.plan.maglev.build_table
+
+    def counting_build(backends, size):
+        built.append(tuple(sorted((b.key, b.weight) for b in backends)))
+        return real_build(backends, size)
+
+    changed = [("dicom", VIP1, 104, [("pacs-a", A, 2), ("pacs-b", B, 1), ("pacs-c", C, 1), ("pacs-d", D, 1)]),
+               DEFAULT_SERVICES[1], DEFAULT_SERVICES[2]]
+    del h.nl.neighbours[D]
+
+    async def scenario():
+        async with running(daemon):
+            h.nl.neighbours[D] = MACS[D]   # resolvable now, but not yet known to the daemon
+            monkeypatch.setattr(xdplb.plan.maglev, "build_table", counting_build)
+            h.pool.write_text(pool_toml(changed))
+            assert (await asyncio.to_thread(control.request, IF, {"cmd": "reload"}))["result"] == "applied"
+            reweighted = ((str(A), 2), (str(B), 1), (str(C), 1))
+            assert built.count(reweighted) == 1, built
+
+    asyncio.run(scenario())
+
+
+# ---- signals and shutdown (point 6) ----------------------------------------------
+
+def test_sigterm_during_the_compile_attaches_nothing(h):
+    daemon = h.daemon()
+
+    def compiling(settings, **kwargs):
+        dp = h.factory(settings, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)   # arrives while bcc compiles
+        time.sleep(0.2)
+        return dp
+
+    daemon._dataplane_factory = compiling
+    code = asyncio.run(asyncio.wait_for(daemon.run(), 10))
+    assert code == 0
+    assert h.dp.attach_calls == []
+    assert not any(c[0] == "add_vip" for c in h.nl.calls)
+    assert h.dp.log == []                      # no map was programmed either
+    assert h.dp.unpinned == 1
+    assert not control.socket_path(IF).exists()
+
+
+def test_sighup_during_teardown_is_ignored(h, caplog):
+    caplog.set_level(logging.INFO, logger="xdplb")
+    daemon = h.daemon()
+    more = DEFAULT_SERVICES + [("extra", IPv4Address("10.10.0.102"), 104, [("pacs-d", D, 1)])]
+    real_del = h.nl.del_vip
+
+    def del_vip(index, address):
+        if not h.pool.read_text().count("extra"):
+            h.pool.write_text(pool_toml(more))   # a reload now would add a VIP
+            os.kill(os.getpid(), signal.SIGHUP)
+            time.sleep(0.1)
+        return real_del(index, address)
+
+    async def scenario():
+        async with running(daemon):
+            h.nl.del_vip = del_vip
+        await asyncio.sleep(0.2)
+
+    asyncio.run(scenario())
+    assert daemon.telemetry.reloads["applied"] == 0
+    assert h.nl.addresses[INDEX] == set()
+    assert any("SIGHUP" in r.getMessage() and "ignored" in r.getMessage() for r in caplog.records)
+
+
+def test_every_cleanup_step_runs_and_each_failure_is_logged(h, caplog):
+    caplog.set_level(logging.INFO, logger="xdplb")
+    daemon = h.daemon()
+
+    def broken_detach():
+        raise OSError("netlink: device busy")
+
+    real_del = h.nl.del_vip
+
+    def del_vip(index, address):
+        if address == VIP1:
+            raise OSError("address busy")
+        return real_del(index, address)
+
+    async def scenario():
+        task = asyncio.create_task(daemon.run())
+        await until(lambda: daemon.ready or task.done(), what="ready")
+        h.dp.detach = broken_detach
+        h.nl.del_vip = del_vip
+        daemon.stop()
+        return await asyncio.wait_for(task, 5)
+
+    code = asyncio.run(scenario())
+    assert code != 0
+    assert VIP2 not in h.nl.addresses[INDEX]         # the step after the failed one ran
+    assert h.dp.unpinned == 1
+    assert not control.socket_path(IF).exists()
+    messages = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert any("detaching the XDP program failed: netlink: device busy" in m for m in messages), messages
+    assert any(f"removing VIP {VIP1} failed: address busy" in m for m in messages), messages
+
+
+# ---- one identity for a backend (point 7) ------------------------------------------
+
+def test_renaming_a_drained_backend_keeps_it_drained(h):
+    daemon = h.daemon()
+    renamed = [("dicom", VIP1, 104, [("pacs-a", A, 1), ("pacs-bee", B, 1), ("pacs-c", C, 1)]),
+               DEFAULT_SERVICES[1], DEFAULT_SERVICES[2]]
+
+    async def scenario():
+        async with running(daemon):
+            assert (await asyncio.to_thread(control.request, IF, {"cmd": "drain", "service": "dicom",
+                                                                  "backend": "pacs-b"}))["ok"]
+            await until(lambda: B not in live(h, DICOM), what="pacs-b drained")
+            h.pool.write_text(pool_toml(renamed))
+            assert (await asyncio.to_thread(control.request, IF, {"cmd": "reload"}))["result"] == "applied"
+            await asyncio.sleep(0.2)
+            assert B not in live(h, DICOM)
+            bes = status_backends(daemon.status())
+            assert bes[("dicom", "pacs-bee")]["drained"] is True
+            saved = json.loads((run_dir_of() / f"{IF}.drained.json").read_text())
+            assert saved == [["dicom", str(B)]]
+            assert (await asyncio.to_thread(control.request, IF, {"cmd": "undrain", "service": "dicom",
+                                                                  "backend": "pacs-bee"}))["changed"]
+            await until(lambda: B in live(h, DICOM), what="pacs-bee back")
+
+    asyncio.run(scenario())
+
+
+def run_dir_of() -> Path:
+    return control.run_dir()
+
+
+def test_removed_backends_disappear_from_the_exporter(h):
+    from prometheus_client.registry import CollectorRegistry  # noqa: F401
+    from xdplb.exporter import registry_for
+
+    daemon = h.daemon()
+    without_c = [("dicom", VIP1, 104, [("pacs-a", A, 1), ("pacs-b", B, 1)]), DEFAULT_SERVICES[1], DEFAULT_SERVICES[2]]
+
+    def series(service, backend):
+        return [s for fam in registry_for(daemon).collect() for s in fam.samples
+                if s.labels.get("service") == service and s.labels.get("backend") == backend]
+
+    async def scenario():
+        async with running(daemon):
+            h.prober.set(C, 104, ok=False)
+            await until(lambda: C not in live(h, DICOM), what="pacs-c down")
+            assert series("dicom", "pacs-c")
+            h.pool.write_text(pool_toml(without_c))
+            assert (await asyncio.to_thread(control.request, IF, {"cmd": "reload"}))["result"] == "applied"
+            assert series("dicom", "pacs-c") == []
+            assert series("store", "pacs-c")           # still a backend of store
+            assert series("dicom", "pacs-a")
+
+    asyncio.run(scenario())
+
+
+def test_the_periodic_full_pass_repairs_drift(h, monkeypatch, caplog):
+    # statedb's contract: a periodic full reconcile repairs outside changes.
+    caplog.set_level(logging.INFO, logger="xdplb")
+    monkeypatch.setattr(xdplb.reconciler, "FULL_RECONCILE_SECONDS", 0.1, raising=False)
+    daemon = h.daemon()
+
+    async def scenario():
+        async with running(daemon):
+            bid = h.dp.backend_by_address(DICOM, A)[0]
+            del h.dp.backends[bid]                   # someone cleared a backend entry
+            del h.dp.services[STORE]                 # and deleted a service
+            assert None in h.dp.live_backends(DICOM) and live(h, STORE) == set()
+            await until(lambda: live(h, DICOM) == {A, B, C} and live(h, STORE) == {A, C},
+                        what="the maps repaired")
+            assert any("drifted" in r.getMessage() for r in caplog.records)
 
     asyncio.run(scenario())

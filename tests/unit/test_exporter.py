@@ -23,7 +23,8 @@ from xdplb import __version__, plan
 from xdplb.config import parse_pool
 from xdplb.dataplane import Counters, Stats
 from xdplb.desired import desired_state
-from xdplb.exporter import Exporter, ExporterError, parse_address, registry_for, serve
+from xdplb.config import parse_metrics_address as parse_address
+from xdplb.exporter import Exporter, ExporterError, registry_for, serve
 from xdplb.health_fsm import Health, State
 from xdplb.structs import ACTIONS, EVENTS, REASONS
 from xdplb.telemetry import Telemetry
@@ -94,16 +95,17 @@ def make_source(metrics: str = "127.0.0.1:9742"):
     macs = {a: bytes([2, 0, 10, 10, 0, a.packed[3]]) for a in (A, B, C)}
     applied = plan.plan(plan.Applied(), desired_state(pool, health, macs, b"\x02\0\0\0\0\1")).applied
     telemetry = Telemetry()
-    telemetry.probe("dicom", "pacs-a", "tcp", 0.002, True, "ok", "connect succeeded")
-    telemetry.probe("dicom", "pacs-a", "tcp", 0.030, True, "ok", "connect succeeded")
-    telemetry.probe("dicom", "pacs-b", "tcp", 0.5, False, "timeout", "connect timed out")
-    telemetry.probe("dicom", "pacs-b", "tcp", 0.001, False, "refused", "connect refused")
-    telemetry.probe("dicom", "pacs-b", "tcp", 0.001, False, "refused", "connect refused")
-    telemetry.transition("dicom", "pacs-b", "up", "down", "connect refused", 1700000100.0)
+    # Telemetry is keyed by (service, backend address), as health is; metrics carry the name.
+    telemetry.probe("dicom", str(A), "tcp", 0.002, True, "ok", "connect succeeded")
+    telemetry.probe("dicom", str(A), "tcp", 0.030, True, "ok", "connect succeeded")
+    telemetry.probe("dicom", str(B), "tcp", 0.5, False, "timeout", "connect timed out")
+    telemetry.probe("dicom", str(B), "tcp", 0.001, False, "refused", "connect refused")
+    telemetry.probe("dicom", str(B), "tcp", 0.001, False, "refused", "connect refused")
+    telemetry.transition("dicom", str(B), "up", "down", "connect refused", 1700000100.0)
     telemetry.rebuilt(0.004)
     telemetry.reload("rejected")
     return SimpleNamespace(pool=pool, applied=applied, health=health, telemetry=telemetry, mode="generic",
-                           ifname="eth7", dp=FakeMaps(), drained={("web", "pacs-a")})
+                           ifname="eth7", dp=FakeMaps(), drained={("web", A)})
 
 
 def backend_id(src, service: str, address) -> int:
@@ -331,10 +333,36 @@ def test_parse_address(text, expected):
 
 @pytest.mark.parametrize("text", ["9742", "[::1]9742", "host.example:9742", "127.0.0.1:", "127.0.0.1:99999"])
 def test_parse_address_rejects(text):
-    with pytest.raises(ExporterError, match="metrics address"):
+    with pytest.raises(ValueError, match="metrics address"):
         parse_address(text)
 
 
 def test_icmp_frag_needed_forwarding_is_exported(src):
     src.dp.events.update(icmp_too_big=7)
     assert value(registry_for(src), "xdplb_events_total", event="icmp_too_big") == 7
+
+
+def test_a_scrape_reads_the_maps_off_the_event_loop(src):
+    # Issue 11 point 2: per-CPU map reads cost a syscall per id; a scrape must
+    # not hold the daemon's loop (and its probes) while they run.
+    import threading
+
+    readers = []
+    real = src.dp.read_stats
+
+    def read_stats(service_ids, backend_ids):
+        readers.append(threading.current_thread() is threading.main_thread())
+        return real(service_ids, backend_ids)
+
+    src.dp.read_stats = read_stats
+
+    async def scenario():
+        exporter = await Exporter(src, "127.0.0.1:0").start()
+        try:
+            return await get(f"http://127.0.0.1:{exporter.port}/metrics")
+        finally:
+            await exporter.stop()
+
+    code, _ctype, body = asyncio.run(scenario())
+    assert code == 200 and 'xdplb_backend_up{backend="pacs-a",service="dicom"} 1.0' in body
+    assert readers == [False]

@@ -5,7 +5,7 @@
                     the cache of the backends' permutation hashes first (a new pool); "warm" keeps
                     it (a rebuild after a health change, the common case).
   verdict to live   one backend of a service turns down: from the verdict to the new table
-                    live in the kernel = the daemon's sync() path: xdplb.plan.plan (Maglev
+                    live in the kernel = the reconciler's pass: xdplb.plan.plan (Maglev
                     rebuild included) plus BccDataplane.apply (backend, table into the idle
                     half, service flip) on the real maps of a loaded program, default sizes.
                     After each change the kernel's service entry and table are read back and
@@ -17,8 +17,8 @@
                     lb's MAC for the VIP, so ARP timing is not counted).
   reload            64 services × 3 backends: round trip of a control-socket reload that changes
                     every service's weights (64 tables rebuilt and flipped), and of one that
-                    changes nothing, each after 3 s of quiet. The reload runs on the daemon's
-                    event loop, so health probes wait for it.
+                    changes nothing, each after 3 s of quiet. The reload plans and writes on a
+                    worker thread; probes keep running on the event loop meanwhile.
   map memory        `memlock` of every map of the program with default sizes
                     (/proc/self/fdinfo of each map fd; the kernel's own accounting).
 """
@@ -277,8 +277,8 @@ def reload_times(lab, work: Path, runs: int, say) -> dict:
             for weight, bucket in ((None, unchanged), (2 if r % 2 == 0 else 1, changed)):
                 if weight is not None:
                     pool.write_text(reload_pool(lab, weight))
-                # A reload runs on the daemon's event loop; let the probes it held
-                # up catch up first, so each round trip is the reload's own time.
+                # Let the previous reload's probe results and passes settle first,
+                # so each round trip is the reload's own time.
                 time.sleep(RELOAD_SETTLE_S)
                 started = time.perf_counter()
                 reply = control(sock, {"cmd": "reload"})
