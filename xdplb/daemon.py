@@ -65,6 +65,7 @@ class Daemon:
         self._first_verdicts = asyncio.Event()
         self._server = None
         self._socket_path = None
+        self._lock = None             # control.InstanceLock: held for the daemon's life
         self._mac_task = None
         self.exporter = None          # xdplb/exporter.py's Exporter while metrics are served
         self.adopting = False         # an earlier xdplb program is attached: replace it, adopt its maps
@@ -93,7 +94,7 @@ class Daemon:
                     f"that is not xdplb's; remove it first"
                 )
             self.adopting = True
-        self._socket_path = control.prepare(self.ifname)
+        self._socket_path, self._lock = control.prepare(self.ifname)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
@@ -103,7 +104,10 @@ class Daemon:
             await self._start()
             await self._stop.wait()
         finally:
-            await self._cleanup()
+            try:
+                await self._cleanup()
+            finally:
+                self._lock.release()
         return EXIT_LEFT_RUNNING if self.leave_running else 0
 
     def _leave_running(self) -> None:
@@ -143,8 +147,7 @@ class Daemon:
         self.sync()
         self.mode = self._attach()
         self._sync_vips()
-        self._server = await asyncio.start_unix_server(self._handle, path=str(self._socket_path))
-        os.chmod(self._socket_path, 0o600)
+        self._server = await control.ControlServer(self._socket_path, self._answer).start()
         self._mac_task = asyncio.get_running_loop().create_task(self._mac_loop())
         from .exporter import serve as serve_metrics
 
@@ -415,29 +418,18 @@ class Daemon:
 
     # ---- control socket ---------------------------------------------------
 
-    async def _handle(self, reader, writer) -> None:
-        try:
-            line = await reader.readline()
-            import json
-            try:
-                message = json.loads(line or b"{}")
-                cmd = message.get("cmd")
-            except ValueError:
-                cmd = None
-            if cmd == "ping":
-                reply = {"ok": True}
-            elif cmd == "status":
-                reply = self.status()
-            elif cmd == "reload":
-                reply = self.reload("control socket")
-            elif cmd in ("drain", "undrain"):
-                reply = self.set_drain(str(message.get("service")), str(message.get("backend")), cmd == "drain")
-            else:
-                reply = {"error": f"unknown command {cmd!r}"}
-            writer.write(json.dumps(reply).encode() + b"\n")
-            await writer.drain()
-        finally:
-            writer.close()
+    def _answer(self, message: dict) -> dict:
+        """A control request (already parsed and checked by control.ControlServer) -> its reply."""
+        cmd = message["cmd"]
+        if cmd == "ping":
+            return {"ok": True}
+        if cmd == "status":
+            return self.status()
+        if cmd == "reload":
+            return self.reload("control socket")
+        if cmd in ("drain", "undrain"):
+            return self.set_drain(str(message.get("service")), str(message.get("backend")), cmd == "drain")
+        return {"error": f"unknown command {cmd!r}"}
 
     def status(self) -> dict:
         service_ids = [a.id for a in self.applied.services.values()]
