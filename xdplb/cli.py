@@ -189,7 +189,7 @@ def status(interface: str | None, as_json: bool) -> None:
     for name in names:
         try:
             results.append(control.request(name, {"cmd": "status"}))
-        except control.NotRunning as exc:
+        except control.ControlError as exc:
             raise click.ClickException(str(exc))
     if as_json:
         click.echo(json.dumps(results[0] if interface else results, indent=2))
@@ -213,7 +213,7 @@ def top(interface: str | None, interval: float, once: bool, as_json: bool) -> No
     try:
         top_view.run(names, lambda name: control.request(name, {"cmd": "status"}), interval, once, as_json,
                      single=bool(interface), echo=click.echo, tty=sys.stdout.isatty())
-    except control.NotRunning as exc:
+    except control.ControlError as exc:
         raise click.ClickException(str(exc))
     except KeyboardInterrupt:
         pass
@@ -224,7 +224,6 @@ def top(interface: str | None, interval: float, once: bool, as_json: bool) -> No
 def detach(interface: str) -> None:
     """Remove a leftover xdplb program and its VIP addresses from INTERFACE."""
     _need_root("xdplb detach")
-    from .dataplane import PROG_NAME, remove_program
     from .netlink import Netlink, NetlinkProblem
 
     nl = Netlink()
@@ -233,12 +232,25 @@ def detach(interface: str) -> None:
     except NetlinkProblem as exc:
         raise click.ClickException(str(exc))
     try:
-        running = control.request(interface, {"cmd": "ping"}, timeout=1.0)
-    except (control.NotRunning, OSError, ValueError):
-        running = None
-    if running:
+        # The instance lock, not a ping: a busy daemon may be slow to answer
+        # but still owns the program and its maps. Held until detach is done,
+        # so no attach can start half-way through.
+        control.prepare_run_dir()
+        lock = control.InstanceLock.acquire(interface)
+    except control.AlreadyRunning:
         raise click.ClickException(f"an xdplb instance is running on {interface}: stop it with SIGTERM "
-                                   f"(systemctl stop xdplb@{interface}) instead")
+                                   f"(systemctl stop xdplb@{interface}) instead") from None
+    except (control.UnsafeRunDir, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+    try:
+        _detach(interface, link, nl)
+    finally:
+        lock.release()
+
+
+def _detach(interface: str, link, nl) -> None:
+    from .dataplane import PROG_NAME, remove_program
+
     removed = []
     if link.xdp_prog_id:
         from .bpfsys import prog_name
@@ -278,7 +290,7 @@ def _ask(interface: str | None, message: dict) -> dict:
     name = _one_instance(interface)
     try:
         reply = control.request(name, message)
-    except control.NotRunning as exc:
+    except control.ControlError as exc:
         raise click.ClickException(str(exc))
     if "error" in reply:
         raise click.ClickException(reply["error"])
@@ -348,8 +360,8 @@ def reload(interface: str | None) -> None:
     """Re-read the running instance's pool file (as SIGHUP does). A bad file changes nothing."""
     name = _one_instance(interface)
     try:
-        reply = control.request(name, {"cmd": "reload"}, timeout=60)
-    except control.NotRunning as exc:
+        reply = control.request(name, {"cmd": "reload"}, timeout=control.RELOAD_TIMEOUT)
+    except control.ControlError as exc:
         raise click.ClickException(str(exc))
     if reply.get("result") != "applied":
         raise click.ClickException(f"reload rejected, nothing changed: {reply.get('error', reply)}")

@@ -28,7 +28,6 @@ writes and netlink calls run in threads, so probes keep their timing.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import signal
@@ -89,6 +88,7 @@ class Daemon:
         self._socket_path = None
         self._reload_lock = asyncio.Lock()
         self._background: set[asyncio.Task] = set()
+        self._lock = None             # control.InstanceLock: held for the daemon's life
         self.exporter = None          # xdplb/exporter.py's Exporter while metrics are served
         self.adopting = False         # an earlier xdplb program is attached: replace it, adopt its maps
         self.leave_running = False    # SIGUSR1: exit without detaching
@@ -146,7 +146,7 @@ class Daemon:
                     f"that is not xdplb's; remove it first"
                 )
             self.adopting = True
-        self._socket_path = control.prepare(self.ifname)
+        self._socket_path, self._lock = control.prepare(self.ifname)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
@@ -158,7 +158,10 @@ class Daemon:
         except _Stopped as stopped:
             log.info("stopped during start-up (%s): nothing further is attached or added", stopped)
         finally:
-            await self._cleanup()
+            try:
+                await self._cleanup()
+            finally:
+                self._lock.release()
         if self.leave_running:
             return EXIT_LEFT_RUNNING
         return EXIT_CLEANUP_FAILED if self.cleanup_errors else 0
@@ -211,8 +214,7 @@ class Daemon:
         self.mode = await asyncio.to_thread(self._attach)
         self._check_stop("while attaching")
         await self._sync_vips()
-        self._server = await asyncio.start_unix_server(self._handle, path=str(self._socket_path))
-        os.chmod(self._socket_path, 0o600)
+        self._server = await control.ControlServer(self._socket_path, self.handle_request).start()
         self.supervisor.start("neighbour refresh", self._mac_loop)
         self.supervisor.start("reconciler", self.reconciler.run)
         from .exporter import serve as serve_metrics
@@ -490,20 +492,6 @@ class Daemon:
             return reply
         return {"error": f"unknown command {cmd!r}"}
 
-    async def _handle(self, reader, writer) -> None:
-        try:
-            line = await reader.readline()
-            try:
-                message = json.loads(line or b"{}")
-            except ValueError:
-                message = {}
-            if not isinstance(message, dict):
-                message = {}
-            reply = await self.handle_request(message)
-            writer.write(json.dumps(reply).encode() + b"\n")
-            await writer.drain()
-        finally:
-            writer.close()
 
     # ---- status -----------------------------------------------------------------
 

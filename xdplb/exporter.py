@@ -33,10 +33,14 @@ from prometheus_client.registry import CollectorRegistry
 from . import __version__
 from .status import read_stats, rows
 from .config import parse_metrics_address
+from .probes import FAILURE_KINDS
 
 log = logging.getLogger("xdplb")
 
-REQUEST_TIMEOUT = 10.0        # seconds a client may take to send its request head
+MAX_CLIENTS = 16              # concurrent connections; one scraping Prometheus needs one
+HEAD_TIMEOUT = 2.0            # seconds a client may take to send its request head
+WRITE_TIMEOUT = 10.0          # seconds a client may take to read the response
+MAX_HEAD = 8192               # bytes in a request head
 TRANSITION_TARGETS = ("up", "down")
 RELOAD_RESULTS = ("applied", "rejected", "failed")
 
@@ -121,7 +125,12 @@ class XdplbCollector:
                 hist = telemetry.probe_seconds.get(ident + (svc["check"],))
                 if hist is not None:
                     _histogram(probe_seconds, labels + [svc["check"]], hist)
-                for kind, n in sorted(failures_of.get(ident, ())):
+                # Every reason the backend's check can fail with is there from
+                # the start, at 0 ("avoid missing metrics"): a panel or an
+                # alert on the rate then has data before the first failure.
+                seen = dict.fromkeys(FAILURE_KINDS[svc["check"]], 0)
+                seen.update(failures_of.get(ident, ()))
+                for kind, n in sorted(seen.items()):
                     failures.add_metric(labels + [kind], n)
         yield from (svc_packets, svc_bytes, be_packets, be_bytes, be_flows, be_up, be_weight, be_drained,
                     be_since, transitions, probe_seconds, failures)
@@ -161,14 +170,24 @@ def registry_for(source, collector: XdplbCollector | None = None) -> CollectorRe
 # ---- the HTTP server ------------------------------------------------------------
 
 _STATUS_TEXT = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
-                500: "Internal Server Error"}
+                500: "Internal Server Error", 503: "Service Unavailable"}
 _INDEX = b"xdplb exporter: metrics at /metrics\n"
 
 
 class Exporter:
-    """Serves /metrics for one source on one address, inside the running asyncio loop."""
+    """Serves /metrics for one source on one address, inside the running asyncio loop.
 
-    def __init__(self, source, address: str):
+    Connections are bounded, so that idle or slow clients cannot use up the
+    daemon's file descriptors (and with them every health probe): at most
+    `max_clients` at once, each with HEAD_TIMEOUT to send its request and
+    WRITE_TIMEOUT to take the answer. When a new client finds them all in
+    use, the one that has waited longest without sending its request is
+    dropped to make room; if every one is being answered, the new client
+    gets 503 at once. (asyncio accepts up to the listen backlog before any
+    handler runs, so for an instant up to twice `max_clients` are open.)
+    """
+
+    def __init__(self, source, address: str, max_clients: int | None = None):
         self.address = address
         try:
             # Port 0 (any free port) only for tests: a pool never passes config with it.
@@ -178,11 +197,18 @@ class Exporter:
         self.source = source
         self.collector = XdplbCollector(source)
         self.registry = registry_for(source, self.collector)
+        self.max_clients = MAX_CLIENTS if max_clients is None else max_clients
         self._server: asyncio.AbstractServer | None = None
+        # Open connections, oldest first -> True while still waiting for the request head.
+        self._clients: dict[asyncio.StreamWriter, bool] = {}
 
     async def start(self) -> "Exporter":
         try:
-            self._server = await asyncio.start_server(self._handle, self.host, self.port)
+            # The backlog is also how many connections asyncio accepts in one
+            # go, before any handler can drop one: keep it at the cap, so
+            # descriptors peak at twice the cap for an instant.
+            self._server = await asyncio.start_server(self._handle, self.host, self.port, limit=MAX_HEAD,
+                                                      backlog=self.max_clients)
         except OSError as exc:
             # asyncio wraps the bind error in a long text; the errno says it plainly.
             reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
@@ -194,54 +220,95 @@ class Exporter:
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
+            for writer in list(self._clients):
+                writer.transport.abort()
             await self._server.wait_closed()
             self._server = None
+
+    @property
+    def clients(self) -> int:
+        """Connections open now."""
+        return len(self._clients)
 
     def render(self, accept: str = "") -> tuple[bytes, str]:
         """The exposition for an Accept header: (body, content type)."""
         encoder, content_type = choose_encoder(accept)
         return encoder(self.registry), content_type
 
+    def _make_room(self) -> bool:
+        """Drop the longest-waiting client that has sent no request yet; False if none has."""
+        for writer, waiting in self._clients.items():
+            if waiting:
+                del self._clients[writer]
+                writer.transport.abort()
+                return True
+        return False
+
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(self._clients) >= self.max_clients and not self._make_room():
+            writer.write(_response(503, b"too many metrics clients; try again\n", "text/plain", head_only=False))
+            writer.transport.close()  # sends what is buffered, then closes; no waiting on this client
+            return
+        self._clients[writer] = True
         try:
             try:
-                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), REQUEST_TIMEOUT)
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HEAD_TIMEOUT)
             except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
                 return
-            lines = head.decode("latin-1").split("\r\n")
-            parts = lines[0].split(" ")
-            headers = {}
-            for line in lines[1:]:
-                name, sep, value = line.partition(":")
-                if sep:
-                    headers[name.strip().lower()] = value.strip()
-            if len(parts) != 3:
-                status, body, ctype = 400, b"bad request line\n", "text/plain"
-            elif parts[0] not in ("GET", "HEAD"):
-                status, body, ctype = 405, b"only GET and HEAD\n", "text/plain"
-            elif parts[1].split("?", 1)[0] == "/metrics":
+            if writer not in self._clients:
+                return  # dropped to make room just as its request came in
+            self._clients[writer] = False
+            if _wants_metrics(head):
+                # The map reads happen in a thread; the join and the
+                # rendering on the loop, between two of its steps.
                 try:
-                    # The map reads happen in a thread; the join and the
-                    # rendering on the loop, between two of its steps.
                     self.collector.stats = await asyncio.to_thread(read_stats, self.source)
-                    body, ctype = self.render(headers.get("accept", ""))
-                    status = 200
                 except Exception as exc:  # a failed map read must not take the daemon down
                     log.error("metrics scrape failed: %s", exc)
-                    status, body, ctype = 500, f"scrape failed: {exc}\n".encode(), "text/plain"
-            elif parts[1] == "/":
-                status, body, ctype = 200, _INDEX, "text/plain"
-            else:
-                status, body, ctype = 404, b"not found: try /metrics\n", "text/plain"
-            writer.write(f"HTTP/1.1 {status} {_STATUS_TEXT[status]}\r\nContent-Type: {ctype}\r\n"
-                         f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode())
-            if len(parts) == 3 and parts[0] != "HEAD":
-                writer.write(body)
-            await writer.drain()
-        except ConnectionError:
-            pass
+            status, body, ctype, head_only = self._respond(head)
+            writer.write(_response(status, body, ctype, head_only))
+            await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT)
+        except (ConnectionError, asyncio.TimeoutError):
+            writer.transport.abort()
         finally:
+            self._clients.pop(writer, None)
             writer.close()
+
+    def _respond(self, head: bytes) -> tuple[int, bytes, str, bool]:
+        """(status, body, content type, head only) for one request head."""
+        lines = head.decode("latin-1").split("\r\n")
+        parts = lines[0].split(" ")
+        headers = {}
+        for line in lines[1:]:
+            name, sep, value = line.partition(":")
+            if sep:
+                headers[name.strip().lower()] = value.strip()
+        if len(parts) != 3:
+            return 400, b"bad request line\n", "text/plain", False
+        head_only = parts[0] == "HEAD"
+        if parts[0] not in ("GET", "HEAD"):
+            return 405, b"only GET and HEAD\n", "text/plain", False
+        if parts[1].split("?", 1)[0] == "/metrics":
+            try:
+                body, ctype = self.render(headers.get("accept", ""))
+            except Exception as exc:  # a failed map read must not take the daemon down
+                log.error("metrics scrape failed: %s", exc)
+                return 500, f"scrape failed: {exc}\n".encode(), "text/plain", head_only
+            return 200, body, ctype, head_only
+        if parts[1] == "/":
+            return 200, _INDEX, "text/plain", head_only
+        return 404, b"not found: try /metrics\n", "text/plain", head_only
+
+
+def _wants_metrics(head: bytes) -> bool:
+    parts = head.split(b"\r\n", 1)[0].split(b" ")
+    return len(parts) == 3 and parts[0] in (b"GET", b"HEAD") and parts[1].split(b"?", 1)[0] == b"/metrics"
+
+
+def _response(status: int, body: bytes, ctype: str, head_only: bool) -> bytes:
+    head = (f"HTTP/1.1 {status} {_STATUS_TEXT[status]}\r\nContent-Type: {ctype}\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+    return head if head_only else head + body
 
 
 async def serve(source, pool) -> Exporter | None:

@@ -9,9 +9,18 @@ took and, for a failure, a short ``kind`` for metrics.
   https  the same over TLS                    ... and tls
   dicom  A-ASSOCIATE, C-ECHO, A-RELEASE       refused timeout rejected aborted echo_status error
 
+FAILURE_KINDS lists every kind each check can report; the exporter
+exports each at 0 before the first failure.
+
 A probe never takes longer than its timeout, even against a server that
 accepts the connection and then never answers, so one hung backend never
 delays another's probes (each backend has its own task in the daemon).
+
+DICOM probes run in threads (pynetdicom blocks). At most DICOM_MAX_THREADS
+run at once and each starts after a small random delay, so a pool of 500
+DICOM backends does not start 500 threads in the same instant at start-up
+or after a reload. A probe's timeout runs from the moment it has a thread:
+waiting for one is the controller's delay, not the backend's.
 """
 from __future__ import annotations
 
@@ -19,11 +28,13 @@ import asyncio
 import functools
 import logging
 import os
+import random
 import re
 import socket
 import ssl
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Callable
 
@@ -38,6 +49,17 @@ from .config import HealthCheck
 # a probe reports its own one-sentence reason, so that chatter would repeat
 # each failing backend's story every interval.
 logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
+
+
+FAILURE_KINDS = {
+    "tcp": ("refused", "timeout", "error"),
+    "http": ("refused", "timeout", "http_status", "error"),
+    "https": ("refused", "timeout", "tls", "http_status", "error"),
+    "dicom": ("refused", "timeout", "rejected", "aborted", "echo_status", "error"),
+}
+
+DICOM_MAX_THREADS = 64      # DICOM probe threads at once; the next probe waits for one to end
+DICOM_START_JITTER = 0.05   # seconds: the most a DICOM probe waits, at random, before it starts
 
 
 @dataclass(frozen=True)
@@ -177,10 +199,14 @@ async def dicom_probe(h: HealthCheck, address: str) -> ProbeResult:
     pynetdicom blocks, so the exchange runs in a thread of its own; its own
     timeouts come from the probe's deadline, so a thread the asyncio side
     has given up on aborts its association and ends about then too."""
+    await asyncio.sleep(random.uniform(0.0, min(DICOM_START_JITTER, h.interval / 10)))
+    slots = _dicom_slots()
+    await slots.acquire()  # given back when the thread ends, which may be after a timeout here
     clock = _Clock(h.timeout)
     progress = {"stage": "connection"}
     try:
-        return await asyncio.wait_for(_in_own_thread(_dicom_echo, h, address, clock, progress), h.timeout)
+        return await asyncio.wait_for(
+            _in_own_thread(_dicom_echo, h, address, clock, progress, finally_=slots.release), h.timeout)
     except TimeoutError:
         return clock.result(
             False, f"C-ECHO to {h.called_ae}@{address}:{h.port}: no {progress['stage']} "
@@ -290,8 +316,22 @@ def _connect_failure(target: str, address: str, port: int, clock: _Clock) -> Pro
     return clock.result(False, f"{target}: connect failed, then a second attempt succeeded", "error")
 
 
-async def _in_own_thread(fn: Callable, *args):
-    """Run blocking fn in a new daemon thread and await its result.
+_SLOTS: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore]" = weakref.WeakKeyDictionary()
+
+
+def _dicom_slots() -> asyncio.Semaphore:
+    """The running loop's DICOM thread slots (an asyncio semaphore belongs to one loop)."""
+    loop = asyncio.get_running_loop()
+    slots = _SLOTS.get(loop)
+    if slots is None:
+        slots = _SLOTS[loop] = asyncio.Semaphore(DICOM_MAX_THREADS)
+    return slots
+
+
+def _in_own_thread(fn: Callable, *args, finally_: Callable[[], None] | None = None) -> asyncio.Future:
+    """Start blocking fn in a new daemon thread now; return a future of its
+    result. `finally_` runs in the loop once the thread has ended (started
+    here, not in a coroutine, so a cancelled caller cannot skip it).
 
     Not asyncio.to_thread: the default executor has min(32, cpus + 4)
     workers, so a few hung DICOM peers would queue every other backend's
@@ -314,11 +354,18 @@ async def _in_own_thread(fn: Callable, *args):
             value, error = None, exc
         try:
             loop.call_soon_threadsafe(settle, value, error)
+            if finally_ is not None:
+                loop.call_soon_threadsafe(finally_)
         except RuntimeError:
             pass  # the event loop has closed meanwhile; nobody is waiting
 
-    threading.Thread(target=work, name="xdplb-dicom-probe", daemon=True).start()
-    return await done
+    try:
+        threading.Thread(target=work, name="xdplb-dicom-probe", daemon=True).start()
+    except BaseException:
+        if finally_ is not None:
+            finally_()
+        raise
+    return done
 
 
 # ---- entry points ------------------------------------------------------------
