@@ -10,7 +10,7 @@ import ctypes
 import ipaddress
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Protocol
 
 from . import bpf_source, plan, structs
@@ -67,7 +67,8 @@ class KernelState:
     backends: dict            # id -> (service_id, address, mac, up)
     tables: dict              # (service_id, half) -> tuple of backend ids (live halves only)
     vips: set
-    config: tuple | None      # (mac, hash_seed) or None if never written
+    config: tuple | None      # plan.Desired.config as written, or None if never written
+    down_since: dict = field(default_factory=dict)   # backend id -> monotonic ns it went down (0: up)
 
 
 class BccDataplane:
@@ -186,15 +187,14 @@ class BccDataplane:
 
     def _apply_one(self, op) -> None:
         if isinstance(op, plan.SetConfig):
-            flags = structs.F_CFG_NO_BACKEND_DROP if op.drop_without_backend else 0
-            cfg = structs.LbConfig((ctypes.c_uint8 * 6)(*op.mac), 1, flags, op.hash_seed)
-            self.map("lb_config")[0] = cfg
+            self.map("lb_config")[0] = _lb_config(op)
         elif isinstance(op, plan.ZeroCounters):
             table = self.map("service_stats" if op.kind == "service" else "backend_stats")
             table[op.id] = table.Leaf()  # bcc's per-CPU Leaf is already one value per CPU
         elif isinstance(op, plan.PutBackend):
             flags = structs.F_BACKEND_UP if op.up else 0
-            info = structs.BackendInfo(structs.LbAddr.of(op.address), (ctypes.c_uint8 * 6)(*op.mac), flags, 0, op.service_id)
+            info = structs.BackendInfo(structs.LbAddr.of(op.address), (ctypes.c_uint8 * 6)(*op.mac), flags, 0,
+                                       op.service_id, 0, op.down_since)
             self.map("backends")[op.id] = info
         elif isinstance(op, plan.ClearBackend):
             self.map("backends")[op.id] = structs.BackendInfo()
@@ -317,22 +317,22 @@ class BccDataplane:
             addr = structs.ServiceKey.from_buffer_copy(bytes(key)).ip()
             proto = {v: k for k, v in structs.IPPROTO.items()}.get(key.proto, str(key.proto))
             services[(addr, socket.ntohs(key.port), proto)] = (info.id, info.flags, info.table & 1)
-        backends = {}
+        backends, down_since = {}, {}
         table = self.map("backends")
         for bid in range(1, self.settings.max_backends):
             be = table[bid]
             if any(be.mac):
                 addr = structs.LbAddr.from_buffer_copy(bytes(be.addr)).ip()
                 backends[bid] = (be.service_id, addr, bytes(be.mac), bool(be.flags & structs.F_BACKEND_UP))
+                down_since[bid] = be.down_since
         tables = {}
         maglev = self.map("maglev_tables")
         for sid, _flags, half in services.values():
             tables[(sid, half)] = tuple(maglev[sid * structs.TABLES_PER_SERVICE + half].slots)
         vips = {structs.LbAddr.from_buffer_copy(bytes(k)).ip() for k in self.map("vips").keys()}
         cfg = self.map("lb_config")[0]
-        config = ((bytes(cfg.mac), cfg.hash_seed, bool(cfg.flags & structs.F_CFG_NO_BACKEND_DROP))
-                  if cfg.ready else None)
-        return KernelState(services, backends, tables, vips, config)
+        config = _config_tuple(structs.LbConfig.from_buffer_copy(bytes(cfg))) if cfg.ready else None
+        return KernelState(services, backends, tables, vips, config, down_since)
 
     def flows(self, limit: int = 100000) -> dict:
         """(client, client port, VIP, port, proto) -> backend id, at most `limit` entries."""
@@ -346,6 +346,30 @@ class BccDataplane:
             if len(out) >= limit:
                 break
         return out
+
+
+def _lb_config(op: "plan.SetConfig") -> structs.LbConfig:
+    cfg = structs.LbConfig()
+    cfg.mac[:] = op.mac
+    cfg.ready = 1
+    cfg.flags = structs.F_CFG_NO_BACKEND_DROP if op.drop_without_backend else 0
+    cfg.hash_seed = op.hash_seed
+    cfg.flood_rate = op.flood_rate
+    cfg.udp_idle_ns = op.udp_idle_ns
+    cfg.down_grace_ns = op.down_grace_ns
+    if len(op.extra_macs) > structs.EXTRA_MACS:
+        raise ValueError(f"{len(op.extra_macs)} extra MACs; the program holds {structs.EXTRA_MACS}")
+    for i, mac in enumerate(op.extra_macs):
+        cfg.extra_macs[i][:] = mac
+    cfg.extra_mac_count = len(op.extra_macs)
+    return cfg
+
+
+def _config_tuple(cfg: structs.LbConfig) -> tuple:
+    """An lb_config entry as plan.Desired.config spells it."""
+    return (bytes(cfg.mac), cfg.hash_seed, bool(cfg.flags & structs.F_CFG_NO_BACKEND_DROP),
+            tuple(bytes(cfg.extra_macs[i]) for i in range(min(cfg.extra_mac_count, structs.EXTRA_MACS))),
+            cfg.udp_idle_ns, cfg.down_grace_ns, cfg.flood_rate)
 
 
 def remove_program(ifname: str, mode: str | None) -> None:
