@@ -55,9 +55,9 @@ FLOOR_SOURCE = Path(__file__).resolve().parents[2] / "bpf" / "bench_floor.c"
 
 # The one line of bpf/xdplb.c that inserts a new flow, and what each
 # new-flow build puts in its place (see the module docstring).
-INSERT_LINE = "flows.update(&fkey, &fval);"
+INSERT_LINE = "flows.update(&pkt->flow, &fval);"
 VARIANTS = {
-    "insert_delete": "flows.update(&fkey, &fval); flows.delete(&fkey); /* bench: upper bound */",
+    "insert_delete": "flows.update(&pkt->flow, &fval); flows.delete(&pkt->flow); /* bench: upper bound */",
     "no_insert": "/* bench: no insert, lower bound */",
 }
 
