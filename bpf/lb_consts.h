@@ -87,6 +87,9 @@
 #define EVENT_UDP_EXPIRED 8      /* UDP entry idle past udp_idle_ns: placed afresh */
 #define EVENT_MAX 9
 
+/* The flood guard's rate window (bpf_ktime_get_ns is in ns). */
+#define XDPLB_NSEC_PER_SEC 1000000000ULL
+
 /* XDP actions are counted by their own value: XDP_ABORTED 0 .. XDP_REDIRECT 4. */
 #define ACTION_MAX 5
 

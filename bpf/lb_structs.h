@@ -95,11 +95,11 @@ struct lb_config {
 	__u32 hash_seed;       /* host order: seed of the flow hash (xdplb/flowhash.py mirrors it) */
 	__u32 flood_rate;      /* host order: new flow entries per second per CPU above which the
 	                        * flood guard places flows without an entry; 0 = no guard */
-	__u32 pad;             /* zero */
 	__u64 udp_idle_ns;     /* host order: a UDP entry idle this long is placed afresh; 0 = never */
 	__u64 down_grace_ns;   /* host order: established flows stay on a down backend this long;
 	                        * 0 = re-chosen at once */
-	__u8 extra_macs[EXTRA_MACS][6]; /* wire order: unicast MACs balanced besides `mac` */
+	__u8 extra_macs[EXTRA_MACS * 6]; /* wire order: unicast MACs balanced besides `mac`, 6 bytes
+	                        * each (flat: bcc's Python types mis-size a 2-D array) */
 	__u8 extra_mac_count;  /* how many of extra_macs are used, 0 .. EXTRA_MACS */
 	__u8 pad2[7];          /* zero */
 };

@@ -4,8 +4,9 @@
  *
  * xdplb_ingress runs four named steps, each an inline function that either
  * decides (counts why and returns the XDP action) or hands on to the next:
- *   1. parse_l2 / parse_l3 / parse_l4: Ethernet, IPv4, TCP/UDP ports, into a
- *      struct packet (EtherType and L4 protocol kept apart);
+ *   1. parse_l2 / for_us / parse_l3 / parse_l4: Ethernet (only unicast to
+ *      the gateway is balanced), IPv4, TCP/UDP ports, into a struct packet
+ *      (EtherType and L4 protocol kept apart);
  *   2. connection_table_lookup: the established fast path;
  *   3. pick_backend: the services lookup, then the flow's backend if still
  *      live, or Maglev (place_new_flow);
@@ -19,6 +20,10 @@
  * for a port no service uses (see lb_maps.h for both arrays).
  *
  * What happens to what (counted in not_forwarded / events):
+ *   - not unicast to the interface's MAC or a pool-named extra MAC
+ *     (broadcast, multicast, a frame flooded to us for another host):
+ *     XDP_PASS, byte for byte unchanged (REASON_OTHER_MAC), so two
+ *     balancers on one segment never bounce a frame between them;
  *   - not IPv4, not TCP/UDP, or not a configured (VIP, port, protocol):
  *     XDP_PASS, byte for byte unchanged (the gateway's SSH, ARP, routing,
  *     and pings to the VIP all go to its own stack);
@@ -36,6 +41,21 @@
  *     ICMP port unreachable, so clients fail fast instead of hanging; or
  *     XDP_DROP where the pool says no_backend = "drop" (REASON_NO_BACKEND);
  *   - otherwise XDP_TX to the flow's backend.
+ *
+ * Flow table (the operator's guarantees; README "Flows"):
+ *   - a TCP SYN without ACK starts a connection: placed by Maglev, never by
+ *     an old entry, and its entry replaces any stale one for the 5-tuple
+ *     (under the flood guard the stale entry is deleted instead);
+ *   - a TCP RST never writes an entry;
+ *   - a UDP entry idle for udp_idle_ns is placed afresh (EVENT_UDP_EXPIRED);
+ *   - TCP that is not a SYN and has no entry is placed by Maglev and counted
+ *     (EVENT_FLOW_MISS);
+ *   - flood guard: above flood_rate new entries per second on this CPU, a
+ *     flow is placed by Maglev without an entry (EVENT_FLOOD_NO_ENTRY), as
+ *     Katran's is_under_flood does; such flows lose drain and grace;
+ *   - an established flow whose backend is down (or removed) stays on it
+ *     until down_grace_ns after down_since (EVENT_DOWN_GRACE), then is
+ *     re-chosen (EVENT_FLOW_RESELECT). New flows only go to up backends.
  */
 #include "lb_maps.h"
 #include "parsing_helpers.h"
@@ -50,7 +70,7 @@
 
 /* What the parse steps learned about a packet. */
 struct packet {
-	struct ethhdr *eth;    /* for the MAC rewrite (and a check of h_dest) */
+	struct ethhdr *eth;    /* for the check of h_dest and the MAC rewrite */
 	struct iphdr *iph;     /* set once parse_l3 accepted the IPv4 header */
 	__u64 frame_len;       /* bytes, for the traffic counters */
 	__be16 eth_proto;      /* network order: EtherType after at most one VLAN tag */
@@ -62,11 +82,13 @@ struct packet {
 /* Where the packet goes, as the flow and backend steps find out. */
 struct dest {
 	struct lb_config *cfg;
-	struct flow_value *fv;    /* the flow's entry, NULL when it has none */
+	struct flow_value *fv;    /* the flow's entry, NULL when it has none (or is not used: a SYN,
+	                           * an expired UDP entry) */
 	struct backend_info *be;  /* the backend chosen (FORWARD) */
 	__u32 sid;                /* service id: index of the service counters */
 	__u32 bid;                /* backend id: index of the backend counters */
 	int new_flow;             /* 1 when Maglev chose the backend for this packet */
+	__u32 first_event;        /* EVENT_FLOW_NEW or EVENT_FLOW_MISS when there is no entry to use */
 };
 
 /* Byte 13 of a TCP header holds its flags: CWR ECE URG ACK PSH RST SYN FIN. */
@@ -76,18 +98,74 @@ struct dest {
 #define TCP_FLAGS_RST 0x04
 #define TCP_FLAGS_ACK 0x10
 
-/* A backend id from the flow table or a Maglev slot is usable only while the
- * backend is up and still belongs to the service (ids are per service). */
-static __always_inline struct backend_info *live_backend(__u32 id, __u32 service_id)
+static __always_inline int tcp_syn(const struct packet *pkt)
+{
+	return pkt->l4_proto == IPPROTO_TCP &&
+	       (pkt->tcp_flags & (TCP_FLAGS_SYN | TCP_FLAGS_ACK)) == TCP_FLAGS_SYN;
+}
+
+/* The backend behind an id, if it still belongs to the service (ids are per
+ * service; a cleared id is all zero). */
+static __always_inline struct backend_info *service_backend(__u32 id, __u32 service_id)
 {
 	struct backend_info *be;
 
 	if (id == 0 || id >= MAX_BACKENDS)
 		return NULL;
 	be = backends.lookup(&id);
-	if (!be || !(be->flags & F_BACKEND_UP) || be->service_id != service_id)
+	if (!be || be->service_id != service_id)
 		return NULL;
 	return be;
+}
+
+/* A Maglev slot's backend is usable only while it is up: new flows never go
+ * to a down backend. */
+static __always_inline struct backend_info *live_backend(__u32 id, __u32 service_id)
+{
+	struct backend_info *be = service_backend(id, service_id);
+
+	return be && (be->flags & F_BACKEND_UP) ? be : NULL;
+}
+
+/* An established flow's backend: up, or down (or removed) for less than the
+ * grace. The clock is read on the down path only. */
+static __always_inline struct backend_info *flow_backend(__u32 id, __u32 service_id,
+							 const struct lb_config *cfg)
+{
+	struct backend_info *be = service_backend(id, service_id);
+
+	if (!be)
+		return NULL;
+	if (be->flags & F_BACKEND_UP)
+		return be;
+	if (!cfg->down_grace_ns || !be->down_since ||
+	    bpf_ktime_get_ns() - be->down_since >= cfg->down_grace_ns)
+		return NULL;
+	count_event(EVENT_DOWN_GRACE);
+	return be;
+}
+
+/* Katran's is_under_flood: this CPU's count of new entries in the current
+ * second, against the pool's rate. Per CPU, so no atomics. */
+static __always_inline int under_flood(const struct lb_config *cfg)
+{
+	__u32 zero = 0;
+	struct flood_state *st;
+	__u64 now;
+
+	if (!cfg->flood_rate)
+		return 0;
+	st = flood_state.lookup(&zero);
+	if (!st)
+		return 0;
+	now = bpf_ktime_get_ns();
+	if (now - st->window_start > XDPLB_NSEC_PER_SEC) {
+		st->window_start = now;
+		st->new_flows = 1;
+		return 0;
+	}
+	st->new_flows += 1;
+	return st->new_flows > cfg->flood_rate;
 }
 
 /* Maglev lookup in the service's live table. Returns the backend id, 0 when
@@ -136,6 +214,15 @@ static __always_inline int is_vip(__be32 daddr)
 	return vips.lookup(&key) != NULL;
 }
 
+/* Whether two MACs are equal, as three 16-bit loads (both are 2-byte aligned:
+ * Ethernet addresses in a frame and in struct lb_config). */
+static __always_inline int mac_equal(const __u8 *a, const __u8 *b)
+{
+	const __u16 *x = (const __u16 *)a, *y = (const __u16 *)b;
+
+	return x[0] == y[0] && x[1] == y[1] && x[2] == y[2];
+}
+
 /* lb_config once the controller has written it, else NULL. */
 static __always_inline struct lb_config *ready_config(void)
 {
@@ -162,6 +249,31 @@ static __always_inline int parse_l2(struct hdr_cursor *nh, void *data_end, struc
 	}
 	pkt->eth_proto = eth_proto;
 	return CONTINUE;
+}
+
+/* Step 1a', only unicast frames to the interface's MAC or an extra MAC the
+ * pool names (a VRRP virtual MAC) are balanced; the rest pass untouched. */
+static __always_inline int for_us(const struct packet *pkt, struct dest *dst)
+{
+	const __u8 *h_dest = pkt->eth->h_dest;
+	struct lb_config *cfg = ready_config();
+	int i;
+
+	if (!cfg)
+		return counted(REASON_NO_CONFIG, XDP_PASS);
+	dst->cfg = cfg;
+	if (h_dest[0] & 1)     /* group bit: broadcast or multicast */
+		return counted(REASON_OTHER_MAC, XDP_PASS);
+	if (mac_equal(h_dest, cfg->mac))
+		return CONTINUE;
+#pragma unroll
+	for (i = 0; i < EXTRA_MACS; i++) {
+		if (i >= cfg->extra_mac_count)
+			break;
+		if (mac_equal(h_dest, &cfg->extra_macs[6 * i]))
+			return CONTINUE;
+	}
+	return counted(REASON_OTHER_MAC, XDP_PASS);
 }
 
 /* Step 1b, IPv4: anything else passes; fragments to a VIP are dropped. */
@@ -236,20 +348,32 @@ static __always_inline int parse_l4(struct hdr_cursor *nh, void *data_end, struc
 static __always_inline int connection_table_lookup(const struct packet *pkt, struct dest *dst)
 {
 	struct flow_value *fv;
+	__u64 now;
 	__u32 sid;
 
+	dst->first_event = EVENT_FLOW_NEW;
+	if (tcp_syn(pkt))
+		return CONTINUE;   /* a new connection: Maglev places it, whatever an old entry says */
 	fv = flows.lookup(&pkt->flow);
-	dst->fv = fv;
-	if (!fv)
+	if (!fv) {
+		if (pkt->l4_proto == IPPROTO_TCP)
+			dst->first_event = EVENT_FLOW_MISS;
 		return CONTINUE;
+	}
+	if (pkt->l4_proto == IPPROTO_UDP && dst->cfg->udp_idle_ns) {
+		now = bpf_ktime_get_ns();
+		if (now - fv->atime >= dst->cfg->udp_idle_ns) {
+			count_event(EVENT_UDP_EXPIRED);
+			return CONTINUE;   /* placed afresh; its entry is replaced */
+		}
+		fv->atime = now;
+	}
+	dst->fv = fv;
 	sid = *(volatile __u32 *)&fv->service_id;
 	if (!service_serves(sid, &pkt->flow))
 		return CONTINUE;
-	dst->cfg = ready_config();
-	if (!dst->cfg)
-		return counted(REASON_NO_CONFIG, XDP_PASS);
 	dst->bid = fv->backend_id;
-	dst->be = live_backend(dst->bid, sid);
+	dst->be = flow_backend(dst->bid, sid, dst->cfg);
 	if (!dst->be)
 		return CONTINUE;
 	dst->sid = sid;
@@ -257,12 +381,34 @@ static __always_inline int connection_table_lookup(const struct packet *pkt, str
 	return FORWARD;
 }
 
+/* The flow table remembers where Maglev placed a flow, unless the packet is
+ * a RST or this CPU is under a flood; then no entry is made, and a stale one
+ * (a SYN's, or one whose backend is gone) is deleted rather than left. */
+static __always_inline void remember_flow(const struct packet *pkt, const struct dest *dst)
+{
+	struct flow_value fval = {};
+
+	if (pkt->l4_proto == IPPROTO_TCP && (pkt->tcp_flags & TCP_FLAGS_RST))
+		return;
+	if (under_flood(dst->cfg)) {
+		count_event(EVENT_FLOOD_NO_ENTRY);
+		if (dst->first_event != EVENT_FLOW_MISS)   /* a miss has no entry to delete */
+			flows.delete(&pkt->flow);
+		return;
+	}
+	fval.backend_id = dst->bid;
+	fval.service_id = dst->sid;
+	if (pkt->l4_proto == IPPROTO_UDP)
+		fval.atime = bpf_ktime_get_ns();
+	if (flows.update(&pkt->flow, &fval) != 0)
+		flows.delete(&pkt->flow);
+}
+
 /* Maglev places the flow in the service's live table and the flow table
  * remembers it. */
 static __always_inline int place_new_flow(const struct packet *pkt,
 					  const struct service_info *svc, struct dest *dst)
 {
-	struct flow_value fval = {};
 	__u32 hash;
 
 	if (svc->flags & F_SVC_CLIENT_PERSIST)
@@ -277,9 +423,7 @@ static __always_inline int place_new_flow(const struct packet *pkt,
 	dst->be = live_backend(dst->bid, dst->sid);
 	if (!dst->be)
 		return counted(REASON_BACKEND_GONE, XDP_DROP);
-	fval.backend_id = dst->bid;
-	fval.service_id = dst->sid;
-	flows.update(&pkt->flow, &fval);
+	remember_flow(pkt, dst);
 	dst->new_flow = 1;
 	return FORWARD;
 }
@@ -298,21 +442,18 @@ static __always_inline int pick_backend(const struct packet *pkt, struct dest *d
 	svc = services.lookup(&skey);
 	if (!svc)
 		return counted(REASON_NOT_SERVICE, XDP_PASS);
-	dst->cfg = ready_config();
-	if (!dst->cfg)
-		return counted(REASON_NO_CONFIG, XDP_PASS);
 	dst->sid = svc->id;
 
 	if (dst->fv) {
 		dst->bid = dst->fv->backend_id;
-		dst->be = live_backend(dst->bid, dst->sid);
+		dst->be = flow_backend(dst->bid, dst->sid, dst->cfg);
 		if (dst->be) {
 			count_event(EVENT_FLOW_HIT);
 			return FORWARD;
 		}
 		count_event(EVENT_FLOW_RESELECT);
 	} else {
-		count_event(EVENT_FLOW_NEW);
+		count_event(dst->first_event);
 	}
 	return place_new_flow(pkt, svc, dst);
 }
@@ -336,7 +477,8 @@ int xdplb_ingress(struct xdp_md *ctx)
 
 	pkt.frame_len = data_end - nh.pos;
 	action = parse_l2(&nh, data_end, &pkt);
-	/* Here pkt.eth is parsed: the place for a check of the destination MAC. */
+	if (action == CONTINUE)
+		action = for_us(&pkt, &dst);
 	if (action == CONTINUE)
 		action = parse_l3(&nh, data_end, &pkt);
 	/* Here the IPv4 header is parsed, L4 not yet: the place for ICMP to a VIP

@@ -360,7 +360,7 @@ def _lb_config(op: "plan.SetConfig") -> structs.LbConfig:
     if len(op.extra_macs) > structs.EXTRA_MACS:
         raise ValueError(f"{len(op.extra_macs)} extra MACs; the program holds {structs.EXTRA_MACS}")
     for i, mac in enumerate(op.extra_macs):
-        cfg.extra_macs[i][:] = mac
+        cfg.extra_macs[6 * i:6 * i + 6] = mac
     cfg.extra_mac_count = len(op.extra_macs)
     return cfg
 
@@ -368,7 +368,7 @@ def _lb_config(op: "plan.SetConfig") -> structs.LbConfig:
 def _config_tuple(cfg: structs.LbConfig) -> tuple:
     """An lb_config entry as plan.Desired.config spells it."""
     return (bytes(cfg.mac), cfg.hash_seed, bool(cfg.flags & structs.F_CFG_NO_BACKEND_DROP),
-            tuple(bytes(cfg.extra_macs[i]) for i in range(min(cfg.extra_mac_count, structs.EXTRA_MACS))),
+            tuple(bytes(cfg.extra_macs[6 * i:6 * i + 6]) for i in range(min(cfg.extra_mac_count, structs.EXTRA_MACS))),
             cfg.udp_idle_ns, cfg.down_grace_ns, cfg.flood_rate)
 
 

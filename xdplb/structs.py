@@ -125,10 +125,9 @@ class LbConfig(ctypes.Structure):
         ("flags", ctypes.c_uint8),        # F_CFG_*
         ("hash_seed", ctypes.c_uint32),   # host order
         ("flood_rate", ctypes.c_uint32),  # host order: new flow entries per second per CPU; 0 = no guard
-        ("pad", ctypes.c_uint32),         # zero
         ("udp_idle_ns", ctypes.c_uint64),    # host order; 0 = UDP entries never expire
         ("down_grace_ns", ctypes.c_uint64),  # host order; 0 = flows on a down backend are re-chosen at once
-        ("extra_macs", (ctypes.c_uint8 * 6) * EXTRA_MACS),  # wire order; the first extra_mac_count are used
+        ("extra_macs", ctypes.c_uint8 * (6 * EXTRA_MACS)),  # wire order, 6 bytes each; extra_mac_count used
         ("extra_mac_count", ctypes.c_uint8),
         ("pad2", ctypes.c_uint8 * 7),     # zero
     ]
