@@ -91,15 +91,21 @@ def grace_balancer(pacs, tmp_path):
 
 
 def carrier(pacs, deadline: float = 10.0) -> str:
-    """The backend holding the client's established DICOM association."""
-    match = f"( sport = :{pacs_lab.DICOM_PORT} and dst {pacs.host_ip('client')} )"
+    """The backend holding the client's established DICOM association to the
+    VIP, found by the client's own port: an earlier test's broken store can
+    leave a stale established socket on another backend."""
     end = time.monotonic() + deadline
     while True:
-        holders = [name for name in pacs.backend_names()
-                   if pacs.run(name, "ss", "-Htn", "state", "established", match).stdout.strip()]
-        if len(holders) == 1:
-            return holders[0]
-        assert time.monotonic() < end, f"no single PACS holds the association: {holders}"
+        mine = pacs.run("client", "ss", "-Htn", "state", "established",
+                        f"( dport = :{pacs_lab.DICOM_PORT} and dst {pacs.vip} )").stdout.split()
+        if mine:
+            port = mine[-2].rsplit(":", 1)[1]     # Local Address:Port (no State column with a state filter)
+            match = f"( sport = :{pacs_lab.DICOM_PORT} and dst {pacs.host_ip('client')}:{port} )"
+            holders = [name for name in pacs.backend_names()
+                       if pacs.run(name, "ss", "-Htn", "state", "established", match).stdout.strip()]
+            if len(holders) == 1:
+                return holders[0]
+        assert time.monotonic() < end, "no single PACS holds the client's association"
         time.sleep(0.05)
 
 
