@@ -40,6 +40,10 @@
  *     own stack, which holds the VIP and answers TCP with a RST and UDP with
  *     ICMP port unreachable, so clients fail fast instead of hanging; or
  *     XDP_DROP where the pool says no_backend = "drop" (REASON_NO_BACKEND);
+ *   - lb_config unpublished (only while the controller rewrites it, a few
+ *     milliseconds): frames pass unchecked up to the service-port check,
+ *     then TCP/UDP to a VIP is dropped (REASON_NO_CONFIG) rather than
+ *     handed to the gateway's stack, which would reset it; TCP retransmits;
  *   - otherwise XDP_TX to the flow's backend.
  *
  * Flow table (the operator's guarantees; README "Flows"):
@@ -79,16 +83,29 @@ struct packet {
 	struct flow_key flow;  /* the 5-tuple, as the flow table keys it (pad zero) */
 };
 
+/* A service_ref as one 64-bit word: read in one load (lb_maps.h, rule 5). */
+union service_ref_word {
+	struct service_ref ref;
+	__u64 word;
+};
+
+/* A flow_value as one 64-bit word: read in one load (lb_maps.h, rule 5). */
+union flow_value_word {
+	struct flow_value value;
+	__u64 word;
+};
+
 /* Where the packet goes, as the flow and backend steps find out. */
 struct dest {
 	struct lb_config *cfg;
-	struct flow_value *fv;    /* the flow's entry, NULL when it has none (or is not used: a SYN,
-	                           * an expired UDP entry) */
+	union flow_value_word flow; /* the flow's ids as read, when has_flow */
+	int has_flow;             /* 1 when the flow table has an entry the packet may follow (not for a
+	                           * SYN, nor an expired UDP entry) */
 	struct backend_info *be;  /* the backend chosen (FORWARD) */
 	__u32 sid;                /* service id: index of the service counters */
 	__u32 bid;                /* backend id: index of the backend counters */
 	int new_flow;             /* 1 when Maglev chose the backend for this packet */
-	__u32 first_event;        /* EVENT_FLOW_NEW or EVENT_FLOW_MISS when there is no entry to use */
+	__u32 first_event;        /* EVENT_FLOW_NEW or EVENT_FLOW_MISS when there is no entry to follow */
 };
 
 /* Byte 13 of a TCP header holds its flags: CWR ECE URG ACK PSH RST SYN FIN. */
@@ -98,48 +115,65 @@ struct dest {
 #define TCP_FLAGS_RST 0x04
 #define TCP_FLAGS_ACK 0x10
 
+/*
+ * Test-only builds (tests/packet/test_flip_stress.py) define XDPLB_RACE_DELAY
+ * to hold each packet for about that many nanoseconds between a read and
+ * the reads that depend on it, so races with the controller that take tens
+ * of nanoseconds in a real build happen often enough to count.
+ */
+#ifdef XDPLB_RACE_DELAY
+static __always_inline void race_window(void)
+{
+	__u64 start = bpf_ktime_get_ns();
+
+	for (int i = 0; i < 512; i++)
+		if (bpf_ktime_get_ns() - start > XDPLB_RACE_DELAY)
+			break;
+}
+#else
+#define race_window() do { } while (0)
+#endif
+
 static __always_inline int tcp_syn(const struct packet *pkt)
 {
 	return pkt->l4_proto == IPPROTO_TCP &&
 	       (pkt->tcp_flags & (TCP_FLAGS_SYN | TCP_FLAGS_ACK)) == TCP_FLAGS_SYN;
 }
 
-/* The backend behind an id, if it still belongs to the service (ids are per
- * service; a cleared id is all zero). */
-static __always_inline struct backend_info *service_backend(__u32 id, __u32 service_id)
+/* The backend behind an id if it is published and still belongs to the
+ * service (ids are per service), with its flags as read once in *flags. */
+static __always_inline struct backend_info *service_backend(__u32 id, __u32 service_id, __u8 *flags)
 {
 	struct backend_info *be;
 
 	if (id == 0 || id >= MAX_BACKENDS)
 		return NULL;
 	be = backends.lookup(&id);
-	if (!be || be->service_id != service_id)
+	if (!be)
+		return NULL;
+	*flags = *(volatile __u8 *)&be->flags;
+	if (!(*flags & F_BACKEND_READY) || be->service_id != service_id)
 		return NULL;
 	return be;
 }
 
-/* A Maglev slot's backend is usable only while it is up: new flows never go
- * to a down backend. */
-static __always_inline struct backend_info *live_backend(__u32 id, __u32 service_id)
-{
-	struct backend_info *be = service_backend(id, service_id);
-
-	return be && (be->flags & F_BACKEND_UP) ? be : NULL;
-}
-
 /* An established flow's backend: up, or down (or removed) for less than the
- * grace. The clock is read on the down path only. */
+ * grace. The clock and down_since are read on the down path only; the
+ * controller writes down_since a grace period before it clears UP. */
 static __always_inline struct backend_info *flow_backend(__u32 id, __u32 service_id,
 							 const struct lb_config *cfg)
 {
-	struct backend_info *be = service_backend(id, service_id);
+	struct backend_info *be;
+	__u64 since;
+	__u8 flags;
 
+	be = service_backend(id, service_id, &flags);
 	if (!be)
 		return NULL;
-	if (be->flags & F_BACKEND_UP)
+	if (flags & F_BACKEND_UP)
 		return be;
-	if (!cfg->down_grace_ns || !be->down_since ||
-	    bpf_ktime_get_ns() - be->down_since >= cfg->down_grace_ns)
+	since = be->down_since;
+	if (!cfg->down_grace_ns || !since || bpf_ktime_get_ns() - since >= cfg->down_grace_ns)
 		return NULL;
 	count_event(EVENT_DOWN_GRACE);
 	return be;
@@ -168,11 +202,11 @@ static __always_inline int under_flood(const struct lb_config *cfg)
 	return st->new_flows > cfg->flood_rate;
 }
 
-/* Maglev lookup in the service's live table. Returns the backend id, 0 when
- * the slot is empty (no healthy backend). */
-static __always_inline __u32 maglev_pick(const struct service_info *svc, __u32 hash)
+/* Maglev lookup in the live table named by the service's state. Returns
+ * the backend id, 0 when the slot is empty (no healthy backend). */
+static __always_inline __u32 maglev_pick(__u32 sid, __u8 state, __u32 hash)
 {
-	__u32 idx = svc->id * TABLES_PER_SERVICE + (svc->table & 1);
+	__u32 idx = sid * TABLES_PER_SERVICE + ((state & SVC_STATE_HALF) ? 1 : 0);
 	struct maglev_table *table = maglev_tables.lookup(&idx);
 	__u32 slot = hash % MAGLEV_SIZE;
 
@@ -198,12 +232,27 @@ static __always_inline int port_in_use(__be16 dport)
 }
 
 /* Whether service id `sid` serves the packet's (VIP, port, protocol) now
- * (service_ids in lb_maps.h). */
-static __always_inline int service_serves(__u32 sid, const struct flow_key *flow)
+ * (service_ids in lb_maps.h): one 64-bit load of its service_ref, compared
+ * without the state byte, which is returned in *state. */
+static __always_inline int service_serves(__u32 sid, const struct flow_key *flow, __u8 *state)
 {
-	struct service_key *ref = service_ids.lookup(&sid);
+	union service_ref_word want = {}, mask = {}, got;
+	union service_ref_word *ref;
 
-	return ref && ref->vip == flow->dst && ref->port == flow->dport && ref->proto == flow->proto;
+	if (sid >= MAX_SERVICES)
+		return 0;
+	ref = (union service_ref_word *)service_ids.lookup(&sid);
+	if (!ref)
+		return 0;
+	got.word = *(volatile __u64 *)&ref->word;
+	want.ref.vip = flow->dst;
+	want.ref.port = flow->dport;
+	want.ref.proto = flow->proto;
+	mask.ref.vip = 0xffffffff;
+	mask.ref.port = 0xffff;
+	mask.ref.proto = 0xff;
+	*state = got.ref.state;
+	return (got.word & mask.word) == want.word;
 }
 
 static __always_inline int is_vip(__be32 daddr)
@@ -252,16 +301,18 @@ static __always_inline int parse_l2(struct hdr_cursor *nh, void *data_end, struc
 }
 
 /* Step 1a', only unicast frames to the interface's MAC or an extra MAC the
- * pool names (a VRRP virtual MAC) are balanced; the rest pass untouched. */
+ * pool names (a VRRP virtual MAC) are balanced; the rest pass untouched.
+ * While lb_config is unpublished the check cannot be made: the frame goes
+ * on, and the first step that needs the config decides (config_missing). */
 static __always_inline int for_us(const struct packet *pkt, struct dest *dst)
 {
 	const __u8 *h_dest = pkt->eth->h_dest;
 	struct lb_config *cfg = ready_config();
 	int i;
 
-	if (!cfg)
-		return counted(REASON_NO_CONFIG, XDP_PASS);
 	dst->cfg = cfg;
+	if (!cfg)
+		return CONTINUE;
 	if (h_dest[0] & 1)     /* group bit: broadcast or multicast */
 		return counted(REASON_OTHER_MAC, XDP_PASS);
 	if (mac_equal(h_dest, cfg->mac))
@@ -274,6 +325,14 @@ static __always_inline int for_us(const struct packet *pkt, struct dest *dst)
 			return CONTINUE;
 	}
 	return counted(REASON_OTHER_MAC, XDP_PASS);
+}
+
+/* A packet to a service port while lb_config is unpublished (a rewrite in
+ * progress): to a VIP it is dropped, for TCP to retransmit, rather than
+ * passed to the gateway's stack, which holds the VIP and would reset it. */
+static __always_inline int config_missing(const struct packet *pkt)
+{
+	return counted(REASON_NO_CONFIG, is_vip(pkt->flow.dst) ? XDP_DROP : XDP_PASS);
 }
 
 /* Step 1b, IPv4: anything else passes; fragments to a VIP are dropped. */
@@ -339,44 +398,49 @@ static __always_inline int parse_l4(struct hdr_cursor *nh, void *data_end, struc
  * Step 2, the established fast path: the flow's entry names a service that
  * still serves this packet's (VIP, port, protocol), which is what the
  * services lookup would tell, and a live backend. FORWARD then; CONTINUE
- * (with dst->fv kept for the next step) when anything is missing.
- * The entry's service id is read once: an LRU entry can be recycled for
- * another flow by another CPU while this one reads it, and the id that was
- * checked must be the id used (live_backend then ties the backend to it).
- * The volatile read stops clang from loading it again.
+ * (with the entry as read kept for the next step) when anything is missing.
+ * The entry is read in one 64-bit load: an LRU entry can be recycled for
+ * another flow by another CPU while this one reads it, so both ids come from
+ * one version, and the ids that were checked are the ids used (lb_maps.h,
+ * rule 5). The volatile read stops clang from loading it again.
  */
 static __always_inline int connection_table_lookup(const struct packet *pkt, struct dest *dst)
 {
-	struct flow_value *fv;
+	union flow_value_word *fv;
 	__u64 now;
-	__u32 sid;
+	__u8 state;
 
+	if (!dst->cfg)
+		return config_missing(pkt);
 	dst->first_event = EVENT_FLOW_NEW;
 	if (tcp_syn(pkt))
 		return CONTINUE;   /* a new connection: Maglev places it, whatever an old entry says */
-	fv = flows.lookup(&pkt->flow);
+	fv = (union flow_value_word *)flows.lookup(&pkt->flow);
 	if (!fv) {
 		if (pkt->l4_proto == IPPROTO_TCP)
 			dst->first_event = EVENT_FLOW_MISS;
 		return CONTINUE;
 	}
 	if (pkt->l4_proto == IPPROTO_UDP && dst->cfg->udp_idle_ns) {
+		/* atime is a hint like the ids: a recycled entry's can at worst
+		 * expire or keep one flow early or late. */
 		now = bpf_ktime_get_ns();
-		if (now - fv->atime >= dst->cfg->udp_idle_ns) {
+		if (now - fv->value.atime >= dst->cfg->udp_idle_ns) {
 			count_event(EVENT_UDP_EXPIRED);
 			return CONTINUE;   /* placed afresh; its entry is replaced */
 		}
-		fv->atime = now;
+		fv->value.atime = now;
 	}
-	dst->fv = fv;
-	sid = *(volatile __u32 *)&fv->service_id;
-	if (!service_serves(sid, &pkt->flow))
+	dst->has_flow = 1;
+	dst->flow.word = *(volatile __u64 *)&fv->word;
+	race_window();
+	if (!service_serves(dst->flow.value.service_id, &pkt->flow, &state))
 		return CONTINUE;
-	dst->bid = fv->backend_id;
-	dst->be = flow_backend(dst->bid, sid, dst->cfg);
+	dst->bid = dst->flow.value.backend_id;
+	dst->be = flow_backend(dst->bid, dst->flow.value.service_id, dst->cfg);
 	if (!dst->be)
 		return CONTINUE;
-	dst->sid = sid;
+	dst->sid = dst->flow.value.service_id;
 	count_event(EVENT_FLOW_HIT);
 	return FORWARD;
 }
@@ -393,7 +457,7 @@ static __always_inline void remember_flow(const struct packet *pkt, const struct
 	if (under_flood(dst->cfg)) {
 		count_event(EVENT_FLOOD_NO_ENTRY);
 		if (dst->first_event != EVENT_FLOW_MISS)   /* a miss has no entry to delete */
-			flows.delete(&pkt->flow);
+			flows.delete((struct flow_key *)&pkt->flow);
 		return;
 	}
 	fval.backend_id = dst->bid;
@@ -401,37 +465,40 @@ static __always_inline void remember_flow(const struct packet *pkt, const struct
 	if (pkt->l4_proto == IPPROTO_UDP)
 		fval.atime = bpf_ktime_get_ns();
 	if (flows.update(&pkt->flow, &fval) != 0)
-		flows.delete(&pkt->flow);
+		flows.delete((struct flow_key *)&pkt->flow);
 }
 
 /* Maglev places the flow in the service's live table and the flow table
  * remembers it. */
-static __always_inline int place_new_flow(const struct packet *pkt,
-					  const struct service_info *svc, struct dest *dst)
+static __always_inline int place_new_flow(const struct packet *pkt, __u8 state, struct dest *dst)
 {
 	__u32 hash;
+	__u8 flags;
 
-	if (svc->flags & F_SVC_CLIENT_PERSIST)
+	if (state & F_SVC_CLIENT_PERSIST)
 		hash = client_hash_v4(dst->cfg->hash_seed, pkt->flow.src);
 	else
 		hash = flow_hash_v4(dst->cfg->hash_seed, pkt->flow.src, pkt->flow.dst,
 				    pkt->flow.sport, pkt->flow.dport, pkt->flow.proto);
-	dst->bid = maglev_pick(svc, hash);
+	dst->bid = maglev_pick(dst->sid, state, hash);
 	if (dst->bid == 0)
 		return counted(REASON_NO_BACKEND,
 			       (dst->cfg->flags & F_CFG_NO_BACKEND_DROP) ? XDP_DROP : XDP_PASS);
-	dst->be = live_backend(dst->bid, dst->sid);
-	if (!dst->be)
+	/* New flows never go to a down backend: READY and UP are checked in
+	 * one read of the flags (a slot can name a backend until the flip). */
+	dst->be = service_backend(dst->bid, dst->sid, &flags);
+	if (!dst->be || !(flags & F_BACKEND_UP))
 		return counted(REASON_BACKEND_GONE, XDP_DROP);
 	remember_flow(pkt, dst);
 	dst->new_flow = 1;
 	return FORWARD;
 }
 
-/* Step 3, a new or re-chosen flow: the services lookup names the service;
- * a flow entry whose backend is still live keeps it, otherwise Maglev
- * places the flow. */
-static __always_inline int pick_backend(const struct packet *pkt, struct dest *dst)
+/* The service id the packet's (VIP, port, protocol) has, from the services
+ * hash, confirmed in service_ids (lb_maps.h, rule 5), with its state. A
+ * services element replaced while this packet read it can hold another
+ * key's id and fail the check; the lookup is then made once more. */
+static __always_inline int find_service(const struct packet *pkt, __u32 *sid, __u8 *state)
 {
 	struct service_key skey = {};
 	struct service_info *svc;
@@ -439,13 +506,30 @@ static __always_inline int pick_backend(const struct packet *pkt, struct dest *d
 	skey.vip = pkt->flow.dst;
 	skey.port = pkt->flow.dport;
 	skey.proto = pkt->flow.proto;
-	svc = services.lookup(&skey);
-	if (!svc)
-		return counted(REASON_NOT_SERVICE, XDP_PASS);
-	dst->sid = svc->id;
+	for (int attempt = 0; attempt < 2; attempt++) {
+		svc = services.lookup(&skey);
+		if (!svc)
+			return 0;
+		*sid = *(volatile __u32 *)&svc->id;
+		race_window();
+		if (service_serves(*sid, &pkt->flow, state))
+			return 1;
+	}
+	return 0;
+}
 
-	if (dst->fv) {
-		dst->bid = dst->fv->backend_id;
+/* Step 3, a new or re-chosen flow: the services lookup names the service;
+ * a flow entry whose backend is still live keeps it, otherwise Maglev
+ * places the flow. */
+static __always_inline int pick_backend(const struct packet *pkt, struct dest *dst)
+{
+	__u8 state = 0;
+
+	if (!find_service(pkt, &dst->sid, &state))
+		return counted(REASON_NOT_SERVICE, XDP_PASS);
+
+	if (dst->has_flow) {
+		dst->bid = dst->flow.value.backend_id;
 		dst->be = flow_backend(dst->bid, dst->sid, dst->cfg);
 		if (dst->be) {
 			count_event(EVENT_FLOW_HIT);
@@ -455,7 +539,7 @@ static __always_inline int pick_backend(const struct packet *pkt, struct dest *d
 	} else {
 		count_event(dst->first_event);
 	}
-	return place_new_flow(pkt, svc, dst);
+	return place_new_flow(pkt, state, dst);
 }
 
 /* Step 4, count the traffic and send the frame to its backend. */
@@ -463,6 +547,7 @@ static __always_inline int forward(const struct packet *pkt, const struct dest *
 {
 	count_traffic(service_stats.lookup((__u32 *)&dst->sid), pkt->frame_len, dst->new_flow);
 	count_traffic(backend_stats.lookup((__u32 *)&dst->bid), pkt->frame_len, dst->new_flow);
+	race_window();
 	dsr_rewrite(pkt->eth, dst->be, dst->cfg);
 	return XDP_TX;
 }

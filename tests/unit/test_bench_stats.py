@@ -204,7 +204,7 @@ def test_new_flow_builds_change_exactly_the_insert():
     text = bpf_source.assemble()
     upper = suite_dataplane.variant_source(text, "insert_delete")
     lower = suite_dataplane.variant_source(text, "no_insert")
-    assert upper.count("flows.delete(&pkt->flow);") == 1 and suite_dataplane.INSERT_LINE in upper
+    assert upper.count("flows.delete(&pkt->flow);") == 1 and "flows.update(&pkt->flow, &fval);" in upper
     assert suite_dataplane.INSERT_LINE not in lower
     assert upper.replace(suite_dataplane.VARIANTS["insert_delete"], suite_dataplane.INSERT_LINE) == text
     with pytest.raises(suite_dataplane.BenchError, match="0 copies"):
