@@ -395,3 +395,26 @@ def test_tcp_and_udp_fragments_to_a_vip_are_dropped_and_counted(harness, descrip
     assert harness.run(P.eth() / ip).action == DROP, description
     assert _counter(harness, "reason:fragment") == before + 1
 
+
+
+# ---- lb_config unpublished while the controller rewrites it ------------------
+
+def test_while_the_config_is_rewritten_vip_traffic_is_dropped_not_reset(harness):
+    """The gateway's stack holds the VIP: a packet of an established flow
+    passed to it would be answered with a RST. While lb_config is
+    unpublished (ready = 0), such packets are dropped for TCP to retransmit;
+    the gateway's own traffic still passes."""
+    table = harness.dp.map("lb_config")
+    cfg = structs.LbConfig.from_buffer_copy(bytes(table[0]))
+    cfg.ready = 0
+    table[0] = cfg
+    before = _counter(harness, "reason:no_config")
+    assert harness.run(P.ack(sport=38000)).action == DROP
+    assert harness.run(P.udp(sport=38000)).action == DROP
+    ssh = bytes(P.ssh_to_gateway())
+    verdict = harness.run(ssh)
+    assert verdict.action == PASS and verdict.data == ssh
+    assert _counter(harness, "reason:no_config") == before + 2
+    cfg.ready = 1
+    table[0] = cfg
+    assert harness.run(P.ack(sport=38000)).action == TX
