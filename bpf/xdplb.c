@@ -64,6 +64,7 @@
 #include "lb_maps.h"
 #include "parsing_helpers.h"
 #include "flow_hash.h"
+#include "race_window.h"
 #include "forward.h"
 #include "stats.h"
 
@@ -115,24 +116,6 @@ struct dest {
 #define TCP_FLAGS_RST 0x04
 #define TCP_FLAGS_ACK 0x10
 
-/*
- * Test-only builds (tests/packet/test_flip_stress.py) define XDPLB_RACE_DELAY
- * to hold each packet for about that many nanoseconds between a read and
- * the reads that depend on it, so races with the controller that take tens
- * of nanoseconds in a real build happen often enough to count.
- */
-#ifdef XDPLB_RACE_DELAY
-static __always_inline void race_window(void)
-{
-	__u64 start = bpf_ktime_get_ns();
-
-	for (int i = 0; i < 512; i++)
-		if (bpf_ktime_get_ns() - start > XDPLB_RACE_DELAY)
-			break;
-}
-#else
-#define race_window() do { } while (0)
-#endif
 
 static __always_inline int tcp_syn(const struct packet *pkt)
 {
@@ -200,6 +183,21 @@ static __always_inline int under_flood(const struct lb_config *cfg)
 	}
 	st->new_flows += 1;
 	return st->new_flows > cfg->flood_rate;
+}
+
+/* Whether backend `id` of the service is up but unpublished: the controller
+ * is rewriting it (a new MAC, lb_maps.h rule 1) for a few milliseconds. Its
+ * fields may be torn and are used only to decide to hold its flows (drop:
+ * TCP resends) rather than move them to another backend. */
+static __always_inline int backend_busy(__u32 id, __u32 service_id)
+{
+	struct backend_info *be;
+
+	if (id == 0 || id >= MAX_BACKENDS)
+		return 0;
+	be = backends.lookup(&id);
+	return be && (*(volatile __u8 *)&be->flags & (F_BACKEND_UP | F_BACKEND_READY)) == F_BACKEND_UP &&
+	       be->service_id == service_id;
 }
 
 /* Maglev lookup in the live table named by the service's state. Returns
@@ -404,7 +402,7 @@ static __always_inline int parse_l4(struct hdr_cursor *nh, void *data_end, struc
  * one version, and the ids that were checked are the ids used (lb_maps.h,
  * rule 5). The volatile read stops clang from loading it again.
  */
-static __always_inline int connection_table_lookup(const struct packet *pkt, struct dest *dst)
+static __always_inline int connection_table_lookup(struct packet *pkt, struct dest *dst)
 {
 	union flow_value_word *fv;
 	__u64 now;
@@ -470,7 +468,7 @@ static __always_inline void remember_flow(const struct packet *pkt, const struct
 
 /* Maglev places the flow in the service's live table and the flow table
  * remembers it. */
-static __always_inline int place_new_flow(const struct packet *pkt, __u8 state, struct dest *dst)
+static __always_inline int place_new_flow(struct packet *pkt, __u8 state, struct dest *dst)
 {
 	__u32 hash;
 	__u8 flags;
@@ -510,6 +508,7 @@ static __always_inline int find_service(const struct packet *pkt, __u32 *sid, __
 		svc = services.lookup(&skey);
 		if (!svc)
 			return 0;
+		race_window();
 		*sid = *(volatile __u32 *)&svc->id;
 		race_window();
 		if (service_serves(*sid, &pkt->flow, state))
@@ -521,7 +520,7 @@ static __always_inline int find_service(const struct packet *pkt, __u32 *sid, __
 /* Step 3, a new or re-chosen flow: the services lookup names the service;
  * a flow entry whose backend is still live keeps it, otherwise Maglev
  * places the flow. */
-static __always_inline int pick_backend(const struct packet *pkt, struct dest *dst)
+static __always_inline int pick_backend(struct packet *pkt, struct dest *dst)
 {
 	__u8 state = 0;
 
@@ -535,6 +534,8 @@ static __always_inline int pick_backend(const struct packet *pkt, struct dest *d
 			count_event(EVENT_FLOW_HIT);
 			return FORWARD;
 		}
+		if (backend_busy(dst->bid, dst->sid))
+			return counted(REASON_BACKEND_GONE, XDP_DROP);
 		count_event(EVENT_FLOW_RESELECT);
 	} else {
 		count_event(dst->first_event);

@@ -11,6 +11,7 @@ import ipaddress
 import socket
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterable, Protocol
 
 from . import bpf_source, plan, structs
@@ -76,22 +77,33 @@ MEMBARRIER_CMD_GLOBAL = 1
 _SYS_MEMBARRIER = {"x86_64": 324, "aarch64": 283, "ppc64le": 365, "s390x": 356, "riscv64": 283, "armv7l": 389}
 
 
-def synchronize_rcu() -> None:
-    """membarrier(MEMBARRIER_CMD_GLOBAL): returns after an RCU grace period.
-
-    The kernel refuses it with nohz_full CPUs (EINVAL); LoadError then says so.
-    """
-    import os
+def _membarrier(cmd: int) -> int:
     import platform
 
-    libc = ctypes.CDLL(None, use_errno=True)
     number = _SYS_MEMBARRIER.get(platform.machine())
     if number is None:
         raise LoadError(f"membarrier's syscall number on {platform.machine()} is not known to xdplb")
-    if libc.syscall(number, MEMBARRIER_CMD_GLOBAL, 0, 0) != 0:
+    return ctypes.CDLL(None, use_errno=True).syscall(number, cmd, 0, 0)
+
+
+def check_grace_periods() -> None:
+    """LoadError unless membarrier(MEMBARRIER_CMD_GLOBAL) is available: the
+    map writes wait for RCU grace periods with it (bpf/lb_maps.h). The kernel
+    withholds it where CPUs run nohz_full."""
+    supported = _membarrier(MEMBARRIER_CMD_QUERY)
+    if supported < 0 or not supported & MEMBARRIER_CMD_GLOBAL:
+        raise LoadError("this kernel does not offer membarrier(MEMBARRIER_CMD_GLOBAL) (it is withheld when CPUs "
+                        "run nohz_full); xdplb needs it to wait for RCU grace periods between map writes")
+
+
+def synchronize_rcu() -> None:
+    """membarrier(MEMBARRIER_CMD_GLOBAL): returns after an RCU grace period."""
+    import os
+
+    if _membarrier(MEMBARRIER_CMD_GLOBAL) != 0:
         err = ctypes.get_errno()
-        raise LoadError(f"membarrier(MEMBARRIER_CMD_GLOBAL) failed ({os.strerror(err)}): xdplb needs it to wait "
-                        f"for an RCU grace period between map writes (it is refused on nohz_full CPUs)")
+        raise LoadError(f"membarrier(MEMBARRIER_CMD_GLOBAL) failed ({os.strerror(err)}): xdplb cannot wait "
+                        f"for an RCU grace period between map writes")
 
 
 @dataclass
@@ -144,17 +156,21 @@ class BccDataplane:
     shapes were checked against `settings`.
     """
 
-    def __init__(self, settings: Settings, pin_dir=None):
+    def __init__(self, settings: Settings, pin_dir=None, bpf_dir=None, extra_defines=None):
         from bcc import BPF  # imported here so `xdplb --help` and `check` never need bcc
 
         from . import pinning
 
+        check_grace_periods()
         self._BPF = BPF
         self.settings = settings
         self.pin_dir = pin_dir
         self.adopted = False
         self.notes: list[str] = []
         flags = defines(settings)
+        # Tests and benches only: another source tree (an older build) and
+        # test-only defines such as XDPLB_RACE_DELAY.
+        flags.update(extra_defines or {})
         if pin_dir is not None:
             note = pinning.ensure_bpffs(pin_dir)
             if note:
@@ -171,7 +187,8 @@ class BccDataplane:
         self.compile_seconds = 0.0
         started = time.monotonic()
         try:
-            self.bpf = BPF(text=bpf_source.assemble().encode(), cflags=bpf_source.cflags(flags))
+            text = bpf_source.assemble() if bpf_dir is None else bpf_source.assemble(bpf_dir=Path(bpf_dir))
+            self.bpf = BPF(text=text.encode(), cflags=bpf_source.cflags(flags))
             self.fn = self.bpf.load_func(PROG_NAME.encode(), BPF.XDP)
         except Exception as exc:  # bcc raises bare Exception for compile and verifier errors
             raise LoadError(f"the XDP program did not load: {exc}") from exc

@@ -155,6 +155,12 @@ def test_rebuild_for_adopted_maps_restores_both_arrays(harness):
         dp.map("service_ids")[i] = structs.ServiceRef()
     for w in range(structs.PORT_WORDS):
         dp.map("service_ports")[w] = ctypes.c_uint32(0xFFFFFFFF if w == 0 else 0)   # and a stale bit
+    backends = dp.map("backends")
+    for bid in {be.id for be in harness.applied.backends.values()}:    # and no F_BACKEND_READY yet
+        entry = backends[bid]
+        entry.flags &= ~structs.F_BACKEND_READY
+        backends[bid] = entry
+    assert harness.run(P.ack(sport=41005)).action != structs.XDP_TX
     dp._rebuild_service_index()
     assert _ids(dp) == ids and _port_bits(dp) == bits
     hits = harness.stats().events["flow_hit"]

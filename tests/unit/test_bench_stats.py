@@ -250,6 +250,23 @@ def test_dataplane_targets_report_measured_ratios():
     assert got["1,000,000 flows ≤ 2× 1,000 flows (same packet)"] == (round(200 / 90, 3), False)
 
 
+def test_dataplane_target_against_a_baseline_revision():
+    groups = [_group("paths (default sizes)", [("floor", 40, 1.0), ("established (flow-table hit)", 99, 2.475),
+                                               ("established (flow-table hit), baseline main", 90, 2.25)])]
+    got = {t["target"]: (round(t["measured"], 3), t["met"]) for t in suite_dataplane.targets(groups, [])}
+    assert got["established ≤ 1.10× baseline main (same packet, same runs)"] == (1.1, True)
+    groups[0]["rows"][1]["ns"]["median"] = 100
+    got = {t["target"]: t["met"] for t in suite_dataplane.targets(groups, [])}
+    assert got["established ≤ 1.10× baseline main (same packet, same runs)"] is False
+
+
+def test_baseline_sources_come_from_git(tmp_path):
+    base = suite_dataplane.baseline_sources("HEAD", tmp_path)
+    assert "int xdplb_ingress(struct xdp_md *ctx)" in (base.bpf_dir / "xdplb.c").read_text()
+    with pytest.raises(suite_dataplane.BenchError, match="--baseline no-such-rev: git cannot read bpf/"):
+        suite_dataplane.baseline_sources("no-such-rev", tmp_path / "x")
+
+
 # ---- lab suite helpers -----------------------------------------------------------
 
 
