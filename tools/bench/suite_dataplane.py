@@ -252,9 +252,12 @@ def live_backend_id(applied, service: str) -> int:
 def backends(count: int):
     from xdplb.plan import BackendState
 
+    # Every backend has the gateway's MAC: BPF_PROG_TEST_RUN with a repeat
+    # count runs the program again on the frame it rewrote, and the program
+    # balances only frames sent to the gateway's MAC, so a backend MAC of
+    # its own would make every repetition after the first a pass.
     return tuple(
-        BackendState(f"be{i}", IPv4Address(f"10.20.{i // 250}.{i % 250 + 1}"), 1 + i % 3,
-                     bytes([2, 0xBE, 0, i >> 8, i & 0xFF, 1]), True)
+        BackendState(f"be{i}", IPv4Address(f"10.20.{i // 250}.{i % 250 + 1}"), 1 + i % 3, GW_MAC, True)
         for i in range(count)
     )
 
