@@ -418,3 +418,43 @@ def test_while_the_config_is_rewritten_vip_traffic_is_dropped_not_reset(harness)
     cfg.ready = 1
     table[0] = cfg
     assert harness.run(P.ack(sport=38000)).action == TX
+
+
+class _Recorder:
+    """The backends map, recording every write (key, flags, down_since)."""
+
+    def __init__(self, table):
+        self.table, self.writes = table, []
+
+    def __getitem__(self, key):
+        return self.table[key]
+
+    def __setitem__(self, key, value):
+        self.writes.append((key, value.flags, value.down_since))
+        self.table[key] = value
+
+    def __getattr__(self, name):
+        return getattr(self.table, name)
+
+
+def test_a_backend_going_down_and_up_stays_published(harness):
+    """Unpublishing a backend (F_BACKEND_READY off) would make its
+    established flows re-chosen for the grace periods a rewrite takes: going
+    down writes down_since first (still up), then clears UP (one byte);
+    coming back sets UP first, then clears down_since."""
+    harness.program(default_services(), down_grace_ns=GRACE)
+    bid = harness.backend_id("dicom", "10.10.0.13")
+    recorder = _Recorder(harness.dp.map("backends"))
+    harness.dp._maps["backends"] = recorder
+    try:
+        harness.program(with_dicom(backend(11), backend(12), backend(13, healthy=False)), down_grace_ns=GRACE)
+        down = [w for w in recorder.writes if w[0] == bid]
+        recorder.writes.clear()
+        harness.program(default_services(), down_grace_ns=GRACE)
+        up = [w for w in recorder.writes if w[0] == bid]
+    finally:
+        harness.dp._maps["backends"] = recorder.table
+    ready, is_up = structs.F_BACKEND_READY, structs.F_BACKEND_UP
+    assert all(flags & ready for _, flags, _ in down + up), "a backend going down or up was unpublished"
+    assert [(bool(f & is_up), since > 0) for _, f, since in down] == [(True, True), (False, True)]
+    assert [(bool(f & is_up), since > 0) for _, f, since in up] == [(True, True), (True, False)]
