@@ -122,7 +122,7 @@ static __always_inline int handle_icmp(struct hdr_cursor *nh, void *data_end,
 				       const struct packet *pkt, struct dest *dst)
 {
 	struct packet quoted = {};
-	__u8 state = 0;
+	__u8 state = 0, flags;
 	int quote;
 
 	quote = read_frag_needed(nh, data_end, pkt->iph, &quoted.flow);
@@ -131,19 +131,20 @@ static __always_inline int handle_icmp(struct hdr_cursor *nh, void *data_end,
 	if (quote != ICMP_QUOTE_OK || !XDPLB_PMTU_FORWARD || !port_in_use(quoted.flow.dport) ||
 	    !find_service(&quoted, &dst->sid, &state))
 		return counted(REASON_NOT_SERVICE, XDP_PASS);
-	dst->cfg = ready_config();
-	if (!dst->cfg)
+	if (!dst->cfg)   /* for_us found lb_config unpublished (a rewrite in progress) */
 		return counted(REASON_NO_CONFIG, XDP_PASS);
+	/* The flow's backend while its packets would go there (down within
+	 * its grace included), else where Maglev would place the flow now. */
 	if (read_flow(&quoted, dst)) {
 		dst->bid = dst->flow.value.backend_id;
-		dst->be = live_backend(dst->bid, dst->sid);
+		dst->be = flow_backend(dst->bid, dst->sid, dst->cfg);
 	}
 	if (!dst->be) {
 		dst->bid = maglev_pick(dst->sid, state, maglev_hash(state, dst->cfg, &quoted.flow));
-		dst->be = live_backend(dst->bid, dst->sid);
+		dst->be = service_backend(dst->bid, dst->sid, &flags);
+		if (!dst->be || !(flags & F_BACKEND_UP))   /* only where a new flow could go */
+			return counted(REASON_NO_BACKEND, XDP_PASS);
 	}
-	if (!dst->be)
-		return counted(REASON_NO_BACKEND, XDP_PASS);
 	count_event(EVENT_ICMP_TOO_BIG);
 	return FORWARD;
 }

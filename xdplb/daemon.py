@@ -38,7 +38,7 @@ from .config import Pool, PoolError, load_pool
 from .dataplane import PROG_NAME
 from .desired import desired_state, restart_needed
 from .drains import Drains, identities
-from .plan import Applied, PlanError
+from .plan import Applied, PlanError, retire_due
 from .reconciler import Reconciler
 from .scheduler import ProbeScheduler
 from .supervisor import Supervisor
@@ -388,10 +388,28 @@ class Daemon:
         macs = await asyncio.to_thread(self._read_neighbours, pool, self.macs)
         return pool is self.pool and self._take_macs(macs)
 
+    async def _refresh_link_mac(self) -> bool:
+        """Re-read the interface's own MAC (the program balances only frames
+        sent to it); True when it changed."""
+        link = await asyncio.to_thread(self.netlink.link, self.ifname)
+        if link.mac == self.link.mac:
+            return False
+        log.info("%s changed its MAC from %s to %s", self.ifname, self.link.mac.hex(":"), link.mac.hex(":"))
+        self.link = link
+        return True
+
     async def _mac_loop(self) -> None:
         while True:
             await asyncio.sleep(MAC_REFRESH_SECONDS)
-            if await self._refresh_macs():
+            try:
+                link_changed = await self._refresh_link_mac()
+            except Exception as exc:  # a vanished or renamed link must not stop the neighbour refresh
+                log.warning("cannot re-read %s: %s", self.ifname, exc)
+                link_changed = False
+            # Both refreshes run every round; a retired backend whose grace
+            # has passed is cleared by the next plan.
+            macs_changed = await self._refresh_macs()
+            if macs_changed or link_changed or retire_due(self.reconciler.applied, time.monotonic_ns()):
                 self._desired_changed()
 
     # ---- reload -----------------------------------------------------------

@@ -133,6 +133,7 @@ def map_specs(settings: Settings) -> dict[str, MapSpec]:
         "flows": MapSpec("lru_hash", structs.FlowKey, structs.FlowValue, settings.flow_table_size,
                          also_adopt=(BPF_F_NO_COMMON_LRU,)),
         "lb_config": MapSpec("array", index, structs.LbConfig, 1),
+        "flood_state": MapSpec("percpu_array", index, structs.FloodState, 1),
         "service_stats": MapSpec("percpu_array", index, structs.LbCounters, settings.max_services),
         "backend_stats": MapSpec("percpu_array", index, structs.LbCounters, settings.max_backends),
         "xdp_actions": MapSpec(*counted, len(structs.ACTIONS)),

@@ -53,7 +53,9 @@ def expected_kernel(applied: Applied) -> tuple:
     """What the maps hold when `applied` is true, in dataplane.KernelState's terms:
     (services, backends, tables, vips, config)."""
     services = {a.key: (a.id, a.flags, a.half) for a in applied.services.values()}
-    backends = {b.id: (b.service_id, b.address, b.mac, b.up) for b in applied.backends.values() if b.mac is not None}
+    # Retired backends (removed, within their down grace) stay in the kernel marked down.
+    every = [*applied.backends.values(), *(b for b, _until in applied.retired.values())]
+    backends = {b.id: (b.service_id, b.address, b.mac, b.up) for b in every if b.mac is not None}
     tables = {(a.id, a.half): tuple(a.table) for a in applied.services.values()}
     return services, backends, tables, set(applied.vips), applied.config
 
@@ -81,7 +83,7 @@ def _slots_of(applied: Applied, names) -> dict:
 
 def _plan_and_count(applied: Applied, desired: Desired) -> tuple[Plan, dict]:
     """The plan plus the slot counts of every table it rebuilds (worker thread)."""
-    result = plan(applied, desired)
+    result = plan(applied, desired, time.monotonic_ns())
     return result, _slots_of(result.applied, result.rebuilt)
 
 

@@ -235,17 +235,25 @@ def _pre_fix_source(tmp: Path) -> Path:
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
         tar.extractall(tmp)
     bpf = tmp / "bpf"
+    # Today's struct layouts: later changes grew the records (a backend's
+    # down_since, a flow's atime, lb_config's flow settings), the controller
+    # writes today's, and the old program reads the fields it knows at the
+    # same offsets. The pre-fix scheme is in xdplb.c and lb_maps.h.
+    for header in ("lb_structs.h", "lb_consts.h"):
+        (bpf / header).write_text((bpf_source.BPF_DIR / header).read_text())
     (bpf / "race_window.h").write_text((bpf_source.BPF_DIR / "race_window.h").read_text())
     _patch(bpf / "forward.h", [
         ('#include "lb_structs.h"\n', '#include "lb_structs.h"\n#include "race_window.h"\n'),
         ("\tdst[2] = src[2];\n\tdst[3] = src[3];\n", "\tdst[2] = src[2];\n\trace_window();\n\tdst[3] = src[3];\n"),
     ])
-    # Counter maps as long as this tree's structs read them: later changes
-    # add events and reasons, which the old program just never counts.
-    _patch(bpf / "lb_consts.h", [
-        ("#define REASON_MAX 6\n", f"#define REASON_MAX {len(structs.REASONS)}\n"),
-        ("#define EVENT_MAX 5\n", f"#define EVENT_MAX {len(structs.EVENTS)}\n"),
-    ])
+    # Maps this controller expects that the old program did not declare
+    # (the layout map, the flood guard's state): declared, never used by it.
+    maps = (bpf / "lb_maps.h").read_text()
+    added = [line for line in (bpf_source.BPF_DIR / "lb_maps.h").read_text().splitlines()
+             if line.startswith("LB_MAP") and line.split(",")[-2].strip() not in maps]
+    assert added, "the old lb_maps.h lacks no map: drop this step"
+    (bpf / "lb_maps.h").write_text(maps.replace("#endif /* XDPLB_MAPS_H */",
+                                                "\n".join(added) + "\n\n#endif /* XDPLB_MAPS_H */"))
     _patch(bpf / "xdplb.c", [
         ("\tsid = svc->id;\n", "\trace_window();\n\tsid = svc->id;\n"),
         ("\t\tsid = *(volatile __u32 *)&fv->service_id;\n",
