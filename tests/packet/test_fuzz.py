@@ -441,7 +441,8 @@ def establish(harness) -> O.Model:
         raw = bytes(to(vip, vport, kind, sport=cport, src=client))
         verdict = harness.run(raw)
         problem = before.judge(raw, verdict.action, verdict.data)
-        assert problem is None and verdict.action == O.TX, f"placing {client}:{cport} -> {vip}:{vport}: {problem}"
+        assert problem is None and verdict.action == O.TX, (
+            f"placing {client}:{cport} -> {vip}:{vport}: {O.ACTION_NAMES.get(verdict.action)}, {problem}")
         placed[O.flow_key(ipaddress.IPv4Address(client).packed, ipaddress.IPv4Address(vip).packed,
                           cport, vport, PROTO[kind])] = verdict.data[0:6]
 
