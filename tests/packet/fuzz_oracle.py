@@ -19,10 +19,11 @@ The rules (issue 10, "Tests that must exist", and the points they refer to):
       * point 4: ICMP "fragmentation needed" to a VIP goes to a backend of the
         service named by the quoted packet's source (VIP, port, protocol);
       * point 6: a flow established on a backend that since went down (or was
-        removed) may stay there within the grace period, and one established
-        on a since-drained backend may stay there; never a new connection
-        (a TCP SYN without ACK), which is placed by Maglev and replaces the
-        entry;
+        removed) stays there within the grace period, and one established on
+        a since-drained backend stays there (it must: flows stay put); never
+        a new connection (a TCP SYN without ACK), which is placed by Maglev
+        and replaces the entry. After a RST of such a flow either is allowed;
+        its "fragmentation needed" messages go where the flow goes;
   - point 7: a TCP/UDP fragment to a VIP is dropped, any other fragment to a
     VIP passes (both only for frames addressed to the gateway, as point 5
     says); never is a fragment forwarded;
@@ -99,6 +100,7 @@ class Held:
     mac: bytes
     why: str            # "drained" or "grace"
     until: float | None  # monotonic deadline (grace), None (drained: for as long as the flow lives)
+    loose: bool = False  # after a RST: the flow may stay or be placed afresh
 
 
 @dataclass
@@ -184,28 +186,40 @@ class Oracle:
         if live is None:
             return "XDP_TX for a (VIP, port, protocol) that is not configured"
         key = flow_key(ip.saddr, ip.daddr, sport, dport, ip.proto)
-        new_conn = ip.proto == TCP and raw[ip.l4 + 13] & (SYN | ACK | RST) == SYN
-        if new_conn:
-            # Point 6: placed by Maglev, replacing whatever entry the tuple had,
-            # so the flow is no longer held. (A SYN sent elsewhere is reported,
-            # and the flow kept, so one fault is not reported again and again.)
+        flags = raw[ip.l4 + 13] if ip.proto == TCP else 0
+        held = m.held.get(key)
+        if flags & (SYN | ACK) == SYN:
+            # Point 6: a new connection is placed by Maglev and replaces the
+            # tuple's entry, so the flow is no longer held (a RST writes no
+            # entry: then the old one may stay). A SYN sent anywhere else is
+            # reported, and the flow kept, so one fault is reported once.
             if dst in live:
-                m.held.pop(key, None)
+                if not flags & RST:
+                    m.held.pop(key, None)
                 self.seen["tx new connection"] += 1
                 return None
-            return "XDP_TX of a new TCP connection (SYN without ACK) to a backend that is not live"
-        if dst in live:
-            self.seen["tx"] += 1
-            return None
-        return self._held(key, dst, "")
-
-    def _held(self, key: bytes, dst: bytes, what: str) -> str | None:
-        held = self.model.held.get(key)
-        if held is not None and held.mac == dst:
-            if held.until is None or self.model.clock() < held.until:
-                self.seen[f"tx{what} held ({held.why})"] += 1
+            if flags & RST and held is not None and dst == held.mac:
+                self.seen["tx held (RST)"] += 1
                 return None
-            return f"XDP_TX{what} to a down backend after its grace period"
+            return "XDP_TX of a new TCP connection (SYN without ACK) to a backend that is not live"
+        if flags & RST and held is not None:
+            held.loose = True      # the specification leaves open whether a RST ends the entry
+        return self._follow(held, live, dst, "")
+
+    def _follow(self, held: Held | None, live: frozenset, dst: bytes, what: str) -> str | None:
+        """An established flow's packet: to the backend holding it, else to a live one."""
+        expired = held is not None and held.until is not None and self.model.clock() >= held.until
+        if held is not None and dst == held.mac:
+            if expired:
+                return f"XDP_TX{what} to a down backend after its grace period"
+            self.seen[f"tx{what} held ({held.why})"] += 1
+            return None
+        if dst in live:
+            if held is None or held.loose or expired:
+                self.seen[f"tx{what}"] += 1
+                return None
+            return (f"XDP_TX{what} of a flow held by a {held.why} backend to another backend "
+                    f"(point 6: drained and down backends keep their established flows)")
         return f"XDP_TX{what} to a MAC that is not a live backend of the service, nor one holding this flow"
 
     def _too_big(self, raw: bytes, ip: Ip) -> bool:
@@ -228,7 +242,4 @@ class Oracle:
         live = self.model.services.get((vip, vport, proto))
         if live is None:
             return "XDP_TX of ICMP 'fragmentation needed' quoting no configured service"
-        if dst in live:
-            self.seen["tx icmp"] += 1
-            return None
-        return self._held(flow_key(client, vip, cport, vport, proto), dst, " of ICMP")
+        return self._follow(self.model.held.get(flow_key(client, vip, cport, vport, proto)), live, dst, " of ICMP")

@@ -41,7 +41,7 @@ from . import fuzz_oracle as O
 from .conftest import GW_MAC, mac_of
 
 FRAMES = int(os.environ.get("XDPLB_FUZZ_FRAMES", "100000"))
-GRACE_S = 3600            # far longer than the run: no grace flow may expire during it
+GRACE_S = 3600            # far longer than the run: no held flow may expire during it
 
 VIP1, VIP2 = "10.10.0.100", "10.10.0.101"
 GATEWAY_IP = "10.10.0.10"
@@ -217,7 +217,7 @@ def build_seeds(held: dict) -> list[tuple[float, list[Seed]]]:
              seed("arp reply", eth() / ARP(op=2, psrc=C[0], pdst=GATEWAY_IP)),
              seed("ipv6 tcp", eth() / IPv6(src="fd00::2", dst="fd00::100") / TCP(sport=49000, dport=104, flags="S")),
              seed("ipv6 too big", eth() / IPv6(src="fd00::1", dst="fd00::100") / ICMPv6PacketTooBig(mtu=1280) / Raw(b"q" * 48))]),
-        # Frames for others on the segment: point 5 says they pass untouched.
+        # Frames for others on the segment pass untouched (point 5).
         (8, [seed(f"to {_mac(m)}, {d}:{p}/{k}", to(d, p, k, sport=49100 + i, mac=_mac(m)))
              for m in FOREIGN_MACS for i, (d, p, k) in enumerate(S)]
          + [seed(f"to {_mac(m)}, too big", m + bytes(too_big(C[0], VIP1, 48000, 104, O.TCP))[6:]) for m in FOREIGN_MACS]),
@@ -544,7 +544,7 @@ def test_mutated_frames_keep_to_the_specification(harness):
 
     # Not vacuous: every kind of verdict and both exceptions were exercised.
     for case, least in (("pass", 10000), ("drop", 200), ("drop fragment", 200), ("tx", 5000),
-                        ("tx new connection", 2000), ("tx icmp", 500), ("tx held (drained)", 200),
+                        ("tx new connection", 2000), ("tx of ICMP", 500), ("tx held (drained)", 200),
                         ("tx held (grace)", 200), ("tx of ICMP held (grace)", 20), ("tx of ICMP held (drained)", 20)):
         assert oracle.seen[case] >= least, f"only {oracle.seen[case]} frames were '{case}' ({summary})"
 
@@ -604,6 +604,13 @@ def test_oracle_rejects_what_the_specification_forbids():
     oracle.model.clock = lambda: 11.5
     assert "after its grace" in oracle.judge(ack, O.TX, _tx(ack, 13))
     assert oracle.judge(syn, O.TX, _tx(syn, 14)) is None and key not in oracle.model.held
+    # ...and held flows must stay put, until a RST leaves it open.
+    oracle.model.clock = lambda: 10.0
+    oracle.model.held[key] = O.Held(mac_of(13), "grace", 11.0)
+    assert "keep their established flows" in oracle.judge(ack, O.TX, _tx(ack, 14))
+    rst = bytes(tcp_to(VIP1, 104, sport=20001, flags="R"))
+    assert oracle.judge(rst, O.TX, _tx(rst, 13)) is None
+    assert oracle.judge(ack, O.TX, _tx(ack, 14)) is None
 
     # Point 5: frames for others pass untouched, even to a service.
     for mac in FOREIGN_MACS:
@@ -636,6 +643,7 @@ def test_oracle_rejects_what_the_specification_forbids():
     assert "not a live backend" in oracle.judge(icmp, O.TX, _tx(icmp, 31))
     oracle.model.held[key] = O.Held(mac_of(12), "drained", None)
     assert oracle.judge(icmp, O.TX, _tx(icmp, 12)) is None
+    assert "keep their established flows" in oracle.judge(icmp, O.TX, _tx(icmp, 14))
     assert "quoting no configured service" in oracle.judge(
         bytes(too_big(CLIENTS[0], VIP1, 20001, 22, O.TCP)), O.TX, _tx(bytes(too_big(CLIENTS[0], VIP1, 20001, 22, O.TCP)), 11))
     unreachable = bytes(too_big(CLIENTS[0], VIP1, 20001, 104, O.TCP, code=3))
