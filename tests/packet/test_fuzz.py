@@ -138,6 +138,10 @@ def eth(dst=GW, tag=None):
     return l2 / tag if tag is not None else l2
 
 
+def ip_to(dst, src=CLIENTS[0], **ip):
+    return eth() / IP(src=src, dst=dst, **ip)
+
+
 def tcp_to(dst, dport, sport=40000, flags="S", src=CLIENTS[0], payload=b"", mac=GW, tag=None, **ip):
     return (eth(mac, tag) / IP(src=src, dst=dst, **ip)
             / TCP(sport=sport, dport=dport, flags=flags, seq=7, ack=1 if "A" in flags else 0) / Raw(payload))
@@ -190,25 +194,27 @@ def build_seeds(held: dict) -> list[tuple[float, list[Seed]]]:
              for i, (d, p, k) in enumerate(S)]),
         (3, [seed(f"tcp {f} {d}:{p}", tcp_to(d, p, sport=43000 + i, flags=f))
              for i, (d, p, k) in enumerate(S) if k == "tcp" for f in ("R", "RA", "FA", "SA", "SR")]),
-        (5, [seed(f"not a service {d}:{p}/{k}", to(d, p, k, sport=44000 + i)) for i, (d, p, k) in enumerate(NOT_SERVICES)]),
+        (5, [seed(f"not a service {d}:{p}/{k}", to(d, p, k, sport=44000 + i))
+             for i, (d, p, k) in enumerate(NOT_SERVICES)]),
         (5, [seed(f"{t.__name__} {d}:{p}/{k}", to(d, p, k, sport=45000 + i, tag=t(vlan=42)))
              for i, (d, p, k) in enumerate(S) for t in (Dot1Q, Dot1AD)]
          + [seed("qinq", tcp_to(VIP1, 104, sport=45100, tag=Dot1AD(vlan=7) / Dot1Q(vlan=42)))]),
         (4, [seed(f"ip options {d}:{p}/{k}", to(d, p, k, sport=46000 + i, options=RECORD_ROUTE))
              for i, (d, p, k) in enumerate(S)]),
         (5, [
-            seed("tcp first fragment", eth() / IP(src=C[0], dst=VIP1, flags="MF") / TCP(sport=47000, dport=104) / Raw(b"x" * 64)),
-            seed("tcp later fragment", eth() / IP(src=C[0], dst=VIP1, frag=12, proto=6) / Raw(b"y" * 64)),
-            seed("udp first fragment", eth() / IP(src=C[0], dst=VIP1, flags="MF") / UDP(sport=47001, dport=5000) / Raw(b"x" * 64)),
-            seed("icmp first fragment", eth() / IP(src=C[0], dst=VIP1, flags="MF") / ICMP() / Raw(b"p" * 64)),
-            seed("icmp later fragment", eth() / IP(src=C[0], dst=VIP2, frag=185, proto=1) / Raw(b"p" * 64)),
-            seed("fragment to the gateway", eth() / IP(src=C[0], dst=GATEWAY_IP, flags="MF") / TCP(dport=22) / Raw(b"x" * 32)),
+            seed("tcp first fragment", ip_to(VIP1, flags="MF") / TCP(sport=47000, dport=104) / Raw(b"x" * 64)),
+            seed("tcp later fragment", ip_to(VIP1, frag=12, proto=6) / Raw(b"y" * 64)),
+            seed("udp first fragment", ip_to(VIP1, flags="MF") / UDP(sport=47001, dport=5000) / Raw(b"x" * 64)),
+            seed("icmp first fragment", ip_to(VIP1, flags="MF") / ICMP() / Raw(b"p" * 64)),
+            seed("icmp later fragment", ip_to(VIP2, frag=185, proto=1) / Raw(b"p" * 64)),
+            seed("fragment to the gateway", ip_to(GATEWAY_IP, flags="MF") / TCP(dport=22) / Raw(b"x" * 32)),
         ]),
-        (4, [seed("ping vip", eth() / IP(src=C[0], dst=VIP1) / ICMP() / Raw(b"ping" * 8)),
-             seed("ping vip2", eth() / IP(src=C[1], dst=VIP2) / ICMP(id=7) / Raw(b"ping")),
-             seed("gre to vip", eth() / IP(src=C[0], dst=VIP1, proto=47) / Raw(b"\x00" * 24))]),
+        (4, [seed("ping vip", ip_to(VIP1) / ICMP() / Raw(b"ping" * 8)),
+             seed("ping vip2", ip_to(VIP2, src=C[1]) / ICMP(id=7) / Raw(b"ping")),
+             seed("gre to vip", ip_to(VIP1, proto=47) / Raw(b"\x00" * 24))]),
         # ICMP "fragmentation needed" quoting flows of every service (in the flow table or not) and of none.
-        (6, [seed(f"too big for {d}:{p}/{k}", too_big(C[0], d, 48000 + i, p, PROTO[k])) for i, (d, p, k) in enumerate(S)]
+        (6, [seed(f"too big for {d}:{p}/{k}", too_big(C[0], d, 48000 + i, p, PROTO[k]))
+             for i, (d, p, k) in enumerate(S)]
          + [seed(f"too big for {d}:{p}/{k}", too_big(C[1], d, 48100 + i, p, PROTO[k]))
             for i, (d, p, k) in enumerate(NOT_SERVICES)]
          + [seed("too big, options in the quote", too_big(C[0], VIP1, 48200, 104, O.TCP, inner_options=RECORD_ROUTE)),
@@ -216,13 +222,15 @@ def build_seeds(held: dict) -> list[tuple[float, list[Seed]]]:
         (5, [seed("arp request", Ether(src=CLIENT_MAC, dst="ff:ff:ff:ff:ff:ff") / ARP(psrc=C[0], pdst=VIP1)),
              seed("arp reply", eth() / ARP(op=2, psrc=C[0], pdst=GATEWAY_IP)),
              seed("ipv6 tcp", eth() / IPv6(src="fd00::2", dst="fd00::100") / TCP(sport=49000, dport=104, flags="S")),
-             seed("ipv6 too big", eth() / IPv6(src="fd00::1", dst="fd00::100") / ICMPv6PacketTooBig(mtu=1280) / Raw(b"q" * 48))]),
+             seed("ipv6 too big", eth() / IPv6(src="fd00::1", dst="fd00::100") / ICMPv6PacketTooBig(mtu=1280)
+                  / Raw(b"q" * 48))]),
         # Frames for others on the segment pass untouched (point 5).
         (8, [seed(f"to {_mac(m)}, {d}:{p}/{k}", to(d, p, k, sport=49100 + i, mac=_mac(m)))
              for m in FOREIGN_MACS for i, (d, p, k) in enumerate(S)]
-         + [seed(f"to {_mac(m)}, too big", m + bytes(too_big(C[0], VIP1, 48000, 104, O.TCP))[6:]) for m in FOREIGN_MACS]),
+         + [seed(f"to {_mac(m)}, too big", m + bytes(too_big(C[0], VIP1, 48000, 104, O.TCP))[6:])
+            for m in FOREIGN_MACS]),
     ]
-    # Flows the oracle may allow on a drained or down backend, and their ICMP.
+    # Flows held by a drained or down backend (they must stay there), and their ICMP.
     keys = sorted(held)
     kinds += [
         (8, [seed(f"held flow ({held[k].why})", held_frame(k)) for k in keys]),
@@ -317,7 +325,8 @@ def m_dport(rng, buf, s):
 
 
 def m_tcp_flags(rng, buf, s):
-    _put(buf, s.l4 + 13, bytes([rng.choice((0x02, 0x10, 0x12, 0x04, 0x14, 0x11, 0x06, 0x18, 0x03, 0x00, rng.randrange(256)))]))
+    flags = (0x02, 0x10, 0x12, 0x04, 0x14, 0x11, 0x06, 0x18, 0x03, 0x00, rng.randrange(256))   # S A SA R RA FA SR PA SF
+    _put(buf, s.l4 + 13, bytes([rng.choice(flags)]))
     return "tcp flags"
 
 
@@ -562,7 +571,8 @@ def _tx(raw: bytes, backend_octet: int, src=GW_MAC) -> bytes:
 
 
 def test_oracle_parser_agrees_with_scapy_on_every_seed():
-    held = {O.flow_key(bytes([10, 10, 0, 2]), bytes([10, 10, 0, 100]), 20001, 104, O.TCP): O.Held(mac_of(12), "drained", None)}
+    key = O.flow_key(bytes([10, 10, 0, 2]), bytes([10, 10, 0, 100]), 20001, 104, O.TCP)
+    held = {key: O.Held(mac_of(12), "drained", None)}
     checked = 0
     for _, seeds in build_seeds(held):
         for s in seeds:
@@ -571,8 +581,8 @@ def test_oracle_parser_agrees_with_scapy_on_every_seed():
             if IP in frame:
                 layer = frame[IP]
                 assert ip is not None, s.name
-                assert (ip.saddr, ip.daddr, ip.proto) == (
-                    ipaddress.IPv4Address(layer.src).packed, ipaddress.IPv4Address(layer.dst).packed, layer.proto), s.name
+                want = (ipaddress.IPv4Address(layer.src).packed, ipaddress.IPv4Address(layer.dst).packed, layer.proto)
+                assert (ip.saddr, ip.daddr, ip.proto) == want, s.name
                 assert ip.fragment == bool(layer.flags.MF or layer.frag), s.name
                 assert ip.l4 - ip.l3 == layer.ihl * 4, s.name
                 checked += 1
@@ -644,8 +654,8 @@ def test_oracle_rejects_what_the_specification_forbids():
     oracle.model.held[key] = O.Held(mac_of(12), "drained", None)
     assert oracle.judge(icmp, O.TX, _tx(icmp, 12)) is None
     assert "keep their established flows" in oracle.judge(icmp, O.TX, _tx(icmp, 14))
-    assert "quoting no configured service" in oracle.judge(
-        bytes(too_big(CLIENTS[0], VIP1, 20001, 22, O.TCP)), O.TX, _tx(bytes(too_big(CLIENTS[0], VIP1, 20001, 22, O.TCP)), 11))
+    ssh = bytes(too_big(CLIENTS[0], VIP1, 20001, 22, O.TCP))
+    assert "quoting no configured service" in oracle.judge(ssh, O.TX, _tx(ssh, 11))
     unreachable = bytes(too_big(CLIENTS[0], VIP1, 20001, 104, O.TCP, code=3))
     assert "other than" in oracle.judge(unreachable, O.TX, _tx(unreachable, 11))
     ping = bytes(eth() / IP(src=CLIENTS[0], dst=VIP1) / ICMP())
