@@ -110,12 +110,23 @@ class Model:
     services: dict                   # (vip 4 bytes, port, proto) -> frozenset of live backend MACs
     held: dict = field(default_factory=dict)   # flow key (13 bytes) -> Held
     clock: object = None             # monotonic clock for grace deadlines
+    placed: dict = field(default_factory=dict)  # flow key -> MAC of the backend it was last forwarded to
 
     def __post_init__(self):
         self.vips = frozenset(vip for vip, _, _ in self.services)
         if self.clock is None:
             import time
             self.clock = time.monotonic
+
+    def reconfigure(self, services: dict, down: frozenset, until: float) -> None:
+        """The controller changed the state and the backends `down` went down
+        at `until` - grace. They hold the flows seen forwarded to them, but
+        loosely: the flood guard may have placed such a flow without an entry."""
+        self.services = services
+        self.vips = frozenset(vip for vip, _, _ in services)
+        for key, mac in self.placed.items():
+            if mac in down and key not in self.held:
+                self.held[key] = Held(mac, "grace", until, loose=True)
 
 
 def flow_key(client: bytes, vip: bytes, cport: int, vport: int, proto: int) -> bytes:
@@ -196,6 +207,7 @@ class Oracle:
             if dst in live:
                 if not flags & RST:
                     m.held.pop(key, None)
+                    m.placed[key] = dst
                 self.seen["tx new connection"] += 1
                 return None
             if flags & RST and held is not None and dst == held.mac:
@@ -204,7 +216,10 @@ class Oracle:
             return "XDP_TX of a new TCP connection (SYN without ACK) to a backend that is not live"
         if flags & RST and held is not None:
             held.loose = True      # the specification leaves open whether a RST ends the entry
-        return self._follow(held, live, dst, "")
+        problem = self._follow(held, live, dst, "")
+        if problem is None and not flags & RST:
+            m.placed[key] = dst
+        return problem
 
     def _follow(self, held: Held | None, live: frozenset, dst: bytes, what: str) -> str | None:
         """An established flow's packet: to the backend holding it, else to a live one."""

@@ -7,8 +7,10 @@ has five services on two VIPs: TCP with flow and with client persistence, UDP,
 a service whose backends are all down, a drained backend, backends that went
 down or were removed while holding flows (grace, point 6), and a backend
 whose MAC is unresolved. Flows are first established on every backend, then
-the state changes, so the flows the oracle may allow on a drained or down
-backend are exactly the ones this test saw placed there.
+the state changes, so the flows that must stay on a drained or down backend
+are exactly the ones this test saw placed there. Half-way through the run a
+down backend comes back and another goes down, taking with it (loosely: the
+flood guard may have placed them without an entry) the flows seen sent to it.
 
 Frames start from valid seeds (TCP/UDP to VIPs and other addresses, VLAN
 tags, IPv4 options, fragments, ICMP "fragmentation needed" quoting flows,
@@ -98,6 +100,14 @@ def after_services():
         _svc("dicom-tls", VIP2, 11112, "tcp", "flow", [_be(41, healthy=False), _be(42, healthy=False)]),
         _svc("syslog", VIP2, 104, "udp", "flow", [_be(51)]),
     )
+
+
+def midway_services():
+    """Half-way through the run: 13 is back, 14 goes down (and holds what it was given)."""
+    first, *rest = after_services()
+    dicom = plan.ServiceState(first.name, first.vip, first.port, first.protocol, first.persistence,
+                              (_be(11), _be(12, weight=0), _be(13), _be(14, healthy=False)))
+    return (dicom, *rest)
 
 
 PROTO = {"tcp": O.TCP, "udp": O.UDP}
@@ -430,6 +440,11 @@ class Mutator:
 
 # ---- the run ------------------------------------------------------------------
 
+def program(harness, services, flood_guard: bool) -> None:
+    """Write `services` through the real planner and map writer."""
+    harness.program(services)
+
+
 DRAINED = {mac_of(12)}
 DOWN_OR_REMOVED = {mac_of(13), mac_of(15), mac_of(33), mac_of(41)}
 
@@ -440,7 +455,7 @@ def establish(harness) -> O.Model:
     Returns the oracle's model of the state after the change, holding exactly
     the flows seen placed on the backends that now take no new flows."""
     harness.dp.map("flows").clear()
-    harness.program(before_services())
+    program(harness, before_services(), flood_guard=False)   # every flow placed here gets its entry
     before = O.Oracle(model_of(before_services(), GATEWAY_MACS))
     placed = {}
     firsts = [(c, VIP1, 20000 + i, 104, "tcp") for c in CLIENTS for i in range(150)]
@@ -456,8 +471,9 @@ def establish(harness) -> O.Model:
                           cport, vport, PROTO[kind])] = verdict.data[0:6]
 
     went_down = time.monotonic()
-    harness.program(after_services())
+    program(harness, after_services(), flood_guard=True)
     model = model_of(after_services(), GATEWAY_MACS)
+    model.placed.update(placed)
     for key, mac in placed.items():
         if mac in DRAINED:
             model.held[key] = O.Held(mac, "drained", None)
@@ -528,6 +544,11 @@ def test_mutated_frames_keep_to_the_specification(harness):
     breaks: Counter = Counter()
     started = time.monotonic()
     for index, (_, seeds) in enumerate(rng.choices(kinds, [w for w, _ in kinds], k=FRAMES)):
+        if index == FRAMES // 2:
+            went_down = time.monotonic()
+            program(harness, midway_services(), flood_guard=True)
+            model.reconfigure(model_of(midway_services(), GATEWAY_MACS).services, frozenset({mac_of(14)}),
+                              went_down + GRACE_S)
         s = rng.choice(seeds)
         raw, notes = mutate(s)
         verdict = run(raw)
