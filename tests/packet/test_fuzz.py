@@ -643,6 +643,14 @@ def test_oracle_rejects_what_the_specification_forbids():
     assert oracle.judge(rst, O.TX, _tx(rst, 13)) is None
     assert oracle.judge(ack, O.TX, _tx(ack, 14)) is None
 
+    # A backend going down holds, loosely, the flows seen sent to it; no other flow may reach it.
+    other = bytes(tcp_to(VIP1, 104, sport=20002, flags="PA"))
+    fresh = _oracle(now=10.0)
+    assert fresh.judge(ack, O.TX, _tx(ack, 14)) is None
+    fresh.model.reconfigure(model_of(midway_services(), GATEWAY_MACS).services, frozenset({mac_of(14)}), 11.0)
+    assert fresh.judge(ack, O.TX, _tx(ack, 14)) is None and fresh.judge(ack, O.TX, _tx(ack, 13)) is None
+    assert "not a live backend" in fresh.judge(other, O.TX, _tx(other, 14))
+
     # Point 5: frames for others pass untouched, even to a service.
     for mac in FOREIGN_MACS:
         foreign = mac + ack[6:]
