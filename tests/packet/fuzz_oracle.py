@@ -38,6 +38,7 @@ asked only of frames with at most one; what it may do is allowed under two.
 """
 from __future__ import annotations
 
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -99,8 +100,11 @@ class Held:
     """A flow the test established on a backend that now takes no new flows."""
     mac: bytes
     why: str            # "drained" or "grace"
-    until: float | None  # monotonic deadline (grace), None (drained: for as long as the flow lives)
-    loose: bool = False  # after a RST: the flow may stay or be placed afresh
+    # Grace: the CLOCK_MONOTONIC seconds between which it ends (the backend went
+    # down during a controller write that took some time); None for a drained
+    # backend, which holds its flows for as long as they live.
+    until: tuple[float, float] | None
+    loose: bool = False  # the flow may also have been placed afresh (after a RST, or without an entry)
 
 
 @dataclass
@@ -109,19 +113,15 @@ class Model:
     gateway_macs: frozenset          # the interface's MAC and any MAC the pool names
     services: dict                   # (vip 4 bytes, port, proto) -> frozenset of live backend MACs
     held: dict = field(default_factory=dict)   # flow key (13 bytes) -> Held
-    clock: object = None             # monotonic clock for grace deadlines
     placed: dict = field(default_factory=dict)  # flow key -> MAC of the backend it was last forwarded to
 
     def __post_init__(self):
         self.vips = frozenset(vip for vip, _, _ in self.services)
-        if self.clock is None:
-            import time
-            self.clock = time.monotonic
 
-    def reconfigure(self, services: dict, down: frozenset, until: float) -> None:
-        """The controller changed the state and the backends `down` went down
-        at `until` - grace. They hold the flows seen forwarded to them, but
-        loosely: the flood guard may have placed such a flow without an entry."""
+    def reconfigure(self, services: dict, down: frozenset, until: tuple[float, float]) -> None:
+        """The controller changed the state, and the backends `down` went down
+        with their grace ending within `until`. They hold the flows seen sent to
+        them, but loosely: the flood guard may have placed one without an entry."""
         self.services = services
         self.vips = frozenset(vip for vip, _, _ in services)
         for key, mac in self.placed.items():
@@ -141,9 +141,11 @@ class Oracle:
         self.model = model
         self.seen = Counter()
 
-    def judge(self, raw: bytes, action: int, out: bytes) -> str | None:
-        """The rule the verdict breaks, or None. Counts the case in self.seen."""
+    def judge(self, raw: bytes, action: int, out: bytes, ran: tuple[float, float] | None = None) -> str | None:
+        """The rule the verdict breaks, or None. Counts the case in self.seen.
+        `ran`: CLOCK_MONOTONIC seconds before and after the program ran (now, if not given)."""
         m = self.model
+        self._ran = ran or (time.monotonic(),) * 2
         if action not in (PASS, DROP, TX):
             return f"action {ACTION_NAMES.get(action, action)}"
         if action == PASS:
@@ -219,19 +221,26 @@ class Oracle:
         problem = self._follow(held, live, dst, "")
         if problem is None and not flags & RST:
             m.placed[key] = dst
+            if held is not None and dst != held.mac:
+                del m.held[key]    # placed afresh (its grace over, or it had no entry): an ordinary flow now
         return problem
 
     def _follow(self, held: Held | None, live: frozenset, dst: bytes, what: str) -> str | None:
-        """An established flow's packet: to the backend holding it, else to a live one."""
-        expired = held is not None and held.until is not None and self.model.clock() >= held.until
+        """An established flow's packet: to the backend holding it, else to a
+        live one. Near the end of a grace, where the program may have read the
+        clock on either side of it, both are allowed."""
+        within = expired = False
+        if held is not None:
+            within = held.until is None or self._ran[1] < held.until[0]
+            expired = held.until is not None and self._ran[0] >= held.until[1]
         if held is not None and dst == held.mac:
             if expired:
                 return f"XDP_TX{what} to a down backend after its grace period"
             self.seen[f"tx{what} held ({held.why})"] += 1
             return None
         if dst in live:
-            if held is None or held.loose or expired:
-                self.seen[f"tx{what}"] += 1
+            if held is None or held.loose or not within:
+                self.seen[f"tx{what} re-chosen after the grace" if expired else f"tx{what}"] += 1
                 return None
             return (f"XDP_TX{what} of a flow held by a {held.why} backend to another backend "
                     f"(point 6: drained and down backends keep their established flows)")

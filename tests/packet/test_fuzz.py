@@ -43,7 +43,8 @@ from . import fuzz_oracle as O
 from .conftest import GW_MAC, mac_of
 
 FRAMES = int(os.environ.get("XDPLB_FUZZ_FRAMES", "100000"))
-GRACE_S = 3600            # far longer than the run: no held flow may expire during it
+GRACE_S = 5.0             # the pool's down_grace: it ends in the middle of the run (which waits for it)
+UDP_IDLE_S = 3600         # far longer than the run: no UDP flow expires during it
 
 VIP1, VIP2 = "10.10.0.100", "10.10.0.101"
 GATEWAY_IP = "10.10.0.10"
@@ -83,7 +84,7 @@ def _svc(name, vip, port, protocol, persistence, backends):
 def before_services():
     """Every backend that will later be drained, down or removed is up here."""
     return (
-        _svc("dicom", VIP1, 104, "tcp", "flow", [_be(11), _be(12), _be(13), _be(14), _be(15)]),
+        _svc("dicom", VIP1, 104, "tcp", "flow", [_be(11), _be(12), _be(13), _be(14), _be(15), _be(16)]),
         _svc("web", VIP1, 80, "tcp", "client", [_be(21), _be(22), _be(23, mac=False)]),
         _svc("udp-echo", VIP1, 5000, "udp", "flow", [_be(31), _be(32), _be(33)]),
         _svc("dicom-tls", VIP2, 11112, "tcp", "flow", [_be(41), _be(42, healthy=False)]),
@@ -94,7 +95,8 @@ def before_services():
 def after_services():
     """12 drained; 13, 33 and 41 down; 15 removed: dicom-tls has no live backend."""
     return (
-        _svc("dicom", VIP1, 104, "tcp", "flow", [_be(11), _be(12, weight=0), _be(13, healthy=False), _be(14)]),
+        _svc("dicom", VIP1, 104, "tcp", "flow",
+             [_be(11), _be(12, weight=0), _be(13, healthy=False), _be(14), _be(16)]),
         _svc("web", VIP1, 80, "tcp", "client", [_be(21), _be(22), _be(23, mac=False)]),
         _svc("udp-echo", VIP1, 5000, "udp", "flow", [_be(31), _be(32), _be(33, healthy=False)]),
         _svc("dicom-tls", VIP2, 11112, "tcp", "flow", [_be(41, healthy=False), _be(42, healthy=False)]),
@@ -103,10 +105,10 @@ def after_services():
 
 
 def midway_services():
-    """Half-way through the run: 13 is back, 14 goes down (and holds what it was given)."""
+    """Half-way through the run, once the first grace is over: 14 goes down too."""
     first, *rest = after_services()
     dicom = plan.ServiceState(first.name, first.vip, first.port, first.protocol, first.persistence,
-                              (_be(11), _be(12, weight=0), _be(13), _be(14, healthy=False)))
+                              (_be(11), _be(12, weight=0), _be(13, healthy=False), _be(14, healthy=False), _be(16)))
     return (dicom, *rest)
 
 
@@ -440,13 +442,18 @@ class Mutator:
 
 # ---- the run ------------------------------------------------------------------
 
-def program(harness, services, flood_guard: bool) -> None:
-    """Write `services` through the real planner and map writer."""
+def program(harness, services, flood_guard: bool) -> tuple[float, float]:
+    """Write `services` through the real planner and map writer. Returns the
+    CLOCK_MONOTONIC seconds between which the grace of a backend that went
+    down in this write ends."""
+    before = time.monotonic()
     harness.program(services)
+    return before + GRACE_S, time.monotonic() + GRACE_S
 
 
 DRAINED = {mac_of(12)}
 DOWN_OR_REMOVED = {mac_of(13), mac_of(15), mac_of(33), mac_of(41)}
+MIDWAY_DOWN = frozenset({mac_of(14)})
 
 
 def establish(harness) -> O.Model:
@@ -470,15 +477,14 @@ def establish(harness) -> O.Model:
         placed[O.flow_key(ipaddress.IPv4Address(client).packed, ipaddress.IPv4Address(vip).packed,
                           cport, vport, PROTO[kind])] = verdict.data[0:6]
 
-    went_down = time.monotonic()
-    program(harness, after_services(), flood_guard=True)
+    grace_ends = program(harness, after_services(), flood_guard=True)
     model = model_of(after_services(), GATEWAY_MACS)
     model.placed.update(placed)
     for key, mac in placed.items():
         if mac in DRAINED:
             model.held[key] = O.Held(mac, "drained", None)
         elif mac in DOWN_OR_REMOVED:
-            model.held[key] = O.Held(mac, "grace", went_down + GRACE_S)
+            model.held[key] = O.Held(mac, "grace", grace_ends)
     on = Counter(h.mac for h in model.held.values())
     assert all(on[m] > 0 for m in DRAINED | DOWN_OR_REMOVED), f"no flow landed on some backend: {on}"
     return model
@@ -531,6 +537,7 @@ def test_mutated_frames_keep_to_the_specification(harness):
     print(f"fuzz: XDPLB_FUZZ_SEED={rng_seed} XDPLB_FUZZ_FRAMES={FRAMES}")
     rng = random.Random(rng_seed)
     model = establish(harness)
+    first_grace_ends = max(h.until[1] for h in model.held.values() if h.until)
     oracle = O.Oracle(model)
     kinds = build_seeds(model.held)
     mutate = Mutator(rng)
@@ -545,15 +552,17 @@ def test_mutated_frames_keep_to_the_specification(harness):
     started = time.monotonic()
     for index, (_, seeds) in enumerate(rng.choices(kinds, [w for w, _ in kinds], k=FRAMES)):
         if index == FRAMES // 2:
-            went_down = time.monotonic()
-            program(harness, midway_services(), flood_guard=True)
-            model.reconfigure(model_of(midway_services(), GATEWAY_MACS).services, frozenset({mac_of(14)}),
-                              went_down + GRACE_S)
+            # The first grace is over, whatever the machine's speed: from here on
+            # the flows it held must have left their down or removed backends.
+            time.sleep(max(0.0, first_grace_ends - time.monotonic()))
+            grace_ends = program(harness, midway_services(), flood_guard=True)
+            model.reconfigure(model_of(midway_services(), GATEWAY_MACS).services, MIDWAY_DOWN, grace_ends)
         s = rng.choice(seeds)
         raw, notes = mutate(s)
+        ran = time.monotonic()
         verdict = run(raw)
         actions[O.ACTION_NAMES.get(verdict.retval, verdict.retval)] += 1
-        rule = oracle.judge(raw, verdict.retval, verdict.data)
+        rule = oracle.judge(raw, verdict.retval, verdict.data, (ran, time.monotonic()))
         if rule is not None:
             breaks[rule] += 1
             cases = broken.setdefault(rule, [])
@@ -575,16 +584,23 @@ def test_mutated_frames_keep_to_the_specification(harness):
     # Not vacuous: every kind of verdict and both exceptions were exercised.
     for case, least in (("pass", 10000), ("drop", 200), ("drop fragment", 200), ("tx", 5000),
                         ("tx new connection", 2000), ("tx of ICMP", 500), ("tx held (drained)", 200),
-                        ("tx held (grace)", 200), ("tx of ICMP held (grace)", 20), ("tx of ICMP held (drained)", 20)):
+                        ("tx held (grace)", 100), ("tx re-chosen after the grace", 20),
+                        ("tx of ICMP held (grace)", 20), ("tx of ICMP held (drained)", 20)):
         assert oracle.seen[case] >= least, f"only {oracle.seen[case]} frames were '{case}' ({summary})"
 
 
 # ---- the oracle can fail (pure: no root, no program) ------------------------------
 
-def _oracle(now=0.0):
-    model = model_of(after_services(), GATEWAY_MACS)
-    model.clock = lambda: now
-    return O.Oracle(model)
+class _At(O.Oracle):
+    """The oracle with the program run at a time the test sets (`now`)."""
+    now = 10.0
+
+    def judge(self, raw, action, out, ran=None):
+        return super().judge(raw, action, out, ran or (self.now, self.now))
+
+
+def _oracle():
+    return _At(model_of(after_services(), GATEWAY_MACS))
 
 
 def _tx(raw: bytes, backend_octet: int, src=GW_MAC) -> bytes:
@@ -616,7 +632,7 @@ def test_oracle_rejects_what_the_specification_forbids():
     ack = bytes(tcp_to(VIP1, 104, sport=20001, flags="PA", payload=b"data"))
     syn = bytes(tcp_to(VIP1, 104, sport=20001, flags="S"))
     key = O.flow_key(bytes([10, 10, 0, 2]), bytes([10, 10, 0, 100]), 20001, 104, O.TCP)
-    oracle = _oracle(now=10.0)
+    oracle = _oracle()
     assert oracle.judge(ack, O.TX, _tx(ack, 11)) is None
     assert "ABORTED" in oracle.judge(ack, O.ABORTED, ack)
     assert "changed the frame" in oracle.judge(ack, O.PASS, ack[:-1] + b"!")
@@ -626,29 +642,35 @@ def test_oracle_rejects_what_the_specification_forbids():
     assert "not a live backend" in oracle.judge(ack, O.TX, _tx(ack, 13))       # down, and this flow was not on it
     assert "not a live backend" in oracle.judge(ack, O.TX, _tx(ack, 12))       # drained, and this flow was not on it
 
-    # Held flows: allowed on their own backend, never for a new connection, grace only within its time.
+    # Held flows: they stay on their backend, never a new connection, and a grace ends.
     oracle.model.held[key] = O.Held(mac_of(12), "drained", None)
     assert oracle.judge(ack, O.TX, _tx(ack, 12)) is None
-    assert "new TCP connection" in oracle.judge(syn, O.TX, _tx(syn, 12))
-    oracle.model.held[key] = O.Held(mac_of(13), "grace", 11.0)
-    assert oracle.judge(ack, O.TX, _tx(ack, 13)) is None
-    oracle.model.clock = lambda: 11.5
-    assert "after its grace" in oracle.judge(ack, O.TX, _tx(ack, 13))
-    assert oracle.judge(syn, O.TX, _tx(syn, 14)) is None and key not in oracle.model.held
-    # ...and held flows must stay put, until a RST leaves it open.
-    oracle.model.clock = lambda: 10.0
-    oracle.model.held[key] = O.Held(mac_of(13), "grace", 11.0)
     assert "keep their established flows" in oracle.judge(ack, O.TX, _tx(ack, 14))
+    assert "new TCP connection" in oracle.judge(syn, O.TX, _tx(syn, 12))
+    oracle.model.held[key] = O.Held(mac_of(13), "grace", (11.0, 11.2))
+    assert oracle.judge(ack, O.TX, _tx(ack, 13)) is None
+    assert "keep their established flows" in oracle.judge(ack, O.TX, _tx(ack, 14))
+    oracle.now = 11.1                   # the grace may or may not be over
+    assert oracle.judge(ack, O.TX, _tx(ack, 13)) is None
+    oracle.now = 11.2                   # it is over
+    assert "after its grace" in oracle.judge(ack, O.TX, _tx(ack, 13))
+    oracle.now = 11.1
+    assert oracle.judge(ack, O.TX, _tx(ack, 14)) is None and key not in oracle.model.held   # re-chosen
+    oracle.model.held[key] = O.Held(mac_of(13), "grace", (11.0, 11.2))
+    assert oracle.judge(syn, O.TX, _tx(syn, 14)) is None and key not in oracle.model.held
+    # A RST leaves open whether the flow stays.
+    oracle.now = 10.0
+    oracle.model.held[key] = O.Held(mac_of(13), "grace", (11.0, 11.2))
     rst = bytes(tcp_to(VIP1, 104, sport=20001, flags="R"))
     assert oracle.judge(rst, O.TX, _tx(rst, 13)) is None
     assert oracle.judge(ack, O.TX, _tx(ack, 14)) is None
 
     # A backend going down holds, loosely, the flows seen sent to it; no other flow may reach it.
     other = bytes(tcp_to(VIP1, 104, sport=20002, flags="PA"))
-    fresh = _oracle(now=10.0)
+    fresh = _oracle()
     assert fresh.judge(ack, O.TX, _tx(ack, 14)) is None
-    fresh.model.reconfigure(model_of(midway_services(), GATEWAY_MACS).services, frozenset({mac_of(14)}), 11.0)
-    assert fresh.judge(ack, O.TX, _tx(ack, 14)) is None and fresh.judge(ack, O.TX, _tx(ack, 13)) is None
+    fresh.model.reconfigure(model_of(midway_services(), GATEWAY_MACS).services, MIDWAY_DOWN, (11.0, 11.2))
+    assert fresh.judge(ack, O.TX, _tx(ack, 14)) is None and fresh.judge(ack, O.TX, _tx(ack, 16)) is None
     assert "not a live backend" in fresh.judge(other, O.TX, _tx(other, 14))
 
     # Point 5: frames for others pass untouched, even to a service.
