@@ -11,6 +11,7 @@
 
 #include <linux/if_ether.h>
 #include "lb_structs.h"
+#include "race_window.h"
 
 static __always_inline void copy_mac(__u8 *dst, const __u8 *src)
 {
@@ -19,6 +20,7 @@ static __always_inline void copy_mac(__u8 *dst, const __u8 *src)
 	dst[0] = src[0];
 	dst[1] = src[1];
 	dst[2] = src[2];
+	race_window();          /* test builds only: a MAC copied in two halves far apart */
 	dst[3] = src[3];
 	dst[4] = src[4];
 	dst[5] = src[5];

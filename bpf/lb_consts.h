@@ -45,11 +45,14 @@
  * controller writes next (see lb_maps.h for why). */
 #define TABLES_PER_SERVICE 2
 
-/* struct service_info.flags */
+/* struct service_info.flags and struct service_ref.state (bits 0-6) */
 #define F_SVC_CLIENT_PERSIST (1U << 0) /* hash source address only, not the 5-tuple */
+/* struct service_ref.state, bit 7: which of the service's two Maglev tables is live */
+#define SVC_STATE_HALF (1U << 7)
 
 /* struct backend_info.flags */
-#define F_BACKEND_UP (1U << 0) /* healthy: flows may stay on / be sent to it */
+#define F_BACKEND_UP (1U << 0)    /* healthy: flows may stay on / be sent to it */
+#define F_BACKEND_READY (1U << 1) /* the entry's MAC and service id are written and stable (lb_maps.h) */
 
 /* struct lb_config.flags */
 #define F_CFG_NO_BACKEND_DROP (1U << 0) /* drop, rather than pass to the local stack, when no backend is up */

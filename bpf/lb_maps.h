@@ -3,7 +3,7 @@
  * lb_maps.h - every map of the data plane, in bcc's map macros.
  *
  * Each map says: key -> value, who writes it, who reads it. The controller
- * (xdplb/kernel.py) opens them by these names.
+ * (xdplb/dataplane.py) opens them by these names.
  */
 #ifndef XDPLB_MAPS_H
 #define XDPLB_MAPS_H
@@ -29,23 +29,77 @@
 #define LB_MAP_F(type, key, value, name, size, flags) BPF_F_TABLE(type, key, value, name, size, flags)
 #endif
 
-/* service_key -> service_info; written by the controller, read per packet. */
+/*
+ * Why every read a packet acts on is consistent
+ * ==============================================
+ * The controller rewrites these maps while packets read them on other CPUs,
+ * and the kernel gives fewer guarantees than it seems:
+ *   - an array element is updated in place by memcpy (on x86 with FSRM a
+ *     `rep movsb`): a reader can see any mix of old and new bytes;
+ *   - a hash element that is replaced or deleted goes back to a free list
+ *     (preallocated: a per-CPU spare or the freelist; since 6.1 without
+ *     preallocation: bpf_mem_alloc) and the next update reuses it with no
+ *     RCU grace period: a reader holding it can see another key's value;
+ *   - the LRU flow table recycles its elements the same way.
+ * Three facts the argument uses:
+ *   (a) a store that changes one byte is atomic whatever copies it: every
+ *       other byte is rewritten with the value it had, so a reader sees the
+ *       old value or the new one;
+ *   (b) each XDP run is one RCU read-side critical section, so after
+ *       synchronize_rcu() (the controller's membarrier(MEMBARRIER_CMD_GLOBAL))
+ *       no packet that started before it is still running, and a packet that
+ *       sees a store made after it sees every store made before it;
+ *   (c) a hash insert fills the element before linking it in one pointer
+ *       store, so a lookup never returns a half-written new element.
+ * The rules (the controller's write path, xdplb/dataplane.py, keeps them):
+ *   1. A record a packet acts on is published by one byte: backend_info's
+ *      F_BACKEND_READY, service_ref.proto (0 while the id is unbound),
+ *      lb_config.ready. Fields are rewritten only while that byte says
+ *      "not published" and a grace period has passed since it did: retire
+ *      (one byte) -> grace period -> rewrite -> grace period -> publish
+ *      (one byte). A packet that saw the record published therefore reads
+ *      the fields of one version, and they stay put until it is done (b).
+ *   2. Changes that alter a single byte (a backend up or down, a Maglev
+ *      flip in service_ref.state) are written directly (a).
+ *   3. A Maglev table is written only into the half no service_ref names,
+ *      and only a grace period after it stopped being named; the flip to it
+ *      comes a grace period after the write. A packet reads the half its
+ *      service_ref snapshot names, and that half holds still (b).
+ *   4. A service id or backend id gets a new owner only a grace period
+ *      after it lost the old one (1): within one packet an id it has checked
+ *      keeps its owner.
+ *   5. What may be recycled under the reader is only a hint, checked after
+ *      the read: the flow entry (bid, sid) is read in one 64-bit load, sid
+ *      must be bound to the packet's own (VIP, port, protocol) in
+ *      service_ids, and bid must be a published backend of sid; the id in a
+ *      services element is checked the same way against service_ids. A
+ *      recycled or torn hint can only fail those checks (the packet takes
+ *      the long way) or name another backend of the same service.
+ * So a packet of service A leaves only with the MAC of a backend published
+ * for A, and with the source MAC of a published lb_config.
+ * tests/packet/test_flip_stress.py tries it under concurrency, and with a
+ * build that widens every window (-DXDPLB_RACE_DELAY) also the old scheme.
+ */
+
+/* service_key -> service_info; written by the controller, read per new or
+ * re-chosen flow. Only `id` is used, and checked (rule 5). */
 LB_MAP("hash", struct service_key, struct service_info, services, MAX_SERVICES);
 
 /*
- * service id -> the service_key it serves now (zero while the id is free);
- * written by the controller next to every services write, read per packet.
+ * service id -> service_ref: the (VIP, port, protocol) the id serves now,
+ * its flags and live Maglev half (proto 0 while the id is free); written by
+ * the controller, read per packet in one 64-bit load.
  *
  * It lets an established packet skip the services hash lookup: the flow
  * entry names its service id, and the packet's own (VIP, port, protocol)
  * must equal what that id serves now. A hash lookup calls into the kernel
  * (hash, bucket walk, memcmp, each a call and return), an array lookup is
  * inlined by the verifier, so this saves the dearest part of the hit path.
- * The controller keeps it a mirror of `services`: an id is written here
- * after `services` names it and cleared before `services` stops naming it,
- * so a match always means the services lookup would give the same id.
+ * An id is bound (proto set) before `services` names it and unbound after
+ * `services` stops naming it, so a match always means the services lookup
+ * would give the same id. It is also where a table flips: one byte, state.
  */
-LB_MAP("array", int, struct service_key, service_ids, MAX_SERVICES);
+LB_MAP("array", int, struct service_ref, service_ids, MAX_SERVICES);
 
 /*
  * (host-order destination port / 32) -> bit (port % 32) set when some
@@ -53,14 +107,15 @@ LB_MAP("array", int, struct service_key, service_ids, MAX_SERVICES);
  * read per TCP/UDP packet. A superset of the services' ports at all times
  * (bits are set before a service is added, cleared after the last service
  * on a port is gone), so a clear bit means the services lookup would miss:
- * the gateway's own traffic passes without any hash lookup.
+ * the gateway's own traffic passes without any hash lookup. A bit that does
+ * not change reads the same in a torn word, so no rule is needed.
  */
 LB_MAP("array", int, __u32, service_ports, PORT_WORDS);
 
 /* VIP address -> 1; written by the controller, read for IPv4 fragments only. */
 LB_MAP("hash", struct lb_addr, __u32, vips, MAX_VIPS);
 
-/* backend id -> backend_info; written by the controller, read per packet. */
+/* backend id -> backend_info; written by the controller (rule 1), read per packet. */
 LB_MAP("array", int, struct backend_info, backends, MAX_BACKENDS);
 
 /*
@@ -70,12 +125,11 @@ LB_MAP("array", int, struct backend_info, backends, MAX_BACKENDS);
  * Why two tables per service rather than map-in-map: an array element is
  * updated in place by a memcpy, so a packet reading a table while the
  * controller rewrites it could see half of each version. The controller
- * therefore writes the half that is NOT live, then flips service_info.table
- * with one update of the services hash map, which the kernel swaps in as a
- * whole element under RCU. A packet sees the old table or the new one,
- * never a mix. Map-in-map would give the same guarantee, but bcc's Python
- * side cannot create inner maps without dropping to raw syscalls, and two
- * preallocated halves keep the per-packet path to one array lookup.
+ * therefore writes the half that is NOT live, then flips the half bit of
+ * service_ref.state (rule 3). Map-in-map would give the same guarantee, but
+ * bcc's Python side cannot create inner maps without dropping to raw
+ * syscalls, and two preallocated halves keep the per-packet path to one
+ * array lookup.
  */
 LB_MAP("array", int, struct maglev_table, maglev_tables, MAX_SERVICES * TABLES_PER_SERVICE);
 
@@ -89,7 +143,7 @@ LB_MAP("array", int, struct maglev_table, maglev_tables, MAX_SERVICES * TABLES_P
  */
 LB_MAP_F("lru_hash", struct flow_key, struct flow_value, flows, FLOW_TABLE_SIZE, BPF_F_NO_COMMON_LRU);
 
-/* 0 -> lb_config; written by the controller at attach, read per packet. */
+/* 0 -> lb_config; written by the controller at attach (rule 1), read per packet. */
 LB_MAP("array", int, struct lb_config, lb_config, 1);
 
 /* service id -> per-CPU lb_counters; written per packet, read by the controller. */

@@ -23,18 +23,28 @@ struct lb_addr {
 
 /* services map key: what a client addresses. IPv4 only, like the program:
  * the kernel hashes and compares every key byte on every lookup, so the key
- * holds the 4-byte address rather than a struct lb_addr. Also the value of
- * the service_ids map (the key a service id serves now; all zero while the
- * id is free). */
+ * holds the 4-byte address rather than a struct lb_addr. */
 struct service_key {
 	__be32 vip;            /* network order */
 	__be16 port;           /* network order: destination port */
-	__u8 proto;            /* IPPROTO_TCP (6) or IPPROTO_UDP (17); 0 in a free service_ids entry */
+	__u8 proto;            /* IPPROTO_TCP (6) or IPPROTO_UDP (17) */
 	__u8 pad;              /* zero */
 };
 
-/* services map value. Replaced whole (hash map update) so a packet sees
- * either the old or the new value, never a mix: this is how a table flips. */
+/* service_ids map value: what a service id serves now and how. The one
+ * record a packet acts on for its service (see lb_maps.h for why it is
+ * read in one 64-bit load and changed one byte at a time). Same bytes as a
+ * service_key, with the last byte holding the state. */
+struct service_ref {
+	__be32 vip;            /* network order */
+	__be16 port;           /* network order: destination port */
+	__u8 proto;            /* IPPROTO_TCP or IPPROTO_UDP; 0 while the id is free or being bound */
+	__u8 state;            /* F_SVC_* flags, and SVC_STATE_HALF: the live Maglev half */
+};
+
+/* services map value. The program takes only `id` from it, and checks it
+ * against service_ids (lb_maps.h); flags and table mirror service_ids'
+ * state for a controller adopting the maps (and for older programs). */
 struct service_info {
 	__u32 id;              /* host order: 0 .. MAX_SERVICES-1, index of counters and tables */
 	__u32 flags;           /* host order: F_SVC_* */
@@ -47,7 +57,7 @@ struct service_info {
 struct backend_info {
 	struct lb_addr addr;   /* network order: the backend's own address (informational) */
 	__u8 mac[6];           /* wire order: destination MAC written into forwarded frames */
-	__u8 flags;            /* F_BACKEND_* */
+	__u8 flags;            /* F_BACKEND_*; F_BACKEND_READY publishes the other fields (lb_maps.h) */
 	__u8 pad;              /* zero */
 	__u32 service_id;      /* host order: the service this id belongs to */
 };
@@ -63,7 +73,7 @@ struct flow_key {
 	__u8 pad[3];           /* zero */
 };
 
-/* flows map value. */
+/* flows map value: 8 bytes, 8-aligned, read by the program in one 64-bit load. */
 struct flow_value {
 	__u32 backend_id;      /* host order: backend the flow is pinned to */
 	__u32 service_id;      /* host order: service it was chosen in */
@@ -84,7 +94,7 @@ struct lb_counters {
 /* lb_config value (single entry, key 0): facts about the attached interface. */
 struct lb_config {
 	__u8 mac[6];           /* wire order: source MAC written into forwarded frames */
-	__u8 ready;            /* 1 once the controller has written this entry */
+	__u8 ready;            /* 1 once the controller has written this entry (publishes the others, lb_maps.h) */
 	__u8 flags;            /* F_CFG_* */
 	__u32 hash_seed;       /* host order: seed of the flow hash (xdplb/flowhash.py mirrors it) */
 };

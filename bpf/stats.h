@@ -24,6 +24,13 @@ static __always_inline void count_reason(__u32 reason)
 	count_u64(not_forwarded.lookup(&reason));
 }
 
+/* Count why a packet was not forwarded and return the action it gets. */
+static __always_inline int counted(__u32 reason, int action)
+{
+	count_reason(reason);
+	return action;
+}
+
 static __always_inline void count_event(__u32 event)
 {
 	count_u64(events.lookup(&event));

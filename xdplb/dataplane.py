@@ -10,7 +10,8 @@ import ctypes
 import ipaddress
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterable, Protocol
 
 from . import bpf_source, plan, structs
@@ -70,6 +71,82 @@ class KernelState:
     config: tuple | None      # (mac, hash_seed) or None if never written
 
 
+MEMBARRIER_CMD_QUERY = 0
+MEMBARRIER_CMD_GLOBAL = 1
+_SYS_MEMBARRIER = {"x86_64": 324, "aarch64": 283, "ppc64le": 365, "s390x": 356, "riscv64": 283, "armv7l": 389}
+
+
+def _membarrier(cmd: int) -> int:
+    import platform
+
+    number = _SYS_MEMBARRIER.get(platform.machine())
+    if number is None:
+        raise LoadError(f"membarrier's syscall number on {platform.machine()} is not known to xdplb")
+    return ctypes.CDLL(None, use_errno=True).syscall(number, cmd, 0, 0)
+
+
+def check_grace_periods() -> None:
+    """LoadError unless membarrier(MEMBARRIER_CMD_GLOBAL) is available: the
+    map writes wait for RCU grace periods with it (bpf/lb_maps.h). The kernel
+    withholds it where CPUs run nohz_full."""
+    supported = _membarrier(MEMBARRIER_CMD_QUERY)
+    if supported < 0 or not supported & MEMBARRIER_CMD_GLOBAL:
+        raise LoadError("this kernel does not offer membarrier(MEMBARRIER_CMD_GLOBAL) (it is withheld when CPUs "
+                        "run nohz_full); xdplb needs it to wait for RCU grace periods between map writes")
+
+
+def synchronize_rcu() -> None:
+    """membarrier(MEMBARRIER_CMD_GLOBAL): returns after an RCU grace period."""
+    import os
+
+    if _membarrier(MEMBARRIER_CMD_GLOBAL) != 0:
+        err = ctypes.get_errno()
+        raise LoadError(f"membarrier(MEMBARRIER_CMD_GLOBAL) failed ({os.strerror(err)}): xdplb cannot wait "
+                        f"for an RCU grace period between map writes")
+
+
+@dataclass
+class _Marker:
+    """How a record is published: `published(v)`, and `cleared(v)`, v with its publish byte off."""
+
+    field: str
+    bit: int | None = None        # a flag bit of `field`; None: the whole byte (0 = unpublished)
+
+    def published(self, value) -> bool:
+        byte = getattr(value, self.field)
+        return bool(byte & self.bit) if self.bit is not None else byte != 0
+
+    def cleared(self, value):
+        copy = type(value).from_buffer_copy(bytes(value))
+        setattr(copy, self.field, getattr(value, self.field) & ~self.bit if self.bit is not None else 0)
+        return copy
+
+
+_BACKEND = _Marker("flags", structs.F_BACKEND_READY)
+_CONFIG = _Marker("ready")
+_SERVICE_REF = _Marker("proto")
+
+
+def _bytes_differing(a, b) -> int:
+    return sum(x != y for x, y in zip(bytes(a), bytes(b)))
+
+
+def _call_all(writes) -> None:
+    for write in writes:
+        write()
+
+
+@dataclass
+class _Writes:
+    """One apply's map writes in the passes of bpf/lb_maps.h's rules, each in plan order."""
+
+    retire: list = field(default_factory=list)    # one-byte writes that unpublish a record to be rewritten
+    content: list = field(default_factory=list)   # writes to what no packet acts on (idle halves, unpublished)
+    publish: list = field(default_factory=list)   # one-byte writes: publish, flip, up/down; services entries
+    late: list = field(default_factory=list)      # removals, once the flips no longer name what goes
+    scrub: list = field(default_factory=list)     # zeroing what `late` unpublished, a grace period later
+
+
 class BccDataplane:
     """The compiled program and its maps. Not attached until attach().
 
@@ -78,17 +155,21 @@ class BccDataplane:
     shapes were checked against `settings`.
     """
 
-    def __init__(self, settings: Settings, pin_dir=None):
+    def __init__(self, settings: Settings, pin_dir=None, bpf_dir=None, extra_defines=None):
         from bcc import BPF  # imported here so `xdplb --help` and `check` never need bcc
 
         from . import pinning
 
+        check_grace_periods()
         self._BPF = BPF
         self.settings = settings
         self.pin_dir = pin_dir
         self.adopted = False
         self.notes: list[str] = []
         flags = defines(settings)
+        # Tests and benches only: another source tree (an older build) and
+        # test-only defines such as XDPLB_RACE_DELAY.
+        flags.update(extra_defines or {})
         if pin_dir is not None:
             note = pinning.ensure_bpffs(pin_dir)
             if note:
@@ -105,13 +186,16 @@ class BccDataplane:
         self.compile_seconds = 0.0
         started = time.monotonic()
         try:
-            self.bpf = BPF(text=bpf_source.assemble().encode(), cflags=bpf_source.cflags(flags))
+            text = bpf_source.assemble() if bpf_dir is None else bpf_source.assemble(bpf_dir=Path(bpf_dir))
+            self.bpf = BPF(text=text.encode(), cflags=bpf_source.cflags(flags))
             self.fn = self.bpf.load_func(PROG_NAME.encode(), BPF.XDP)
         except Exception as exc:  # bcc raises bare Exception for compile and verifier errors
             raise LoadError(f"the XDP program did not load: {exc}") from exc
         self.compile_seconds = time.monotonic() - started
         self._table_type = structs.maglev_table_type(settings.maglev_size)
         self._maps: dict = {}
+        self._unsettled = False     # something was published or removed since the last grace period
+        self.grace_periods = 0      # how many this dataplane waited for (tests and benches read it)
         self._check_layouts()
         if self.adopted:
             self._rebuild_service_index()
@@ -139,7 +223,7 @@ class BccDataplane:
             "maglev_tables": (None, self._table_type),
             "vips": (structs.LbAddr, None),
             "service_stats": (None, structs.LbCounters),
-            "service_ids": (None, structs.ServiceKey),
+            "service_ids": (None, structs.ServiceRef),
             "service_ports": (None, ctypes.c_uint32),
         }
         for name, (key, leaf) in expect.items():
@@ -179,84 +263,169 @@ class BccDataplane:
         return self.pin_dir is not None and pinning.remove(self.pin_dir)
 
     # ---- writes -----------------------------------------------------------
+    #
+    # Packets read these maps on other CPUs while they are written, and the
+    # kernel copies a value with memcpy, in place for arrays. The writes
+    # therefore follow the rules argued in bpf/lb_maps.h: a record a packet
+    # acts on is published and unpublished by one byte (backend_info's
+    # F_BACKEND_READY, service_ref.proto, lb_config.ready); its other fields
+    # change only while it is unpublished and a grace period has passed
+    # since; a Maglev table is written only into the idle half, a grace
+    # period after it was last live, and flipped to a grace period after.
+    # One apply sorts its writes into passes (_Writes) so that a whole plan
+    # needs at most three grace periods, and usually one or none.
 
     def apply(self, ops: Iterable) -> None:
+        writes = _Writes()
         for op in ops:
-            self._apply_one(op)
+            self._plan_writes(op, writes)
+        self._run(writes)
 
-    def _apply_one(self, op) -> None:
+    def _run(self, w: "_Writes") -> None:
+        _call_all(w.retire)
+        if w.content:
+            if w.retire or self._unsettled:
+                self.grace_period()
+            _call_all(w.content)
+            if w.publish:
+                self.grace_period()
+        elif w.retire:
+            self._unsettled = True
+        _call_all(w.publish)
+        _call_all(w.late)
+        if w.publish or w.late:
+            self._unsettled = True
+        if w.scrub:
+            self.grace_period()
+            _call_all(w.scrub)
+
+    def grace_period(self) -> None:
+        """Wait until no packet that started before this call is still running.
+
+        Each XDP run is one RCU read-side critical section, and
+        membarrier(MEMBARRIER_CMD_GLOBAL) returns after synchronize_rcu().
+        """
+        synchronize_rcu()
+        self._unsettled = False
+        self.grace_periods += 1
+
+    def _plan_writes(self, op, w: "_Writes") -> None:
         if isinstance(op, plan.SetConfig):
             flags = structs.F_CFG_NO_BACKEND_DROP if op.drop_without_backend else 0
             cfg = structs.LbConfig((ctypes.c_uint8 * 6)(*op.mac), 1, flags, op.hash_seed)
-            self.map("lb_config")[0] = cfg
+            self._stage(w, "lb_config", 0, cfg, _CONFIG)
         elif isinstance(op, plan.ZeroCounters):
             table = self.map("service_stats" if op.kind == "service" else "backend_stats")
-            table[op.id] = table.Leaf()  # bcc's per-CPU Leaf is already one value per CPU
+            w.content.append(lambda: table.__setitem__(op.id, table.Leaf()))  # bcc's per-CPU Leaf holds every CPU
         elif isinstance(op, plan.PutBackend):
-            flags = structs.F_BACKEND_UP if op.up else 0
+            flags = structs.F_BACKEND_READY | (structs.F_BACKEND_UP if op.up else 0)
             info = structs.BackendInfo(structs.LbAddr.of(op.address), (ctypes.c_uint8 * 6)(*op.mac), flags, 0, op.service_id)
-            self.map("backends")[op.id] = info
+            self._stage(w, "backends", op.id, info, _BACKEND)
         elif isinstance(op, plan.ClearBackend):
-            self.map("backends")[op.id] = structs.BackendInfo()
+            self._clear_backend(op.id, w)
         elif isinstance(op, plan.PutTable):
             table = self._table_type()
             table.slots[:] = op.slots
-            self.map("maglev_tables")[op.service_id * structs.TABLES_PER_SERVICE + op.half] = table
+            maglev = self.map("maglev_tables")
+            w.content.append(lambda: maglev.__setitem__(op.service_id * structs.TABLES_PER_SERVICE + op.half, table))
         elif isinstance(op, plan.PutService):
-            self._put_service(op)
+            self._put_service(op, w)
         elif isinstance(op, plan.DelService):
-            self._del_service(op)
+            self._del_service(op, w)
         elif isinstance(op, plan.PutVip):
-            self.map("vips")[structs.LbAddr.of(op.address)] = ctypes.c_uint32(1)
+            vips = self.map("vips")
+            w.publish.append(lambda: vips.__setitem__(structs.LbAddr.of(op.address), ctypes.c_uint32(1)))
         elif isinstance(op, plan.DelVip):
-            try:
-                del self.map("vips")[structs.LbAddr.of(op.address)]
-            except KeyError:
-                pass
+            w.late.append(lambda: self._delete(self.map("vips"), structs.LbAddr.of(op.address)))
         else:
             raise TypeError(f"unknown map write {op!r}")
 
+    def _stage(self, w: "_Writes", name: str, key, new, marker: "_Marker") -> None:
+        """Schedule table[key] = new so that no packet acts on a mix of versions.
+
+        A change of one byte is atomic and goes straight into the publish
+        pass. Any other change unpublishes the record first (one byte), has
+        it rewritten while unpublished after a grace period, and publishes
+        it (one byte) after another.
+        """
+        table = self.map(name)
+        current = table[key]
+        if _bytes_differing(current, new) <= 1:
+            if bytes(current) != bytes(new):
+                w.publish.append(lambda: table.__setitem__(key, new))
+            return
+        if marker.published(current):
+            retired = marker.cleared(current)
+            w.retire.append(lambda: table.__setitem__(key, retired))
+        hidden = marker.cleared(new)
+        w.content.append(lambda: table.__setitem__(key, hidden))
+        if marker.published(new):
+            w.publish.append(lambda: table.__setitem__(key, new))
+
+    def _clear_backend(self, bid: int, w: "_Writes") -> None:
+        """Unpublish a removed backend after the flips (its tables no longer
+        name it), then zero it a grace period later."""
+        table = self.map("backends")
+        current = table[bid]
+        if not any(bytes(current)):
+            return
+        if current.flags:
+            off = structs.BackendInfo.from_buffer_copy(bytes(current))
+            off.flags = 0                      # one byte: READY and UP go together
+            w.late.append(lambda: table.__setitem__(bid, off))
+        w.scrub.append(lambda: table.__setitem__(bid, structs.BackendInfo()))
+
+    @staticmethod
+    def _delete(table, key) -> None:
+        try:
+            del table[key]
+        except KeyError:
+            pass  # already gone: deleting is idempotent
+
     # ---- services and the two arrays derived from them ----------------------
     #
-    # The program checks an established flow's service through service_ids
-    # and skips every lookup for a port no service uses (service_ports); see
-    # bpf/lb_maps.h. Both must agree with `services` whenever a packet can
-    # see them, hence the order of the writes: service_ids[id] holds a key
-    # only while `services` maps that key to the id (written after the
-    # services entry, cleared before it goes or moves), so a match in the
-    # program always means the services lookup would give that id; a missing
-    # entry only sends a packet the long way. A port's bit is set before the
+    # The program checks a service id through service_ids and skips every
+    # lookup for a port no service uses (service_ports); see bpf/lb_maps.h.
+    # service_ids[id] is bound (proto set) only while `services` maps its key
+    # to the id: bound after the services entry is written, unbound before it
+    # goes or moves to another id, so a match in the program always means the
+    # services lookup would give that id. A port's bit is set before the
     # first service on the port is written and cleared after the last one
-    # is gone.
+    # is gone. A flip changes one byte of service_ids[id].state; the services
+    # entry mirrors it (flags, table) for a controller adopting the maps.
 
-    def _put_service(self, op) -> None:
+    def _put_service(self, op, w: "_Writes") -> None:
         key = structs.ServiceKey.of(op.vip, op.port, op.protocol)
         services = self.map("services")
-        self._set_port_bit(op.port, True)
+        w.content.append(lambda: self._set_port_bit(op.port, True))
         old = services.get(key)
         if old is not None and old.id != op.id:
-            self._release_service_id(old.id, key)  # the key moves to another id (a renamed service)
-        services[key] = structs.ServiceInfo(op.id, op.flags, op.half, 0)
-        self.map("service_ids")[op.id] = key
+            w.publish.append(lambda: self._unbind(old.id, key))  # the key moves to another id (a renamed service)
+        info = structs.ServiceInfo(op.id, op.flags, op.half, 0)
+        w.publish.append(lambda: services.__setitem__(key, info))
+        self._stage(w, "service_ids", op.id, structs.ServiceRef.of(key, op.flags, op.half), _SERVICE_REF)
 
-    def _del_service(self, op) -> None:
+    def _del_service(self, op, w: "_Writes") -> None:
         key = structs.ServiceKey.of(op.vip, op.port, op.protocol)
         services = self.map("services")
-        old = services.get(key)
-        if old is None:
-            return  # already gone: deleting is idempotent
-        self._release_service_id(old.id, key)
-        try:
-            del services[key]
-        except KeyError:
-            pass
-        if not any(socket.ntohs(k.port) == op.port for k in services.keys()):
-            self._set_port_bit(op.port, False)
 
-    def _release_service_id(self, sid: int, key) -> None:
+        def remove():
+            old = services.get(key)
+            if old is None:
+                return  # already gone: deleting is idempotent
+            self._unbind(old.id, key)
+            self._delete(services, key)
+            if not any(socket.ntohs(k.port) == op.port for k in services.keys()):
+                self._set_port_bit(op.port, False)
+
+        w.late.append(remove)
+
+    def _unbind(self, sid: int, key) -> None:
+        """Unpublish service_ids[sid] if it is bound to `key` (one byte: proto)."""
         ids = self.map("service_ids")
-        if bytes(ids[sid]) == bytes(key):
-            ids[sid] = structs.ServiceKey()
+        ref = ids[sid]
+        if ref.proto and bytes(ref)[:7] == bytes(key)[:7]:     # vip, port, proto: all but the state byte
+            ids[sid] = _SERVICE_REF.cleared(ref)
 
     def _set_port_bit(self, port: int, on: bool) -> None:
         ports = self.map("service_ports")
@@ -267,11 +436,14 @@ class BccDataplane:
             ports[word] = ctypes.c_uint32(new)
 
     def _rebuild_service_index(self) -> None:
-        """Make service_ids and service_ports agree with adopted `services`
-        (maps pinned by an earlier build may lack them or hold stale bits)."""
-        services = [(structs.ServiceKey.from_buffer_copy(bytes(k)), v.id) for k, v in self.map("services").items()]
+        """Make service_ids, service_ports and the backends' READY flags agree
+        with adopted maps (maps pinned by an earlier build may lack them, hold
+        stale bits, or predate F_BACKEND_READY). An earlier program may still
+        be forwarding with these maps, so the same staged writes are used."""
+        services = [(structs.ServiceKey.from_buffer_copy(bytes(k)), v) for k, v in self.map("services").items()]
         ids, ports = self.map("service_ids"), self.map("service_ports")
-        want_ids = {sid: key for key, sid in services}
+        w = _Writes()
+        want_ids = {info.id: structs.ServiceRef.of(key, info.flags, info.table & 1) for key, info in services}
         words = [0] * structs.PORT_WORDS
         for key, _ in services:
             word, bit = divmod(socket.ntohs(key.port), 32)
@@ -281,9 +453,19 @@ class BccDataplane:
             if have | bits != have:
                 ports[word] = ctypes.c_uint32(have | bits)  # set first: a superset at every step
         for sid in range(self.settings.max_services):
-            want = bytes(want_ids.get(sid, structs.ServiceKey()))
-            if bytes(ids[sid]) != want:
-                ids[sid] = structs.ServiceKey.from_buffer_copy(want)
+            want = want_ids.get(sid)
+            if want is not None:
+                self._stage(w, "service_ids", sid, want, _SERVICE_REF)
+            elif ids[sid].proto:
+                w.retire.append(lambda sid=sid: ids.__setitem__(sid, _SERVICE_REF.cleared(ids[sid])))
+        backends = self.map("backends")
+        for bid in range(1, self.settings.max_backends):
+            be = backends[bid]
+            if any(be.mac) and not be.flags & structs.F_BACKEND_READY:
+                be.flags |= structs.F_BACKEND_READY
+                w.publish.append(lambda bid=bid, be=be: backends.__setitem__(bid, be))
+        self._unsettled = True       # whatever wrote these maps last may not be a grace period ago
+        self._run(w)
         for word, bits in enumerate(words):
             if ports[word].value != bits:
                 ports[word] = ctypes.c_uint32(bits)

@@ -11,7 +11,9 @@ Order of the writes, so that no packet ever sees a half-done change:
   3. backends are written (a new MAC, up -> down or down -> up takes effect
      at once for existing flows: a flow on a down backend is re-chosen);
   4. each changed Maglev table is written into the service's idle half;
-  5. each service entry is written, flipping to that half in one update;
+  5. each service entry is written, flipping to that half (one byte of its
+     service_ids entry; the kernel layer adds the grace periods that
+     bpf/lb_maps.h asks for between these steps);
   6. VIP addresses are added;
   7. removed services are deleted, then their and other removed backends are
      cleared (no live table names them any more), then unused VIPs go.

@@ -12,12 +12,15 @@ import ctypes
 import ipaddress
 import socket
 
-# struct service_info.flags
+# struct service_info.flags and struct service_ref.state (bits 0-6)
 F_SVC_CLIENT_PERSIST = 1 << 0
+# struct service_ref.state, bit 7: the live Maglev half
+SVC_STATE_HALF = 1 << 7
 # struct lb_config.flags
 F_CFG_NO_BACKEND_DROP = 1 << 0
 # struct backend_info.flags
 F_BACKEND_UP = 1 << 0
+F_BACKEND_READY = 1 << 1   # publishes the entry's other fields (bpf/lb_maps.h)
 
 TABLES_PER_SERVICE = 2
 # Words of the service_ports bitmap (PORT_WORDS): one bit per destination port.
@@ -50,7 +53,7 @@ class LbAddr(ctypes.Structure):
 
 
 class ServiceKey(ctypes.Structure):
-    """struct service_key: the services map key, and the service_ids map value (all zero: id free)."""
+    """struct service_key: the services map key."""
 
     _fields_ = [
         ("vip", ctypes.c_uint8 * 4),  # network order (C: __be32)
@@ -65,6 +68,24 @@ class ServiceKey(ctypes.Structure):
 
     def ip(self) -> ipaddress.IPv4Address:
         return ipaddress.IPv4Address(bytes(self.vip))
+
+
+class ServiceRef(ctypes.Structure):
+    """struct service_ref: the service_ids map value (proto 0: the id is free or being bound)."""
+
+    _fields_ = [
+        ("vip", ctypes.c_uint8 * 4),  # network order (C: __be32)
+        ("port", ctypes.c_uint16),   # network order (store with socket.htons)
+        ("proto", ctypes.c_uint8),   # IPPROTO_TCP / IPPROTO_UDP; 0 while unbound
+        ("state", ctypes.c_uint8),   # F_SVC_* | SVC_STATE_HALF if half 1 is live
+    ]
+
+    @classmethod
+    def of(cls, key: ServiceKey, flags: int, half: int) -> "ServiceRef":
+        return cls(key.vip, key.port, key.proto, flags | (SVC_STATE_HALF if half else 0))
+
+    def key(self) -> ServiceKey:
+        return ServiceKey(self.vip, self.port, self.proto, 0)
 
 
 class ServiceInfo(ctypes.Structure):
@@ -142,6 +163,7 @@ def mac_str(raw) -> str:
 SHARED_STRUCTS = {
     "lb_addr": LbAddr,
     "service_key": ServiceKey,
+    "service_ref": ServiceRef,
     "service_info": ServiceInfo,
     "backend_info": BackendInfo,
     "flow_key": FlowKey,

@@ -5,6 +5,8 @@ new table, so only the flow table can explain the result.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from xdplb import structs
@@ -149,3 +151,34 @@ def test_backend_counters_follow_the_chosen_backend(harness):
     for octet, bid in ids.items():
         assert after[bid].packets - before[bid].packets == chosen.count(octet)
         assert after[bid].new_flows - before[bid].new_flows == chosen.count(octet)
+
+
+def test_backend_mac_change_holds_its_flows_then_follows_the_new_mac(harness):
+    """A new MAC is written while the backend is unpublished (bpf/lb_maps.h,
+    rule 1): packets of its established flows are dropped meanwhile (TCP
+    resends), never moved to another backend, and then go to the new MAC."""
+    sport = next(p for p in range(34000, 35000) if harness.predict("dicom", "10.10.0.2", p, 104) == "10.10.0.12")
+    assert _backend_of(harness.run(P.syn(sport=sport))) == 12
+    new_mac = bytes([2, 0, 10, 11, 1, 12])    # three bytes change: not a one-byte write
+    moved = (service("dicom", 104, backends=(backend(11), replace(backend(12), mac=new_mac), backend(13))),) + default_services()[1:]
+    dp = harness.dp
+    seen = []
+    real_grace = dp.grace_period
+
+    def grace_and_look():
+        seen.append(harness.run(P.ack(sport=sport)))
+        real_grace()
+
+    before = harness.stats()
+    dp.grace_period = grace_and_look
+    try:
+        harness.program(moved)
+    finally:
+        del dp.grace_period
+    assert len(seen) == 2, "a MAC change takes two grace periods: after the retire and before the publish"
+    assert [v.action for v in seen] == [structs.XDP_DROP, structs.XDP_DROP]
+    after = harness.stats()
+    assert after.events["flow_reselect"] == before.events["flow_reselect"]
+    assert after.not_forwarded["backend_gone"] == before.not_forwarded["backend_gone"] + 2
+    verdict = harness.run(P.ack(sport=sport))
+    assert verdict.action == structs.XDP_TX and verdict.data[:6] == new_mac

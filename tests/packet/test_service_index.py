@@ -28,8 +28,9 @@ def _tx_to(verdict) -> int:
 
 
 def _ids(dp) -> dict[int, bytes]:
+    """Bound service_ids entries (proto set), as the service_key bytes they name."""
     table = dp.map("service_ids")
-    return {i: bytes(table[i]) for i in range(dp.settings.max_services) if any(bytes(table[i]))}
+    return {i: bytes(table[i])[:7] + b"\0" for i in range(dp.settings.max_services) if table[i].proto}
 
 
 def _port_bits(dp) -> dict[int, int]:
@@ -151,9 +152,15 @@ def test_rebuild_for_adopted_maps_restores_both_arrays(harness):
     _tx_to(harness.run(P.syn(sport=41005)))
     ids, bits = _ids(dp), _port_bits(dp)
     for i in range(dp.settings.max_services):      # as maps pinned by a build without them
-        dp.map("service_ids")[i] = structs.ServiceKey()
+        dp.map("service_ids")[i] = structs.ServiceRef()
     for w in range(structs.PORT_WORDS):
         dp.map("service_ports")[w] = ctypes.c_uint32(0xFFFFFFFF if w == 0 else 0)   # and a stale bit
+    backends = dp.map("backends")
+    for bid in {be.id for be in harness.applied.backends.values()}:    # and no F_BACKEND_READY yet
+        entry = backends[bid]
+        entry.flags &= ~structs.F_BACKEND_READY
+        backends[bid] = entry
+    assert harness.run(P.ack(sport=41005)).action != structs.XDP_TX
     dp._rebuild_service_index()
     assert _ids(dp) == ids and _port_bits(dp) == bits
     hits = harness.stats().events["flow_hit"]

@@ -202,7 +202,7 @@ def test_new_flow_builds_change_exactly_the_insert():
     text = bpf_source.assemble()
     upper = suite_dataplane.variant_source(text, "insert_delete")
     lower = suite_dataplane.variant_source(text, "no_insert")
-    assert upper.count("flows.delete(&fkey);") == 1 and suite_dataplane.INSERT_LINE in upper
+    assert upper.count("flows.delete(&pkt->flow);") == 1 and suite_dataplane.INSERT_LINE in upper
     assert suite_dataplane.INSERT_LINE not in lower
     assert upper.replace(suite_dataplane.VARIANTS["insert_delete"], suite_dataplane.INSERT_LINE) == text
     with pytest.raises(suite_dataplane.BenchError, match="0 copies"):
@@ -246,6 +246,23 @@ def test_dataplane_targets_report_measured_ratios():
     assert got["new flow ≤ 3.5× floor (same packet, insert + delete)"] == (4.0, False)
     assert got["new flow ≤ 3.5× floor (same packet, no insert)"] == (3.0, True)
     assert got["1,000,000 flows ≤ 2× 1,000 flows (same packet)"] == (round(200 / 90, 3), False)
+
+
+def test_dataplane_target_against_a_baseline_revision():
+    groups = [_group("paths (default sizes)", [("floor", 40, 1.0), ("established (flow-table hit)", 99, 2.475),
+                                               ("established (flow-table hit), baseline main", 90, 2.25)])]
+    got = {t["target"]: (round(t["measured"], 3), t["met"]) for t in suite_dataplane.targets(groups, [])}
+    assert got["established ≤ 1.10× baseline main (same packet, same runs)"] == (1.1, True)
+    groups[0]["rows"][1]["ns"]["median"] = 100
+    got = {t["target"]: t["met"] for t in suite_dataplane.targets(groups, [])}
+    assert got["established ≤ 1.10× baseline main (same packet, same runs)"] is False
+
+
+def test_baseline_sources_come_from_git(tmp_path):
+    base = suite_dataplane.baseline_sources("HEAD", tmp_path)
+    assert "int xdplb_ingress(struct xdp_md *ctx)" in (base.bpf_dir / "xdplb.c").read_text()
+    with pytest.raises(suite_dataplane.BenchError, match="--baseline no-such-rev: git cannot read bpf/"):
+        suite_dataplane.baseline_sources("no-such-rev", tmp_path / "x")
 
 
 # ---- lab suite helpers -----------------------------------------------------------

@@ -51,6 +51,8 @@ def _parser() -> argparse.ArgumentParser:
                                               "(default 1,000,000; --quick 100,000)")
     p.add_argument("--runs", type=int, help="measurements per figure; the median is reported (default 5; --quick 3)")
     p.add_argument("--seconds", type=float, help="lab: length of each iperf3/wrk run (default 5; --quick 2)")
+    p.add_argument("--baseline", metavar="REV", help="dataplane: also time the XDP program of git revision REV "
+                                                     "(for example main) next to this one")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"directory for JSON, tables and PNGs (default {DEFAULT_OUT})")
     return p
 
@@ -73,6 +75,7 @@ def settings_from(args) -> dict:
         raise UsageError(f"--out {out}: exists and is not a directory")
     values["out"] = out
     values["quick"] = args.quick
+    values["baseline"] = args.baseline
     values["suites"] = tuple(s for s in SUITES if s in (args.suite or SUITES))
     return values
 
@@ -89,6 +92,10 @@ def run_suite(name: str, cfg: dict) -> dict:
         from bench import suite_dataplane as suite
 
         opts = suite.Options(cfg["repeat"], cfg["runs"], suite.QUICK if cfg["quick"] else suite.FULL, _say)
+        if cfg.get("baseline"):
+            import tempfile
+
+            opts.baseline = suite.baseline_sources(cfg["baseline"], Path(tempfile.mkdtemp(prefix="xdplb-baseline-")))
         ctx.update(xdp_mode="none (BPF_PROG_TEST_RUN)",
                    repeat=cfg["repeat"], runs=cfg["runs"], statistic="median of runs, each the kernel's mean ns per repeat")
     elif name == "lab":

@@ -23,6 +23,12 @@ real hits. Those figures include cache misses and the kernel timer's
 overhead of a single run, so they are compared with the floor run the same
 way on the same packets, never with the repeated figures.
 
+Baseline. With a baseline revision (run.py --baseline main), that
+revision's bpf/ sources are compiled too and its pass and established
+cases join the paths group, interleaved run by run with this build's, so
+both are measured under the same conditions; the targets then give the
+established ratio of this build to the baseline.
+
 Loaded flow tables. One program with a flow table sized for the largest
 fill is filled step by step (1k, 100k, 1M entries) with
 BPF_MAP_UPDATE_BATCH; the table is per-CPU LRU, so each CPU fills its own
@@ -55,9 +61,9 @@ FLOOR_SOURCE = Path(__file__).resolve().parents[2] / "bpf" / "bench_floor.c"
 
 # The one line of bpf/xdplb.c that inserts a new flow, and what each
 # new-flow build puts in its place (see the module docstring).
-INSERT_LINE = "flows.update(&fkey, &fval);"
+INSERT_LINE = "flows.update(&pkt->flow, &fval);"
 VARIANTS = {
-    "insert_delete": "flows.update(&fkey, &fval); flows.delete(&fkey); /* bench: upper bound */",
+    "insert_delete": "flows.update(&pkt->flow, &fval); flows.delete(&pkt->flow); /* bench: upper bound */",
     "no_insert": "/* bench: no insert, lower bound */",
 }
 
@@ -144,7 +150,7 @@ class _Dataplane:
     """
 
     @staticmethod
-    def load(settings, variant: str | None = None):
+    def load(settings, variant: str | None = None, bpf_dir: Path | None = None):
         from xdplb import bpf_source
         from xdplb.dataplane import BccDataplane
 
@@ -156,7 +162,7 @@ class _Dataplane:
                 return cache[name]
 
         with _source_variant(bpf_source, variant):
-            return Cached(settings)
+            return Cached(settings, bpf_dir=bpf_dir)
 
 
 @contextmanager
@@ -199,15 +205,16 @@ class Programs:
         self.holds: dict[int, object] = {}      # id(dataplane) -> plan.Applied
         self.compile_seconds: dict[str, float] = {}
 
-    def get(self, settings, variant: str | None = None):
-        key = (settings, variant)
+    def get(self, settings, variant: str | None = None, baseline: "Baseline | None" = None):
+        key = (settings, variant, baseline.rev if baseline else None)
         if key not in self.loaded:
-            label = (f"xdplb{'' if variant is None else ', new-flow build ' + variant} (flow table "
+            label = (f"xdplb{'' if variant is None else ', new-flow build ' + variant}"
+                     f"{'' if baseline is None else ', baseline ' + baseline.rev} (flow table "
                      f"{settings.flow_table_size:,}, max_services {settings.max_services}, "
                      f"max_backends {settings.max_backends})")
             self.say(f"dataplane: compiling {label}")
             started = time.monotonic()
-            dp = _Dataplane.load(settings, variant)
+            dp = _Dataplane.load(settings, variant, baseline.bpf_dir if baseline else None)
             self.compile_seconds[label] = round(time.monotonic() - started, 2)
             self.loaded[key] = dp
             self.holds[id(dp)] = self.plan.Applied()
@@ -262,6 +269,34 @@ def syn(port: int, src: str = CLIENT, sport: int = 40000) -> bytes:
 
 def ack(port: int, src: str = CLIENT, sport: int = 40000) -> bytes:
     return frames.tcp_frame(CLIENT_MAC, GW_MAC, src, VIP, sport, port, frames.TCP_ACK, b"DICOM P-DATA", 1001, 1)
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """Another revision's bpf/ sources, compiled next to this one for comparison."""
+    rev: str
+    bpf_dir: Path
+
+
+def baseline_sources(rev: str, into: Path) -> Baseline:
+    """bpf/ as of git revision `rev` (for example main), unpacked under `into`.
+
+    The older program runs on maps written by this controller: map layouts
+    must not have changed between the two (the same holds for a hitless
+    restart onto this build).
+    """
+    import io
+    import subprocess
+    import tarfile
+
+    repo = FLOOR_SOURCE.parents[1]
+    done = subprocess.run(["git", "-C", str(repo), "archive", rev, "bpf"], capture_output=True)
+    if done.returncode != 0:
+        raise BenchError(f"--baseline {rev}: git cannot read bpf/ at that revision "
+                         f"({done.stderr.decode(errors='replace').strip()})")
+    with tarfile.open(fileobj=io.BytesIO(done.stdout)) as tar:
+        tar.extractall(into)
+    return Baseline(rev, into / "bpf")
 
 
 # ---- measuring ----------------------------------------------------------------
@@ -333,6 +368,7 @@ class Options:
     runs: int
     scale: Scale
     progress: object = print
+    baseline: Baseline | None = None   # another revision's program, timed in the paths group
 
 
 def _settings(**overrides):
@@ -425,18 +461,28 @@ def run(opts: Options) -> dict:
     # 1. The paths, default sizes: one service, three backends.
     default = _settings()
     main, upper, lower = programs.get(default), programs.get(default, "insert_delete"), programs.get(default, "no_insert")
-    programs.program([main, upper, lower], [service("dicom", 104, 3)])
+    base = programs.get(default, baseline=opts.baseline) if opts.baseline else None
+    programs.program([main, upper, lower] + ([base] if base else []), [service("dicom", 104, 3)])
     first_syn(main, 104)
     g = "paths (default sizes, 1 service, 3 backends)"
-    add_group(g, [
+    not_vip = frames.tcp_frame(CLIENT_MAC, GW_MAC, CLIENT, GATEWAY_IP, 50000, 22, frames.TCP_ACK)
+    cases = [
         floor_case(g, ack(104)),
-        Case(g, "pass (not for a VIP)", main.prog_fd,
-             frames.tcp_frame(CLIENT_MAC, GW_MAC, CLIENT, GATEWAY_IP, 50000, 22, frames.TCP_ACK),
-             passed, main, ("not_forwarded", "not_service")),
+        Case(g, "pass (not for a VIP)", main.prog_fd, not_vip, passed, main, ("not_forwarded", "not_service")),
         Case(g, "new flow (insert + delete: upper bound)", upper.prog_fd, syn(104), tx, upper, ("events", "flow_new")),
         Case(g, "new flow (no insert: lower bound)", lower.prog_fd, syn(104), tx, lower, ("events", "flow_new")),
         Case(g, "established (flow-table hit)", main.prog_fd, ack(104), tx, main, ("events", "flow_hit")),
-    ], "new flow: the unmodified program cannot miss twice on one packet; see the suite's method")
+    ]
+    if base:
+        first_syn(base, 104)
+        rev = opts.baseline.rev
+        cases += [
+            Case(g, f"pass (not for a VIP), baseline {rev}", base.prog_fd, not_vip, passed, base,
+                 ("not_forwarded", "not_service")),
+            Case(g, f"established (flow-table hit), baseline {rev}", base.prog_fd, ack(104), tx, base,
+                 ("events", "flow_hit")),
+        ]
+    add_group(g, cases, "new flow: the unmodified program cannot miss twice on one packet; see the suite's method")
     # The unmodified program, one distinct flow per call: real misses and inserts.
     sources = [str(IPv4Address("12.0.0.0") + i) for i in range(opts.scale.single_shot_calls)]
     acks = [ack(104, src) for src in sources]
@@ -449,7 +495,7 @@ def run(opts: Options) -> dict:
     possible = cpu_count_in(Path("/sys/devices/system/cpu/possible").read_text())
     size = max(default.flow_table_size, flow_table_size(max(opts.scale.fills), possible, len(allowed)))
     loaded = programs.get(_settings(flow_table_size=size))
-    programs.drop_others([main, upper, loaded])
+    programs.drop_others([main, upper, loaded])   # the baseline's program goes here too
     applied = programs.program([loaded], [service("dicom", 104, 3)])
     empty_flows(loaded)  # it may be the paths' program, which holds their flows
     bid, sid = live_backend_id(applied, "dicom"), applied.services["dicom"].id
@@ -532,6 +578,11 @@ def targets(groups: list[dict], single_rows: list[dict]) -> list[dict]:
     new_low = _row(groups, "paths", "new flow (no insert")
     if est:
         out.append({"target": "established ≤ 2.5× floor (same packet)", "measured": est["ratio_to_floor"], "limit": 2.5})
+    base = _row(groups, "paths", "established (flow-table hit), baseline ")
+    if est and base:
+        rev = base["case"].rsplit(" ", 1)[1]
+        out.append({"target": f"established ≤ 1.10× baseline {rev} (same packet, same runs)",
+                    "measured": stats.ratio(est["ns"]["median"], base["ns"]["median"]), "limit": 1.10})
     if new_high:
         out.append({"target": "new flow ≤ 3.5× floor (same packet, insert + delete)",
                     "measured": new_high["ratio_to_floor"], "limit": 3.5})
