@@ -23,7 +23,8 @@
 #endif
 
 /* Backend ids run 1 .. MAX_BACKENDS-1. Id 0 means "no backend": a Maglev
- * slot holding 0 is counted as REASON_NO_BACKEND and dropped. */
+ * slot holding 0 is counted as REASON_NO_BACKEND and the packet goes to the
+ * gateway's own stack (or is dropped with F_CFG_NO_BACKEND_DROP). */
 #ifndef MAX_BACKENDS
 #define MAX_BACKENDS 4096
 #endif
@@ -37,6 +38,10 @@
 #ifndef MAX_VIPS
 #define MAX_VIPS MAX_SERVICES
 #endif
+
+/* Unicast MACs besides the interface's own whose frames are balanced
+ * (lb_config.extra_macs; xdplb/structs.py and config.py mirror it). */
+#define EXTRA_MACS 4
 
 /* Destination ports, as bits of 32-bit words in the service_ports map. */
 #define PORT_WORDS (65536 / 32)
@@ -66,15 +71,27 @@
                                   * ICMP port unreachable), or dropped with F_CFG_NO_BACKEND_DROP */
 #define REASON_BACKEND_GONE 4    /* the table named a backend that is missing or down */
 #define REASON_NO_CONFIG 5       /* controller has not written lb_config yet */
-#define REASON_MAX 6
+#define REASON_OTHER_MAC 6       /* passed: not unicast to the interface's MAC or an extra MAC
+                                  * (broadcast, multicast, flooded frames for other hosts) */
+#define REASON_MAX 7
 
 /* Events worth counting that are not drops: index into the events counters. */
 #define EVENT_IP_OPTIONS 0       /* IPv4 header with options (forwarded as usual) */
 #define EVENT_VLAN 1             /* one 802.1Q / 802.1ad tag seen (kept on forward) */
 #define EVENT_FLOW_HIT 2         /* flow table hit on a live backend */
-#define EVENT_FLOW_NEW 3         /* no flow entry: chosen by Maglev */
-#define EVENT_FLOW_RESELECT 4    /* flow entry pointed at a down/removed backend: re-chosen */
-#define EVENT_MAX 5
+#define EVENT_FLOW_NEW 3         /* a new flow (TCP SYN without ACK, or UDP without a live entry):
+                                  * chosen by Maglev */
+#define EVENT_FLOW_RESELECT 4    /* flow entry pointed at a down/removed backend past its grace
+                                  * (or one the table no longer holds): re-chosen */
+#define EVENT_FLOW_MISS 5        /* TCP that is not a SYN and has no entry (after a restart, a
+                                  * move between balancer nodes, or an evicted entry): chosen by Maglev */
+#define EVENT_FLOOD_NO_ENTRY 6   /* flood guard: placed by Maglev without inserting an entry */
+#define EVENT_DOWN_GRACE 7       /* forwarded to a down backend inside its grace period */
+#define EVENT_UDP_EXPIRED 8      /* UDP entry idle past udp_idle_ns: placed afresh */
+#define EVENT_MAX 9
+
+/* The flood guard's rate window (bpf_ktime_get_ns is in ns). */
+#define XDPLB_NSEC_PER_SEC 1000000000ULL
 
 /* XDP actions are counted by their own value: XDP_ABORTED 0 .. XDP_REDIRECT 4. */
 #define ACTION_MAX 5

@@ -143,8 +143,13 @@ LB_MAP("array", int, struct maglev_table, maglev_tables, MAX_SERVICES * TABLES_P
  */
 LB_MAP_F("lru_hash", struct flow_key, struct flow_value, flows, FLOW_TABLE_SIZE, BPF_F_NO_COMMON_LRU);
 
-/* 0 -> lb_config; written by the controller at attach (rule 1), read per packet. */
+/* 0 -> lb_config; written by the controller at attach and when the
+ * interface's MAC or the pool's flow settings change (rule 1), read per packet. */
 LB_MAP("array", int, struct lb_config, lb_config, 1);
+
+/* 0 -> per-CPU flood_state; written per new flow entry by the XDP program
+ * (the flood guard's rate window), read by nobody else. */
+LB_MAP("percpu_array", int, struct flood_state, flood_state, 1);
 
 /* service id -> per-CPU lb_counters; written per packet, read by the controller. */
 LB_MAP("percpu_array", int, struct lb_counters, service_stats, MAX_SERVICES);

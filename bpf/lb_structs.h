@@ -60,6 +60,10 @@ struct backend_info {
 	__u8 flags;            /* F_BACKEND_*; F_BACKEND_READY publishes the other fields (lb_maps.h) */
 	__u8 pad;              /* zero */
 	__u32 service_id;      /* host order: the service this id belongs to */
+	__u32 pad2;            /* zero */
+	__u64 down_since;      /* host order: CLOCK_MONOTONIC ns (bpf_ktime_get_ns) when it went down
+	                        * or was removed; 0 while up and for one that never was. Read only
+	                        * on the down path, to keep established flows within the grace */
 };
 
 /* flows map key: one client flow. IPv4 only, 4-byte addresses for the same
@@ -77,6 +81,8 @@ struct flow_key {
 struct flow_value {
 	__u32 backend_id;      /* host order: backend the flow is pinned to */
 	__u32 service_id;      /* host order: service it was chosen in */
+	__u64 atime;           /* host order: bpf_ktime_get_ns of its last packet, kept for UDP only
+	                        * (to the second) for the idle timeout; 0 for TCP */
 };
 
 /* One Maglev lookup table: slot -> backend id (host order, 0 = no backend). */
@@ -97,6 +103,21 @@ struct lb_config {
 	__u8 ready;            /* 1 once the controller has written this entry (publishes the others, lb_maps.h) */
 	__u8 flags;            /* F_CFG_* */
 	__u32 hash_seed;       /* host order: seed of the flow hash (xdplb/flowhash.py mirrors it) */
+	__u32 flood_rate;      /* host order: new flow entries per second per CPU above which the
+	                        * flood guard places flows without an entry; 0 = no guard */
+	__u64 udp_idle_ns;     /* host order: a UDP entry idle this long is placed afresh; 0 = never */
+	__u64 down_grace_ns;   /* host order: established flows stay on a down backend this long;
+	                        * 0 = re-chosen at once */
+	__u8 extra_macs[EXTRA_MACS * 6]; /* wire order: unicast MACs balanced besides `mac`, 6 bytes
+	                        * each (flat: bcc's Python types mis-size a 2-D array) */
+	__u8 extra_mac_count;  /* how many of extra_macs are used, 0 .. EXTRA_MACS */
+	__u8 pad2[7];          /* zero */
+};
+
+/* flood_state value (per CPU, key 0): Katran-style new-flow rate window. */
+struct flood_state {
+	__u64 window_start;    /* host order: bpf_ktime_get_ns when the current second began */
+	__u64 new_flows;       /* host order: new flow entries this CPU asked for in that second */
 };
 
 #endif /* XDPLB_STRUCTS_H */

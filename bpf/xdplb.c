@@ -4,8 +4,9 @@
  *
  * xdplb_ingress runs four named steps, each an inline function that either
  * decides (counts why and returns the XDP action) or hands on to the next:
- *   1. parse_l2 / parse_l3 / parse_l4: Ethernet, IPv4, TCP/UDP ports, into a
- *      struct packet (EtherType and L4 protocol kept apart);
+ *   1. parse_l2 / for_us / parse_l3 / parse_l4: Ethernet (only unicast to
+ *      the gateway is balanced), IPv4, TCP/UDP ports, into a struct packet
+ *      (EtherType and L4 protocol kept apart);
  *   2. connection_table_lookup: the established fast path;
  *   3. pick_backend: the services lookup, then the flow's backend if still
  *      live, or Maglev (place_new_flow);
@@ -19,6 +20,10 @@
  * for a port no service uses (see lb_maps.h for both arrays).
  *
  * What happens to what (counted in not_forwarded / events):
+ *   - not unicast to the interface's MAC or a pool-named extra MAC
+ *     (broadcast, multicast, a frame flooded to us for another host):
+ *     XDP_PASS, byte for byte unchanged (REASON_OTHER_MAC), so two
+ *     balancers on one segment never bounce a frame between them;
  *   - not IPv4, not TCP/UDP, or not a configured (VIP, port, protocol):
  *     XDP_PASS, byte for byte unchanged (the gateway's SSH, ARP, routing,
  *     and pings to the VIP all go to its own stack);
@@ -35,7 +40,26 @@
  *     own stack, which holds the VIP and answers TCP with a RST and UDP with
  *     ICMP port unreachable, so clients fail fast instead of hanging; or
  *     XDP_DROP where the pool says no_backend = "drop" (REASON_NO_BACKEND);
+ *   - lb_config unpublished (only while the controller rewrites it, a few
+ *     milliseconds): frames pass unchecked up to the service-port check,
+ *     then TCP/UDP to a VIP is dropped (REASON_NO_CONFIG) rather than
+ *     handed to the gateway's stack, which would reset it; TCP retransmits;
  *   - otherwise XDP_TX to the flow's backend.
+ *
+ * Flow table (the operator's guarantees; README "Flows"):
+ *   - a TCP SYN without ACK starts a connection: placed by Maglev, never by
+ *     an old entry, and its entry replaces any stale one for the 5-tuple
+ *     (under the flood guard the stale entry is deleted instead);
+ *   - a TCP RST never writes an entry;
+ *   - a UDP entry idle for udp_idle_ns is placed afresh (EVENT_UDP_EXPIRED);
+ *   - TCP that is not a SYN and has no entry is placed by Maglev and counted
+ *     (EVENT_FLOW_MISS);
+ *   - flood guard: above flood_rate new entries per second on this CPU, a
+ *     flow is placed by Maglev without an entry (EVENT_FLOOD_NO_ENTRY), as
+ *     Katran's is_under_flood does; such flows lose drain and grace;
+ *   - an established flow whose backend is down (or removed) stays on it
+ *     until down_grace_ns after down_since (EVENT_DOWN_GRACE), then is
+ *     re-chosen (EVENT_FLOW_RESELECT). New flows only go to up backends.
  */
 #include "lb_maps.h"
 #include "parsing_helpers.h"
@@ -51,7 +75,7 @@
 
 /* What the parse steps learned about a packet. */
 struct packet {
-	struct ethhdr *eth;    /* for the MAC rewrite (and a check of h_dest) */
+	struct ethhdr *eth;    /* for the check of h_dest and the MAC rewrite */
 	struct iphdr *iph;     /* set once parse_l3 accepted the IPv4 header */
 	__u64 frame_len;       /* bytes, for the traffic counters */
 	__be16 eth_proto;      /* network order: EtherType after at most one VLAN tag */
@@ -75,12 +99,14 @@ union flow_value_word {
 /* Where the packet goes, as the flow and backend steps find out. */
 struct dest {
 	struct lb_config *cfg;
-	union flow_value_word flow; /* the flow's entry as read, when has_flow */
-	int has_flow;             /* 1 when the flow table has an entry for the packet */
+	union flow_value_word flow; /* the flow's ids as read, when has_flow */
+	int has_flow;             /* 1 when the flow table has an entry the packet may follow (not for a
+	                           * SYN, nor an expired UDP entry) */
 	struct backend_info *be;  /* the backend chosen (FORWARD) */
 	__u32 sid;                /* service id: index of the service counters */
 	__u32 bid;                /* backend id: index of the backend counters */
 	int new_flow;             /* 1 when Maglev chose the backend for this packet */
+	__u32 first_event;        /* EVENT_FLOW_NEW or EVENT_FLOW_MISS when there is no entry to follow */
 };
 
 /* Byte 13 of a TCP header holds its flags: CWR ECE URG ACK PSH RST SYN FIN. */
@@ -91,20 +117,72 @@ struct dest {
 #define TCP_FLAGS_ACK 0x10
 
 
-/* A backend id from the flow table or a Maglev slot is usable only while the
- * backend is published, up, and still belongs to the service (ids are per
- * service). Its flags are read once: READY and UP are checked together. */
-static __always_inline struct backend_info *live_backend(__u32 id, __u32 service_id)
+static __always_inline int tcp_syn(const struct packet *pkt)
 {
-	const __u8 need = F_BACKEND_UP | F_BACKEND_READY;
+	return pkt->l4_proto == IPPROTO_TCP &&
+	       (pkt->tcp_flags & (TCP_FLAGS_SYN | TCP_FLAGS_ACK)) == TCP_FLAGS_SYN;
+}
+
+/* The backend behind an id if it is published and still belongs to the
+ * service (ids are per service), with its flags as read once in *flags. */
+static __always_inline struct backend_info *service_backend(__u32 id, __u32 service_id, __u8 *flags)
+{
 	struct backend_info *be;
 
 	if (id == 0 || id >= MAX_BACKENDS)
 		return NULL;
 	be = backends.lookup(&id);
-	if (!be || (*(volatile __u8 *)&be->flags & need) != need || be->service_id != service_id)
+	if (!be)
+		return NULL;
+	*flags = *(volatile __u8 *)&be->flags;
+	if (!(*flags & F_BACKEND_READY) || be->service_id != service_id)
 		return NULL;
 	return be;
+}
+
+/* An established flow's backend: up, or down (or removed) for less than the
+ * grace. The clock and down_since are read on the down path only; the
+ * controller writes down_since a grace period before it clears UP. */
+static __always_inline struct backend_info *flow_backend(__u32 id, __u32 service_id,
+							 const struct lb_config *cfg)
+{
+	struct backend_info *be;
+	__u64 since;
+	__u8 flags;
+
+	be = service_backend(id, service_id, &flags);
+	if (!be)
+		return NULL;
+	if (flags & F_BACKEND_UP)
+		return be;
+	since = be->down_since;
+	if (!cfg->down_grace_ns || !since || bpf_ktime_get_ns() - since >= cfg->down_grace_ns)
+		return NULL;
+	count_event(EVENT_DOWN_GRACE);
+	return be;
+}
+
+/* Katran's is_under_flood: this CPU's count of new entries in the current
+ * second, against the pool's rate. Per CPU, so no atomics. */
+static __always_inline int under_flood(const struct lb_config *cfg)
+{
+	__u32 zero = 0;
+	struct flood_state *st;
+	__u64 now;
+
+	if (!cfg->flood_rate)
+		return 0;
+	st = flood_state.lookup(&zero);
+	if (!st)
+		return 0;
+	now = bpf_ktime_get_ns();
+	if (now - st->window_start > XDPLB_NSEC_PER_SEC) {
+		st->window_start = now;
+		st->new_flows = 1;
+		return 0;
+	}
+	st->new_flows += 1;
+	return st->new_flows > cfg->flood_rate;
 }
 
 /* Whether backend `id` of the service is up but unpublished: the controller
@@ -183,6 +261,15 @@ static __always_inline int is_vip(__be32 daddr)
 	return vips.lookup(&key) != NULL;
 }
 
+/* Whether two MACs are equal, as three 16-bit loads (both are 2-byte aligned:
+ * Ethernet addresses in a frame and in struct lb_config). */
+static __always_inline int mac_equal(const __u8 *a, const __u8 *b)
+{
+	const __u16 *x = (const __u16 *)a, *y = (const __u16 *)b;
+
+	return x[0] == y[0] && x[1] == y[1] && x[2] == y[2];
+}
+
 /* lb_config once the controller has written it, else NULL. */
 static __always_inline struct lb_config *ready_config(void)
 {
@@ -209,6 +296,41 @@ static __always_inline int parse_l2(struct hdr_cursor *nh, void *data_end, struc
 	}
 	pkt->eth_proto = eth_proto;
 	return CONTINUE;
+}
+
+/* Step 1a', only unicast frames to the interface's MAC or an extra MAC the
+ * pool names (a VRRP virtual MAC) are balanced; the rest pass untouched.
+ * While lb_config is unpublished the check cannot be made: the frame goes
+ * on, and the first step that needs the config decides (config_missing). */
+static __always_inline int for_us(const struct packet *pkt, struct dest *dst)
+{
+	const __u8 *h_dest = pkt->eth->h_dest;
+	struct lb_config *cfg = ready_config();
+	int i;
+
+	dst->cfg = cfg;
+	if (!cfg)
+		return CONTINUE;
+	if (h_dest[0] & 1)     /* group bit: broadcast or multicast */
+		return counted(REASON_OTHER_MAC, XDP_PASS);
+	if (mac_equal(h_dest, cfg->mac))
+		return CONTINUE;
+#pragma unroll
+	for (i = 0; i < EXTRA_MACS; i++) {
+		if (i >= cfg->extra_mac_count)
+			break;
+		if (mac_equal(h_dest, &cfg->extra_macs[6 * i]))
+			return CONTINUE;
+	}
+	return counted(REASON_OTHER_MAC, XDP_PASS);
+}
+
+/* A packet to a service port while lb_config is unpublished (a rewrite in
+ * progress): to a VIP it is dropped, for TCP to retransmit, rather than
+ * passed to the gateway's stack, which holds the VIP and would reset it. */
+static __always_inline int config_missing(const struct packet *pkt)
+{
+	return counted(REASON_NO_CONFIG, is_vip(pkt->flow.dst) ? XDP_DROP : XDP_PASS);
 }
 
 /* Step 1b, IPv4: anything else passes; fragments to a VIP are dropped. */
@@ -283,21 +405,37 @@ static __always_inline int parse_l4(struct hdr_cursor *nh, void *data_end, struc
 static __always_inline int connection_table_lookup(struct packet *pkt, struct dest *dst)
 {
 	union flow_value_word *fv;
+	__u64 now;
 	__u8 state;
 
+	if (!dst->cfg)
+		return config_missing(pkt);
+	dst->first_event = EVENT_FLOW_NEW;
+	if (tcp_syn(pkt))
+		return CONTINUE;   /* a new connection: Maglev places it, whatever an old entry says */
 	fv = (union flow_value_word *)flows.lookup(&pkt->flow);
-	if (!fv)
+	if (!fv) {
+		if (pkt->l4_proto == IPPROTO_TCP)
+			dst->first_event = EVENT_FLOW_MISS;
 		return CONTINUE;
+	}
+	if (pkt->l4_proto == IPPROTO_UDP && dst->cfg->udp_idle_ns) {
+		/* atime is a hint like the ids: a recycled entry's can at worst
+		 * expire or keep one flow early or late. */
+		now = bpf_ktime_get_ns();
+		if (now - fv->value.atime >= dst->cfg->udp_idle_ns) {
+			count_event(EVENT_UDP_EXPIRED);
+			return CONTINUE;   /* placed afresh; its entry is replaced */
+		}
+		fv->value.atime = now;
+	}
 	dst->has_flow = 1;
 	dst->flow.word = *(volatile __u64 *)&fv->word;
 	race_window();
 	if (!service_serves(dst->flow.value.service_id, &pkt->flow, &state))
 		return CONTINUE;
-	dst->cfg = ready_config();
-	if (!dst->cfg)
-		return counted(REASON_NO_CONFIG, XDP_PASS);
 	dst->bid = dst->flow.value.backend_id;
-	dst->be = live_backend(dst->bid, dst->flow.value.service_id);
+	dst->be = flow_backend(dst->bid, dst->flow.value.service_id, dst->cfg);
 	if (!dst->be)
 		return CONTINUE;
 	dst->sid = dst->flow.value.service_id;
@@ -305,12 +443,35 @@ static __always_inline int connection_table_lookup(struct packet *pkt, struct de
 	return FORWARD;
 }
 
+/* The flow table remembers where Maglev placed a flow, unless the packet is
+ * a RST or this CPU is under a flood; then no entry is made, and a stale one
+ * (a SYN's, or one whose backend is gone) is deleted rather than left. */
+static __always_inline void remember_flow(const struct packet *pkt, const struct dest *dst)
+{
+	struct flow_value fval = {};
+
+	if (pkt->l4_proto == IPPROTO_TCP && (pkt->tcp_flags & TCP_FLAGS_RST))
+		return;
+	if (under_flood(dst->cfg)) {
+		count_event(EVENT_FLOOD_NO_ENTRY);
+		if (dst->first_event != EVENT_FLOW_MISS)   /* a miss has no entry to delete */
+			flows.delete((struct flow_key *)&pkt->flow);
+		return;
+	}
+	fval.backend_id = dst->bid;
+	fval.service_id = dst->sid;
+	if (pkt->l4_proto == IPPROTO_UDP)
+		fval.atime = bpf_ktime_get_ns();
+	if (flows.update(&pkt->flow, &fval) != 0)
+		flows.delete((struct flow_key *)&pkt->flow);
+}
+
 /* Maglev places the flow in the service's live table and the flow table
  * remembers it. */
 static __always_inline int place_new_flow(struct packet *pkt, __u8 state, struct dest *dst)
 {
-	struct flow_value fval = {};
 	__u32 hash;
+	__u8 flags;
 
 	if (state & F_SVC_CLIENT_PERSIST)
 		hash = client_hash_v4(dst->cfg->hash_seed, pkt->flow.src);
@@ -321,12 +482,12 @@ static __always_inline int place_new_flow(struct packet *pkt, __u8 state, struct
 	if (dst->bid == 0)
 		return counted(REASON_NO_BACKEND,
 			       (dst->cfg->flags & F_CFG_NO_BACKEND_DROP) ? XDP_DROP : XDP_PASS);
-	dst->be = live_backend(dst->bid, dst->sid);
-	if (!dst->be)
+	/* New flows never go to a down backend: READY and UP are checked in
+	 * one read of the flags (a slot can name a backend until the flip). */
+	dst->be = service_backend(dst->bid, dst->sid, &flags);
+	if (!dst->be || !(flags & F_BACKEND_UP))
 		return counted(REASON_BACKEND_GONE, XDP_DROP);
-	fval.backend_id = dst->bid;
-	fval.service_id = dst->sid;
-	flows.update(&pkt->flow, &fval);
+	remember_flow(pkt, dst);
 	dst->new_flow = 1;
 	return FORWARD;
 }
@@ -365,13 +526,10 @@ static __always_inline int pick_backend(struct packet *pkt, struct dest *dst)
 
 	if (!find_service(pkt, &dst->sid, &state))
 		return counted(REASON_NOT_SERVICE, XDP_PASS);
-	dst->cfg = ready_config();
-	if (!dst->cfg)
-		return counted(REASON_NO_CONFIG, XDP_PASS);
 
 	if (dst->has_flow) {
 		dst->bid = dst->flow.value.backend_id;
-		dst->be = live_backend(dst->bid, dst->sid);
+		dst->be = flow_backend(dst->bid, dst->sid, dst->cfg);
 		if (dst->be) {
 			count_event(EVENT_FLOW_HIT);
 			return FORWARD;
@@ -380,7 +538,7 @@ static __always_inline int pick_backend(struct packet *pkt, struct dest *dst)
 			return counted(REASON_BACKEND_GONE, XDP_DROP);
 		count_event(EVENT_FLOW_RESELECT);
 	} else {
-		count_event(EVENT_FLOW_NEW);
+		count_event(dst->first_event);
 	}
 	return place_new_flow(pkt, state, dst);
 }
@@ -405,7 +563,8 @@ int xdplb_ingress(struct xdp_md *ctx)
 
 	pkt.frame_len = data_end - nh.pos;
 	action = parse_l2(&nh, data_end, &pkt);
-	/* Here pkt.eth is parsed: the place for a check of the destination MAC. */
+	if (action == CONTINUE)
+		action = for_us(&pkt, &dst);
 	if (action == CONTINUE)
 		action = parse_l3(&nh, data_end, &pkt);
 	/* Here the IPv4 header is parsed, L4 not yet: the place for ICMP to a VIP

@@ -10,6 +10,7 @@ a network.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 from collections import Counter
 
@@ -39,7 +40,8 @@ class FakeDataplane:
     backends: id -> (service_id, address, mac, up); ClearBackend removes the id
     tables:   (service_id, half) -> tuple of slots
     vips:     set of VIP addresses
-    config:   (mac, hash_seed, drop_without_backend) or None
+    config:   every field of the last SetConfig, in order (plan.Desired.config), or None
+    down_since: id -> monotonic ns its PutBackend said it went down (0: up)
     counters: ("service" | "backend", id) -> Counters, set by ZeroCounters
     log:      every op applied, in order
     """
@@ -57,6 +59,7 @@ class FakeDataplane:
         self.tables: dict[tuple, tuple] = {}
         self.vips: set = set()
         self.config: tuple | None = None
+        self.down_since: dict[int, int] = {}
         self.counters: dict[tuple, Counters] = {}
         self.attached: tuple[str, str] | None = None
         self.attach_calls: list[tuple] = []   # (ifname, mode) or (ifname, mode, "replace")
@@ -99,7 +102,7 @@ class FakeDataplane:
 
     def _apply_one(self, op) -> None:
         if isinstance(op, plan.SetConfig):
-            self.config = (op.mac, op.hash_seed, getattr(op, "drop_without_backend", False))
+            self.config = dataclasses.astuple(op)
         elif isinstance(op, plan.ZeroCounters):
             if op.kind == "service":
                 self._check_service_id(op.id)
@@ -114,9 +117,11 @@ class FakeDataplane:
             if op.mac is None or len(op.mac) != 6:
                 raise ValueError(f"backend {op.id}: MAC must be 6 bytes, got {op.mac!r}")
             self.backends[op.id] = (op.service_id, _ip(op.address), bytes(op.mac), bool(op.up))
+            self.down_since[op.id] = op.down_since
         elif isinstance(op, plan.ClearBackend):
             self._check_backend_id(op.id)
             self.backends.pop(op.id, None)  # the real map zeroes the entry
+            self.down_since.pop(op.id, None)
         elif isinstance(op, plan.PutTable):
             self._check_service_id(op.service_id)
             if op.half not in (0, 1):
@@ -155,7 +160,8 @@ class FakeDataplane:
         for sid, _flags, half in self.services.values():
             if (sid, half) in self.tables:
                 tables[(sid, half)] = self.tables[(sid, half)]
-        return KernelState(dict(self.services), dict(self.backends), tables, set(self.vips), self.config)
+        return KernelState(dict(self.services), dict(self.backends), tables, set(self.vips), self.config,
+                           dict(self.down_since))
 
     def flows(self, limit: int = 100000) -> dict:
         return {}

@@ -127,6 +127,10 @@ def _render_status(st: dict) -> str:
                          f"{be['new_flows']:>7}")
     lines.append("xdp actions: " + ", ".join(f"{k} {v}" for k, v in st["actions"].items()))
     lines.append("not forwarded: " + ", ".join(f"{k} {v}" for k, v in st["not_forwarded"].items()))
+    ev = st.get("events", {})
+    lines.append(f"flow table: misses {ev.get('flow_miss', 0)}, placed without entry (flood guard) "
+                 f"{ev.get('flood_no_entry', 0)}, kept on a down backend (grace) {ev.get('down_grace', 0)}, "
+                 f"UDP expired {ev.get('udp_expired', 0)}")
     return "\n".join(lines)
 
 

@@ -50,6 +50,7 @@ _TOP_KEYS = ("xdplb", "service")
 _SETTINGS_KEYS = (
     "metrics", "manage_vips", "maglev_size", "flow_table_size",
     "max_services", "max_backends", "hash_seed", "no_backend",
+    "udp_idle_timeout", "down_grace", "flood_guard_rate", "extra_macs",
 )
 _SERVICE_KEYS = ("name", "vip", "port", "protocol", "persistence", "health", "backend")
 _BACKEND_KEYS = ("name", "address", "weight")
@@ -66,6 +67,13 @@ PORT_RANGE = (1, 65535)
 WEIGHT_RANGE = (0, 1000)
 RISE_FALL_RANGE = (1, 100)
 MAX_INTERVAL = 3600.0
+UDP_IDLE_TIMEOUT_RANGE = (1.0, 86400.0)
+DOWN_GRACE_MAX = 3600.0
+FLOOD_GUARD_RATE_RANGE = (0, 100_000_000)
+# MACs besides the interface's own that the data plane balances frames to
+# (EXTRA_MACS in bpf/lb_consts.h; struct lb_config holds them).
+MAX_EXTRA_MACS = 4
+_MAC_RE = re.compile(r"[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}")
 
 
 @dataclass(frozen=True)
@@ -132,6 +140,10 @@ class Settings:
     max_backends: int = 4096
     hash_seed: int = 0
     no_backend: str = "reset"         # a service with no healthy backend: "reset" (fail fast) or "drop"
+    udp_idle_timeout: float = 30.0    # seconds a UDP flow entry lives without a packet
+    down_grace: float = 30.0          # seconds established flows stay on a down backend; 0: re-chosen at once
+    flood_guard_rate: int = 2000      # new flow entries per second per CPU before the guard stops inserting; 0: off
+    extra_macs: tuple[bytes, ...] = ()  # unicast MACs besides the interface's that are balanced (e.g. a VRRP vmac)
 
 
 @dataclass(frozen=True)
@@ -245,13 +257,17 @@ class _Reader:
         return value
 
     def seconds(
-        self, table: dict, key: str, label: str, hi: float, default: Any = _MISSING
+        self, table: dict, key: str, label: str, hi: float, default: Any = _MISSING, lo: float | None = None
     ) -> float:
-        expect = f"a number of seconds greater than 0 and at most {hi:g}"
+        """A duration in (0, hi]; with `lo`, in [lo, hi] instead."""
+        if lo is None:
+            expect = f"a number of seconds greater than 0 and at most {hi:g}"
+        else:
+            expect = f"a number of seconds from {lo:g} to {hi:g}"
         value = self._get(table, key, label, default, expect)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise self.fail(f"{_path(label, key)} = {_show(value)} must be {expect}, got {_kind(value)}")
-        if not (math.isfinite(value) and 0 < value <= hi):
+        if not (math.isfinite(value) and (0 < value if lo is None else lo <= value) and value <= hi):
             raise self.fail(f"{_path(label, key)} = {_show(value)} is out of range; expected {expect}")
         return float(value)
 
@@ -380,7 +396,37 @@ def _parse_settings(r: _Reader, doc: dict) -> Settings:
         max_backends=r.integer(t, "max_backends", label, *MAX_BACKENDS_RANGE, d.max_backends),
         hash_seed=r.integer(t, "hash_seed", label, *HASH_SEED_RANGE, d.hash_seed),
         no_backend=r.choice(t, "no_backend", label, NO_BACKEND_MODES, "no_backend behaviour", d.no_backend),
+        udp_idle_timeout=r.seconds(t, "udp_idle_timeout", label, UDP_IDLE_TIMEOUT_RANGE[1], d.udp_idle_timeout,
+                                   lo=UDP_IDLE_TIMEOUT_RANGE[0]),
+        down_grace=r.seconds(t, "down_grace", label, DOWN_GRACE_MAX, d.down_grace, lo=0.0),
+        flood_guard_rate=r.integer(t, "flood_guard_rate", label, *FLOOD_GUARD_RATE_RANGE, d.flood_guard_rate),
+        extra_macs=_extra_macs(r, t, label),
     )
+
+
+def _extra_macs(r: _Reader, t: dict, label: str) -> tuple[bytes, ...]:
+    """[xdplb] extra_macs: unicast MACs, besides the interface's, whose frames are balanced."""
+    key = "extra_macs"
+    value = t.get(key, [])
+    expect = f'an array of at most {MAX_EXTRA_MACS} MAC addresses such as ["00:00:5e:00:01:33"]'
+    if not isinstance(value, list):
+        raise r.fail(f"{label}.{key} = {_show(value)} must be {expect}, got {_kind(value)}")
+    if len(value) > MAX_EXTRA_MACS:
+        raise r.fail(f"{label}.{key} = {_show(value)} holds {len(value)} addresses; expected {expect}")
+    macs: list[bytes] = []
+    for i, text in enumerate(value):
+        where = f"{label}.{key}[{i}] = {_show(text)}"
+        if not isinstance(text, str) or not _MAC_RE.fullmatch(text):
+            raise r.fail(f'{where} is not a MAC address written like "00:00:5e:00:01:33"')
+        mac = bytes.fromhex(text.replace(":", ""))
+        if mac[0] & 1:
+            raise r.fail(f"{where} is a multicast or broadcast address; only unicast MACs can be balanced")
+        if mac == bytes(6):
+            raise r.fail(f"{where} is the all-zero address, which no frame is sent to")
+        if mac in macs:
+            raise r.fail(f"{where} repeats {label}.{key}[{macs.index(mac)}]")
+        macs.append(mac)
+    return tuple(macs)
 
 
 _HTTP_PATH_RE = re.compile(r"/[\x21-\x7e]*")
@@ -660,6 +706,12 @@ def describe(pool: Pool) -> str:
         f"  maglev_size {st.maglev_size}, flow_table_size {st.flow_table_size}, "
         f"max_services {st.max_services}, max_backends {st.max_backends}, hash_seed {st.hash_seed}, "
         f"no healthy backend: {st.no_backend}",
+        f"  UDP flows expire after {st.udp_idle_timeout:g}s idle; established flows stay on a down backend "
+        + (f"for {st.down_grace:g}s" if st.down_grace else "for 0s (re-chosen at once)")
+        + "; flood guard: "
+        + (f"no new flow entries above {st.flood_guard_rate} per second per CPU" if st.flood_guard_rate else "off")
+        + "; also balanced: frames to "
+        + (", ".join(m.hex(":") for m in st.extra_macs) if st.extra_macs else "the interface's MAC only"),
     ]
     for s in pool.services:
         h = s.health

@@ -24,7 +24,7 @@ from . import __version__, control, modes, probes
 from .config import Pool, PoolError, load_pool
 from .desired import desired_state, restart_needed
 from .health_fsm import Health, State, is_changing, step
-from .plan import Applied, PlanError, adopt, plan
+from .plan import Applied, PlanError, adopt, plan, retire_due
 from .telemetry import Telemetry
 
 log = logging.getLogger("xdplb")
@@ -236,7 +236,7 @@ class Daemon:
         if prepared is not None and prepared[0] == desired:
             result = prepared[1]
         else:
-            result = plan(self.applied, desired)
+            result = plan(self.applied, desired, time.monotonic_ns())
         if result.ops:
             self.dp.apply(result.ops)
         self.applied = result.applied
@@ -285,10 +285,26 @@ class Daemon:
             del self.macs[address]
         return changed
 
+    def _refresh_link_mac(self) -> bool:
+        """Re-read the interface's own MAC (the program balances only frames
+        sent to it); True when it changed."""
+        link = self.netlink.link(self.ifname)
+        if link.mac == self.link.mac:
+            return False
+        log.info("%s changed its MAC from %s to %s", self.ifname, self.link.mac.hex(":"), link.mac.hex(":"))
+        self.link = link
+        return True
+
     async def _mac_loop(self) -> None:
         while True:
             await asyncio.sleep(MAC_REFRESH_SECONDS)
-            if self._refresh_macs():
+            try:
+                link_changed = self._refresh_link_mac()
+            except Exception as exc:  # a vanished or renamed link must not stop the neighbour refresh
+                log.warning("cannot re-read %s: %s", self.ifname, exc)
+                link_changed = False
+            # Bitwise or: both refreshes run every round.
+            if self._refresh_macs() | link_changed or retire_due(self.applied, time.monotonic_ns()):
                 self.sync()
 
     # ---- health -----------------------------------------------------------
@@ -356,7 +372,7 @@ class Daemon:
                 raise PoolError(f"{self.pool_path}: changing {', '.join(blocked)} needs a restart of xdplb")
             # Dry run: the new pool must fit the compiled maps before anything changes.
             dry_desired = desired_state(new, self.health, self.macs, self.link.mac, self.drained)
-            dry_run = plan(self.applied, dry_desired)
+            dry_run = plan(self.applied, dry_desired, time.monotonic_ns())
         except (PoolError, PlanError) as exc:
             log.error("reload (%s) rejected, keeping the running configuration: %s", trigger, exc)
             self.last_reload = {"result": "rejected", "error": str(exc), "at": time.time()}

@@ -68,7 +68,8 @@ class KernelState:
     backends: dict            # id -> (service_id, address, mac, up)
     tables: dict              # (service_id, half) -> tuple of backend ids (live halves only)
     vips: set
-    config: tuple | None      # (mac, hash_seed) or None if never written
+    config: tuple | None      # plan.Desired.config as written, or None if never written
+    down_since: dict = field(default_factory=dict)   # backend id -> monotonic ns it went down (0: up)
 
 
 MEMBARRIER_CMD_QUERY = 0
@@ -311,16 +312,15 @@ class BccDataplane:
 
     def _plan_writes(self, op, w: "_Writes") -> None:
         if isinstance(op, plan.SetConfig):
-            flags = structs.F_CFG_NO_BACKEND_DROP if op.drop_without_backend else 0
-            cfg = structs.LbConfig((ctypes.c_uint8 * 6)(*op.mac), 1, flags, op.hash_seed)
-            self._stage(w, "lb_config", 0, cfg, _CONFIG)
+            self._stage(w, "lb_config", 0, _lb_config(op), _CONFIG)
         elif isinstance(op, plan.ZeroCounters):
             table = self.map("service_stats" if op.kind == "service" else "backend_stats")
             w.content.append(lambda: table.__setitem__(op.id, table.Leaf()))  # bcc's per-CPU Leaf holds every CPU
         elif isinstance(op, plan.PutBackend):
             flags = structs.F_BACKEND_READY | (structs.F_BACKEND_UP if op.up else 0)
-            info = structs.BackendInfo(structs.LbAddr.of(op.address), (ctypes.c_uint8 * 6)(*op.mac), flags, 0, op.service_id)
-            self._stage(w, "backends", op.id, info, _BACKEND)
+            info = structs.BackendInfo(structs.LbAddr.of(op.address), (ctypes.c_uint8 * 6)(*op.mac), flags, 0,
+                                       op.service_id, 0, op.down_since)
+            self._stage_backend(w, op.id, info)
         elif isinstance(op, plan.ClearBackend):
             self._clear_backend(op.id, w)
         elif isinstance(op, plan.PutTable):
@@ -361,6 +361,38 @@ class BccDataplane:
         w.content.append(lambda: table.__setitem__(key, hidden))
         if marker.published(new):
             w.publish.append(lambda: table.__setitem__(key, new))
+
+    def _stage_backend(self, w: "_Writes", bid: int, new) -> None:
+        """Schedule backends[bid] = new. A backend going down or coming back
+        stays published, so its established flows keep their grace: the
+        program reads down_since only once it sees UP clear. Going down,
+        down_since is written (UP still set) a grace period before UP is
+        cleared (one byte); coming up, UP is set (one byte) before down_since
+        is cleared. Any other change goes through _stage."""
+        table = self.map("backends")
+        current = table[bid]
+        ready, up = structs.F_BACKEND_READY, structs.F_BACKEND_UP
+
+        def rest(value) -> bytes:
+            copy = structs.BackendInfo.from_buffer_copy(bytes(value))
+            copy.flags, copy.down_since = 0, 0
+            return bytes(copy)
+
+        if (current.flags & ready and new.flags & ready and current.down_since != new.down_since
+                and rest(current) == rest(new)):
+            if current.flags & up and not new.flags & up:
+                noted = structs.BackendInfo.from_buffer_copy(bytes(current))
+                noted.down_since = new.down_since
+                w.content.append(lambda: table.__setitem__(bid, noted))
+                w.publish.append(lambda: table.__setitem__(bid, new))
+                return
+            if not current.flags & up and new.flags & up:
+                back = structs.BackendInfo.from_buffer_copy(bytes(current))
+                back.flags = new.flags
+                w.publish.append(lambda: table.__setitem__(bid, back))
+                w.late.append(lambda: table.__setitem__(bid, new))
+                return
+        self._stage(w, "backends", bid, new, _BACKEND)
 
     def _clear_backend(self, bid: int, w: "_Writes") -> None:
         """Unpublish a removed backend after the flips (its tables no longer
@@ -499,22 +531,22 @@ class BccDataplane:
             addr = structs.ServiceKey.from_buffer_copy(bytes(key)).ip()
             proto = {v: k for k, v in structs.IPPROTO.items()}.get(key.proto, str(key.proto))
             services[(addr, socket.ntohs(key.port), proto)] = (info.id, info.flags, info.table & 1)
-        backends = {}
+        backends, down_since = {}, {}
         table = self.map("backends")
         for bid in range(1, self.settings.max_backends):
             be = table[bid]
             if any(be.mac):
                 addr = structs.LbAddr.from_buffer_copy(bytes(be.addr)).ip()
                 backends[bid] = (be.service_id, addr, bytes(be.mac), bool(be.flags & structs.F_BACKEND_UP))
+                down_since[bid] = be.down_since
         tables = {}
         maglev = self.map("maglev_tables")
         for sid, _flags, half in services.values():
             tables[(sid, half)] = tuple(maglev[sid * structs.TABLES_PER_SERVICE + half].slots)
         vips = {structs.LbAddr.from_buffer_copy(bytes(k)).ip() for k in self.map("vips").keys()}
         cfg = self.map("lb_config")[0]
-        config = ((bytes(cfg.mac), cfg.hash_seed, bool(cfg.flags & structs.F_CFG_NO_BACKEND_DROP))
-                  if cfg.ready else None)
-        return KernelState(services, backends, tables, vips, config)
+        config = _config_tuple(structs.LbConfig.from_buffer_copy(bytes(cfg))) if cfg.ready else None
+        return KernelState(services, backends, tables, vips, config, down_since)
 
     def flows(self, limit: int = 100000) -> dict:
         """(client, client port, VIP, port, proto) -> backend id, at most `limit` entries."""
@@ -528,6 +560,30 @@ class BccDataplane:
             if len(out) >= limit:
                 break
         return out
+
+
+def _lb_config(op: "plan.SetConfig") -> structs.LbConfig:
+    cfg = structs.LbConfig()
+    cfg.mac[:] = op.mac
+    cfg.ready = 1
+    cfg.flags = structs.F_CFG_NO_BACKEND_DROP if op.drop_without_backend else 0
+    cfg.hash_seed = op.hash_seed
+    cfg.flood_rate = op.flood_rate
+    cfg.udp_idle_ns = op.udp_idle_ns
+    cfg.down_grace_ns = op.down_grace_ns
+    if len(op.extra_macs) > structs.EXTRA_MACS:
+        raise ValueError(f"{len(op.extra_macs)} extra MACs; the program holds {structs.EXTRA_MACS}")
+    for i, mac in enumerate(op.extra_macs):
+        cfg.extra_macs[6 * i:6 * i + 6] = mac
+    cfg.extra_mac_count = len(op.extra_macs)
+    return cfg
+
+
+def _config_tuple(cfg: structs.LbConfig) -> tuple:
+    """An lb_config entry as plan.Desired.config spells it."""
+    return (bytes(cfg.mac), cfg.hash_seed, bool(cfg.flags & structs.F_CFG_NO_BACKEND_DROP),
+            tuple(bytes(cfg.extra_macs[6 * i:6 * i + 6]) for i in range(min(cfg.extra_mac_count, structs.EXTRA_MACS))),
+            cfg.udp_idle_ns, cfg.down_grace_ns, cfg.flood_rate)
 
 
 def remove_program(ifname: str, mode: str | None) -> None:

@@ -32,7 +32,13 @@ def desired_state(pool: Pool, health: Mapping[tuple, Health], macs: Mapping, gw_
         services.append(ServiceState(svc.name, svc.vip, svc.port, svc.protocol, svc.persistence, backends))
     st = pool.settings
     return Desired(tuple(services), gw_mac, st.hash_seed, st.maglev_size, st.max_services, st.max_backends,
-                   st.no_backend == "drop")
+                   st.no_backend == "drop", extra_macs=st.extra_macs,
+                   udp_idle_ns=_ns(st.udp_idle_timeout), down_grace_ns=_ns(st.down_grace),
+                   flood_rate=st.flood_guard_rate)
+
+
+def _ns(seconds: float) -> int:
+    return round(seconds * 1_000_000_000)
 
 
 # Settings baked into the compiled program: changing them needs a restart.

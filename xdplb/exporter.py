@@ -152,6 +152,12 @@ class XdplbCollector:
                              "Packets not forwarded, by reason (not_service passes to the gateway itself).",
                              "reason", stats.not_forwarded)
         yield self._by_label("xdplb_events", "Data plane events that are not drops.", "event", stats.events)
+        misses = CounterMetricFamily(
+            "xdplb_flow_misses",
+            "TCP packets that were not a SYN and had no flow entry, placed by Maglev: what to watch after "
+            "a restart or when traffic moves between balancer nodes.")
+        misses.add_metric([], stats.events.get("flow_miss", 0))
+        yield misses
 
         rebuild = HistogramMetricFamily("xdplb_table_rebuild_seconds", "Maglev table rebuild and flip time.")
         _histogram(rebuild, [], telemetry.rebuild_seconds)

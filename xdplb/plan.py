@@ -9,14 +9,22 @@ Order of the writes, so that no packet ever sees a half-done change:
   1. the interface config (source MAC, hash seed);
   2. counters of newly allocated ids are zeroed;
   3. backends are written (a new MAC, up -> down or down -> up takes effect
-     at once for existing flows: a flow on a down backend is re-chosen);
+     at once for existing flows: a flow on a backend that went down stays
+     on it for the down grace, counted from the `down_since` written here,
+     then is re-chosen);
   4. each changed Maglev table is written into the service's idle half;
   5. each service entry is written, flipping to that half (one byte of its
      service_ids entry; the kernel layer adds the grace periods that
      bpf/lb_maps.h asks for between these steps);
   6. VIP addresses are added;
   7. removed services are deleted, then their and other removed backends are
-     cleared (no live table names them any more), then unused VIPs go.
+     retired (no live table names them any more), then unused VIPs go.
+
+A removed backend follows the same grace as one marked down: it is written
+down (not cleared) and its id stays reserved in `Applied.retired` until the
+grace has passed, so flows on it keep going and no other backend takes the
+id over meanwhile; a later plan (`retire_due` says when) clears it. Times
+are CLOCK_MONOTONIC nanoseconds, the clock of bpf_ktime_get_ns().
 
 Identity: a service is its name plus (VIP, port, protocol); a backend is its
 address within a service. Renaming a backend moves nothing.
@@ -68,6 +76,9 @@ class ServiceState:
 
 @dataclass(frozen=True)
 class Desired:
+    """Defaults of the flow fields are the neutral ones (no grace, no UDP
+    expiry, no flood guard); desired_state fills in the pool's."""
+
     services: tuple[ServiceState, ...]
     mac: bytes                 # the attached interface's MAC
     hash_seed: int
@@ -75,6 +86,16 @@ class Desired:
     max_services: int
     max_backends: int
     drop_without_backend: bool = False   # pool no_backend = "drop"
+    extra_macs: tuple[bytes, ...] = ()   # other unicast MACs whose frames are balanced
+    udp_idle_ns: int = 0                 # UDP flow entries expire after this idle time; 0: never
+    down_grace_ns: int = 0               # flows stay on a down or removed backend this long; 0: re-chosen at once
+    flood_rate: int = 0                  # new flow entries per second per CPU before the guard; 0: no guard
+
+    @property
+    def config(self) -> tuple:
+        """The lb_config entry, in SetConfig's field order."""
+        return (self.mac, self.hash_seed, self.drop_without_backend, self.extra_macs,
+                self.udp_idle_ns, self.down_grace_ns, self.flood_rate)
 
 
 # ---- what the kernel holds ------------------------------------------------
@@ -97,15 +118,19 @@ class AppliedBackend:
     address: ipaddress.IPv4Address
     mac: bytes | None
     up: bool
+    down_since: int = 0        # monotonic ns when it stopped being up; 0 while up or never up
 
 
 @dataclass(frozen=True)
 class Applied:
-    config: tuple | None = None                                   # (mac, hash_seed, drop_without_backend)
+    config: tuple | None = None                                   # Desired.config as written
     services: Mapping[str, AppliedService] = field(default_factory=lambda: MappingProxyType({}))
     backends: Mapping[tuple, AppliedBackend] = field(default_factory=lambda: MappingProxyType({}))
     vips: frozenset = frozenset()
     next_backend_id: int = 1                                      # allocation cursor (see _alloc_backend)
+    # Removed backends inside their grace: (service name, address) -> (the
+    # backend as written, down, monotonic ns when its id may be cleared).
+    retired: Mapping[tuple, tuple] = field(default_factory=lambda: MappingProxyType({}))
 
 
 # ---- the writes -----------------------------------------------------------
@@ -116,6 +141,10 @@ class SetConfig:
     mac: bytes
     hash_seed: int
     drop_without_backend: bool = False
+    extra_macs: tuple[bytes, ...] = ()
+    udp_idle_ns: int = 0
+    down_grace_ns: int = 0
+    flood_rate: int = 0
 
 
 @dataclass(frozen=True)
@@ -131,6 +160,7 @@ class PutBackend:
     address: ipaddress.IPv4Address
     mac: bytes
     up: bool
+    down_since: int = 0        # monotonic ns (bpf_ktime_get_ns's clock) when it went down; 0 while up
 
 
 @dataclass(frozen=True)
@@ -204,13 +234,29 @@ def _alloc_service(used: set[int], max_services: int) -> int:
     raise PlanError(f"all {max_services} service ids are in use; raise [xdplb] max_services")
 
 
-def plan(applied: Applied, desired: Desired) -> Plan:
+def retire_due(applied: Applied, now_ns: int) -> bool:
+    """Whether a retired backend's grace has passed, so a plan would clear it."""
+    return any(until <= now_ns for _be, until in applied.retired.values())
+
+
+def _went_down(prev: AppliedBackend | None, up: bool, now_ns: int) -> int:
+    """down_since for a backend that is `up` now and was `prev`."""
+    if up:
+        return 0
+    if prev is not None and prev.up:
+        return now_ns
+    return prev.down_since if prev is not None else 0
+
+
+def plan(applied: Applied, desired: Desired, now_ns: int = 0) -> Plan:
+    """`now_ns` is CLOCK_MONOTONIC in ns (time.monotonic_ns()), the clock the
+    program compares a backend's down_since with."""
     early: list = []           # config, zeroed counters, backends
     tables: list = []
     services_ops: list = []
     late: list = []            # deletions
 
-    config = (desired.mac, desired.hash_seed, desired.drop_without_backend)
+    config = desired.config
     if applied.config != config:
         early.append(SetConfig(*config))
 
@@ -221,7 +267,8 @@ def plan(applied: Applied, desired: Desired) -> Plan:
     service_ids = {a.id for a in applied.services.values()}
     new_services: dict[str, AppliedService] = {}
     new_backends: dict[tuple, AppliedBackend] = {}
-    backend_ids = {b.id for b in applied.backends.values()}
+    retired = dict(applied.retired)
+    backend_ids = {b.id for b in applied.backends.values()} | {b.id for b, _ in retired.values()}
     cursor = applied.next_backend_id
     rebuilt: list[str] = []
 
@@ -238,6 +285,8 @@ def plan(applied: Applied, desired: Desired) -> Plan:
         for be in svc.backends:
             bkey = (svc.name, str(be.address))
             prev = applied.backends.get(bkey) if old is not None else None
+            if prev is None and old is not None and bkey in retired:
+                prev = retired.pop(bkey)[0]   # back within its grace: same id, its flows never left
             if prev is None:
                 bid = _alloc_backend(backend_ids, cursor, desired.max_backends)
                 backend_ids.add(bid)
@@ -246,14 +295,14 @@ def plan(applied: Applied, desired: Desired) -> Plan:
             else:
                 bid = prev.id
             if be.mac is not None:
-                state = AppliedBackend(bid, sid, be.address, be.mac, be.up)
+                state = AppliedBackend(bid, sid, be.address, be.mac, be.up, _went_down(prev, be.up, now_ns))
                 if state != prev:
-                    early.append(PutBackend(bid, sid, be.address, be.mac, be.up))
-            elif prev is not None:
+                    early.append(PutBackend(bid, sid, be.address, be.mac, be.up, state.down_since))
+            elif prev is not None and prev.mac is not None:
                 # The MAC is unknown for now: keep the old one, but not up.
-                state = replace(prev, up=False)
-                if prev.up:
-                    early.append(PutBackend(bid, sid, be.address, prev.mac, False))
+                state = replace(prev, up=False, down_since=_went_down(prev, False, now_ns))
+                if state != prev:
+                    early.append(PutBackend(bid, sid, be.address, prev.mac, False, state.down_since))
             else:
                 state = AppliedBackend(bid, sid, be.address, None, False)
             new_backends[bkey] = state
@@ -285,8 +334,20 @@ def plan(applied: Applied, desired: Desired) -> Plan:
             vip, port, protocol = old.key
             late.append(DelService(vip, port, protocol))
     for bkey, old_be in applied.backends.items():
-        if bkey not in new_backends or new_backends[bkey].id != old_be.id:
+        if bkey in new_backends and new_backends[bkey].id == old_be.id:
+            continue
+        down = replace(old_be, up=False, down_since=_went_down(old_be, False, now_ns))
+        until = down.down_since + desired.down_grace_ns
+        if old_be.mac is None or desired.down_grace_ns == 0 or until <= now_ns:
             late.append(ClearBackend(old_be.id))
+            continue
+        if down != old_be:
+            late.append(PutBackend(down.id, down.service_id, down.address, down.mac, False, down.down_since))
+        retired[bkey if bkey not in retired else (bkey, down.id)] = (down, until)
+    for rkey, (down, until) in list(retired.items()):
+        if until <= now_ns or desired.down_grace_ns == 0:
+            late.append(ClearBackend(down.id))
+            del retired[rkey]
     late += [DelVip(v) for v in sorted(applied.vips - vips)]
 
     new_applied = Applied(
@@ -295,6 +356,7 @@ def plan(applied: Applied, desired: Desired) -> Plan:
         backends=MappingProxyType(new_backends),
         vips=vips,
         next_backend_id=cursor,
+        retired=MappingProxyType(retired),
     )
     ops = tuple(early + tables + services_ops + vip_ops + late)
     return Plan(ops, new_applied, tuple(rebuilt))
@@ -318,11 +380,12 @@ def adopt(kernel, service_names: Mapping[tuple, str]) -> Applied:
         name_of_id[sid] = name
         services[name] = AppliedService(sid, key, flags, half, ("(adopted)",), kernel.tables.get((sid, half), ()))
     backends: dict[tuple, AppliedBackend] = {}
+    down_since = getattr(kernel, "down_since", {})
     for bid, (sid, address, mac, up) in sorted(kernel.backends.items()):
         name = name_of_id.get(sid)
         if name is None:
             name = f"(orphan backend {bid})"
-        backends[(name, str(address))] = AppliedBackend(bid, sid, address, mac, up)
+        backends[(name, str(address))] = AppliedBackend(bid, sid, address, mac, up, down_since.get(bid, 0))
     top = max(kernel.backends, default=0)
     return Applied(
         config=kernel.config,

@@ -23,13 +23,16 @@ F_BACKEND_UP = 1 << 0
 F_BACKEND_READY = 1 << 1   # publishes the entry's other fields (bpf/lb_maps.h)
 
 TABLES_PER_SERVICE = 2
+# Unicast MACs besides the interface's whose frames are balanced (lb_config.extra_macs).
+EXTRA_MACS = 4
 # Words of the service_ports bitmap (PORT_WORDS): one bit per destination port.
 PORT_WORDS = 65536 // 32
 
 # Indices of the not_forwarded counters (REASON_* in lb_consts.h).
-REASONS = ("not_service", "malformed", "fragment", "no_backend", "backend_gone", "no_config")
+REASONS = ("not_service", "malformed", "fragment", "no_backend", "backend_gone", "no_config", "other_mac")
 # Indices of the events counters (EVENT_*).
-EVENTS = ("ip_options", "vlan", "flow_hit", "flow_new", "flow_reselect")
+EVENTS = ("ip_options", "vlan", "flow_hit", "flow_new", "flow_reselect", "flow_miss", "flood_no_entry",
+          "down_grace", "udp_expired")
 # XDP actions, by value.
 ACTIONS = ("aborted", "drop", "pass", "tx", "redirect")
 XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX, XDP_REDIRECT = range(5)
@@ -104,6 +107,8 @@ class BackendInfo(ctypes.Structure):
         ("flags", ctypes.c_uint8),        # F_BACKEND_*
         ("pad", ctypes.c_uint8),          # zero
         ("service_id", ctypes.c_uint32),  # host order
+        ("pad2", ctypes.c_uint32),        # zero
+        ("down_since", ctypes.c_uint64),  # host order: CLOCK_MONOTONIC ns it went down; 0 while up
     ]
 
 
@@ -122,6 +127,7 @@ class FlowValue(ctypes.Structure):
     _fields_ = [
         ("backend_id", ctypes.c_uint32),  # host order
         ("service_id", ctypes.c_uint32),  # host order
+        ("atime", ctypes.c_uint64),       # host order: CLOCK_MONOTONIC ns of the last packet (UDP only)
     ]
 
 
@@ -139,6 +145,12 @@ class LbConfig(ctypes.Structure):
         ("ready", ctypes.c_uint8),        # 1 once written
         ("flags", ctypes.c_uint8),        # F_CFG_*
         ("hash_seed", ctypes.c_uint32),   # host order
+        ("flood_rate", ctypes.c_uint32),  # host order: new flow entries per second per CPU; 0 = no guard
+        ("udp_idle_ns", ctypes.c_uint64),    # host order; 0 = UDP entries never expire
+        ("down_grace_ns", ctypes.c_uint64),  # host order; 0 = flows on a down backend are re-chosen at once
+        ("extra_macs", ctypes.c_uint8 * (6 * EXTRA_MACS)),  # wire order, 6 bytes each; extra_mac_count used
+        ("extra_mac_count", ctypes.c_uint8),
+        ("pad2", ctypes.c_uint8 * 7),     # zero
     ]
 
 

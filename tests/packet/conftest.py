@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import time
 from dataclasses import dataclass, replace
 
 import pytest
@@ -63,19 +64,21 @@ class Harness:
         self.applied = plan.Applied()
         self.desired: plan.Desired | None = None
 
-    def program(self, services, drop_without_backend: bool = False) -> plan.Plan:
+    def program(self, services, drop_without_backend: bool = False, **flow_settings) -> plan.Plan:
+        """flow_settings: plan.Desired's extra_macs, udp_idle_ns, down_grace_ns,
+        flood_rate (default: none, no expiry, no grace, no guard)."""
         self.desired = plan.Desired(
             tuple(services), GW_MAC, self.settings.hash_seed, self.settings.maglev_size,
-            self.settings.max_services, self.settings.max_backends, drop_without_backend,
+            self.settings.max_services, self.settings.max_backends, drop_without_backend, **flow_settings,
         )
-        result = plan.plan(self.applied, self.desired)
+        result = plan.plan(self.applied, self.desired, time.monotonic_ns())
         self.dp.apply(result.ops)
         self.applied = result.applied
         return result
 
     def reset(self) -> None:
         """Empty every map, as after a fresh load."""
-        result = plan.plan(self.applied, replace(self.desired, services=()) if self.desired else
+        result = plan.plan(self.applied, replace(self.desired, services=(), down_grace_ns=0) if self.desired else
                            plan.Desired((), GW_MAC, 0, self.settings.maglev_size, 64, 4096))
         self.dp.apply(result.ops)
         self.applied = plan.Applied()

@@ -42,13 +42,13 @@ def _tcp_doff(doff):
 # (description, input bytes-or-packet, (service, sport, dport, proto) or None, action, output, counter)
 CASES = [
     ("TCP SYN to VIP:104 goes to the Maglev-chosen backend", P.syn(), ("dicom", 40000, 104, "tcp"), TX, FORWARD, "event:flow_new"),
-    ("TCP ACK with payload to VIP:104", P.ack(sport=40100), ("dicom", 40100, 104, "tcp"), TX, FORWARD, "event:flow_new"),
+    ("TCP ACK with payload to VIP:104 without an entry is a miss", P.ack(sport=40100), ("dicom", 40100, 104, "tcp"), TX, FORWARD, "event:flow_miss"),
     ("UDP datagram to VIP:5000", P.udp(), ("udp-echo", 40000, 5000, "udp"), TX, FORWARD, "event:flow_new"),
     ("802.1Q-tagged SYN keeps its tag", P.vlan_syn(Dot1Q), ("dicom", 40001, 104, "tcp"), TX, FORWARD, "event:vlan"),
     ("802.1ad-tagged SYN keeps its tag", P.vlan_syn(Dot1AD), ("dicom", 40001, 104, "tcp"), TX, FORWARD, "event:vlan"),
     ("IPv4 with options (IHL 9) is forwarded", P.with_options(), ("dicom", 40003, 104, "tcp"), TX, FORWARD, "event:ip_options"),
     ("client persistence on the web service", P.syn(dport=80, sport=41000), ("web", 41000, 80, "tcp"), TX, FORWARD, "event:flow_new"),
-    ("ARP for the VIP passes to the gateway", P.arp_request(), None, PASS, UNCHANGED, "reason:not_service"),
+    ("ARP for the VIP (broadcast) passes to the gateway", P.arp_request(), None, PASS, UNCHANGED, "reason:other_mac"),
     ("SSH to the gateway's own address passes", P.ssh_to_gateway(), None, PASS, UNCHANGED, "reason:not_service"),
     ("TCP to VIP on an unconfigured port passes", P.syn(dport=8443), None, PASS, UNCHANGED, "reason:not_service"),
     ("UDP to VIP:104 (service is TCP) passes", P.udp(dport=104), None, PASS, UNCHANGED, "reason:not_service"),

@@ -165,7 +165,9 @@ def test_flow_keys_have_the_kernels_layout():
     keys = [packed[i:i + size] for i in range(0, len(packed), size)]
     assert len(set(keys)) == 300 and keys[0] == frames.flow_key("11.0.0.250", "10.10.0.100", 40000, 104)
     assert keys[-1] == frames.flow_key("11.0.2.37", "10.10.0.100", 40000, 104)    # .250 + 299
-    value = structs.FlowValue.from_buffer_copy(frames.flow_values(2, 5, 3)[:8])
+    packed = frames.flow_values(2, 5, 3)
+    assert len(packed) == 2 * ctypes.sizeof(structs.FlowValue)
+    value = structs.FlowValue.from_buffer_copy(packed[:ctypes.sizeof(structs.FlowValue)])
     assert (value.backend_id, value.service_id) == (5, 3)
     with pytest.raises(ValueError, match="255.255.255.255"):
         frames.flow_keys(2, "255.255.255.255", "10.10.0.100", 1, 2)
@@ -202,7 +204,7 @@ def test_new_flow_builds_change_exactly_the_insert():
     text = bpf_source.assemble()
     upper = suite_dataplane.variant_source(text, "insert_delete")
     lower = suite_dataplane.variant_source(text, "no_insert")
-    assert upper.count("flows.delete(&pkt->flow);") == 1 and suite_dataplane.INSERT_LINE in upper
+    assert upper.count("flows.delete(&pkt->flow);") == 1 and "flows.update(&pkt->flow, &fval);" in upper
     assert suite_dataplane.INSERT_LINE not in lower
     assert upper.replace(suite_dataplane.VARIANTS["insert_delete"], suite_dataplane.INSERT_LINE) == text
     with pytest.raises(suite_dataplane.BenchError, match="0 copies"):

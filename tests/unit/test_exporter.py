@@ -182,7 +182,7 @@ def test_probe_histogram_failures_and_transitions(src):
 def test_data_plane_counters_rebuilds_reloads_and_info(src):
     src.dp.actions.update(tx=900, **{"pass": 40}, drop=3)
     src.dp.not_forwarded.update(not_service=40, fragment=2, no_backend=1)
-    src.dp.events.update(flow_new=60, flow_hit=840)
+    src.dp.events.update(flow_new=60, flow_hit=840, flow_miss=7, flood_no_entry=5)
     reg = registry_for(src)
     assert value(reg, "xdplb_xdp_actions_total", action="tx") == 900
     assert value(reg, "xdplb_xdp_actions_total", action="pass") == 40
@@ -192,6 +192,8 @@ def test_data_plane_counters_rebuilds_reloads_and_info(src):
     assert value(reg, "xdplb_packets_not_forwarded_total", reason="no_backend") == 1
     assert value(reg, "xdplb_packets_not_forwarded_total", reason="malformed") == 0
     assert value(reg, "xdplb_events_total", event="flow_hit") == 840
+    assert value(reg, "xdplb_events_total", event="flood_no_entry") == 5
+    assert value(reg, "xdplb_flow_misses_total") == 7
     assert value(reg, "xdplb_table_rebuild_seconds_count") == 1
     assert value(reg, "xdplb_table_rebuild_seconds_bucket", le="0.005") == 1
     assert value(reg, "xdplb_table_rebuild_seconds_bucket", le="0.0025") == 0

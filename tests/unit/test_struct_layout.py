@@ -45,7 +45,7 @@ def _program() -> str:
         lines.append(f'printf("EVENT_{event.upper()} %d {i}\\n", EVENT_{event.upper()});')
     lines.append(f'printf("EVENT_MAX %d {len(structs.EVENTS)}\\n", EVENT_MAX);')
     for flag in ("F_SVC_CLIENT_PERSIST", "SVC_STATE_HALF", "F_BACKEND_UP", "F_BACKEND_READY",
-                 "F_CFG_NO_BACKEND_DROP", "TABLES_PER_SERVICE", "PORT_WORDS"):
+                 "F_CFG_NO_BACKEND_DROP", "TABLES_PER_SERVICE", "PORT_WORDS", "EXTRA_MACS"):
         lines.append(f'printf("{flag} %u {getattr(structs, flag)}\\n", (unsigned){flag});')
     lines.append(f'printf("ACTION_MAX %d {len(structs.ACTIONS)}\\n", ACTION_MAX);')
     lines += ["return 0;", "}"]
@@ -68,7 +68,8 @@ def test_struct_sizes_and_offsets_match(c_layout):
     mismatches = []
     for line in c_layout:
         name, *values = line.split()
-        if name.endswith(("_MAX",)) or name.startswith(("REASON_", "EVENT_", "F_", "SVC_", "TABLES_", "PORT_")):
+        if name.endswith(("_MAX",)) or name.startswith(("REASON_", "EVENT_", "F_", "SVC_", "TABLES_", "PORT_",
+                                                          "EXTRA_")):
             continue
         if values[0] == "size":
             cls = structs.SHARED_STRUCTS[name]

@@ -52,5 +52,5 @@ def flow_keys(count: int, first_src: str, dst_ip: str, sport: int, dport: int) -
 
 
 def flow_values(count: int, backend_id: int, service_id: int) -> bytes:
-    """struct flow_value × count (host order)."""
-    return struct.pack("=II", backend_id, service_id) * count
+    """struct flow_value × count (host order; atime 0, as for TCP)."""
+    return struct.pack("=IIQ", backend_id, service_id, 0) * count

@@ -61,10 +61,12 @@ FLOOR_SOURCE = Path(__file__).resolve().parents[2] / "bpf" / "bench_floor.c"
 
 # The one line of bpf/xdplb.c that inserts a new flow, and what each
 # new-flow build puts in its place (see the module docstring).
-INSERT_LINE = "flows.update(&pkt->flow, &fval);"
+# The insert and its failure branch (the statement after it deletes a stale
+# entry when the insert fails): each variant keeps the branch well formed.
+INSERT_LINE = "if (flows.update(&pkt->flow, &fval) != 0)"
 VARIANTS = {
-    "insert_delete": "flows.update(&pkt->flow, &fval); flows.delete(&pkt->flow); /* bench: upper bound */",
-    "no_insert": "/* bench: no insert, lower bound */",
+    "insert_delete": "flows.update(&pkt->flow, &fval); flows.delete(&pkt->flow); if (0) /* bench: upper bound */",
+    "no_insert": "if (0) /* bench: no insert, lower bound */",
 }
 
 
@@ -250,9 +252,12 @@ def live_backend_id(applied, service: str) -> int:
 def backends(count: int):
     from xdplb.plan import BackendState
 
+    # Every backend has the gateway's MAC: BPF_PROG_TEST_RUN with a repeat
+    # count runs the program again on the frame it rewrote, and the program
+    # balances only frames sent to the gateway's MAC, so a backend MAC of
+    # its own would make every repetition after the first a pass.
     return tuple(
-        BackendState(f"be{i}", IPv4Address(f"10.20.{i // 250}.{i % 250 + 1}"), 1 + i % 3,
-                     bytes([2, 0xBE, 0, i >> 8, i & 0xFF, 1]), True)
+        BackendState(f"be{i}", IPv4Address(f"10.20.{i // 250}.{i % 250 + 1}"), 1 + i % 3, GW_MAC, True)
         for i in range(count)
     )
 
