@@ -38,6 +38,7 @@ from scapy.layers.l2 import ARP, Dot1AD, Dot1Q, Ether
 from scapy.packet import Raw
 
 from xdplb import bpfsys, plan
+from xdplb.config import Settings
 
 from . import fuzz_oracle as O
 from .conftest import GW_MAC, mac_of
@@ -58,7 +59,8 @@ def _mac(raw: bytes) -> str:
 
 
 GW = _mac(GW_MAC)
-GATEWAY_MACS = (GW_MAC,)     # the interface's MAC and the MACs the pool names (point 5)
+POOL_MAC = bytes.fromhex("00005e000133")   # a VRRP virtual MAC the pool names ([xdplb] extra_macs)
+GATEWAY_MACS = (GW_MAC, POOL_MAC)          # frames to these are balanced (point 5)
 FOREIGN_MACS = (
     bytes.fromhex("ffffffffffff"),   # broadcast
     bytes.fromhex("01005e000001"),   # IPv4 multicast
@@ -236,9 +238,9 @@ def build_seeds(held: dict) -> list[tuple[float, list[Seed]]]:
              seed("ipv6 tcp", eth() / IPv6(src="fd00::2", dst="fd00::100") / TCP(sport=49000, dport=104, flags="S")),
              seed("ipv6 too big", eth() / IPv6(src="fd00::1", dst="fd00::100") / ICMPv6PacketTooBig(mtu=1280)
                   / Raw(b"q" * 48))]),
-        # Frames for others on the segment pass untouched (point 5).
+        # Frames for others on the segment pass untouched; those to the pool's MAC are balanced (point 5).
         (8, [seed(f"to {_mac(m)}, {d}:{p}/{k}", to(d, p, k, sport=49100 + i, mac=_mac(m)))
-             for m in FOREIGN_MACS for i, (d, p, k) in enumerate(S)]
+             for m in FOREIGN_MACS + (POOL_MAC,) for i, (d, p, k) in enumerate(S)]
          + [seed(f"to {_mac(m)}, too big", m + bytes(too_big(C[0], VIP1, 48000, 104, O.TCP))[6:])
             for m in FOREIGN_MACS]),
     ]
@@ -443,11 +445,13 @@ class Mutator:
 # ---- the run ------------------------------------------------------------------
 
 def program(harness, services, flood_guard: bool) -> tuple[float, float]:
-    """Write `services` through the real planner and map writer. Returns the
+    """Write `services` through the real planner and map writer, with the pool
+    settings of points 5 and 6 (the pool's flood guard where asked). Returns the
     CLOCK_MONOTONIC seconds between which the grace of a backend that went
     down in this write ends."""
     before = time.monotonic()
-    harness.program(services)
+    harness.program(services, extra_macs=(POOL_MAC,), udp_idle_ns=UDP_IDLE_S * 10**9,
+                    down_grace_ns=int(GRACE_S * 1e9), flood_rate=Settings().flood_guard_rate if flood_guard else 0)
     return before + GRACE_S, time.monotonic() + GRACE_S
 
 
