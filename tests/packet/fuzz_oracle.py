@@ -1,0 +1,269 @@
+"""The fuzz test's oracle: what issue 10 allows the XDP program to do with a frame.
+
+Written from the specification, not from bpf/: it parses frames itself (its
+own few lines of header parsing, no scapy in the per-frame path, nothing of
+xdplb) and judges the program's verdict against the configured state the test
+declared. It never predicts which backend Maglev or the flow hash picks; it
+only checks that the backend is one the rules allow.
+
+The rules (issue 10, "Tests that must exist", and the points they refer to):
+  - never XDP_ABORTED (nor any action but PASS, DROP, TX);
+  - XDP_PASS leaves the frame byte for byte;
+  - point 5: a frame not addressed to the gateway's MAC (or a MAC the pool
+    names) passes untouched, whatever it carries;
+  - XDP_DROP only for a well-formed IPv4 header addressed to a VIP;
+  - XDP_TX only for TCP/UDP to a configured (VIP, port, protocol), with only
+    the MACs changed (source: the gateway's) and the destination MAC a live
+    backend of that service (up, resolved, weight > 0). Two exceptions, each
+    on its own terms:
+      * point 4: ICMP "fragmentation needed" to a VIP goes to a backend of the
+        service named by the quoted packet's source (VIP, port, protocol);
+      * point 6: a flow established on a backend that since went down (or was
+        removed) stays there within the grace period, and one established on
+        a since-drained backend stays there (it must: flows stay put); never
+        a new connection (a TCP SYN without ACK), which is placed by Maglev
+        and replaces the entry. After a RST of such a flow either is allowed;
+        its "fragmentation needed" messages go where the flow goes;
+  - point 7: a TCP/UDP fragment to a VIP is dropped, any other fragment to a
+    VIP passes (both only for frames addressed to the gateway, as point 5
+    says); never is a fragment forwarded;
+  - point 4: ICMP to a VIP other than "fragmentation needed" passes (ping).
+
+"Well-formed IPv4" means the header itself: version 4, IHL >= 5, the whole
+IHL present in the frame and tot_len >= IHL * 4, after at most two 802.1Q or
+802.1ad tags. Checksums are not part of it (the specification never asks the
+balancer to verify them, and DSR leaves them to the backend). The README
+promises one tag: what the program must do (the point 7 and ICMP rules) is
+asked only of frames with at most one; what it may do is allowed under two.
+"""
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+# Kernel UAPI values of enum xdp_action.
+ABORTED, DROP, PASS, TX, REDIRECT = range(5)
+ACTION_NAMES = {ABORTED: "XDP_ABORTED", DROP: "XDP_DROP", PASS: "XDP_PASS", TX: "XDP_TX", REDIRECT: "XDP_REDIRECT"}
+
+ETH_P_IP = 0x0800
+VLAN_TYPES = (0x8100, 0x88A8)
+MAX_TAGS = 2            # may be balanced under up to two tags; must be (point 7, ICMP) under at most one,
+                        # as the README documents
+TCP, UDP, ICMP = 6, 17, 1
+SYN, RST, ACK = 0x02, 0x04, 0x10
+
+
+@dataclass
+class Ip:
+    """Offsets and fields of a frame's well-formed IPv4 header (None if it has none)."""
+    tags: int           # VLAN tags before it
+    l3: int
+    l4: int             # first byte after the IPv4 header (options included)
+    proto: int
+    saddr: bytes
+    daddr: bytes
+    fragment: bool
+
+
+def ipv4(raw: bytes) -> Ip | None:
+    """The frame's IPv4 header if it is well-formed (see the module doc)."""
+    n = len(raw)
+    off = 12
+    for tags in range(MAX_TAGS + 1):
+        if off + 2 > n:
+            return None
+        ethertype = (raw[off] << 8) | raw[off + 1]
+        if ethertype in VLAN_TYPES:
+            off += 4
+            continue
+        break
+    else:
+        return None
+    if ethertype != ETH_P_IP:
+        return None
+    l3 = off + 2
+    if l3 + 20 > n:
+        return None
+    vihl = raw[l3]
+    ihl = (vihl & 0x0F) * 4
+    if vihl >> 4 != 4 or ihl < 20 or l3 + ihl > n:
+        return None
+    if ((raw[l3 + 2] << 8) | raw[l3 + 3]) < ihl:
+        return None
+    frag = ((raw[l3 + 6] << 8) | raw[l3 + 7]) & 0x3FFF      # MF and the offset
+    return Ip(tags, l3, l3 + ihl, raw[l3 + 9], raw[l3 + 12:l3 + 16], raw[l3 + 16:l3 + 20], frag != 0)
+
+
+@dataclass
+class Held:
+    """A flow the test established on a backend that now takes no new flows."""
+    mac: bytes
+    why: str            # "drained" or "grace"
+    # Grace: the CLOCK_MONOTONIC seconds between which it ends (the backend went
+    # down during a controller write that took some time); None for a drained
+    # backend, which holds its flows for as long as they live.
+    until: tuple[float, float] | None
+    loose: bool = False  # the flow may also have been placed afresh (after a RST, or without an entry)
+
+
+@dataclass
+class Model:
+    """The configured state, as the test declared it (never read from the maps)."""
+    gateway_macs: frozenset          # the interface's MAC and any MAC the pool names
+    services: dict                   # (vip 4 bytes, port, proto) -> frozenset of live backend MACs
+    held: dict = field(default_factory=dict)   # flow key (13 bytes) -> Held
+    placed: dict = field(default_factory=dict)  # flow key -> MAC of the backend it was last forwarded to
+
+    def __post_init__(self):
+        self.vips = frozenset(vip for vip, _, _ in self.services)
+
+    def reconfigure(self, services: dict, down: frozenset, until: tuple[float, float]) -> None:
+        """The controller changed the state, and the backends `down` went down
+        with their grace ending within `until`. They hold the flows seen sent to
+        them, but loosely: the flood guard may have placed one without an entry."""
+        self.services = services
+        self.vips = frozenset(vip for vip, _, _ in services)
+        for key, mac in self.placed.items():
+            if mac in down and key not in self.held:
+                self.held[key] = Held(mac, "grace", until, loose=True)
+
+
+def flow_key(client: bytes, vip: bytes, cport: int, vport: int, proto: int) -> bytes:
+    """Client-to-VIP 5-tuple as one hashable value."""
+    return client + vip + cport.to_bytes(2, "big") + vport.to_bytes(2, "big") + bytes([proto])
+
+
+class Oracle:
+    """Judges one (frame, verdict) at a time; keeps counts of what it saw."""
+
+    def __init__(self, model: Model):
+        self.model = model
+        self.seen = Counter()
+
+    def judge(self, raw: bytes, action: int, out: bytes, ran: tuple[float, float] | None = None) -> str | None:
+        """The rule the verdict breaks, or None. Counts the case in self.seen.
+        `ran`: CLOCK_MONOTONIC seconds before and after the program ran (now, if not given)."""
+        m = self.model
+        self._ran = ran or (time.monotonic(),) * 2
+        if action not in (PASS, DROP, TX):
+            return f"action {ACTION_NAMES.get(action, action)}"
+        if action == PASS:
+            if out != raw:
+                return "XDP_PASS changed the frame"
+            if raw[0:6] in m.gateway_macs:
+                ip = ipv4(raw)
+                if ip is not None and ip.tags <= 1 and ip.fragment and ip.proto in (TCP, UDP) and ip.daddr in m.vips:
+                    return "XDP_PASS of a TCP/UDP fragment to a VIP (point 7: they stay dropped)"
+            self.seen["pass"] += 1
+            return None
+
+        if raw[0:6] not in m.gateway_macs:
+            return f"{ACTION_NAMES[action]} of a frame not addressed to the gateway (point 5: it must pass untouched)"
+        ip = ipv4(raw)
+        if ip is None or ip.daddr not in m.vips:
+            return f"{ACTION_NAMES[action]} of a frame that is not well-formed IPv4 to a VIP"
+        if ip.fragment:
+            if action == TX:
+                return "XDP_TX of an IPv4 fragment"
+            if ip.proto not in (TCP, UDP) and ip.tags <= 1:
+                return "XDP_DROP of a non-TCP/UDP fragment to a VIP (point 7: it goes to the gateway's stack)"
+            self.seen["drop fragment"] += 1
+            return None
+        if action == DROP:
+            if ip.proto == ICMP and ip.tags <= 1 and not self._too_big(raw, ip):
+                return "XDP_DROP of ICMP to a VIP that is not 'fragmentation needed' (point 4: it goes to the stack)"
+            self.seen["drop"] += 1
+            return None
+
+        # XDP_TX from here on.
+        if len(out) != len(raw) or out[12:] != raw[12:]:
+            return "XDP_TX changed more than the MAC addresses"
+        if out[6:12] not in m.gateway_macs:
+            return "XDP_TX with a source MAC that is not the gateway's"
+        dst = out[0:6]
+        if ip.proto in (TCP, UDP):
+            return self._tx_l4(raw, ip, dst)
+        if ip.proto == ICMP:
+            return self._tx_icmp(raw, ip, dst)
+        return f"XDP_TX of IP protocol {ip.proto}"
+
+    def _tx_l4(self, raw: bytes, ip: Ip, dst: bytes) -> str | None:
+        m = self.model
+        fixed = 20 if ip.proto == TCP else 8
+        if ip.l4 + fixed > len(raw):
+            return "XDP_TX of a TCP/UDP packet whose header is cut short"
+        sport = (raw[ip.l4] << 8) | raw[ip.l4 + 1]
+        dport = (raw[ip.l4 + 2] << 8) | raw[ip.l4 + 3]
+        live = m.services.get((ip.daddr, dport, ip.proto))
+        if live is None:
+            return "XDP_TX for a (VIP, port, protocol) that is not configured"
+        key = flow_key(ip.saddr, ip.daddr, sport, dport, ip.proto)
+        flags = raw[ip.l4 + 13] if ip.proto == TCP else 0
+        held = m.held.get(key)
+        if flags & (SYN | ACK) == SYN:
+            # Point 6: a new connection is placed by Maglev and replaces the
+            # tuple's entry, so the flow is no longer held (a RST writes no
+            # entry: then the old one may stay). A SYN sent anywhere else is
+            # reported, and the flow kept, so one fault is reported once.
+            if dst in live:
+                if not flags & RST:
+                    m.held.pop(key, None)
+                    m.placed[key] = dst
+                self.seen["tx new connection"] += 1
+                return None
+            if flags & RST and held is not None and dst == held.mac:
+                self.seen["tx held (RST)"] += 1
+                return None
+            return "XDP_TX of a new TCP connection (SYN without ACK) to a backend that is not live"
+        if flags & RST and held is not None:
+            held.loose = True      # the specification leaves open whether a RST ends the entry
+        problem = self._follow(held, live, dst, "")
+        if problem is None and not flags & RST:
+            m.placed[key] = dst
+            if held is not None and dst != held.mac:
+                del m.held[key]    # placed afresh (its grace over, or it had no entry): an ordinary flow now
+        return problem
+
+    def _follow(self, held: Held | None, live: frozenset, dst: bytes, what: str) -> str | None:
+        """An established flow's packet: to the backend holding it, else to a
+        live one. Near the end of a grace, where the program may have read the
+        clock on either side of it, both are allowed."""
+        within = expired = False
+        if held is not None:
+            within = held.until is None or self._ran[1] < held.until[0]
+            expired = held.until is not None and self._ran[0] >= held.until[1]
+        if held is not None and dst == held.mac:
+            if expired:
+                return f"XDP_TX{what} to a down backend after its grace period"
+            self.seen[f"tx{what} held ({held.why})"] += 1
+            return None
+        if dst in live:
+            if held is None or held.loose or not within:
+                self.seen[f"tx{what} re-chosen after the grace" if expired else f"tx{what}"] += 1
+                return None
+            return (f"XDP_TX{what} of a flow held by a {held.why} backend to another backend "
+                    f"(point 6: drained and down backends keep their established flows)")
+        return f"XDP_TX{what} to a MAC that is not a live backend of the service, nor one holding this flow"
+
+    def _too_big(self, raw: bytes, ip: Ip) -> bool:
+        return ip.l4 + 2 <= len(raw) and raw[ip.l4] == 3 and raw[ip.l4 + 1] == 4
+
+    def _tx_icmp(self, raw: bytes, ip: Ip, dst: bytes) -> str | None:
+        """Point 4: the quoted packet went from a VIP's service to a client."""
+        if not self._too_big(raw, ip):
+            return "XDP_TX of ICMP other than 'fragmentation needed'"
+        inner = ip.l4 + 8
+        if inner + 20 > len(raw):
+            return "XDP_TX of ICMP 'fragmentation needed' quoting no whole IPv4 header"
+        ihl = (raw[inner] & 0x0F) * 4
+        if raw[inner] >> 4 != 4 or ihl < 20 or inner + ihl + 4 > len(raw):
+            return "XDP_TX of ICMP 'fragmentation needed' quoting no IPv4 header and ports"
+        proto = raw[inner + 9]
+        vip, client = raw[inner + 12:inner + 16], raw[inner + 16:inner + 20]
+        vport = (raw[inner + ihl] << 8) | raw[inner + ihl + 1]
+        cport = (raw[inner + ihl + 2] << 8) | raw[inner + ihl + 3]
+        live = self.model.services.get((vip, vport, proto))
+        if live is None:
+            return "XDP_TX of ICMP 'fragmentation needed' quoting no configured service"
+        return self._follow(self.model.held.get(flow_key(client, vip, cport, vport, proto)), live, dst, " of ICMP")
