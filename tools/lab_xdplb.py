@@ -195,6 +195,14 @@ def backend_health(st: dict, service: str) -> dict:
     return {b["name"]: b["health"] for b in svc["backends"]}
 
 
+def backend_in_table(st: dict, service: str, backend: str) -> bool:
+    """Whether the backend is up and its slots are in the live table: the
+    reconciler's pass after an up verdict has been applied."""
+    svc = next(s for s in st["services"] if s["name"] == service)
+    b = next(b for b in svc["backends"] if b["name"] == backend)
+    return b["health"] == "up" and b["forwarding"] and b["table_slots"] > 0
+
+
 def xdp_attached(lab) -> bool:
     out = lab.run("lb", "ip", "-j", "link", "show", "eth0").stdout
     return "xdp" in json.loads(out)[0]

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from lab_xdplb import Balancer, backend_health, client, client_popen, running_balancer, lb_addresses, pool_text, xdp_attached
+from lab_xdplb import Balancer, backend_health, backend_in_table, client, client_popen, running_balancer, lb_addresses, pool_text, xdp_attached
 
 pytestmark = [pytest.mark.root, pytest.mark.lab]
 
@@ -80,7 +80,7 @@ def test_failover_after_backend_server_killed(lab, balancer):
     assert "be2 (10.10.0.12) of hello: up -> down: connect to 10.10.0.12:104 refused" in balancer.log()
 
     lab.start_backend("be2")
-    balancer.wait_for(lambda st: backend_health(st, "hello")["be2"] == "up", RISE * INTERVAL + 2, "be2 up again")
+    balancer.wait_for(lambda st: backend_in_table(st, "hello", "be2"), RISE * INTERVAL + 2, "be2 up and in the table")
     assert "be2" in client(lab, "hello", lab.vip, 104, 40)
 
 
