@@ -118,11 +118,17 @@ def check(pool_argument: str | None, pool_option: str | None) -> None:
     from .desired import desired_state
     from .health_fsm import Health, State
 
+    from .tls import usable_certificates
+
     pool_path = _pool_path(pool_argument, pool_option, "xdplb check")
     pool = _load(pool_path)
+    try:
+        certificates = usable_certificates(pool, time.time())
+    except PoolError as exc:
+        raise PoolProblems(exc) from None
     click.echo(describe(pool), nl=False)
     click.echo(_flow_capacity_line(pool.settings))
-    for text in warnings(pool):
+    for text in warnings(pool) + list(certificates.warnings):
         click.echo(f"warning: {text}")
     # Assume every backend healthy and reachable: the table it would start with.
     health = {(s.name, b.address): Health(State.UP) for s in pool.services for b in s.backends}
