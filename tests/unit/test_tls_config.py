@@ -2,10 +2,9 @@
 and the certificate checks `xdplb check` and a reload make (real certificates made by openssl)."""
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -13,6 +12,10 @@ from click.testing import CliRunner
 from xdplb.cli import cli
 from xdplb.config import DEFAULT_TLS_CIPHERS, DEFAULT_TLS_CIPHERSUITES, PoolError, describe, parse_pool
 from xdplb.tls import CertificateError, check_certificates, inspect, usable_certificates
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for certs.py
+
+from certs import make_cert, openssl  # noqa: E402
 
 DAY = 86400.0
 
@@ -42,25 +45,6 @@ port = 443
   address = "10.10.0.11"
 """
 T = 'service[1] "synapse-https" .tls'
-
-
-def openssl(*args: str, cwd) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
-def make_cert(d, name: str, days: int = 365, key_in_file: bool = True) -> str:
-    """A self-signed certificate valid from now for `days`; its key in the PEM or in <pem>.key."""
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.crt",
-            "-days", str(days), "-subj", f"/CN={name}", cwd=d)
-    pem = d / f"{name}.pem"
-    if key_in_file:
-        pem.write_bytes((d / f"{name}.crt").read_bytes() + (d / f"{name}.key").read_bytes())
-        (d / f"{name}.key").unlink()
-        (d / f"{name}.crt").unlink()
-    else:
-        (d / f"{name}.crt").rename(pem)
-        (d / f"{name}.key").rename(d / f"{name}.pem.key")
-    return str(pem)
 
 
 @pytest.fixture(scope="module")
