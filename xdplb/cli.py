@@ -136,6 +136,9 @@ def check(pool_argument: str | None, pool_option: str | None) -> None:
     result = plan.plan(plan.Applied(), desired_state(pool, health, macs, b"\0" * 6))
     click.echo("Maglev slots with every backend up:")
     for svc in pool.services:
+        if svc.tls is not None:
+            click.echo(f"  {svc.name}: none; HAProxy terminates its TLS, the XDP program passes it to the stack")
+            continue
         applied = result.applied.services[svc.name]
         shares = []
         for be in svc.backends:

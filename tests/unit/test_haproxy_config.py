@@ -171,3 +171,43 @@ def test_haproxy_accepts_the_generated_configuration(pool, tmp_path, down):
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Configuration file is valid" in done.stdout
     assert "WARNING" not in done.stdout + done.stderr, done.stdout + done.stderr
+
+
+def test_runtime_commands_send_only_what_changed():
+    from xdplb.tlstier import runtime_commands
+    old = {("https", "a"): ServerState("ready", 3), ("https", "b"): ServerState("ready", 1)}
+    new = {("https", "a"): ServerState("maint", 3), ("https", "b"): ServerState("drain", 2),
+           ("dicom-tls", "a"): ServerState("ready", 1)}
+    assert runtime_commands(old, new) == [
+        "set weight dicom-tls/a 1", "set server dicom-tls/a state ready",
+        "set server https/a state maint",
+        "set weight https/b 2", "set server https/b state drain",
+    ]
+    assert runtime_commands(new, new) == []
+
+
+def test_tls_services_stay_out_of_the_xdp_tables(pool):
+    from xdplb.desired import desired_state
+    health = {(s.name, b.address): UP for s in pool.services for b in s.backends}
+    desired = desired_state(pool, health, {}, b"\0" * 6)
+    assert [s.name for s in desired.services] == ["synapse-dicom"]
+
+
+def test_a_follower_is_not_probed_a_service_with_its_own_check_is(pool):
+    from xdplb.scheduler import ProbeScheduler
+
+    class Starts:
+        def __init__(self):
+            self.names = []
+
+        def start(self, name, factory):
+            self.names.append(name)
+
+    starts = Starts()
+    scheduler = ProbeScheduler(None, None, starts, lambda: None)
+    scheduler.sync(pool)
+    probed = sorted({(name[1], name[2].check) for name in starts.names})
+    assert probed == [("dicom://10.10.0.11:104", "dicom"), ("dicom://10.10.0.12:104", "dicom"),
+                      ("dicom://10.10.0.13:104", "dicom"),
+                      ("tcp://10.10.0.11:104", "tcp"), ("tcp://10.10.0.12:104", "tcp")]
+    assert not any(service == "synapse-https" for service, _ in scheduler.health)
