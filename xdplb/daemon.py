@@ -144,7 +144,7 @@ class Daemon:
         for the next `xdplb attach` to adopt), EXIT_CLEANUP_FAILED when a
         clean-up step failed (each is logged)."""
         self.pool = load_pool(self.pool_path)  # PoolError: nothing has changed yet
-        usable_certificates(self.pool, time.time())
+        self.tls.certificates = usable_certificates(self.pool, time.time()).certificates
         if self.netlink is None:
             from .netlink import Netlink
             self.netlink = Netlink()
@@ -432,7 +432,7 @@ class Daemon:
             blocked = restart_needed(self.pool, new)
             if blocked:
                 raise PoolError(f"{self.pool_path}: changing {', '.join(blocked)} needs a restart of xdplb")
-            usable_certificates(new, time.time())
+            certificates = usable_certificates(new, time.time()).certificates
             tls_config = await self.tls.prepare(new)
             # MACs first, so the dry run plans with them and is the plan applied.
             macs = await asyncio.to_thread(self._read_neighbours, new, self.macs)
@@ -460,6 +460,7 @@ class Daemon:
                       trigger, error)
             return self._finish_reload("failed", f"writing the maps failed: {error}")
         self.scheduler.sync(new)
+        self.tls.certificates = certificates
         try:
             await self.tls.commit(new, tls_config)
         except TlsTierError as exc:  # checked by haproxy -c: only a crash or a hang gets here
@@ -546,6 +547,5 @@ class Daemon:
 
     async def status_async(self) -> dict:
         """status() with the counter read (map lookups) off the loop."""
-        ids = status.counter_ids(self)
-        stats = await asyncio.to_thread(self.dp.read_stats, *ids)
+        stats = await asyncio.to_thread(status.read_stats, self)
         return self._status(stats)

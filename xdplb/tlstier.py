@@ -100,6 +100,28 @@ def server_admin_states(path: str) -> dict[tuple[str, str], tuple[str, int]]:
     return out
 
 
+# Columns of HAProxy's `show stat` CSV that the status rows and the exporter carry.
+STAT_COLUMNS = {"scur": "current", "stot": "connections", "bin": "bytes_in", "bout": "bytes_out",
+                "econ": "connect_errors", "eresp": "response_errors"}
+
+
+def parse_show_stat(text: str) -> dict[tuple[str, str], dict]:
+    """(proxy, server) -> {"status": HAProxy's status word, and STAT_COLUMNS as ints}, for
+    servers only (not the FRONTEND/BACKEND summary rows)."""
+    lines = text.splitlines()
+    if not lines or not lines[0].startswith("# "):
+        return {}
+    header = lines[0][2:].split(",")
+    out = {}
+    for line in lines[1:]:
+        row = dict(zip(header, line.split(",")))
+        if not row.get("svname") or row["svname"] in ("FRONTEND", "BACKEND"):
+            continue
+        counters = {name: int(row.get(column) or 0) for column, name in STAT_COLUMNS.items()}
+        out[(row["pxname"], row["svname"])] = {"status": row.get("status", ""), **counters}
+    return out
+
+
 class HaproxyTier:
     def __init__(self, run_dir: Path, ifname: str, supervisor, states: Callable[[object], Mapping],
                  binary: str = "haproxy") -> None:
@@ -112,6 +134,8 @@ class HaproxyTier:
         self.pushed: dict[tuple, ServerState] = {}   # what the running worker holds
         self.push_errors = 0
         self.starts = 0
+        self.counters: dict[tuple[str, str], dict] = {}   # the last `show stat`, see refresh_counters
+        self.certificates: tuple = ()                      # (service, tls.Certificate) in use
         self._wake = asyncio.Event()
         self._serving = asyncio.Event()
         self.pool = None
@@ -223,7 +247,20 @@ class HaproxyTier:
             self._serving.clear()
         raise TlsTierError(f"haproxy (master pid {self.proc.pid}) exited with status {code}")
 
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None
+
     # ---- runtime API -----------------------------------------------------------------
+
+    def refresh_counters(self) -> dict:
+        """Read HAProxy's per-server counters now (blocking: run it in a thread); {} when none answers.
+        They restart from 0 with each new worker (a reload or a restart), as counters may."""
+        try:
+            self.counters = parse_show_stat(ask(str(self.socket_path), "show stat")) if self.running else {}
+        except OSError:
+            self.counters = {}
+        return self.counters
 
     def trigger(self) -> None:
         """The desired states may have changed (a verdict, a drain, a reload)."""

@@ -182,6 +182,14 @@ def test_https_through_the_vip_reaches_orthancs_web_port(pacs, certs, tier):
     services = {s["name"]: s for s in tier.status()["services"]}
     assert services["synapse-https"]["id"] is None and services["synapse-dicom"]["id"] is not None
     assert haproxy_states(tier, "synapse-https") == {n: "ready" for n in pacs.backend_names()}
+    # status shows HAProxy's own counters and the certificate (serial 1001 = 0x3e9).
+    https = next(s for s in tier.status()["services"] if s["name"] == "synapse-https")
+    assert sum(b["tls"]["connections"] for b in https["backends"]) >= 2
+    assert sum(b["tls"]["bytes_out"] for b in https["backends"]) > len(page)
+    assert [b["health"] for b in https["backends"]] == ["up", "up", "up"]      # followed verdicts
+    assert [c["serial"] for c in https["tls"]["certificates"]] == [1001]
+    text = tier.cli("status", "-i", "eth0").stdout
+    assert "  tls: HAProxy running, cleartext http to port 8042, verdicts of synapse-dicom" in text
 
 
 def test_dicom_tls_echo_and_a_50_mb_store_arrive_byte_exact(pacs, certs, tier, tmp_path):
