@@ -210,6 +210,46 @@ def test_dicom_tls_echo_and_a_50_mb_store_arrive_byte_exact(pacs, certs, tier, t
     assert dataset_digest(stored) == sent
 
 
+def test_a_running_dicom_tls_transfer_survives_a_reload_that_changes_the_pool(pacs, certs, tier, tmp_path):
+    big = tmp_path / "long.dcm"
+    uid = make_instance(big, 200 * 1024 * 1024)
+    sent = dataset_digest(big)
+    original = tier.pool.read_text()
+    store = pacs.popen("client", "storescu", *tls_dicom_args(certs), pacs.vip, "2762", str(big),
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        time.sleep(1.0)
+        assert store.poll() is None, store.communicate()[0]
+        # A real change: be1 of synapse-https gets weight 2.
+        tier.pool.write_text(original.replace(
+            'health_from = "synapse-dicom"\n  [[service.backend]]\n  name = "be1"\n  address = "10.10.0.11"\n',
+            'health_from = "synapse-dicom"\n  [[service.backend]]\n  name = "be1"\n  address = "10.10.0.11"\n'
+            '  weight = 2\n', 1))
+        assert tier.pool.read_text() != original
+        before = tier.status()["last_reload"]
+        tier.signal(signal.SIGHUP)
+        st = tier.wait_for(lambda s: s["last_reload"] != before, 30, "the reload")
+        assert st["last_reload"]["result"] == "applied", st["last_reload"]
+        weights = {srv: w for (px, srv), (_word, w) in server_admin_states(haproxy_socket(tier)).items()
+                   if px == "synapse-https"}
+        assert weights == {"be1": 2, "be2": 1, "be3": 1}
+        reloaded_while_running = store.poll() is None
+        out, _ = store.communicate(timeout=600)
+    finally:
+        tier.pool.write_text(original)
+        if store.poll() is None:
+            store.kill()
+            store.wait()
+    assert reloaded_while_running, "the transfer ended before the reload; make it larger"
+    assert store.returncode == 0, out
+    holder, record = pacs_lab.find_instance(pacs, uid)
+    stored = pacs_lab.download_instance(pacs, holder, record["ID"], tmp_path / "stored.dcm")
+    assert dataset_digest(stored) == sent
+    before = tier.status()["last_reload"]
+    tier.signal(signal.SIGHUP)
+    tier.wait_for(lambda s: s["last_reload"] != before, 30, "the reload back")
+
+
 def test_a_pacs_rejecting_dicom_leaves_the_https_tier(pacs, certs, tier):
     refusing = time.time()
     for aet in CALLERS:
