@@ -69,11 +69,12 @@ def rows(src, stats) -> list[dict]:
         backends = []
         for be in svc.backends:
             ident = str(be.address)
-            h = src.health.get(verdict_key(svc, be.address), Health())
+            judge = verdict_key(svc, be.address)   # a health_from follower shows the verdict and probe it acts on
+            h = src.health.get(judge, Health())
             ab = applied.backends.get((svc.name, ident))
             bc = stats.backends.get(ab.id) if ab else None
             mac = macs.get(be.address)
-            last = telemetry.last_probe.get((svc.name, ident))  # (ok, seconds, reason)
+            last = telemetry.last_probe.get((judge[0], ident))  # (ok, seconds, reason)
             backends.append({
                 "name": be.name, "address": ident, "weight": be.weight,
                 "drained": is_drained(svc.name, be, drained),

@@ -91,9 +91,11 @@ def source(tmp_path):
               ("synapse-dicom", B): Health(State.DOWN, since=1700000100.0, reason="C-ECHO rejected")}
     applied = plan.plan(plan.Applied(), desired_state(pool, health, {A: b"\2" * 6, B: b"\2" * 6}, b"\0" * 6)).applied
     reads = []
+    telemetry = Telemetry()
+    telemetry.probe("synapse-dicom", str(B), "dicom", 0.004, False, "rejected", "C-ECHO rejected")
     tier = SimpleNamespace(running=True, counters={}, certificates=(("synapse-https", inspect(pem, time.time())),))
     tier.refresh_counters = lambda: (reads.append(1), setattr(tier, "counters", parse_show_stat(SHOW_STAT)))
-    return SimpleNamespace(pool=pool, applied=applied, health=health, telemetry=Telemetry(), mode="generic",
+    return SimpleNamespace(pool=pool, applied=applied, health=health, telemetry=telemetry, mode="generic",
                            ifname="eth7", dp=FakeMaps(), drained=set(), tls=tier, reads=reads, pem=pem)
 
 
@@ -106,6 +108,7 @@ def test_rows_carry_the_followed_verdicts_and_haproxys_counters(source):
     assert [(b["name"], b["health"], b["tls"]["status"], b["tls"]["connections"]) for b in https["backends"]] == \
         [("pacs-a", "up", "no check", 31), ("pacs-b", "down", "MAINT", 9)]
     assert https["backends"][1]["reason"] == "C-ECHO rejected"
+    assert (https["backends"][1]["probe_ok"], https["backends"][1]["probe_seconds"]) == (False, 0.004)
     tls = https["tls"]
     assert (tls["backend_protocol"], tls["backend_port"], tls["health_from"], tls["haproxy"]) == \
         ("http", 8042, "synapse-dicom", True)
