@@ -80,6 +80,17 @@ port = 2762
   backend_protocol = "tcp"
   backend_port = {pacs_lab.DICOM_PORT}
   health_from = "synapse-dicom"
+{backends}
+[[service]]
+name = "synapse-dicom-mtls"
+vip = "{lab.vip}"
+port = 2763
+  [service.tls]
+  certificate = "{cert}"
+  backend_protocol = "tcp"
+  backend_port = {pacs_lab.DICOM_PORT}
+  health_from = "synapse-dicom"
+  client_ca = "{cert.parent / 'ca.pem'}"
 {backends}"""
 
 
@@ -208,6 +219,27 @@ def test_dicom_tls_echo_and_a_50_mb_store_arrive_byte_exact(pacs, certs, tier, t
     print(f"storescu +tls: {big.stat().st_size} bytes through VIP:2762 to {holder} in {seconds:.1f}s "
           f"({big.stat().st_size / seconds / 1e6:.1f} MB/s)")
     assert dataset_digest(stored) == sent
+
+
+def test_mutual_tls_admits_only_a_modality_with_a_certificate_from_the_ca(pacs, certs, tier):
+    d, ca, _pem = certs
+    modality = make_signed(d, "modality", "modality.lab", serial=5005)
+    common = ["+cf", str(ca), "-aet", pacs_lab.MODALITY_AET, "-aec", pacs_lab.AET, "-to", "5", "-ta", "5"]
+    signed = pacs.run("client", "echoscu", "+tls", str(modality), str(modality), *common, pacs.vip, "2763",
+                      check=False, timeout=60)
+    assert signed.returncode == 0, signed.stdout + signed.stderr
+    anonymous = pacs.run("client", "echoscu", "+tla", *common, pacs.vip, "2763", check=False, timeout=60)
+    assert anonymous.returncode != 0
+    # A certificate from another CA is refused as well.
+    other_dir = d / "other-ca"
+    other_dir.mkdir(exist_ok=True)
+    make_ca(other_dir, "some other CA")
+    stranger = make_signed(other_dir, "stranger", "modality.lab", serial=6006)
+    refused = pacs.run("client", "echoscu", "+tls", str(stranger), str(stranger), *common, pacs.vip, "2763",
+                       check=False, timeout=60)
+    assert refused.returncode != 0
+    # Port 2762 asks no client certificate.
+    assert pacs.run("client", "echoscu", "+tla", *common, pacs.vip, "2762", check=False, timeout=60).returncode == 0
 
 
 def test_a_running_dicom_tls_transfer_survives_a_reload_that_changes_the_pool(pacs, certs, tier, tmp_path):
