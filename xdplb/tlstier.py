@@ -153,9 +153,14 @@ class HaproxyTier:
         candidate = self.config_path.with_suffix(".cfg.new")
         self.config_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         candidate.write_text(text)
-        done = subprocess.run([self.binary, "-c", "-q", "-f", str(candidate)], capture_output=True, text=True,
-                              timeout=30)
-        candidate.unlink(missing_ok=True)
+        try:
+            done = subprocess.run([self.binary, "-c", "-f", str(candidate)], capture_output=True, text=True,
+                                  timeout=30)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise TlsTierError(f"cannot run {self.binary} to check the TLS services' configuration: "
+                               f"{getattr(exc, 'strerror', None) or exc}") from None
+        finally:
+            candidate.unlink(missing_ok=True)
         if done.returncode != 0:
             alerts = [line.split(" : ", 2)[-1].strip() for line in (done.stdout + done.stderr).splitlines()
                       if "ALERT" in line]

@@ -211,3 +211,30 @@ def test_a_follower_is_not_probed_a_service_with_its_own_check_is(pool):
                       ("dicom://10.10.0.13:104", "dicom"),
                       ("tcp://10.10.0.11:104", "tcp"), ("tcp://10.10.0.12:104", "tcp")]
     assert not any(service == "synapse-https" for service, _ in scheduler.health)
+
+
+def test_a_missing_haproxy_is_one_sentence_and_changes_nothing(pool, tmp_path):
+    import asyncio
+
+    from xdplb.tlstier import HaproxyTier, TlsTierError
+    tier = HaproxyTier(tmp_path, "eth0", None, lambda p: server_states(p, {}), binary="/nonexistent/haproxy")
+    with pytest.raises(TlsTierError) as info:
+        asyncio.run(tier.prepare(pool))
+    assert str(info.value) == ("cannot run /nonexistent/haproxy to check the TLS services' configuration: "
+                               "No such file or directory")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(shutil.which("haproxy") is None, reason="Debian's haproxy is not installed")
+def test_prepare_refuses_what_haproxy_refuses(pool, tmp_path, cert):
+    import asyncio
+
+    from xdplb.tlstier import HaproxyTier, TlsTierError
+    Path(cert + ".bad").write_text("not a certificate\n")
+    bad = parse_pool(POOL.format(cert=cert).replace(f'certificate = "{cert}"', f'certificate = "{cert}.bad"'),
+                     "/etc/xdplb/pacs.toml")
+    tier = HaproxyTier(tmp_path, "eth0", None, lambda p: server_states(p, {}))
+    with pytest.raises(TlsTierError, match="^HAProxy refuses the generated configuration: .*pacs.pem.bad"):
+        asyncio.run(tier.prepare(bad))
+    assert list(tmp_path.iterdir()) == []
+    assert "listen synapse-https" in asyncio.run(tier.prepare(pool))
