@@ -348,12 +348,19 @@ def test_a_bad_certificate_is_rejected_by_check_and_reload(pacs, certs, tier, tm
         pem.write_bytes(good)
 
 
-def test_a_renewed_certificate_is_served_after_sighup(pacs, certs, tier):
+def test_a_renewed_certificate_is_served_after_sighup_and_the_old_connection_goes_on(pacs, certs, tier, tmp_path):
     d, _ca, pem = certs
     assert served_serial(pacs) == "serial=03E9"       # 1001
     good = pem.read_bytes()
+    big = tmp_path / "during.dcm"
+    uid = make_instance(big, 200 * 1024 * 1024)
+    sent = dataset_digest(big)
+    # A DICOM-TLS transfer on a connection whose handshake saw the old certificate.
+    store = pacs.popen("client", "storescu", *tls_dicom_args(certs), pacs.vip, "2762", str(big),
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     pem.write_bytes(make_signed(d, "renewed", NAME, serial=3003).read_bytes())
     try:
+        time.sleep(1.0)
         before = tier.status()["last_reload"]
         tier.signal(signal.SIGHUP)
         st = tier.wait_for(lambda s: s["last_reload"] != before, 30, "the reload")
@@ -363,11 +370,20 @@ def test_a_renewed_certificate_is_served_after_sighup(pacs, certs, tier):
             time.sleep(0.1)
         assert served_serial(pacs) == "serial=0BBB"     # 3003
         curl(pacs, certs)
+        running_after_reload = store.poll() is None
+        out, _ = store.communicate(timeout=600)
     finally:
         pem.write_bytes(good)
+        if store.poll() is None:
+            store.kill()
+            store.wait()
         before = tier.status()["last_reload"]
         tier.signal(signal.SIGHUP)
-        tier.wait_for(lambda s: s["last_reload"] != before, 30, "the reload back")
+        tier.wait_for(lambda s: s["last_reload"] != before, 30, "the reload back to the first certificate")
+    assert running_after_reload, "the transfer ended before the reload; make it larger"
+    assert store.returncode == 0, out
+    holder, record = pacs_lab.find_instance(pacs, uid)
+    assert dataset_digest(pacs_lab.download_instance(pacs, holder, record["ID"], tmp_path / "got.dcm")) == sent
 
 
 def test_haproxy_killed_is_restarted(pacs, certs, tier):
