@@ -118,11 +118,17 @@ def check(pool_argument: str | None, pool_option: str | None) -> None:
     from .desired import desired_state
     from .health_fsm import Health, State
 
+    from .tls import usable_certificates
+
     pool_path = _pool_path(pool_argument, pool_option, "xdplb check")
     pool = _load(pool_path)
+    try:
+        certificates = usable_certificates(pool, time.time())
+    except PoolError as exc:
+        raise PoolProblems(exc) from None
     click.echo(describe(pool), nl=False)
     click.echo(_flow_capacity_line(pool.settings))
-    for text in warnings(pool):
+    for text in warnings(pool) + list(certificates.warnings):
         click.echo(f"warning: {text}")
     # Assume every backend healthy and reachable: the table it would start with.
     health = {(s.name, b.address): Health(State.UP) for s in pool.services for b in s.backends}
@@ -130,6 +136,9 @@ def check(pool_argument: str | None, pool_option: str | None) -> None:
     result = plan.plan(plan.Applied(), desired_state(pool, health, macs, b"\0" * 6))
     click.echo("Maglev slots with every backend up:")
     for svc in pool.services:
+        if svc.tls is not None:
+            click.echo(f"  {svc.name}: none; HAProxy terminates its TLS, the XDP program passes it to the stack")
+            continue
         applied = result.applied.services[svc.name]
         shares = []
         for be in svc.backends:
@@ -161,6 +170,26 @@ def _age(since: float) -> str:
     return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+def _render_tls(svc: dict) -> list[str]:
+    """A TLS service's lines: HAProxy's side of it, and each backend's HAProxy counters."""
+    tls = svc["tls"]
+    follows = f", verdicts of {tls['health_from']}" if tls["health_from"] else ""
+    lines = [f"  tls: HAProxy {'running' if tls['haproxy'] else 'NOT RUNNING'}, cleartext {tls['backend_protocol']} "
+             f"to port {tls['backend_port']}{follows}"]
+    for cert in tls["certificates"]:
+        lines.append(f"  certificate {cert['path']} serial {cert['serial']:x}, expires in "
+                     f"{cert['expires_in'] / 86400:.0f} days")
+    lines.append(f"  {'backend':<12} {'address':<15} {'health':<7} {'for':>6} {'wt':>3} {'haproxy':<8} {'now':>5} "
+                 f"{'conns':>7} {'bytes in':>11} {'bytes out':>11} {'errors':>6}")
+    for be in svc["backends"]:
+        h = be.get("tls") or {}
+        errors = h.get("connect_errors", 0) + h.get("response_errors", 0)
+        lines.append(f"  {be['name']:<12} {be['address']:<15} {be['health']:<7} {_age(be['since']):>6} "
+                     f"{be['weight']:>3} {h.get('status', '?'):<8} {h.get('current', 0):>5} {h.get('connections', 0):>7} "
+                     f"{h.get('bytes_in', 0):>11} {h.get('bytes_out', 0):>11} {errors:>6}")
+    return lines
+
+
 def _render_status(st: dict) -> str:
     lines = [f"xdplb {st['version']} on {st['interface']} ({st['mode']} mode), pid {st['pid']}, pool {st['pool']}"]
     for svc in st["services"]:
@@ -168,6 +197,9 @@ def _render_status(st: dict) -> str:
                      f"{svc['packets']} pkts, {svc['bytes']} bytes, {svc['new_flows']} flows")
         lines.append(f"  {'backend':<12} {'address':<15} {'health':<7} {'for':>6} {'wt':>3} {'slots':>6} {'mac':<17} "
                      f"{'packets':>9} {'bytes':>11} {'flows':>7}")
+        if "tls" in svc:
+            lines.extend(_render_tls(svc))
+            continue
         for be in svc["backends"]:
             lines.append(f"  {be['name']:<12} {be['address']:<15} {be['health']:<7} {_age(be['since']):>6} {be['weight']:>3} "
                          f"{be['table_slots']:>6} {be['mac'] or '(unresolved)':<17} {be['packets']:>9} {be['bytes']:>11} "

@@ -60,7 +60,17 @@ _SETTINGS_KEYS = (
     "max_services", "max_backends", "hash_seed", "no_backend",
     "udp_idle_timeout", "down_grace", "flood_guard_rate", "extra_macs",
 )
-_SERVICE_KEYS = ("name", "vip", "port", "protocol", "persistence", "health", "backend")
+_SERVICE_KEYS = ("name", "vip", "port", "protocol", "persistence", "health", "tls", "backend")
+_TLS_KEYS = ("certificate", "backend_protocol", "backend_port", "health_from", "min_version",
+             "ciphers", "ciphersuites", "client_ca")
+TLS_BACKEND_PROTOCOLS = ("http", "tcp")
+TLS_MIN_VERSIONS = ("1.2", "1.3")
+# Safe defaults (Mozilla's "intermediate" profile): forward-secret AEAD suites
+# only, for TLS 1.2; TLS 1.3 suites are all AEAD.
+DEFAULT_TLS_CIPHERS = ("ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
+                       "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
+                       "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305")
+DEFAULT_TLS_CIPHERSUITES = "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256"
 _BACKEND_KEYS = ("name", "address", "weight")
 
 _NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
@@ -111,6 +121,21 @@ class HealthCheck:
 
 
 @dataclass(frozen=True)
+class TlsTermination:
+    """[service.tls]: HAProxy terminates TLS on vip:port and speaks
+    ``backend_protocol`` in cleartext to each backend's ``backend_port``."""
+
+    certificate: str                 # absolute path: a PEM with its key, or a directory of them (SNI)
+    backend_protocol: str            # "http" (viewers) or "tcp" (DICOM TLS to plain DICOM)
+    backend_port: int
+    health_from: str = ""            # follow that service's verdicts instead of probing
+    min_version: str = "1.2"
+    ciphers: str = DEFAULT_TLS_CIPHERS            # TLS 1.2 cipher list (OpenSSL syntax)
+    ciphersuites: str = DEFAULT_TLS_CIPHERSUITES  # TLS 1.3 suites
+    client_ca: str = ""              # absolute path; set = clients must present a certificate it signed
+
+
+@dataclass(frozen=True)
 class Backend:
     """One PACS/DICOM server behind a service; weight 0 means drained."""
 
@@ -130,6 +155,7 @@ class Service:
     persistence: str
     health: HealthCheck
     backends: tuple[Backend, ...]
+    tls: TlsTermination | None = None
 
     @property
     def key(self) -> tuple[ipaddress.IPv4Address, int, str]:
@@ -599,22 +625,115 @@ def _check_kind_keys(r: _Reader, t: dict, label: str, check: str) -> None:
             r.unknown_key(t, label, key, known)
 
 
-def _ca_file(r: _Reader, t: dict, label: str) -> str:
-    """The CA bundle's absolute path; a relative one is taken from the pool file's folder."""
-    text = r.string(t, "ca_file", label, "the path of a PEM CA certificate file", "")
-    if text == "":
+def _ca_file(r: _Reader, t: dict, label: str, key: str = "ca_file") -> str:
+    """A CA bundle's absolute path; a relative one is taken from the pool file's folder."""
+    path = _existing_path(r, t, label, key, "the path of a PEM CA certificate file", os.path.isfile, "file")
+    if not path:
         return ""
-    where = f"{label}.ca_file = {_show(text)}"
-    base = os.path.dirname(os.path.abspath(r.source)) if r.source != "<string>" else os.getcwd()
-    path = os.path.join(base, os.path.expanduser(text))
-    if not os.path.isfile(path):
-        return r.bad(f"{where} is not an existing file (looked for {path})", t, "ca_file", "")
     try:
         ssl.create_default_context(cafile=path)
     except (ssl.SSLError, OSError) as err:
-        return r.bad(f"{where} is not a readable PEM CA certificate file: {err.strerror or err}",
-                     t, "ca_file", "")
-    return os.path.normpath(path)
+        return r.bad(f"{label}.{key} = {_show(t[key])} is not a readable PEM CA certificate file: "
+                     f"{err.strerror or err}", t, key, "")
+    return path
+
+
+def _existing_path(r: _Reader, t: dict, label: str, key: str, expect: str, exists, kind: str) -> str:
+    """``t[key]`` made absolute (a relative path is taken from the pool file's folder), or ""
+    when it is absent or once a problem with it is noted."""
+    text = r.string(t, key, label, expect, "")
+    if text == "":
+        return ""
+    base = os.path.dirname(os.path.abspath(r.source)) if r.source != "<string>" else os.getcwd()
+    path = os.path.normpath(os.path.join(base, os.path.expanduser(text)))
+    if not exists(path):
+        return r.bad(f"{label}.{key} = {_show(text)} is not an existing {kind} (looked for {path})", t, key, "")
+    if not _CONFIG_PATH_RE.fullmatch(path):
+        return r.bad(f"{label}.{key} = {_show(text)} holds a control character, a quote, a backslash or a "
+                     f"dollar sign, which HAProxy's configuration cannot carry; rename the file", t, key, "")
+    return path
+
+
+_CONFIG_PATH_RE = re.compile(r'[^"\\$\x00-\x1f\x7f]+')
+_CIPHER_LIST_RE = re.compile(r"[A-Za-z0-9_+=@!:.-]+")
+_TLS13_SUITES_RE = re.compile(r"TLS_[A-Z0-9_]+(:TLS_[A-Z0-9_]+)*")
+
+
+def _parse_tls(r: _Reader, svc: dict, svc_label: str) -> TlsTermination | None:
+    """[service.tls], or None when the service has none."""
+    if "tls" not in svc:
+        return None
+    label = f"{svc_label}.tls"
+    t = r.table(svc, "tls", svc_label, "service.tls")
+    r.check_keys(t, label, _TLS_KEYS)
+    d = TlsTermination("", "tcp", 1)
+    certificate = _existing_path(r, t, label, "certificate",
+                                 "the path of a PEM file holding the certificate and its key, or a "
+                                 "directory of them", os.path.exists, "file or directory")
+    if "certificate" not in t:
+        r.string(t, "certificate", label, "the path of a PEM file holding the certificate and its key")
+    backend_protocol = r.choice(t, "backend_protocol", label, TLS_BACKEND_PROTOCOLS, "backend protocol",
+                                d.backend_protocol)
+    if "backend_protocol" not in t:
+        r.bad(f'{label}.backend_protocol is missing; expected "http" (web viewers) or "tcp" (DICOM TLS '
+              f"to plain DICOM)", t, "backend_protocol")
+    backend_port = r.integer(t, "backend_port", label, *PORT_RANGE)
+    health_from = r.string(t, "health_from", label, "the name of the service whose verdicts to follow", "")
+    if health_from and "health" in svc:
+        r.bad(f"{label}.health_from = {_show(health_from)} contradicts the service's own [service.health]; "
+              f"remove one of them", t, "health_from")
+    min_version = r.choice(t, "min_version", label, TLS_MIN_VERSIONS, "minimum TLS version", d.min_version)
+    ciphers = r.string(t, "ciphers", label, "an OpenSSL cipher list for TLS 1.2", d.ciphers)
+    if r.good(t, "ciphers") and not _valid_ciphers(ciphers):
+        ciphers = r.bad(f"{label}.ciphers = {_show(ciphers)} selects no cipher OpenSSL knows", t, "ciphers",
+                        d.ciphers)
+    ciphersuites = r.string(t, "ciphersuites", label, "TLS 1.3 suite names joined by colons", d.ciphersuites)
+    if r.good(t, "ciphersuites") and not _TLS13_SUITES_RE.fullmatch(ciphersuites):
+        ciphersuites = r.bad(f"{label}.ciphersuites = {_show(ciphersuites)} must be TLS 1.3 suite names joined "
+                             f'by colons, e.g. "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384"',
+                             t, "ciphersuites", d.ciphersuites)
+    client_ca = _ca_file(r, t, label, "client_ca")
+    return TlsTermination(certificate, backend_protocol, backend_port, health_from, min_version,
+                          ciphers, ciphersuites, client_ca)
+
+
+def _valid_ciphers(text: str) -> bool:
+    if not _CIPHER_LIST_RE.fullmatch(text):
+        return False
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).set_ciphers(text)
+    except ssl.SSLError:
+        return False
+    return True
+
+
+def _check_health_from(r: _Reader, raw: list[dict], services: list[Service]) -> None:
+    """Each health_from names another service, which probes for itself and has every
+    backend address of the follower: a verdict is per (service, address)."""
+    by_name = {s.name: s for s in services}
+    names = {t.get("name") for t in raw}
+    for i, t in enumerate(raw):
+        svc = by_name.get(t.get("name"))
+        if svc is None or svc.tls is None or not svc.tls.health_from:
+            continue
+        tls_table = t["tls"]
+        where = f"{_item_label('service', i, t)}.tls.health_from = {_show(svc.tls.health_from)}"
+        followed = by_name.get(svc.tls.health_from)
+        if svc.tls.health_from == svc.name:
+            r.note(f"{where} names the service itself; name another service or give it a [service.health]",
+                   tls_table, "health_from")
+        elif followed is None:
+            if svc.tls.health_from not in names:  # else that service's own problem is reported
+                r.note(f"{where} names no service in this pool", tls_table, "health_from")
+        elif followed.tls is not None and followed.tls.health_from:
+            r.note(f'{where} names a service that itself follows "{followed.tls.health_from}"; '
+                   f"name the service that probes", tls_table, "health_from")
+        else:
+            theirs = {b.address for b in followed.backends}
+            missing = [str(b.address) for b in svc.backends if b.address not in theirs]
+            if missing:
+                r.note(f"{where} has no verdict for backend address {', '.join(missing)}, which is not a "
+                       f"backend of that service", tls_table, "health_from")
 
 
 def _ae_title(r: _Reader, t: dict, label: str, key: str, default: str) -> str:
@@ -743,13 +862,19 @@ def _parse_service(r: _Reader, index: int, t: dict, earlier: list[Service]) -> S
                       f'by service[{j}] "{other.name}"', t, "port")
                 break
         persistence = r.choice(t, "persistence", label, PERSISTENCE_MODES, "persistence mode", "flow")
+    with r.section((t.get("tls"), None), (t, "tls")) as checked_tls:
+        tls = _parse_tls(r, t, label)
+        if tls is not None and protocol != "tcp" and r.good(t, "protocol"):
+            r.bad(f'{label}.protocol = "{protocol}" cannot carry TLS; a service with [service.tls] is "tcp"',
+                  t, "protocol")
     with r.section((t.get("health"), None), (t, "health")) as checked_health:
-        health = _parse_health(r, t, label, port)
+        # Behind TLS termination the backends listen on backend_port, not on the VIP's port.
+        health = _parse_health(r, t, label, tls.backend_port if tls else port)
     with r.section((t, "backend")) as checked_backends:
         backends = _parse_backends(r, t, label)
-    if not (own.ok and checked_health.ok and checked_backends.ok):
+    if not (own.ok and checked_tls.ok and checked_health.ok and checked_backends.ok):
         return None
-    return Service(name, vip, port, protocol, persistence, health, backends)
+    return Service(name, vip, port, protocol, persistence, health, backends, tls)
 
 
 def _syntax_error(source: str, err: tomllib.TOMLDecodeError) -> PoolError:
@@ -804,6 +929,7 @@ def _validate(r: _Reader, doc: dict) -> Pool | None:
             service = _parse_service(r, i, t, services)
             if service is not None:
                 services.append(service)
+        _check_health_from(r, raw, services)
         total = sum(len(s.backends) for s in services)
         if checked_settings.ok and total > settings.max_backends - 1:
             r.note(
@@ -930,6 +1056,13 @@ def _health_detail(h: HealthCheck) -> str:
     return text
 
 
+def _tls_detail(tls: TlsTermination) -> str:
+    clients = f"client certificates required, signed by {tls.client_ca}" if tls.client_ca else \
+        "no client certificate asked"
+    return (f"  tls: terminated by HAProxy with {tls.certificate}, TLS {tls.min_version}+, {clients}; "
+            f"cleartext {tls.backend_protocol} to backend port {tls.backend_port}")
+
+
 def describe(pool: Pool) -> str:
     """Return a human-readable, multi-line account of what would be programmed."""
     st = pool.settings
@@ -953,10 +1086,15 @@ def describe(pool: Pool) -> str:
             f'service "{s.name}": {s.vip}:{s.port}/{s.protocol}, '
             f"persistence {_PERSISTENCE_TEXT.get(s.persistence, s.persistence)}"
         )
-        lines.append(
-            f"  health: {h.check} port {h.port}{_health_detail(h)}, every {h.interval:g}s, "
-            f"timeout {h.timeout:g}s, rise {h.rise}, fall {h.fall}"
-        )
+        if s.tls is not None:
+            lines.append(_tls_detail(s.tls))
+        if s.tls is not None and s.tls.health_from:
+            lines.append(f'  health: follows the verdicts of service "{s.tls.health_from}"')
+        else:
+            lines.append(
+                f"  health: {h.check} port {h.port}{_health_detail(h)}, every {h.interval:g}s, "
+                f"timeout {h.timeout:g}s, rise {h.rise}, fall {h.fall}"
+            )
         for b in s.backends:
             state = "weight 0 (drained)" if b.weight == 0 else f"weight {b.weight}"
             lines.append(f'  backend "{b.name}" {b.address}: {state}')

@@ -13,6 +13,8 @@ tests replace with fakes. Its parts, each owning one thing:
                             writes, retries with backoff, repairs drift
   supervisor.Supervisor     restarts any long-running task that crashes
   status                    the one join behind `status`, `top` and /metrics
+  tlstier.HaproxyTier       the TLS services' supervised HAProxy, fed the same
+                            verdicts and drains through its runtime API
 
 The event loop never waits on the kernel: the compile, Maglev planning, map
 writes and netlink calls run in threads, so probes keep their timing.
@@ -38,11 +40,14 @@ from .config import Pool, PoolError, load_pool
 from .dataplane import PROG_NAME
 from .desired import desired_state, restart_needed
 from .drains import Drains, identities
+from .haproxy import server_states
 from .plan import Applied, PlanError, retire_due
 from .reconciler import Reconciler
 from .scheduler import ProbeScheduler
 from .supervisor import Supervisor
 from .telemetry import Telemetry
+from .tls import usable_certificates
+from .tlstier import HaproxyTier, TlsTierError
 
 log = logging.getLogger("xdplb")
 
@@ -93,6 +98,7 @@ class Daemon:
         self.adopting = False         # an earlier xdplb program is attached: replace it, adopt its maps
         self.leave_running = False    # SIGUSR1: exit without detaching
         self.drains = Drains(control.run_dir() / f"{ifname}.drained.json")
+        self.tls = HaproxyTier(control.run_dir(), ifname, self.supervisor, self._tls_states)
         self.cleanup_errors: list[str] = []
         if prog_name_lookup is None:
             from .bpfsys import prog_name as prog_name_lookup
@@ -122,9 +128,13 @@ class Daemon:
     def _service_names(self) -> dict:
         return {s.key: s.name for s in self.pool.services}
 
+    def _tls_states(self, pool) -> dict:
+        return server_states(pool, self.health, self.drains.within(pool))
+
     def _desired_changed(self) -> None:
         if self.ready and self.reconciler is not None:
             self.reconciler.trigger()
+        self.tls.trigger()
 
     # ---- start and stop ---------------------------------------------------
 
@@ -134,6 +144,7 @@ class Daemon:
         for the next `xdplb attach` to adopt), EXIT_CLEANUP_FAILED when a
         clean-up step failed (each is logged)."""
         self.pool = load_pool(self.pool_path)  # PoolError: nothing has changed yet
+        self.tls.certificates = usable_certificates(self.pool, time.time()).certificates
         if self.netlink is None:
             from .netlink import Netlink
             self.netlink = Netlink()
@@ -186,6 +197,10 @@ class Daemon:
             from .dataplane import BccDataplane as factory
         from . import pinning
 
+        try:
+            tls_config = await self.tls.prepare(self.pool)  # haproxy -c, before anything changes
+        except TlsTierError as exc:
+            raise AttachError(str(exc)) from None
         pin_dir = pinning.pin_dir(self.ifname)
         log.info("compiling the XDP program (maglev_size %d), maps pinned at %s",
                  self.pool.settings.maglev_size, pin_dir)
@@ -214,6 +229,7 @@ class Daemon:
         self.mode = await asyncio.to_thread(self._attach)
         self._check_stop("while attaching")
         await self._sync_vips()
+        await self.tls.commit(self.pool, tls_config)  # HAProxy binds the VIPs just added
         self._server = await control.ControlServer(self._socket_path, self.handle_request).start()
         self.supervisor.start("neighbour refresh", self._mac_loop)
         self.supervisor.start("reconciler", self.reconciler.run)
@@ -436,13 +452,15 @@ class Daemon:
             blocked = restart_needed(self.pool, new)
             if blocked:
                 raise PoolError(f"{self.pool_path}: changing {', '.join(blocked)} needs a restart of xdplb")
+            certificates = usable_certificates(new, time.time()).certificates
+            tls_config = await self.tls.prepare(new)
             # MACs first, so the dry run plans with them and is the plan applied.
             macs = await asyncio.to_thread(self._read_neighbours, new, self.macs)
             drained = self.drains.within(new)
             # Dry run: the new pool must fit the compiled maps before anything changes.
             prepared = await self.reconciler.prepare(
                 desired_state(new, self.health, macs, self.link.mac, drained))
-        except (PoolError, PlanError) as exc:
+        except (PoolError, PlanError, TlsTierError) as exc:
             log.error("reload (%s) rejected, keeping the running configuration: %s", trigger, exc)
             return self._finish_reload("rejected", str(exc))
         except Exception as exc:  # whatever else reading it raised: an answer, never a dead handler
@@ -462,6 +480,11 @@ class Daemon:
                       trigger, error)
             return self._finish_reload("failed", f"writing the maps failed: {error}")
         self.scheduler.sync(new)
+        self.tls.certificates = certificates
+        try:
+            await self.tls.commit(new, tls_config)
+        except TlsTierError as exc:  # checked by haproxy -c: only a crash or a hang gets here
+            log.error("reload (%s): reloading haproxy failed, its supervisor restarts it: %s", trigger, exc)
         self.telemetry.prune({(service, str(address)) for service, address in identities(new)})
         if drained != old[2]:
             self.drains.save()
@@ -530,6 +553,5 @@ class Daemon:
 
     async def status_async(self) -> dict:
         """status() with the counter read (map lookups) off the loop."""
-        ids = status.counter_ids(self)
-        stats = await asyncio.to_thread(self.dp.read_stats, *ids)
+        stats = await asyncio.to_thread(status.read_stats, self)
         return self._status(stats)

@@ -25,6 +25,8 @@ def desired_state(pool: Pool, health: Mapping[tuple, Health], macs: Mapping, gw_
     which count as weight 0: no new flows, existing flows stay."""
     services = []
     for svc in pool.services:
+        if svc.tls is not None:
+            continue  # HAProxy terminates it: its packets go to the gateway's stack (XDP_PASS)
         backends = tuple(
             BackendState(
                 be.name,

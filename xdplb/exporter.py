@@ -52,6 +52,42 @@ class ExporterError(RuntimeError):
 # ---- the collector ------------------------------------------------------------
 
 
+def _tls_families(services: list[dict]):
+    """The TLS tier: HAProxy's per-backend counters (they restart from 0 with each new
+    HAProxy worker, after a reload or a restart) and each certificate's time left."""
+    be = ["service", "backend"]
+    expiry = GaugeMetricFamily("xdplb_tls_certificate_expiry_seconds",
+                               "Seconds until the certificate HAProxy serves for the service expires "
+                               "(negative once expired).", labels=["service", "certificate"])
+    running = GaugeMetricFamily("xdplb_tls_haproxy_up", "1 when the service's HAProxy runs.", labels=["service"])
+    current = GaugeMetricFamily("xdplb_tls_backend_current_connections", "Connections HAProxy holds to the backend.",
+                                labels=be)
+    conns = CounterMetricFamily("xdplb_tls_backend_connections", "Connections HAProxy made to the backend.", labels=be)
+    octets = CounterMetricFamily("xdplb_tls_backend_bytes", "Cleartext bytes HAProxy moved to (in: from the client) "
+                                 "and from (out) the backend.", labels=be + ["direction"])
+    errors = CounterMetricFamily("xdplb_tls_backend_errors", "Failed connections and responses to the backend.",
+                                 labels=be + ["kind"])
+    for svc in services:
+        tls = svc.get("tls")
+        if tls is None:
+            continue
+        running.add_metric([svc["name"]], 1 if tls["haproxy"] else 0)
+        for cert in tls["certificates"]:
+            expiry.add_metric([svc["name"], cert["path"]], cert["expires_in"])
+        for b in svc["backends"]:
+            h = b.get("tls")
+            if h is None:
+                continue
+            labels = [svc["name"], b["name"]]
+            current.add_metric(labels, h["current"])
+            conns.add_metric(labels, h["connections"])
+            octets.add_metric(labels + ["in"], h["bytes_in"])
+            octets.add_metric(labels + ["out"], h["bytes_out"])
+            errors.add_metric(labels + ["connect"], h["connect_errors"])
+            errors.add_metric(labels + ["response"], h["response_errors"])
+    yield from (expiry, running, current, conns, octets, errors)
+
+
 def _histogram(family: HistogramMetricFamily, labels: list, hist) -> None:
     family.add_metric(labels, hist.cumulative(), hist.total)
 
@@ -134,6 +170,7 @@ class XdplbCollector:
                     failures.add_metric(labels + [kind], n)
         yield from (svc_packets, svc_bytes, be_packets, be_bytes, be_flows, be_up, be_weight, be_drained,
                     be_since, transitions, probe_seconds, failures)
+        yield from _tls_families(services)
 
         yield self._by_label("xdplb_xdp_actions", "Packets by XDP action the program returned.", "action",
                              stats.actions)

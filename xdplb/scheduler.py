@@ -40,6 +40,8 @@ class ProbeScheduler:
         """Probe exactly the pool's backends: start new groups, stop removed ones."""
         groups: dict[tuple, list] = {}
         for svc in pool.services:
+            if svc.tls is not None and svc.tls.health_from:
+                continue  # it follows another service's verdicts (xdplb/haproxy.py verdict_key)
             for be in svc.backends:
                 groups.setdefault((be.address, svc.health), []).append((svc, be))
         for group in set(self._groups) - set(groups):

@@ -13,12 +13,17 @@ the daemon's attributes:
   drained    (service name, address) pairs drained at run time (optional)
   telemetry  telemetry.Telemetry
   dp         anything with read_stats(service_ids, backend_ids)
+  tls        tlstier.HaproxyTier (optional): HAProxy's counters of TLS services
+             (refreshed by read_stats) and their certificates
 
 A row costs O(1): the join is O(backends), whatever the table size.
 """
 from __future__ import annotations
 
+import time
+
 from .desired import is_drained
+from .haproxy import verdict_key
 from .health_fsm import Health
 
 
@@ -29,8 +34,22 @@ def counter_ids(src) -> tuple[list[int], list[int]]:
 
 
 def read_stats(src):
-    """The data plane's counters for the rows (a map read: the daemon runs it off the loop)."""
+    """The data plane's counters for the rows (a map read: the daemon runs it off the loop),
+    after HAProxy's (a socket read) are refreshed in the TLS tier."""
+    tier = getattr(src, "tls", None)
+    if tier is not None:
+        tier.refresh_counters()
     return src.dp.read_stats(*counter_ids(src))
+
+
+def _tls_service(svc, tier) -> dict:
+    now = time.time()
+    certificates = [{"path": c.path, "subject": c.subject, "serial": c.serial, "not_after": c.not_after,
+                     "expires_in": c.not_after - now}
+                    for name, c in (tier.certificates if tier is not None else ()) if name == svc.name]
+    return {"backend_protocol": svc.tls.backend_protocol, "backend_port": svc.tls.backend_port,
+            "health_from": svc.tls.health_from or None, "certificates": certificates,
+            "haproxy": bool(tier is not None and tier.running)}
 
 
 def rows(src, stats) -> list[dict]:
@@ -40,6 +59,8 @@ def rows(src, stats) -> list[dict]:
     macs = getattr(src, "macs", None) or {}
     drained = getattr(src, "drained", None) or ()
     telemetry = src.telemetry
+    tier = getattr(src, "tls", None)
+    haproxy = tier.counters if tier is not None else {}
     out = []
     for svc in src.pool.services:
         a = applied.services.get(svc.name)
@@ -48,11 +69,12 @@ def rows(src, stats) -> list[dict]:
         backends = []
         for be in svc.backends:
             ident = str(be.address)
-            h = src.health.get((svc.name, be.address), Health())
+            judge = verdict_key(svc, be.address)   # a health_from follower shows the verdict and probe it acts on
+            h = src.health.get(judge, Health())
             ab = applied.backends.get((svc.name, ident))
             bc = stats.backends.get(ab.id) if ab else None
             mac = macs.get(be.address)
-            last = telemetry.last_probe.get((svc.name, ident))  # (ok, seconds, reason)
+            last = telemetry.last_probe.get((judge[0], ident))  # (ok, seconds, reason)
             backends.append({
                 "name": be.name, "address": ident, "weight": be.weight,
                 "drained": is_drained(svc.name, be, drained),
@@ -64,6 +86,8 @@ def rows(src, stats) -> list[dict]:
                 "table_slots": counts.get(ab.id, 0) if (a and ab) else 0,
                 "probe_seconds": last[1] if last else None, "probe_ok": last[0] if last else None,
             })
+            if svc.tls is not None:
+                backends[-1]["tls"] = haproxy.get((svc.name, be.name))  # None while HAProxy does not answer
         out.append({
             "name": svc.name, "vip": str(svc.vip), "port": svc.port, "protocol": svc.protocol,
             "persistence": svc.persistence, "check": svc.health.check,
@@ -71,4 +95,6 @@ def rows(src, stats) -> list[dict]:
             "packets": sc.packets if sc else 0, "bytes": sc.bytes if sc else 0,
             "new_flows": sc.new_flows if sc else 0, "backends": backends,
         })
+        if svc.tls is not None:
+            out[-1]["tls"] = _tls_service(svc, tier)
     return out

@@ -16,6 +16,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -25,6 +26,10 @@ from prometheus_client.parser import text_string_to_metric_families
 import lab as labtool
 from lab_xdplb import Balancer, backend_health, pool_text, running_balancer
 from prometheus_lab import Prometheus, render_panels
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for certs.py
+
+from certs import make_cert  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 DASHBOARD = REPO / "tools" / "dashboards" / "xdplb.json"
@@ -54,6 +59,21 @@ protocol = "udp"
   address = "{address}"
   weight = 1
 """
+
+# The web service again, as HTTPS on VIP:8443 through the TLS tier (HAProxy), following
+# web's verdicts. Its certificate expires in 10 days: the expiry alert has data.
+TLS_SERVICE = """
+[[service]]
+name = "web-tls"
+vip = "{vip}"
+port = 8443
+  [service.tls]
+  certificate = "{cert}"
+  backend_protocol = "http"
+  backend_port = 80
+  health_from = "web"
+{backends}"""
+CERT_DAYS = 10
 
 # Sends COUNT datagrams of SIZE bytes to VIP:PORT, the i-th from source port
 # FIRST+i (so each is a new flow), and prints the backend named in each echo.
@@ -100,17 +120,20 @@ def lab():
         yield the_lab
 
 
-def metrics_pool(lab, metrics: str = METRICS) -> str:
+def metrics_pool(lab, cert_dir: Path, metrics: str = METRICS) -> str:
     text = pool_text(lab, INTERVAL, TIMEOUT, RISE, FALL)
     assert 'metrics = ""' in text, "lab_xdplb's pool template changed: set [xdplb] metrics some other way"
+    backends = "".join(f'  [[service.backend]]\n  name = "{n}"\n  address = "{lab.backend_ip(n)}"\n'
+                       for n in lab.backend_names())
     return (text.replace('metrics = ""', f'metrics = "{metrics}"', 1)
-            + DARK_SERVICE.format(vip=lab.vip, address=lab.backend_ip("be1")))
+            + DARK_SERVICE.format(vip=lab.vip, address=lab.backend_ip("be1"))
+            + TLS_SERVICE.format(vip=lab.vip, cert=make_cert(cert_dir, "web", days=CERT_DAYS), backends=backends))
 
 
 @pytest.fixture(scope="module")
 def pool_file(lab, tmp_path_factory):
     path = tmp_path_factory.mktemp("pool") / "pool.toml"
-    path.write_text(metrics_pool(lab))
+    path.write_text(metrics_pool(lab, path.parent))
     return path
 
 
@@ -153,7 +176,7 @@ def test_busy_metrics_port_is_one_clear_error_and_balancing_goes_on(lab, tmp_pat
     try:
         assert holder.stdout.readline().strip() == "holding"
         pool = tmp_path / "pool.toml"
-        pool.write_text(metrics_pool(lab, "127.0.0.1:9743"))
+        pool.write_text(metrics_pool(lab, tmp_path, "127.0.0.1:9743"))
         b = Balancer(lab, pool, tmp_path / "run", tmp_path / "xdplb.log").start()
         st = b.wait_ready()
         assert st["mode"] == "generic"
@@ -313,6 +336,8 @@ def test_real_prometheus_evaluates_every_dashboard_and_alert_expression(lab, bal
         assert len(lab_client(lab, "hello", lab.vip, 104, 40)) == 40
         assert len(lab_client(lab, "udp", lab.vip, 5000, 60, 200)) == 60
         run_client(lab, BLAST, lab.vip, 6000, 3000)
+        for _ in range(5):  # HTTPS through the TLS tier
+            lab.run("client", "curl", "-sS", "--fail", "-k", "-m", "10", "-o", "/dev/null", f"https://{lab.vip}:8443/")
         # A reload (the annotation), then a backend's server dies (transition, rebuild, alert).
         balancer.signal(signal.SIGHUP)
         balancer.wait_for(lambda st: st["last_reload"]["result"] == "applied", 10, "the reload")
@@ -360,7 +385,7 @@ def test_real_prometheus_evaluates_every_dashboard_and_alert_expression(lab, bal
         # The service variable's query (Grafana's label_values) lists every service.
         variable = next(v for v in dashboard["templating"]["list"] if v["name"] == "service")
         metric, label = re.fullmatch(r"label_values\((\w+), *(\w+)\)", variable["query"]["query"]).groups()
-        assert set(prom.label_values(label, metric)) == {"hello", "web", "sink", "echo", "dark"}
+        assert set(prom.label_values(label, metric)) == {"hello", "web", "sink", "echo", "dark", "web-tls"}
 
         # The numbers behind the panels say what happened.
         assert prom.query('xdplb_backend_up{service="hello", backend="be3"}')[0]["value"][1] == "0"
@@ -384,7 +409,7 @@ def test_real_prometheus_evaluates_every_dashboard_and_alert_expression(lab, bal
 def test_shipped_alert_rules_pass_promtool():
     result = subprocess.run(["promtool", "check", "rules", str(ALERTS)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 3 rules found" in result.stdout
+    assert "SUCCESS: 4 rules found" in result.stdout
 
 
 PROMTOOL_TESTS = """
@@ -411,6 +436,10 @@ tests:
         values: '0+6000x40'
       - series: 'xdplb_packets_not_forwarded_total{{job="x", instance="gw", reason="malformed"}}'
         values: '0+1x40'
+      - series: 'xdplb_tls_certificate_expiry_seconds{{job="x", instance="gw", service="web-tls", certificate="/etc/a.pem"}}'
+        values: '2592060-15x400'
+      - series: 'xdplb_tls_certificate_expiry_seconds{{job="x", instance="gw", service="viewer", certificate="/etc/b.pem"}}'
+        values: '31536000-15x400'
     alert_rule_test:
       # a went down at 30 s: pending until it has been down for a minute.
       - eval_time: 1m
@@ -441,6 +470,18 @@ tests:
             exp_annotations:
               summary: "xdplb is not forwarding fragment packets (40/s)"
               description: "xdplb on gw has not forwarded packets for reason fragment at 40 per second over the last 5 minutes. fragment: a client sends IPv4 fragments to a VIP (check its MTU); no_backend: a service has no healthy backend (the gateway refuses them); malformed: truncated TCP/UDP headers to a VIP."
+      # a.pem has 30 days and 60 s left at 0, so under 30 days from 1m15s on: pending for
+      # an hour, firing after; b.pem has a year left.
+      - eval_time: 1h
+        alertname: XdplbTlsCertificateExpiring
+        exp_alerts: []
+      - eval_time: 1h30m
+        alertname: XdplbTlsCertificateExpiring
+        exp_alerts:
+          - exp_labels: {{severity: warning, job: x, instance: gw, service: web-tls, certificate: /etc/a.pem}}
+            exp_annotations:
+              summary: "TLS certificate of web-tls expires in 29d 22h 31m 0s"
+              description: "The certificate /etc/a.pem that xdplb on gw has HAProxy serve for service web-tls expires in 29d 22h 31m 0s. Renew the file and reload xdplb (systemctl reload, or xdplb reload); xdplb check validates it first."
 """
 
 
