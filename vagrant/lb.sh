@@ -15,10 +15,11 @@ vip=${1:?usage: lb.sh VIP NAME=ADDRESS...}
 shift
 
 if [ -d /opt/xdplb-wheels ]; then
-    # --no-build-isolation: build xdplb with Debian's setuptools, not one from PyPI.
+    # --no-build-isolation: build with Debian's setuptools, not one from PyPI;
+    # -e: the controller reads bpf/*.c from the repository at attach time.
     [ -x /vagrant/.venv/bin/python ] || python3 -m venv --system-site-packages /vagrant/.venv
     /vagrant/.venv/bin/pip install -q --disable-pip-version-check --no-index \
-        --find-links /opt/xdplb-wheels --no-build-isolation /vagrant
+        --find-links /opt/xdplb-wheels --no-build-isolation -e /vagrant
     echo "lb: xdplb installed offline from /opt/xdplb-wheels: $(/vagrant/.venv/bin/xdplb --version)"
 else
     bash /vagrant/tools/setup.sh
