@@ -164,7 +164,8 @@ class VmLab:
     # ---- guest side --------------------------------------------------------
 
     def _ssh_base(self) -> list[str]:
-        return ["ssh", "-F", str(self.ssh_config), "-o", f"ControlPath={self.work / 'ssh-control'}"]
+        return ["ssh", "-F", str(self.ssh_config), "-o", "ConnectTimeout=20",
+                "-o", f"ControlPath={self.work / 'ssh-control'}"]
 
     def start_ssh_master(self) -> None:
         """One background connection that every later ssh reuses (a TCG guest is slow at key exchange).
@@ -235,13 +236,19 @@ class GuestBalancer:
             time.sleep(0.2)
 
     def stop(self) -> None:
-        self.vm.ssh(f"sudo sh -c 'kill $(cat {GUEST_PIDFILE})'", check=False, timeout=60)
+        if self.proc is None:
+            return
+        try:
+            self.vm.ssh(f"sudo sh -c 'kill $(cat {GUEST_PIDFILE})'", check=False, timeout=300)
+        except subprocess.TimeoutExpired:
+            print("vm_lab: the guest did not answer the stop within 300 s", flush=True)
         if self.proc is not None:
             try:
                 self.proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+            self.proc = None
 
 
 def main(argv: list[str]) -> int:
