@@ -72,6 +72,9 @@ while True:
         time.sleep(0.1)
 """
 
+# Run in the client namespace: exit 0 when HOST:PORT accepts a TCP connection.
+_TCP_CONNECT = "import socket, sys; socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=2).close()"
+
 # Popen objects of running Orthancs, keyed by (state dir, backend), so a
 # killed one is reaped rather than left a zombie.
 _PROCS: dict[tuple[str, str], subprocess.Popen] = {}
@@ -331,7 +334,7 @@ def watch(host: str, port: int, seconds: float, files: list[str]) -> int:
     return 0
 
 
-# ---- the PACS demo (tools/demo.py --pacs) -----------------------------------
+# ---- the demo (tools/demo.sh, tools/demo.py) --------------------------------
 
 def demo(prefix: str = labtool.DEFAULT_PREFIX) -> int:
     """Build a PACS lab, balance it, send studies, show counts and a failover."""
@@ -354,6 +357,10 @@ def demo(prefix: str = labtool.DEFAULT_PREFIX) -> int:
     lab.down()
     step(f"PACS lab: Orthanc (AE {AET}, DICOM {DICOM_PORT}, HTTP {HTTP_PORT}) on be1-be3, dcmtk on the client")
     lab.up()
+    # be3 accepts only known callers, so it can start rejecting associations
+    # later while its port still accepts TCP.
+    callers = (PROBE_AET, MODALITY_AET)
+    start_orthanc(lab, "be3", known_aets=callers)
     check = "dicom" if "dicom" in HEALTH_CHECK_KINDS else "tcp"
     pool = work / "pool.toml"
     pool.write_text(pool_text(lab, check))
@@ -361,7 +368,7 @@ def demo(prefix: str = labtool.DEFAULT_PREFIX) -> int:
     try:
         step(f"xdplb attach eth0 in the lb namespace (health check: {check})")
         balancer.start()
-        balancer.wait_ready()
+        balancer.wait_ready(timeout=240)   # bcc compiles at attach: ~10 s idle, a minute on a busy 2-core host
         proc = echoscu(lab)
         print(f"   C-ECHO to {lab.vip}:{DICOM_PORT}: {'ok' if proc.returncode == 0 else 'FAILED'}")
 
@@ -397,6 +404,24 @@ def demo(prefix: str = labtool.DEFAULT_PREFIX) -> int:
         balancer.wait_for(lambda st: backend_health(st, "synapse-dicom")["be2"] == "up", 10, "be2 up")
         before = counts(lab)
         store_each(lab, [path for path, _ in make_study(work / "after", 12, 64 * 1024)])
+        show_counts(before)
+
+        step(f"be3's Orthanc starts rejecting associations (calling AEs {', '.join(callers)} no longer known); "
+             "its port still accepts TCP")
+        for aet in callers:
+            forget_caller(lab, "be3", aet)
+        st = balancer.wait_for(lambda st: backend_health(st, "synapse-dicom")["be3"] == "down", 10, "be3 down")
+        record = next(b for s in st["services"] if s["name"] == "synapse-dicom" for b in s["backends"]
+                      if b["name"] == "be3")
+        tcp = lab.run("client", "/usr/bin/python3", "-c", _TCP_CONNECT, lab.host_ip("be3"), DICOM_PORT,
+                      check=False).returncode == 0
+        print(f"   TCP connect to be3:{DICOM_PORT}: {'accepted' if tcp else 'refused'} (a TCP check would "
+              f"call it healthy); C-ECHO to be3: "
+              f"{'ok' if echoscu(lab, host=lab.host_ip('be3')).returncode == 0 else 'rejected'}")
+        print(f"   xdplb's DICOM check took be3 out: {record['reason']}")
+        before = counts(lab)
+        results = store_each(lab, [path for path, _ in make_study(work / "rejecting", 12, 64 * 1024)])
+        print(f"   {sum(rc == 0 for _, rc in results)} of {len(results)} C-STOREs succeeded:")
         show_counts(before)
     finally:
         step("stopping xdplb and tearing the lab down")

@@ -27,6 +27,9 @@ packages=(
     nftables haproxy iperf3 wrk                       # benchmark baselines and load
     shellcheck vagrant vagrant-libvirt                # provisioning script checks, Vagrantfile validation (libvirt provider)
     systemd                                           # systemd-analyze verify for the unit file
+    qemu-system-x86 qemu-utils mmdebstrap bc rsync    # VM lab: tools/vmbox.sh builds the box, QEMU runs it
+    libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients
+    libvirt-daemon-config-network dnsmasq-base iptables  # vagrant-libvirt's management network
 )
 
 missing=()
