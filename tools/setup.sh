@@ -21,7 +21,7 @@ packages=(
     python3 python3-venv python3-pip python3-bpfcc   # controller and bcc
     iproute2 ethtool iputils-ping procps              # lab and kernel layer
     gcc libc6-dev linux-libc-dev                      # struct layout test
-    curl openssl                                      # demo client, test TLS certificates
+    curl openssl python3-cryptography                 # demo client, test TLS certificates; certificate checks (xdplb/tls.py)
     orthanc dcmtk                                     # PACS lab: real DICOM servers and clients
     prometheus                                        # exporter test: a real Prometheus scrapes xdplb
     nftables haproxy iperf3 wrk                       # benchmark baselines and load
