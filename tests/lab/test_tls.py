@@ -244,7 +244,7 @@ def test_mutual_tls_admits_only_a_modality_with_a_certificate_from_the_ca(pacs, 
 
 def test_a_running_dicom_tls_transfer_survives_a_reload_that_changes_the_pool(pacs, certs, tier, tmp_path):
     big = tmp_path / "long.dcm"
-    uid = make_instance(big, 200 * 1024 * 1024)
+    uid = make_instance(big, 400 * 1024 * 1024)
     sent = dataset_digest(big)
     original = tier.pool.read_text()
     store = pacs.popen("client", "storescu", *tls_dicom_args(certs), pacs.vip, "2762", str(big),
@@ -353,24 +353,27 @@ def test_a_renewed_certificate_is_served_after_sighup_and_the_old_connection_goe
     assert served_serial(pacs) == "serial=03E9"       # 1001
     good = pem.read_bytes()
     big = tmp_path / "during.dcm"
-    uid = make_instance(big, 200 * 1024 * 1024)
+    uid = make_instance(big, 400 * 1024 * 1024)
     sent = dataset_digest(big)
     # A DICOM-TLS transfer on a connection whose handshake saw the old certificate.
     store = pacs.popen("client", "storescu", *tls_dicom_args(certs), pacs.vip, "2762", str(big),
                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     pem.write_bytes(make_signed(d, "renewed", NAME, serial=3003).read_bytes())
     try:
-        time.sleep(1.0)
+        time.sleep(0.3)
         before = tier.status()["last_reload"]
         tier.signal(signal.SIGHUP)
         st = tier.wait_for(lambda s: s["last_reload"] != before, 30, "the reload")
+        # Whether the transfer outlived the reload is decided here, when the
+        # reload is applied, not after the checks below (a fast run of a
+        # 200 MB store once finished while they ran).
+        running_after_reload = store.poll() is None
         assert st["last_reload"]["result"] == "applied", st["last_reload"]
         deadline = time.monotonic() + 5
         while served_serial(pacs) != "serial=0BBB" and time.monotonic() < deadline:
             time.sleep(0.1)
         assert served_serial(pacs) == "serial=0BBB"     # 3003
         curl(pacs, certs)
-        running_after_reload = store.poll() is None
         out, _ = store.communicate(timeout=600)
     finally:
         pem.write_bytes(good)
