@@ -25,6 +25,7 @@ packages=(
     orthanc dcmtk                                     # PACS lab: real DICOM servers and clients
     prometheus                                        # exporter test: a real Prometheus scrapes xdplb
     nftables haproxy iperf3 wrk                       # benchmark baselines and load
+    bird2 keepalived                                  # several balancers: BGP announcements and a VRRP pair (lab)
     shellcheck vagrant vagrant-libvirt                # provisioning script checks, Vagrantfile validation (libvirt provider)
     systemd                                           # systemd-analyze verify for the unit file
     qemu-system-x86 qemu-utils mmdebstrap bc rsync    # VM lab: tools/vmbox.sh builds the box, QEMU runs it
