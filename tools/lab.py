@@ -35,6 +35,8 @@ them and deletes their storage in ``down()``).
 CLI (as root)::
 
     tools/lab.py up [--backends N] [--prefix P] [--vip IP] [--native-peer]
+    tools/lab.py up --nodes N --bgp|--vrrp [--pacs] [--announce xdplb|static]
+                                            several balancer nodes (tools/ha_lab.py)
     tools/lab.py down [--prefix P]
     tools/lab.py status [--prefix P] [--json]
     tools/lab.py exec HOST [--prefix P] -- CMD...
@@ -171,7 +173,7 @@ def temporary_lab(base: str = "xt", **options):
 
 def _matching(prefix: str, names: list[str]) -> list[str]:
     """The lab namespaces of ``prefix`` among ``names``."""
-    pattern = re.compile(re.escape(prefix) + r"-(sw|client|lb|be[0-9]+)")
+    pattern = re.compile(re.escape(prefix) + r"-(sw|client|rt|lb[0-9]*|be[0-9]+)")
     return [n for n in names if pattern.fullmatch(n)]
 
 
@@ -208,6 +210,13 @@ def _pacs_lab():
     sys.modules.setdefault("lab", sys.modules[__name__])
     import pacs_lab
     return pacs_lab
+
+
+def _ha_lab():
+    """tools/ha_lab.py (the multi-node lab), imported only when used (it imports us)."""
+    sys.modules.setdefault("lab", sys.modules[__name__])
+    import ha_lab
+    return ha_lab
 
 
 def _tail(path: Path, lines: int = 15) -> str:
@@ -330,17 +339,20 @@ class Lab:
             found = [n for n in _matching(prefix, list_namespaces()) if "-be" in n]
             count = max((int(n.rsplit("-be", 1)[1]) for n in found), default=3)
             return cls(prefix=prefix, backends=count, state_dir=lab.state_dir)
+        if saved.get("nodes"):  # the multi-node lab (tools/ha_lab.py)
+            return _ha_lab().HaLab.from_state(saved, Path(lab.state_dir))
         return cls(prefix=prefix, backends=saved["backends"], vip=saved["vip"],
                    native_peer=saved.get("native_peer", False), pacs=saved.get("pacs", False),
                    state_dir=lab.state_dir)
 
     def namespaces(self) -> list[str]:
         """This lab's namespaces that exist now (any backend count), sorted."""
-        order = {"sw": 0, "client": 1, "lb": 2}
+        order = {"sw": 0, "client": 1, "rt": 2, "lb": 3, "be": 4}
 
         def key(ns: str) -> tuple[int, int]:
             host = ns[len(self.prefix) + 1:]
-            return (order[host], 0) if host in order else (3, int(host[2:]))
+            kind = host.rstrip("0123456789")
+            return (order[kind], int(host[len(kind):] or 0))
         return sorted(_matching(self.prefix, list_namespaces()), key=key)
 
     def is_up(self) -> bool:
@@ -605,6 +617,17 @@ def _parser() -> argparse.ArgumentParser:
                     help="real Orthanc (DICOM 104, HTTP 8042) in every backend")
     up.add_argument("--native-peer", action="store_true",
                     help="pass-through XDP on the lb switch port (for xdplb --mode native)")
+    up.add_argument("--nodes", type=int, default=0,
+                    help="N balancer nodes lb1..lbN instead of one lb, each running xdplb (generic XDP) "
+                         "and a routing daemon (tools/ha_lab.py); needs --bgp or --vrrp")
+    routing = up.add_mutually_exclusive_group()
+    routing.add_argument("--bgp", dest="routing", action="store_const", const="bgp",
+                         help="with --nodes: a router namespace (BIRD, BGP multipath, ECMP) before the nodes")
+    routing.add_argument("--vrrp", dest="routing", action="store_const", const="vrrp",
+                         help="with --nodes: keepalived on the nodes owns the VIP; no router")
+    up.add_argument("--announce", choices=("xdplb", "static"), default="xdplb",
+                    help="with --bgp: who puts the VIP route in the nodes' announce table: xdplb "
+                         "(health, drain) or the lab (a static route)")
     sub.add_parser("down", parents=[common], help="remove the lab")
     status = sub.add_parser("status", parents=[common], help="show the lab")
     status.add_argument("--json", action="store_true")
@@ -618,6 +641,19 @@ def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit status."""
     args = _parser().parse_args(argv)
     try:
+        if args.command == "up" and (args.nodes or args.routing):
+            if not args.nodes or not args.routing:
+                raise LabError("--nodes N needs --bgp or --vrrp, and --bgp/--vrrp need --nodes N")
+            lab = _ha_lab().HaLab(prefix=args.prefix, backends=args.backends, vip=args.vip,
+                                  state_dir=args.state_dir, pacs=args.pacs, nodes=args.nodes,
+                                  routing=args.routing, announce=args.announce).up()
+            try:
+                lab.start_all_nodes()
+            except BaseException:
+                lab.down()
+                raise
+            print(_format_status(lab.status()))
+            return 0
         if args.command == "up":
             lab = Lab(prefix=args.prefix, backends=args.backends, vip=args.vip,
                       state_dir=args.state_dir, native_peer=args.native_peer, pacs=args.pacs).up()

@@ -75,8 +75,9 @@ class Balancer:
     """
 
     def __init__(self, lab, pool: Path, run_dir: Path, log: Path, mode: str = "auto", bpffs: Path | None = None,
-                 host_bpffs: bool = True):
+                 host_bpffs: bool = True, host: str = "lb"):
         self.lab, self.pool, self.run_dir, self.log_path, self.mode = lab, pool, run_dir, log, mode
+        self.host = host   # the lab host (namespace) it runs in: "lb", or "lb1"/"lb2" in the multi-node lab
         self.bpffs = bpffs or run_dir.parent / "bpffs"
         self.host_bpffs = host_bpffs
         self.proc: subprocess.Popen | None = None
@@ -99,7 +100,7 @@ class Balancer:
         self._log = open(self.log_path, "ab")
         argv = argv or [XDPLB, "attach", "eth0", "--pool", str(self.pool), "--mode", self.mode]
         self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", self.lab.ns("lb"), *argv],
+            ["ip", "netns", "exec", self.lab.ns(self.host), *argv],
             stdout=self._log, stderr=subprocess.STDOUT, env=self._env(),
         )
         return self
@@ -108,7 +109,7 @@ class Balancer:
         return self.log_path.read_text(errors="replace")
 
     def cli(self, *args, check=True) -> subprocess.CompletedProcess:
-        return subprocess.run(["ip", "netns", "exec", self.lab.ns("lb"), XDPLB, *args],
+        return subprocess.run(["ip", "netns", "exec", self.lab.ns(self.host), XDPLB, *args],
                               capture_output=True, text=True, env=self._env(), check=check, timeout=30)
 
     def status(self) -> dict:
