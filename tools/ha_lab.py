@@ -254,6 +254,13 @@ class HaLab(labtool.Lab):
                            ("net.ipv4.conf.all.rp_filter", 0), ("net.ipv4.conf.default.rp_filter", 0)):
             self._sysctl("rt", key, value)
 
+    def pace_client(self, rate: str) -> None:
+        """Pace what the client sends with a token bucket (tc tbf) on its eth0,
+        so a long store lasts long enough to lose a node in the middle of it
+        whatever the machine's speed."""
+        self.run("client", "tc", "qdisc", "replace", "dev", labtool.IFNAME, "root", "tbf", "rate", rate,
+                 "burst", "64kb", "latency", "500ms")
+
     def down(self) -> None:
         """Stop every node daemon (xdplb first, so it unpins), then the lab."""
         labtool._require_root()
@@ -562,6 +569,66 @@ def longest_stall(samples: list[tuple[float, int]]) -> float:
 
 def parse_samples(out: str) -> list[tuple[float, int]]:
     return [(float(t), int(b)) for t, b in (line.split() for line in out.splitlines() if line.strip())]
+
+
+class LongStore:
+    """One storescu association carrying ``path`` through the VIP, its
+    bytes_acked sampled in the client namespace every 50 ms (``acked``)."""
+
+    def __init__(self, lab: HaLab, path: Path):
+        pacs = _pacs_lab()
+        self.lab = lab
+        self.started = time.monotonic()
+        self.store = pacs.storescu(lab, path, popen=True)
+        self.sampler = lab.popen("client", labtool.PYTHON, Path(__file__), "acked", lab.vip, pacs.DICOM_PORT,
+                                 stdout=subprocess.PIPE, text=True)
+        self.seconds = 0.0
+        self.samples: list[tuple[float, int]] = []
+
+    def running(self) -> bool:
+        return self.store.poll() is None
+
+    def carried_pacs(self, timeout: float = 10) -> str:
+        """The backend holding the association, from the backends' own sockets."""
+        match = f"( sport = :{_pacs_lab().DICOM_PORT} and dst {self.lab.host_ip('client')} )"
+        deadline = time.monotonic() + timeout
+        while True:
+            holders = [name for name in self.lab.backend_names()
+                       if self.lab.run(name, "ss", "-Htn", "state", "established", match).stdout.strip()]
+            if len(holders) == 1:
+                return holders[0]
+            if time.monotonic() > deadline or not self.running():
+                raise AssertionError(f"no single PACS holds the long store's association: {holders}")
+            time.sleep(0.05)
+
+    def finish(self, timeout: float = 600) -> tuple[int, str]:
+        """Wait for storescu; (exit status, its output). Stops the sampler."""
+        try:
+            out, _ = self.store.communicate(timeout=timeout)
+        finally:
+            self.seconds = time.monotonic() - self.started
+            self.close()
+        return self.store.returncode, out
+
+    def close(self) -> None:
+        """Stop storescu (if still running) and the sampler; keep the samples."""
+        if self.store.poll() is None:
+            self.store.kill()
+        self.store.wait(30)
+        if self.sampler.returncode is None:
+            self.sampler.terminate()
+            out, _ = self.sampler.communicate(timeout=30)
+            self.samples = parse_samples(out or "")
+
+    def longest_stall(self) -> float:
+        return longest_stall(self.samples)
+
+    def describe(self) -> str:
+        """Samples taken and their span, to judge the stall figure by."""
+        if not self.samples:
+            return "no bytes_acked samples"
+        return (f"{len(self.samples)} bytes_acked samples from {self.samples[0][0]:.1f}s to "
+                f"{self.samples[-1][0]:.1f}s, last {self.samples[-1][1]} bytes")
 
 
 def main(argv: list[str] | None = None) -> int:
