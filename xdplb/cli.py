@@ -146,7 +146,19 @@ def check(pool_argument: str | None, pool_option: str | None) -> None:
             count = applied.table.count(bid)
             shares.append(f"{be.name} {count} ({100 * count / len(applied.table):.1f}%)")
         click.echo(f"  {svc.name}: " + ", ".join(shares))
+    click.echo(_fingerprint_lines(pool))
     click.echo(f"ok: {pool_path} is valid ({len(result.ops)} map writes planned)")
+
+
+def _fingerprint_lines(pool) -> str:
+    """Per service, a short hash of its placement inputs (backends, weights,
+    persistence, hash_seed, maglev_size): every node behind one VIP must print the same."""
+    from .announce import placement_fingerprint
+
+    lines = ["Placement fingerprints (identical on every node that serves the VIP):"]
+    for svc in pool.services:
+        lines.append(f"  {svc.name} {svc.vip}:{svc.port}/{svc.protocol} {placement_fingerprint(pool.settings, svc)}")
+    return "\n".join(lines)
 
 
 def _flow_capacity_line(settings) -> str:
