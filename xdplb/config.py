@@ -92,6 +92,8 @@ DOWN_GRACE_MAX = 3600.0
 ANNOUNCE_TABLE_RANGE = (1, 2**32 - 1)
 RESERVED_TABLES = {253: "default", 254: "main", 255: "local"}
 STOP_DRAIN_MAX = 3600.0
+UNIT_TIMEOUT_STOP = 30.0          # TimeoutStopSec of tools/systemd/xdplb@.service (a test keeps them equal)
+DETACH_SECONDS = 5.0              # what detaching, unpinning and removing VIPs may take after the drain
 STOP_DRAIN_IDLE_RANGE = (0.5, 600.0)
 FLOOD_GUARD_RATE_RANGE = (0, 100_000_000)
 # MACs besides the interface's own that the data plane balances frames to
@@ -1061,6 +1063,13 @@ def warnings(pool: Pool) -> list[str]:
                 f'service "{s.name}": every backend has weight 0 (drained); new connections '
                 f"to {s.vip}:{s.port}/{s.protocol} will find no backend"
             )
+    stop_drain = pool.settings.stop_drain
+    if stop_drain > UNIT_TIMEOUT_STOP - DETACH_SECONDS:
+        out.append(
+            f"stop_drain = {stop_drain:g} s does not fit the shipped systemd unit's TimeoutStopSec="
+            f"{UNIT_TIMEOUT_STOP:g}: systemd would kill xdplb mid-drain with the program attached; give the unit "
+            f"TimeoutStopSec={stop_drain + DETACH_SECONDS:g} or more (systemctl edit xdplb@IFACE)"
+        )
     if not pool.settings.manage_vips and pool.settings.no_backend == "reset":
         out.append(
             'no_backend = "reset" hands packets of a service with no healthy backend to this host\'s '

@@ -368,3 +368,14 @@ def test_a_reload_to_another_table_moves_the_routes(h, tmp_path):
             assert routes(h) == set()
 
     asyncio.run(scenario())
+
+
+def test_stop_drain_that_does_not_fit_the_units_stop_timeout_is_warned_about():
+    from xdplb.config import DETACH_SECONDS, UNIT_TIMEOUT_STOP, warnings
+
+    unit = (Path(__file__).resolve().parents[2] / "tools" / "systemd" / "xdplb@.service").read_text()
+    assert f"\nTimeoutStopSec={UNIT_TIMEOUT_STOP:g}\n" in unit   # the number the warning judges by
+    fits = parse_pool(pool_with(f"stop_drain = {UNIT_TIMEOUT_STOP - DETACH_SECONDS:g}"))
+    assert not [w for w in warnings(fits) if "stop_drain" in w]
+    (warning,) = [w for w in warnings(parse_pool(pool_with("stop_drain = 60"))) if "stop_drain" in w]
+    assert "TimeoutStopSec=65" in warning

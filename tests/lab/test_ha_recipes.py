@@ -1,7 +1,15 @@
-"""VIP announcement routes, for real (root): xdplb's netlink layer (pyroute2)
-writes them into a kernel table inside a private network namespace, and a
-real BIRD 2 running examples/bird-balancer.conf in that namespace learns
-them, as its BGP session would announce them. No XDP program is involved.
+"""The several-balancers recipes, with the real daemons.
+
+- The shipped BIRD and keepalived configurations pass their own config
+  checks (`bird -p -c`, `keepalived -t -f`; no root).
+- VIP announcement routes (root): xdplb's netlink layer (pyroute2) writes
+  them into a kernel table inside a private network namespace, and a real
+  BIRD 2 running examples/bird-balancer.conf there learns them, as its BGP
+  session would announce them.
+- The ready file (root): a real keepalived running
+  examples/keepalived-pair.conf in a namespace takes the VIP only while the
+  file xdplb writes says ready.
+No XDP program is involved (the lab tests of issue 12 run the whole nodes).
 """
 from __future__ import annotations
 
@@ -16,14 +24,29 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "bird-balancer.conf"
+KEEPALIVED = ROOT / "examples" / "keepalived-pair.conf"
 TABLE = 100
 VIP1, VIP2 = "10.10.0.100", "10.10.0.101"
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 
 
 def sh(*args, check=True, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run(args, check=check, capture_output=True, text=True, **kwargs)
+
+
+def test_the_bird_recipe_passes_birds_config_check():
+    result = subprocess.run(["bird", "-p", "-c", str(EXAMPLE)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_keepalived_recipe_passes_keepaliveds_config_check(tmp_path):
+    result = subprocess.run(["keepalived", "-t", "-f", str(KEEPALIVED)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    # The check is a real one: a misspelt keyword fails it.
+    bad = tmp_path / "bad.conf"
+    bad.write_text(KEEPALIVED.read_text().replace("weight 0", "wieght 0"))
+    assert subprocess.run(["keepalived", "-t", "-f", str(bad)], capture_output=True).returncode != 0
 
 
 @pytest.fixture
@@ -62,6 +85,7 @@ def kernel_routes(ns: str) -> list[str]:
     return [line.strip() for line in r.stdout.splitlines() if line.strip()]
 
 
+@root
 def test_announce_and_withdraw_touch_only_xdplbs_routes(netns):
     sh("ip", "netns", "exec", netns, "ip", "route", "add", "blackhole", f"{VIP2}/32", "table", str(TABLE),
        "proto", "static")                      # an operator's route in the same table
@@ -89,6 +113,7 @@ def wait_for(pred, timeout: float, what: str):
         time.sleep(0.1)
 
 
+@root
 def test_bird_learns_the_vip_routes_from_the_example_config(netns, tmp_path):
     sock, pid = tmp_path / "bird.ctl", tmp_path / "bird.pid"
     sh("ip", "netns", "exec", netns, "bird", "-c", str(EXAMPLE), "-s", str(sock), "-P", str(pid))
@@ -120,3 +145,42 @@ def test_bird_learns_the_vip_routes_from_the_example_config(netns, tmp_path):
     finally:
         if pid.exists():
             subprocess.run(["kill", pid.read_text().strip()], check=False)
+
+
+def has_vip(ns: str) -> bool:
+    out = sh("ip", "netns", "exec", ns, "ip", "-4", "-o", "address", "show", "dev", "eth0").stdout
+    return f" {VIP1}/32 " in out
+
+
+@root
+def test_keepalived_holds_the_vip_only_while_the_ready_file_says_ready(netns, tmp_path):
+    from xdplb.announce import write_ready_file
+
+    ready = tmp_path / "eth0.ready"
+    write_ready_file(str(ready), 1)             # xdplb starting: not ready
+    conf = tmp_path / "keepalived.conf"
+    conf.write_text(KEEPALIVED.read_text().replace("/run/xdplb/eth0.ready", str(ready)))
+    proc = subprocess.Popen(
+        ["ip", "netns", "exec", netns, "keepalived", "-n", "-l", "-P", "-f", str(conf),
+         "-p", str(tmp_path / "k.pid"), "-r", str(tmp_path / "v.pid")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        time.sleep(5)                           # more than 3 adverts: a ready node would be master by now
+        assert not has_vip(netns), "keepalived took the VIP while xdplb was not ready"
+        write_ready_file(str(ready), 0)         # xdplb ready: every VIP would be announced
+        started = time.monotonic()
+        wait_for(lambda: has_vip(netns), 10, "keepalived to take the VIP")
+        took = time.monotonic() - started
+        write_ready_file(str(ready), 1)         # drain-node, a stop, or no healthy backend
+        started = time.monotonic()
+        wait_for(lambda: not has_vip(netns), 10, "keepalived to give the VIP up")
+        gave = time.monotonic() - started
+        print(f"keepalived took the VIP {took:.1f}s after ready and gave it up {gave:.1f}s after not ready")
+    finally:
+        proc.terminate()
+        try:
+            output = proc.communicate(timeout=10)[0]
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            output = proc.communicate()[0]
+    assert "FAULT" in output, output
