@@ -222,7 +222,7 @@ class Announcer:
                     log.info("withdrew VIP %s (route in table %d removed)", vip, self.table)
                 self.announced = set()
             if self.ready_file:
-                value = max(1, len(self.decisions))
+                value = max(1, ready_value(self._decisions()))
                 write_ready_file(self.ready_file, value)
                 self.ready_written = value
 

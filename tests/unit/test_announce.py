@@ -379,3 +379,53 @@ def test_stop_drain_that_does_not_fit_the_units_stop_timeout_is_warned_about():
     assert not [w for w in warnings(fits) if "stop_drain" in w]
     (warning,) = [w for w in warnings(parse_pool(pool_with("stop_drain = 60"))) if "stop_drain" in w]
     assert "TimeoutStopSec=65" in warning
+
+
+# ---- the command line ---------------------------------------------------------------------
+
+def test_drain_node_and_undrain_node_commands_through_the_control_socket(h, tmp_path):
+    from click.testing import CliRunner
+
+    from xdplb.cli import cli
+
+    announcing(h, tmp_path)
+    daemon = h.daemon()
+
+    async def scenario():
+        async with running(daemon):
+            await until(lambda: routes(h) == {VIP1, VIP2}, what="both VIPs announced")
+            drained = await asyncio.to_thread(CliRunner().invoke, cli,
+                                              ["drain-node", "-i", IF, "--idle", "0.3", "--timeout", "5"])
+            assert drained.exit_code == 0, drained.output
+            assert drained.output.startswith(f"drained {IF}: withdrew {VIP1}, {VIP2}; no packet forwarded for 0.3s")
+            assert routes(h) == set()
+            back = await asyncio.to_thread(CliRunner().invoke, cli, ["undrain-node", "-i", IF])
+            assert back.exit_code == 0 and "announced again" in back.output, back.output
+            await until(lambda: routes(h) == {VIP1, VIP2}, what="announced again")
+
+    asyncio.run(scenario())
+
+
+def test_detach_removes_the_routes_a_dead_instance_left(h, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    import xdplb.netlink
+    from xdplb.cli import cli
+
+    announcing(h, tmp_path)
+    daemon = h.daemon()
+
+    async def scenario():
+        task = asyncio.create_task(daemon.run())
+        await until(lambda: routes(h) == {VIP1, VIP2}, what="both VIPs announced")
+        os.kill(os.getpid(), signal.SIGUSR1)    # leaves everything, as a crash would
+        return await asyncio.wait_for(task, 5)
+
+    assert asyncio.run(scenario()) == 75
+    h.nl.routes[TABLE].add(IPv4Address("10.10.0.150"))
+    monkeypatch.setattr(xdplb.netlink, "Netlink", lambda: h.nl)
+    result = CliRunner().invoke(cli, ["detach", IF])
+    assert result.exit_code == 0, result.output
+    assert f"VIP route {VIP1} (table {TABLE})" in result.output
+    assert routes(h) == set()
+    assert not record_path(control.run_dir(), IF).exists()
