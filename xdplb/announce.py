@@ -67,10 +67,10 @@ def decide(pool, health: Mapping[tuple, Health], *, serving: bool, draining: boo
         by_vip.setdefault(svc.vip, []).append(svc)
     out = {}
     for vip, services in by_vip.items():
-        states = [health.get(verdict_key(svc, be.address), Health()).state
+        states = [(be.address, health.get(verdict_key(svc, be.address), Health()).state)
                   for svc in services for be in svc.backends]
-        pending = sum(1 for s in states if s is State.UNKNOWN)
-        up = sum(1 for s in states if s is State.UP)
+        pending = len({address for address, s in states if s is State.UNKNOWN})
+        up = len({address for address, s in states if s is State.UP})   # servers, not (service, server) pairs
         if not serving:
             out[vip] = VipDecision(False, "the program is not attached and ready")
         elif draining:

@@ -202,6 +202,19 @@ def _render_tls(svc: dict) -> list[str]:
     return lines
 
 
+def _render_announce(ann: dict | None) -> list[str]:
+    """Several balancers: where the decisions go, and each VIP's decision with its reason."""
+    if not ann or (ann["table"] is None and not ann["ready_file"]):
+        return []
+    where = ", ".join(([f"routes in table {ann['table']}"] if ann["table"] is not None else [])
+                      + ([f"ready file {ann['ready_file']}"] if ann["ready_file"] else []))
+    lines = [f"announce ({where}){': node drained' if ann['node_draining'] else ''}"
+             f"{': failing, retrying: ' + ann['error'] if ann['error'] else ''}"]
+    for vip, d in ann["vips"].items():
+        lines.append(f"  {vip} {'announced' if d['announced'] else 'withdrawn'}: {d['reason']}")
+    return lines
+
+
 def _render_status(st: dict) -> str:
     lines = [f"xdplb {st['version']} on {st['interface']} ({st['mode']} mode), pid {st['pid']}, pool {st['pool']}"]
     for svc in st["services"]:
@@ -218,6 +231,7 @@ def _render_status(st: dict) -> str:
                          f"{be['new_flows']:>7}")
     lines.append("xdp actions: " + ", ".join(f"{k} {v}" for k, v in st["actions"].items()))
     lines.append("not forwarded: " + ", ".join(f"{k} {v}" for k, v in st["not_forwarded"].items()))
+    lines.extend(_render_announce(st.get("announce")))
     ev = st.get("events", {})
     lines.append(f"flow table: misses {ev.get('flow_miss', 0)}, placed without entry (flood guard) "
                  f"{ev.get('flood_no_entry', 0)}, kept on a down backend (grace) {ev.get('down_grace', 0)}, "

@@ -429,3 +429,22 @@ def test_detach_removes_the_routes_a_dead_instance_left(h, tmp_path, monkeypatch
     assert f"VIP route {VIP1} (table {TABLE})" in result.output
     assert routes(h) == set()
     assert not record_path(control.run_dir(), IF).exists()
+
+
+def test_status_shows_each_vips_decision(h, tmp_path):
+    from xdplb.cli import _render_status
+
+    ready = announcing(h, tmp_path)
+    h.prober.set(A, 11112, ok=False)
+    h.prober.set(C, 11112, ok=False)
+    daemon = h.daemon()
+
+    async def scenario():
+        async with running(daemon):
+            await until(lambda: routes(h) == {VIP1}, what="VIP1 announced")
+            return _render_status(daemon.status())
+
+    text = asyncio.run(scenario())
+    assert f"announce (routes in table {TABLE}, ready file {ready})\n" in text
+    assert f"  {VIP1} announced: 3 backend(s) up\n" in text
+    assert f"  {VIP2} withdrawn: no healthy backend\n" in text
