@@ -68,6 +68,7 @@ class FakeDataplane:
         self.detach_calls = 0
         self.refuse_modes: set[str] = set()
         self.apply_calls = 0                  # apply() calls that wrote at least one op
+        self.action_counts: Counter = Counter()  # XDP action -> packets, what read_stats reports; tests bump it
         self.failures: list = []              # [op class name or None, writes to fail, writes to let through first]
         self.live_table_writes: list = []     # PutTable ops that rewrote a live table in place
 
@@ -173,7 +174,7 @@ class FakeDataplane:
         return Stats(
             services={i: Counters() for i in service_ids},
             backends={i: Counters() for i in backend_ids},
-            actions={a: 0 for a in ACTIONS},
+            actions={a: self.action_counts[a] for a in ACTIONS},
             not_forwarded={r: 0 for r in REASONS},
             events={e: 0 for e in EVENTS},
         )
@@ -245,6 +246,7 @@ class FakeNetlink:
         self.lookups = 0                     # neighbour_mac calls
         self.failing: Counter = Counter()    # method name -> calls still to fail
         self.delay = 0.0                     # seconds each neighbour read blocks its caller
+        self.routes: dict[int, set] = {}     # table -> VIPs announced there (xdplb's routes only)
 
     def fail(self, method: str, times: int = 1) -> None:
         """Make the next `times` calls of `method` raise NetlinkProblem."""
@@ -285,6 +287,20 @@ class FakeNetlink:
         self.calls.append(("del_vip", index, _ip(address)))
         self.addresses.get(index, set()).discard(_ip(address))
         self.ours.get(index, set()).discard(_ip(address))
+
+    def announced(self, table: int) -> set:
+        self._maybe_fail("announced")
+        return set(self.routes.get(table, ()))
+
+    def announce(self, table: int, address) -> None:
+        self.calls.append(("announce", table, _ip(address)))
+        self._maybe_fail("announce")
+        self.routes.setdefault(table, set()).add(_ip(address))
+
+    def withdraw(self, table: int, address) -> None:
+        self.calls.append(("withdraw", table, _ip(address)))
+        self._maybe_fail("withdraw")
+        self.routes.get(table, set()).discard(_ip(address))
 
     def neighbour_macs(self, index: int) -> dict:
         self.dumps += 1

@@ -146,7 +146,19 @@ def check(pool_argument: str | None, pool_option: str | None) -> None:
             count = applied.table.count(bid)
             shares.append(f"{be.name} {count} ({100 * count / len(applied.table):.1f}%)")
         click.echo(f"  {svc.name}: " + ", ".join(shares))
+    click.echo(_fingerprint_lines(pool))
     click.echo(f"ok: {pool_path} is valid ({len(result.ops)} map writes planned)")
+
+
+def _fingerprint_lines(pool) -> str:
+    """Per service, a short hash of its placement inputs (backends, weights,
+    persistence, hash_seed, maglev_size): every node behind one VIP must print the same."""
+    from .announce import placement_fingerprint
+
+    lines = ["Placement fingerprints (identical on every node that serves the VIP):"]
+    for svc in pool.services:
+        lines.append(f"  {svc.name} {svc.vip}:{svc.port}/{svc.protocol} {placement_fingerprint(pool.settings, svc)}")
+    return "\n".join(lines)
 
 
 def _flow_capacity_line(settings) -> str:
@@ -190,6 +202,19 @@ def _render_tls(svc: dict) -> list[str]:
     return lines
 
 
+def _render_announce(ann: dict | None) -> list[str]:
+    """Several balancers: where the decisions go, and each VIP's decision with its reason."""
+    if not ann or (ann["table"] is None and not ann["ready_file"]):
+        return []
+    where = ", ".join(([f"routes in table {ann['table']}"] if ann["table"] is not None else [])
+                      + ([f"ready file {ann['ready_file']}"] if ann["ready_file"] else []))
+    lines = [f"announce ({where}){': node drained' if ann['node_draining'] else ''}"
+             f"{': failing, retrying: ' + ann['error'] if ann['error'] else ''}"]
+    for vip, d in ann["vips"].items():
+        lines.append(f"  {vip} {'announced' if d['announced'] else 'withdrawn'}: {d['reason']}")
+    return lines
+
+
 def _render_status(st: dict) -> str:
     lines = [f"xdplb {st['version']} on {st['interface']} ({st['mode']} mode), pid {st['pid']}, pool {st['pool']}"]
     for svc in st["services"]:
@@ -206,6 +231,7 @@ def _render_status(st: dict) -> str:
                          f"{be['new_flows']:>7}")
     lines.append("xdp actions: " + ", ".join(f"{k} {v}" for k, v in st["actions"].items()))
     lines.append("not forwarded: " + ", ".join(f"{k} {v}" for k, v in st["not_forwarded"].items()))
+    lines.extend(_render_announce(st.get("announce")))
     ev = st.get("events", {})
     lines.append(f"flow table: misses {ev.get('flow_miss', 0)}, placed without entry (flood guard) "
                  f"{ev.get('flood_no_entry', 0)}, kept on a down backend (grace) {ev.get('down_grace', 0)}, "
@@ -306,11 +332,30 @@ def _detach(interface: str, link, nl) -> None:
     if pinning.remove(pins):
         removed.append(f"pinned maps {pins}")
     (control.run_dir() / f"{interface}.drained.json").unlink(missing_ok=True)
+    removed.extend(_withdraw_leftover_routes(interface, nl))
     path = control.socket_path(interface)
     if path.exists():
         path.unlink()
         removed.append(f"stale socket {path}")
     click.echo(f"detached from {interface}: " + (", ".join(removed) if removed else "nothing of xdplb's was left"))
+
+
+def _withdraw_leftover_routes(interface: str, nl) -> list[str]:
+    """The VIP routes a dead instance left in its announce table (noted in the
+    run directory), so BIRD stops announcing a node that no longer balances."""
+    from .announce import record_path
+
+    record = record_path(control.run_dir(), interface)
+    try:
+        table = int(record.read_text())
+    except (OSError, ValueError):
+        return []
+    removed = []
+    for vip in sorted(nl.announced(table)):
+        nl.withdraw(table, vip)
+        removed.append(f"VIP route {vip} (table {table})")
+    record.unlink(missing_ok=True)
+    return removed
 
 
 def _one_instance(interface: str | None) -> str:
@@ -388,6 +433,48 @@ def undrain(service: str, backend: str, interface: str | None) -> None:
     """Let BACKEND of SERVICE take new flows again."""
     _ask(interface, {"cmd": "undrain", "service": service, "backend": backend})
     click.echo(f"undrained {backend} of {service}: takes new flows again")
+
+
+@cli.command("drain-node")
+@click.option("-i", "--interface", help="Interface of the instance (needed when several run).")
+@click.option("--idle", type=click.FloatRange(min=0.1, max=3600), default=2.0, show_default=True,
+              help="Seconds without forwarded packets that count as drained.")
+@click.option("--timeout", type=click.FloatRange(min=1, max=86400), default=60.0, show_default=True,
+              help="Give up waiting after this many seconds (exit status 1); forwarding goes on.")
+def drain_node(interface: str | None, idle: float, timeout: float) -> None:
+    """Withdraw every VIP of this node from the routers (or keepalived) and wait.
+
+    The program keeps forwarding what still arrives; the command returns once
+    the node's forwarded-packet counters have been still for --idle seconds.
+    Unlike `drain --wait`, this moves established flows: routers keep no
+    flow state, so the other nodes take them at once, and only their
+    identical Maglev placement keeps them alive. `undrain-node` announces again.
+    """
+    name = _one_instance(interface)
+    try:
+        reply = control.request(name, {"cmd": "drain-node", "idle": idle, "timeout": timeout},
+                                timeout=timeout + control.REQUEST_TIMEOUT)
+    except control.ControlError as exc:
+        raise click.ClickException(str(exc))
+    if "error" in reply:
+        raise click.ClickException(reply["error"])
+    if "warning" in reply:
+        click.echo(f"warning: {reply['warning']}", err=True)
+    vips = ", ".join(reply["withdrawn"]) or "none were announced"
+    if not reply["still"]:
+        raise click.ClickException(f"withdrew {vips}, but {name} still forwarded packets after {timeout:g}s "
+                                   f"({reply['forwarded_during']} since the withdrawal)")
+    click.echo(f"drained {name}: withdrew {vips}; no packet forwarded for {idle:g}s "
+               f"(waited {reply['waited']:.1f}s, {reply['forwarded_during']} packets since the withdrawal)")
+
+
+@cli.command("undrain-node")
+@click.option("-i", "--interface", help="Interface of the instance (needed when several run).")
+def undrain_node(interface: str | None) -> None:
+    """Announce this node's VIPs again (those it can serve)."""
+    reply = _ask(interface, {"cmd": "undrain-node"})
+    click.echo("undrained: VIPs are announced again where a backend is up" if reply["changed"]
+               else "the node was not drained")
 
 
 @cli.command()

@@ -59,6 +59,7 @@ _SETTINGS_KEYS = (
     "metrics", "manage_vips", "maglev_size", "flow_table_size",
     "max_services", "max_backends", "hash_seed", "no_backend",
     "udp_idle_timeout", "down_grace", "flood_guard_rate", "extra_macs",
+    "announce_table", "ready_file", "stop_drain", "stop_drain_idle",
 )
 _SERVICE_KEYS = ("name", "vip", "port", "protocol", "persistence", "health", "tls", "backend")
 _TLS_KEYS = ("certificate", "backend_protocol", "backend_port", "health_from", "min_version",
@@ -88,6 +89,12 @@ MAX_INTERVAL = 3600.0
 MAX_POOL_BYTES = 16 * 1024 * 1024  # 65535 backends commented line by line as in examples/pacs.toml: 13.7 MiB
 UDP_IDLE_TIMEOUT_RANGE = (1.0, 86400.0)
 DOWN_GRACE_MAX = 3600.0
+ANNOUNCE_TABLE_RANGE = (1, 2**32 - 1)
+RESERVED_TABLES = {253: "default", 254: "main", 255: "local"}
+STOP_DRAIN_MAX = 3600.0
+UNIT_TIMEOUT_STOP = 30.0          # TimeoutStopSec of tools/systemd/xdplb@.service (a test keeps them equal)
+DETACH_SECONDS = 5.0              # what detaching, unpinning and removing VIPs may take after the drain
+STOP_DRAIN_IDLE_RANGE = (0.5, 600.0)
 FLOOD_GUARD_RATE_RANGE = (0, 100_000_000)
 # MACs besides the interface's own that the data plane balances frames to
 # (EXTRA_MACS in bpf/lb_consts.h; struct lb_config holds them).
@@ -179,6 +186,10 @@ class Settings:
     down_grace: float = 30.0          # seconds established flows stay on a down backend; 0: re-chosen at once
     flood_guard_rate: int = 2000      # new flow entries per second per CPU before the guard stops inserting; 0: off
     extra_macs: tuple[bytes, ...] = ()  # unicast MACs besides the interface's that are balanced (e.g. a VRRP vmac)
+    announce_table: int | None = None  # kernel routing table of the VIP routes BIRD/FRR announce; None: no routes
+    ready_file: str = ""              # keepalived track_file: 0 when every VIP would be announced; "": none
+    stop_drain: float = 0.0           # seconds SIGTERM spends withdrawing and waiting before it detaches; 0: off
+    stop_drain_idle: float = 2.0      # ... counters still this long end that wait early
 
 
 @dataclass(frozen=True)
@@ -571,7 +582,33 @@ def _parse_settings(r: _Reader, doc: dict) -> Settings:
         down_grace=r.seconds(t, "down_grace", label, DOWN_GRACE_MAX, d.down_grace, lo=0.0),
         flood_guard_rate=r.integer(t, "flood_guard_rate", label, *FLOOD_GUARD_RATE_RANGE, d.flood_guard_rate),
         extra_macs=_extra_macs(r, t, label),
+        announce_table=_announce_table(r, t, label),
+        ready_file=_ready_file(r, t, label),
+        stop_drain=r.seconds(t, "stop_drain", label, STOP_DRAIN_MAX, d.stop_drain, lo=0.0),
+        stop_drain_idle=r.seconds(t, "stop_drain_idle", label, STOP_DRAIN_IDLE_RANGE[1], d.stop_drain_idle,
+                                  lo=STOP_DRAIN_IDLE_RANGE[0]),
     )
+
+
+def _announce_table(r: _Reader, t: dict, label: str) -> int | None:
+    """[xdplb] announce_table: a kernel routing table of its own for the VIP routes, never main/local/default."""
+    if "announce_table" not in t:
+        return None
+    table = r.integer(t, "announce_table", label, *ANNOUNCE_TABLE_RANGE, None)
+    if table in RESERVED_TABLES:
+        return r.bad(f"{label}.announce_table = {table} is the kernel's {RESERVED_TABLES[table]} table; "
+                     f"give xdplb a table of its own (e.g. 100), which BIRD's kernel protocol imports",
+                     t, "announce_table", None)
+    return table
+
+
+def _ready_file(r: _Reader, t: dict, label: str) -> str:
+    """[xdplb] ready_file: an absolute path (keepalived's track_file reads it), or "" for none."""
+    path = r.string(t, "ready_file", label, 'an absolute path or ""', "")
+    if path and (not path.startswith("/") or path.endswith("/") or "\0" in path):
+        return r.bad(f'{label}.ready_file = {_show(path)} must be an absolute file path such as '
+                     f'"/run/xdplb/eth0.ready", or "" for none', t, "ready_file", "")
+    return path
 
 
 def _extra_macs(r: _Reader, t: dict, label: str) -> tuple[bytes, ...]:
@@ -1026,6 +1063,13 @@ def warnings(pool: Pool) -> list[str]:
                 f'service "{s.name}": every backend has weight 0 (drained); new connections '
                 f"to {s.vip}:{s.port}/{s.protocol} will find no backend"
             )
+    stop_drain = pool.settings.stop_drain
+    if stop_drain > UNIT_TIMEOUT_STOP - DETACH_SECONDS:
+        out.append(
+            f"stop_drain = {stop_drain:g} s does not fit the shipped systemd unit's TimeoutStopSec="
+            f"{UNIT_TIMEOUT_STOP:g}: systemd would kill xdplb mid-drain with the program attached; give the unit "
+            f"TimeoutStopSec={stop_drain + DETACH_SECONDS:g} or more (systemctl edit xdplb@IFACE)"
+        )
     if not pool.settings.manage_vips and pool.settings.no_backend == "reset":
         out.append(
             'no_backend = "reset" hands packets of a service with no healthy backend to this host\'s '

@@ -24,8 +24,13 @@ writes and netlink calls run in threads, so probes keep their timing.
           (SIGTERM at any point stops before the next step)
   events: a verdict change, a neighbour MAC change, a drain, SIGHUP (reload)
           -> the reconciler's next pass
-  stop:   SIGTERM/SIGINT -> detach the program, remove the VIPs it added,
-          remove the control socket; every step runs and logs its failure
+  announce: after every map pass, per VIP, a route in [xdplb] announce_table
+          and the ready file (xdplb/announce.py), so BIRD or keepalived
+          route to this node only while it can serve
+  stop:   SIGTERM/SIGINT -> (with stop_drain) withdraw every VIP and wait for
+          the counters to go still -> withdraw, detach the program, remove
+          the VIPs it added, remove the control socket; every step runs and
+          logs its failure. SIGUSR1 leaves the routes and the ready file.
 """
 from __future__ import annotations
 
@@ -36,6 +41,7 @@ import signal
 import time
 
 from . import __version__, control, modes, probes, status
+from .announce import Announcer, StillWatch, decide, record_path
 from .config import Pool, PoolError, load_pool
 from .dataplane import PROG_NAME
 from .desired import desired_state, restart_needed
@@ -100,6 +106,8 @@ class Daemon:
         self.drains = Drains(control.run_dir() / f"{ifname}.drained.json")
         self.tls = HaproxyTier(control.run_dir(), ifname, self.supervisor, self._tls_states)
         self.cleanup_errors: list[str] = []
+        self.node_draining = False    # drain-node or a stop: every VIP withdrawn, forwarding goes on
+        self.announcer: Announcer | None = None
         if prog_name_lookup is None:
             from .bpfsys import prog_name as prog_name_lookup
         self._prog_name = prog_name_lookup
@@ -131,6 +139,14 @@ class Daemon:
     def _tls_states(self, pool) -> dict:
         return server_states(pool, self.health, self.drains.within(pool))
 
+    def _decisions(self) -> dict:
+        return decide(self.pool, self.health, serving=self.ready and self.mode is not None,
+                      draining=self.node_draining)
+
+    def _announce_soon(self) -> None:
+        if self.announcer is not None:
+            self.announcer.trigger()
+
     def _desired_changed(self) -> None:
         if self.ready and self.reconciler is not None:
             self.reconciler.trigger()
@@ -158,14 +174,20 @@ class Daemon:
                 )
             self.adopting = True
         self._socket_path, self._lock = control.prepare(self.ifname)
+        st = self.pool.settings
+        self.announcer = Announcer(self.netlink, st.announce_table, st.ready_file, self._decisions,
+                                   record=record_path(control.run_dir(), self.ifname))
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         loop.add_signal_handler(signal.SIGUSR1, self._leave_running)
         loop.add_signal_handler(signal.SIGHUP, lambda: self._in_background(self.reload("SIGHUP")))
         try:
+            await self._first_announcement()
             await self._start()
             await self._stop.wait()
+            if not self.leave_running:
+                await self._drain_on_stop()
         except _Stopped as stopped:
             log.info("stopped during start-up (%s): nothing further is attached or added", stopped)
         finally:
@@ -176,6 +198,30 @@ class Daemon:
         if self.leave_running:
             return EXIT_LEFT_RUNNING
         return EXIT_CLEANUP_FAILED if self.cleanup_errors else 0
+
+    async def _first_announcement(self) -> None:
+        """Taking over a running program (a hitless restart): its routes and
+        ready file stay until this process decides. A fresh start: nothing is
+        attached yet, so routes a dead instance left are withdrawn."""
+        try:
+            if self.adopting:
+                await self.announcer.adopt()
+            else:
+                await self.announcer.withdraw_all()
+        except Exception as exc:  # a route we cannot read or remove: retried by the first pass
+            log.error("cannot read or withdraw earlier VIP routes: %s", exc)
+
+    async def _drain_on_stop(self) -> None:
+        """SIGTERM with [xdplb] stop_drain: withdraw every VIP and keep forwarding
+        until the counters are still (or stop_drain runs out), then detach."""
+        st = self.pool.settings
+        if not (st.stop_drain and self.ready and (st.announce_table is not None or st.ready_file)):
+            return
+        log.info("stopping: withdrawing every VIP and forwarding until the counters are still for %gs "
+                 "(at most %gs)", st.stop_drain_idle, st.stop_drain)
+        reply = await self.drain_node(st.stop_drain_idle, st.stop_drain)
+        log.info("stop drain: %s after %.1fs (%d packets forwarded meanwhile)",
+                 "counters still" if reply["still"] else "time is up", reply["waited"], reply["forwarded_during"])
 
     def _leave_running(self) -> None:
         log.info("SIGUSR1: exiting for a restart; the XDP program, its pinned maps and the VIPs stay")
@@ -212,7 +258,8 @@ class Daemon:
         for note in getattr(self.dp, "notes", []):
             log.warning("%s", note)
         log.info("compiled and loaded in %.1fs", getattr(self.dp, "compile_seconds", 0.0))
-        self.reconciler = Reconciler(self.dp, self._desired, self._service_names, self.telemetry)
+        self.reconciler = Reconciler(self.dp, self._desired, self._service_names, self.telemetry,
+                                     on_applied=self._announce_soon)
         if getattr(self.dp, "adopted", False):
             await self._adopt()
         await self._refresh_macs()
@@ -233,11 +280,13 @@ class Daemon:
         self._server = await control.ControlServer(self._socket_path, self.handle_request).start()
         self.supervisor.start("neighbour refresh", self._mac_loop)
         self.supervisor.start("reconciler", self.reconciler.run)
+        self.supervisor.start("announcer", self.announcer.run)
         from .exporter import serve as serve_metrics
 
         self.exporter = await serve_metrics(self, self.pool)  # logs and returns None if it cannot listen
         self.ready = True
         self.reconciler.trigger()  # verdicts that changed while starting
+        self.announcer.trigger()
         log.info("ready on %s in %s mode: %d service(s), %d of %d backend(s) up",
                  self.ifname, self.mode, len(self.pool.services), self.scheduler.up_count(), len(self.health))
 
@@ -316,6 +365,9 @@ class Daemon:
             log.error("start-up failed while taking over %s; the running xdplb program is left in place",
                       self.ifname)
         else:
+            if self.announcer is not None:
+                # Routers and keepalived first, while the program still forwards.
+                await self._step("withdrawing the VIP routes", self.announcer.withdraw_all)
             log.info("stopping: detaching from %s", self.ifname)
             if self.dp is not None and getattr(self.dp, "attached", None):
                 if await self._step("detaching the XDP program", self.dp.detach, thread=True):
@@ -328,6 +380,8 @@ class Daemon:
                     self.added_vips.discard(vip)
                     log.info("removed VIP %s from %s", vip, self.ifname)
             await self._step("removing the drain file", self.drains.remove)
+            if self.announcer is not None and self.announcer.table is not None and not self.cleanup_errors:
+                self.announcer.forget_record()
         if self._socket_path is not None:
             await self._step("removing the control socket", self._socket_path.unlink, missing_ok=True)
         if self.reconciler is not None:
@@ -372,6 +426,63 @@ class Daemon:
             await asyncio.to_thread(self.netlink.del_vip, index, vip)
             self.added_vips.discard(vip)
             log.info("removed VIP %s from %s", vip, self.ifname)
+
+    # ---- announcing and node drain ---------------------------------------------
+
+    async def _reannounce(self, pool: Pool) -> None:
+        """After a reload: a new table or ready file takes over from the old one."""
+        st, ann = pool.settings, self.announcer
+        if (st.announce_table, st.ready_file) != (ann.table, ann.ready_file):
+            try:
+                await ann.withdraw_all()
+            except Exception as exc:
+                log.error("reload: withdrawing the VIP routes of table %s failed: %s", ann.table, exc)
+            ann.forget_record()
+            ann.configure(st.announce_table, st.ready_file)
+        ann.trigger()
+
+    def _forwarded(self) -> int:
+        """Packets the program forwarded (XDP_TX and redirects): the node's traffic, not its own."""
+        actions = status.read_stats(self).actions
+        return actions.get("tx", 0) + actions.get("redirect", 0)
+
+    async def drain_node(self, idle: float, timeout: float) -> dict:
+        """Withdraw every VIP; keep forwarding until the forwarded-packet counters
+        have been still for `idle` seconds or `timeout` has passed."""
+        before = set(self.announcer.announced)
+        self.node_draining = True
+        error = await self.announcer.sync()
+        started = time.monotonic()
+        watch = StillWatch(idle, started, await asyncio.to_thread(self._forwarded))
+        still = False
+        while not still:
+            now = time.monotonic()
+            if now - started >= timeout:
+                break
+            await asyncio.sleep(min(0.25, idle / 4, max(0.0, timeout - (now - started))))
+            still = watch.observe(time.monotonic(), await asyncio.to_thread(self._forwarded))
+        reply = {"ok": True, "withdrawn": sorted(str(v) for v in before), "still": still,
+                 "waited": round(time.monotonic() - started, 3), "forwarded_during": watch.moved}
+        if error is not None:
+            reply["warning"] = f"withdrawing failed, retrying: {error}"
+        log.info("node drain: VIPs withdrawn, %s", "counters still for %gs" % idle if still
+                 else "still forwarding after %gs" % timeout)
+        return reply
+
+    def undrain_node(self) -> dict:
+        changed = self.node_draining
+        self.node_draining = False
+        self._announce_soon()
+        if changed:
+            log.info("node undrained: VIPs are announced again where they can be served")
+        return {"ok": True, "changed": changed}
+
+    def _announce_status(self) -> dict:
+        ann = self.announcer
+        decisions = ann.decisions if ann is not None else {}
+        return {"table": ann.table if ann else None, "ready_file": ann.ready_file if ann else "",
+                "node_draining": self.node_draining, "error": ann.error if ann else None,
+                "vips": {str(vip): {"announced": d.announce, "reason": d.reason} for vip, d in decisions.items()}}
 
     # ---- neighbours -------------------------------------------------------
 
@@ -489,6 +600,7 @@ class Daemon:
         if drained != old[2]:
             self.drains.save()
         await self._sync_vips()
+        await self._reannounce(new)
         log.info("reload (%s) applied: %d service(s)", trigger, len(new.services))
         return self._finish_reload("applied")
 
@@ -531,6 +643,18 @@ class Daemon:
                 if error is not None:
                     reply["warning"] = f"writing the maps failed, retrying: {error}"
             return reply
+        if cmd == "drain-node":
+            if not self.ready:
+                return {"error": "xdplb is still starting or stopping; nothing to drain"}
+            try:
+                idle, timeout = float(message.get("idle", 2.0)), float(message.get("timeout", 60.0))
+            except (TypeError, ValueError):
+                return {"error": "drain-node: idle and timeout must be numbers of seconds"}
+            if not (0 < idle <= 3600 and 0 < timeout <= 86400):
+                return {"error": "drain-node: idle must be in (0, 3600] and timeout in (0, 86400] seconds"}
+            return await self.drain_node(idle, timeout)
+        if cmd == "undrain-node":
+            return self.undrain_node()
         return {"error": f"unknown command {cmd!r}"}
 
 
@@ -545,7 +669,7 @@ class Daemon:
             "map_writes": {"error": reconcile.error if reconcile else None,
                            "errors_total": reconcile.errors_total if reconcile else 0},
             "services": status.rows(self, stats), "actions": stats.actions, "not_forwarded": stats.not_forwarded,
-            "events": stats.events,
+            "events": stats.events, "announce": self._announce_status(),
         }
 
     def status(self) -> dict:

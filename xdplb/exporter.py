@@ -31,6 +31,9 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import CollectorRegistry
 
 from . import __version__
+from .announce import placement_fingerprint
+from .health_fsm import State
+from .haproxy import verdict_key
 from .status import read_stats, rows
 from .config import parse_metrics_address
 from .probes import FAILURE_KINDS
@@ -86,6 +89,37 @@ def _tls_families(services: list[dict]):
             errors.add_metric(labels + ["connect"], h["connect_errors"])
             errors.add_metric(labels + ["response"], h["response_errors"])
     yield from (expiry, running, current, conns, octets, errors)
+
+
+def _node_families(src):
+    """What lets nodes behind one VIP be compared: whether this node announces
+    each VIP, each service's placement fingerprint (from the configuration:
+    nodes must agree) and its set of up backends (from health: nodes may
+    disagree for a moment, which is not a configuration problem)."""
+    pool = src.pool
+    announcer = getattr(src, "announcer", None)
+    decisions = announcer.decisions if announcer is not None else {}
+    announced = GaugeMetricFamily("xdplb_vip_announced",
+                                  "1 while this node announces the VIP (route in announce_table, ready file), else 0.",
+                                  labels=["vip"])
+    for vip in sorted({svc.vip for svc in pool.services}):
+        decision = decisions.get(vip)
+        announced.add_metric([str(vip)], 1 if decision is not None and decision.announce else 0)
+    draining = GaugeMetricFamily("xdplb_node_draining", "1 while the node is drained (drain-node or stopping).")
+    draining.add_metric([], 1 if getattr(src, "node_draining", False) else 0)
+    placement = InfoMetricFamily("xdplb_placement", "Fingerprint of the service's placement inputs (backends, "
+                                 "weights, persistence, hash_seed, maglev_size), as `xdplb check` prints it; "
+                                 "every node of a VIP must show the same.", labels=["service", "vip"])
+    up = InfoMetricFamily("xdplb_backends_up", "The backends this node sees up, comma-separated addresses.",
+                          labels=["service", "vip"])
+    for svc in pool.services:
+        labels = [svc.name, str(svc.vip)]
+        placement.add_metric(labels, {"fingerprint": placement_fingerprint(pool.settings, svc)})
+        healthy = sorted((be.address for be in svc.backends
+                          if src.health.get(verdict_key(svc, be.address)) is not None
+                          and src.health[verdict_key(svc, be.address)].state is State.UP))
+        up.add_metric(labels, {"up": ",".join(map(str, healthy))})
+    yield from (announced, draining, placement, up)
 
 
 def _histogram(family: HistogramMetricFamily, labels: list, hist) -> None:
@@ -171,6 +205,7 @@ class XdplbCollector:
         yield from (svc_packets, svc_bytes, be_packets, be_bytes, be_flows, be_up, be_weight, be_drained,
                     be_since, transitions, probe_seconds, failures)
         yield from _tls_families(services)
+        yield from _node_families(src)
 
         yield self._by_label("xdplb_xdp_actions", "Packets by XDP action the program returned.", "action",
                              stats.actions)

@@ -1,9 +1,12 @@
-"""Netlink side effects, through pyroute2: links, VIP addresses, neighbours.
+"""Netlink side effects, through pyroute2: links, VIP addresses, VIP routes, neighbours.
 
 Part of the thin kernel layer. Nothing else in xdplb imports pyroute2.
 VIP addresses xdplb adds carry IFA_PROTO = ADDR_PROTO, so `xdplb detach`
 can find and remove exactly its own addresses even after a crash, and never
-an address an operator configured by hand.
+an address an operator configured by hand. The routes that announce a VIP
+(xdplb/announce.py) carry the same number as their protocol (RTPROT 120):
+BIRD 2 learns them (not its own 12, not the kernel's 2) and xdplb deletes
+only routes with that tag.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from pyroute2.netlink.generic import GenericNetlinkSocket
 from pyroute2.netlink.generic.ethtool import ethtoolbitset, ethtoolheader
 
 ADDR_PROTO = 0x78  # IFA_PROTO tag on VIP addresses added by xdplb ("x")
+ROUTE_PROTO = 0x78  # rtm_protocol of the VIP routes xdplb announces (free in /etc/iproute2/rt_protos)
 
 # IFLA_XDP_ATTACHED, as a number or as pyroute2's name for it.
 XDP_ATTACHED = {0: None, 1: "native", 2: "generic", 3: "offload", 4: "multi",
@@ -161,6 +165,30 @@ class Netlink:
             self._call(self._ipr.addr, "del", index=index, address=str(address), prefixlen=32)
         except NetlinkError as exc:
             if exc.code != errno.EADDRNOTAVAIL:
+                raise
+
+    # ---- VIP routes (announcements) ------------------------------------------
+
+    def announced(self, table: int) -> set[ipaddress.IPv4Address]:
+        """The /32 routes in `table` that xdplb made (protocol ROUTE_PROTO)."""
+        out = set()
+        for msg in self._call(self._ipr.get_routes, family=socket.AF_INET, table=table):
+            if msg["proto"] == ROUTE_PROTO and msg["dst_len"] == 32 and msg.get_attr("RTA_TABLE") == table:
+                out.add(ipaddress.IPv4Address(msg.get_attr("RTA_DST")))
+        return out
+
+    def announce(self, table: int, address) -> None:
+        """blackhole address/32 in `table`, protocol ROUTE_PROTO (idempotent)."""
+        self._call(self._ipr.route, "replace", dst=f"{address}/32", table=table, proto=ROUTE_PROTO,
+                   type="blackhole")
+
+    def withdraw(self, table: int, address) -> None:
+        """Remove our route for address/32 from `table`; one that is not there is not an error."""
+        try:
+            self._call(self._ipr.route, "del", dst=f"{address}/32", table=table, proto=ROUTE_PROTO,
+                       type="blackhole")
+        except NetlinkError as exc:
+            if exc.code not in (errno.ESRCH, errno.ENOENT):
                 raise
 
     # ---- neighbours -------------------------------------------------------

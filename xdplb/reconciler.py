@@ -89,8 +89,9 @@ def _plan_and_count(applied: Applied, desired: Desired) -> tuple[Plan, dict]:
 
 class Reconciler:
     def __init__(self, dp, desired: Callable[[], Desired], service_names: Callable[[], Mapping],
-                 telemetry=None) -> None:
+                 telemetry=None, on_applied: Callable[[], None] | None = None) -> None:
         self.dp = dp
+        self._on_applied = on_applied               # called after every pass that succeeded
         self._desired = desired
         self._service_names = service_names       # () -> {(vip, port, protocol): service name}
         self.telemetry = telemetry
@@ -175,6 +176,8 @@ class Reconciler:
                     self.telemetry.rebuilt(seconds)
                 log.info("Maglev table rebuilt and flipped for %s (%d writes, %.0f ms)",
                          ", ".join(result.rebuilt), len(result.ops), seconds * 1000)
+            if self._on_applied is not None:
+                self._on_applied()
             return None
 
     def _failed(self, exc: Exception) -> None:

@@ -305,3 +305,21 @@ def test_check_warns_about_the_default_called_ae_title(runner, tmp_path):
     result = runner.invoke(cli, ["check", str(path)])
     assert result.exit_code == 0, result.output
     assert 'warning: service "dicom": the dicom check calls AE title "ANY-SCP"' in result.stdout
+
+
+def test_check_prints_each_services_placement_fingerprint(runner, tmp_path):
+    from xdplb.announce import placement_fingerprint
+
+    pool = load_pool(EXAMPLE)
+    result = runner.invoke(cli, ["check", "--pool", str(EXAMPLE)])
+    assert result.exit_code == 0, result.output
+    for svc in pool.services:
+        fp = placement_fingerprint(pool.settings, svc)
+        assert f"  {svc.name} {svc.vip}:{svc.port}/{svc.protocol} {fp}\n" in result.stdout
+    # Another hash_seed (a node configured apart) shows another fingerprint.
+    other = tmp_path / "other.toml"
+    other.write_text(EXAMPLE.read_text().replace("hash_seed = 0\n", "hash_seed = 99\n", 1))
+    again = runner.invoke(cli, ["check", str(other)])
+    assert again.exit_code == 0, again.output
+    svc = pool.services[0]
+    assert f"{svc.vip}:{svc.port}/{svc.protocol} {placement_fingerprint(pool.settings, svc)}" not in again.stdout

@@ -368,3 +368,26 @@ def test_a_scrape_reads_the_maps_off_the_event_loop(src):
     code, _ctype, body = asyncio.run(scenario())
     assert code == 200 and 'xdplb_backend_up{backend="pacs-a",service="dicom"} 1.0' in body
     assert readers == [False]
+
+
+# ---- several nodes: announcements, placement fingerprints, up backends -------------
+
+
+def test_node_metrics_show_announcements_fingerprints_and_up_backends(src):
+    from xdplb.announce import VipDecision, placement_fingerprint
+
+    vip = str(src.pool.services[0].vip)
+    reg = registry_for(src)
+    assert value(reg, "xdplb_vip_announced", vip=vip) == 0   # no announcer: nothing announced
+    assert value(reg, "xdplb_node_draining") == 0
+    src.announcer = SimpleNamespace(decisions={src.pool.services[0].vip: VipDecision(True, "2 backend(s) up")})
+    src.node_draining = True
+    reg = registry_for(src)
+    assert value(reg, "xdplb_vip_announced", vip=vip) == 1
+    assert value(reg, "xdplb_node_draining") == 1
+    for svc in src.pool.services:
+        fp = placement_fingerprint(src.pool.settings, svc)
+        assert value(reg, "xdplb_placement_info", service=svc.name, vip=str(svc.vip), fingerprint=fp) == 1
+    # dicom: pacs-a and pacs-c up, pacs-b down; web: pacs-c not probed yet.
+    assert value(reg, "xdplb_backends_up_info", service="dicom", vip=vip, up=f"{A},{C}") == 1
+    assert value(reg, "xdplb_backends_up_info", service="web", vip=vip, up=str(A)) == 1
