@@ -21,19 +21,20 @@ BGP profile (``tools/lab.py up --nodes 2 --bgp``, subnets 10.20.0.0/24 and
   XDP_TX frames unless its peer runs XDP too) with ``manage_vips = false``
   (the VIP is on each node's ``lo``, which answers no ARP for it, as on the
   DSR backends)
-  and BIRD 2, whose kernel protocol learns table ``ANNOUNCE_TABLE`` and
-  whose bgp protocol announces what it learned.  Who writes the VIP's /32
-  route there: xdplb itself (``announce = "xdplb"``, the pool's
-  ``[xdplb] announce_table``), or the lab once the node is ready
-  (``announce = "static"``, a blackhole route; no health or drain
-  decisions, for trying the topology alone).
+  and BIRD 2 running the shipped recipe (examples/bird-balancer.conf, with
+  the node's own address and AS): its kernel protocol learns the VIP
+  routes xdplb keeps in table ``ANNOUNCE_TABLE`` (``[xdplb]
+  announce_table``) while the node can serve the VIP, and its bgp
+  protocol announces them.
 - The backends (DSR: VIP on ``lo``) route to the client through the
   router, so replies bypass the nodes.
 
 VRRP profile (``tools/lab.py up --nodes 2 --vrrp``): no router, the client
 (10.10.0.2) on the shared segment; keepalived on each node owns the VIP
-on the master's eth0 (lb1 has the higher priority), xdplb runs with
-``manage_vips = false`` on both and the standby is attached and hot.
+on the master's eth0 (the shipped recipe, examples/keepalived-pair.conf:
+lb1 has the higher priority, ``nopreempt``, and ``track_file`` on xdplb's
+``ready_file``), xdplb runs with ``manage_vips = false`` on both and the
+standby is attached and hot.
 
 Every node daemon's config, pid file and log live under
 ``<state dir>/nodes/<node>/``; ``down()`` stops them (xdplb with SIGTERM,
@@ -70,21 +71,21 @@ BIRD = "/usr/sbin/bird"
 BIRDC = "/usr/sbin/birdc"
 KEEPALIVED = "/usr/sbin/keepalived"
 ROUTINGS = ("bgp", "vrrp")
-ANNOUNCERS = ("xdplb", "static")
+REPO = TOOLS_DIR.parent
+BIRD_EXAMPLE = REPO / "examples" / "bird-balancer.conf"        # the node recipe the README ships
+KEEPALIVED_EXAMPLE = REPO / "examples" / "keepalived-pair.conf"
 ROUTER_AS = 65000
-NODE_AS = 65001
-ANNOUNCE_TABLE = 100            # kernel table xdplb writes its VIP routes to; BIRD learns it
+FIRST_NODE_AS = 65011           # lb1 -> 65011, lb2 -> 65012 (each node its own AS, as the recipe says)
+ANNOUNCE_TABLE = 100            # [xdplb] announce_table; the recipe's `kernel table 100`
 ROUTER_OCTET = 1
 FIRST_NODE_OCTET = 21           # lb1 -> .21, lb2 -> .22
 CLIENT_SUBNET = "10.20.0"       # BGP profile: the client's side of the router
 ROUTER_CLIENT_IF = "eth1"
-VRRP_ROUTER_ID = 51
 # BFD: a silent node is down after MULTIPLIER missed intervals (1 s); BGP
 # hold time 3 s is the fallback. Wide enough not to flap on 2 busy cores.
 BFD_INTERVAL_MS = 200
 BFD_MULTIPLIER = 5
 HOLD_TIME = 3
-VRRP_ADVERT = 0.5               # seconds (VRRPv3): the standby takes over ~3.5 adverts after the last one
 DAEMON_START = 20.0             # seconds for BIRD / keepalived to answer
 XDPLB_START = 240.0             # bcc compiles at attach: ~10 s idle, a minute on a busy 2-core host
 XDPLB_STOP = 60.0
@@ -142,7 +143,6 @@ class HaLab(labtool.Lab):
 
     nodes: int = 2
     routing: str = "bgp"            # "bgp": router + ECMP; "vrrp": keepalived pair, no router
-    announce: str = "xdplb"         # who writes the VIP route to ANNOUNCE_TABLE (BGP profile)
     pool_settings: dict = field(default_factory=dict)   # extra [xdplb] keys for every node's pool
     _balancers: dict = field(default_factory=dict, init=False, repr=False, compare=False)
     _daemons: dict = field(default_factory=dict, init=False, repr=False, compare=False)
@@ -150,8 +150,6 @@ class HaLab(labtool.Lab):
     def __post_init__(self) -> None:
         if self.routing not in ROUTINGS:
             raise labtool.LabError(f"bad routing {self.routing!r}: use {' or '.join(ROUTINGS)}")
-        if self.announce not in ANNOUNCERS:
-            raise labtool.LabError(f"bad announcer {self.announce!r}: use {' or '.join(ANNOUNCERS)}")
         if not 2 <= self.nodes <= 9:
             raise labtool.LabError(f"bad node count {self.nodes}: 2..9")
         super().__post_init__()
@@ -199,12 +197,12 @@ class HaLab(labtool.Lab):
     def from_state(cls, saved: dict, state_dir: Path) -> "HaLab":
         return cls(prefix=saved["prefix"], backends=saved["backends"], vip=saved["vip"],
                    pacs=saved.get("pacs", False), nodes=saved["nodes"], routing=saved["routing"],
-                   announce=saved.get("announce", "xdplb"), pool_settings=saved.get("pool_settings", {}),
+                   pool_settings=saved.get("pool_settings", {}),
                    state_dir=state_dir)
 
     def _save_state(self) -> None:
         state = {"prefix": self.prefix, "backends": self.backends, "vip": self.vip, "pacs": self.pacs,
-                 "nodes": self.nodes, "routing": self.routing, "announce": self.announce,
+                 "nodes": self.nodes, "routing": self.routing,
                  "pool_settings": self.pool_settings}
         (Path(self.state_dir) / "state.json").write_text(json.dumps(state, indent=1) + "\n")
 
@@ -277,37 +275,39 @@ class HaLab(labtool.Lab):
         path.mkdir(parents=True, exist_ok=True)
         return path
 
+    def node_as(self, node: str) -> int:
+        return FIRST_NODE_AS + int(node[2:]) - 1
+
     def bird_config(self, host: str) -> str:
-        """BIRD 2 configuration of the router (``"rt"``) or a node."""
+        """BIRD 2 configuration of the router (``"rt"``, the lab's own) or of a
+        node (the shipped recipe, examples/bird-balancer.conf, with this
+        node's address, AS, the router and a log file put in)."""
         log = self._daemon_dir(host) / "bird.log"
-        bfd = (f'protocol bfd {{\n    interface "{labtool.IFNAME}" {{\n'
-               f"        min rx interval {BFD_INTERVAL_MS} ms;\n        min tx interval {BFD_INTERVAL_MS} ms;\n"
-               f"        idle tx interval 1000 ms;\n        multiplier {BFD_MULTIPLIER};\n    }};\n}}\n")
-        # Short timers so a lost session is noticed and a returning peer is
-        # taken back within seconds; no graceful restart, so a dead node's
-        # routes are not kept as stale.
-        timers = (f"    hold time {HOLD_TIME};\n    keepalive time 1;\n    connect retry time 1;\n"
-                  "    error wait time 1, 5;\n    graceful restart off;\n    bfd on;\n")
-        head = (f"router id {self.host_ip(host)};\nlog \"{log}\" all;\n"
-                "protocol device {\n    scan time 10;\n}\n")
-        if host == "rt":
-            peers = "".join(
-                f"protocol bgp {node} from nodes {{\n    neighbor {self.host_ip(node)} as {NODE_AS};\n}}\n"
-                for node in self.node_names())
-            return (head + bfd
-                    + "# One ECMP route per prefix: a nexthop per node that announces it.\n"
-                    "protocol kernel {\n    merge paths yes limit 16;\n"
-                    "    ipv4 { import none; export all; };\n}\n"
-                    f"template bgp nodes {{\n    local {self.router_ip()} as {ROUTER_AS};\n{timers}"
-                    "    ipv4 { import all; export none; };\n}\n" + peers)
-        return (head + bfd
-                + f"# The VIP routes of table {ANNOUNCE_TABLE}, added and removed by "
-                + ("xdplb (its pool's announce_table)" if self.announce == "xdplb" else "the lab")
-                + f".\nprotocol kernel announced {{\n    kernel table {ANNOUNCE_TABLE};\n    learn;\n"
-                "    scan time 1;\n    ipv4 { import all; export none; };\n}\n"
-                f"protocol bgp uplink {{\n    local {self.host_ip(host)} as {NODE_AS};\n"
-                f"    neighbor {self.router_ip()} as {ROUTER_AS};\n{timers}"
-                '    ipv4 { import none; export where proto = "announced"; next hop self; };\n}\n')
+        if host != "rt":
+            return _render(BIRD_EXAMPLE, {
+                r"^log syslog all;": f'log "{log}" all;',
+                r"^router id [0-9.]+;": f"router id {self.host_ip(host)};",
+                r"^(\s*)local [0-9.]+ as \d+;": rf"\g<1>local {self.host_ip(host)} as {self.node_as(host)};",
+                r"^(\s*)neighbor [0-9.]+ as \d+;": rf"\g<1>neighbor {self.router_ip()} as {ROUTER_AS};",
+                r"^(\s*)kernel table \d+;": rf"\g<1>kernel table {ANNOUNCE_TABLE};",
+            })
+        peers = "".join(
+            f"protocol bgp {node} from nodes {{\n    neighbor {self.host_ip(node)} as {self.node_as(node)};\n}}\n"
+            for node in self.node_names())
+        # BFD as the nodes run it; short timers so a returning node is taken
+        # back within seconds; no graceful restart, so a dead node's routes
+        # are never kept as stale.
+        return (f"router id {self.router_ip()};\nlog \"{log}\" all;\n"
+                "protocol device {\n    scan time 10;\n}\n"
+                f'protocol bfd {{\n    interface "{labtool.IFNAME}" {{\n'
+                "        min rx interval 100 ms;\n        min tx interval 100 ms;\n        multiplier 3;\n    };\n}\n"
+                "# One ECMP route per prefix: a nexthop per node that announces it.\n"
+                "protocol kernel {\n    merge paths yes limit 16;\n"
+                "    ipv4 { import none; export all; };\n}\n"
+                f"template bgp nodes {{\n    local {self.router_ip()} as {ROUTER_AS};\n"
+                f"    hold time {HOLD_TIME};\n    keepalive time 1;\n    connect retry time 1;\n"
+                "    error wait time 1, 5;\n    graceful restart off;\n    bfd on;\n"
+                "    ipv4 { import all; export none; };\n}\n" + peers)
 
     def bird_socket(self, host: str) -> Path:
         return self._daemon_dir(host) / "bird.ctl"
@@ -343,14 +343,21 @@ class HaLab(labtool.Lab):
 
     # ---- daemons: keepalived ------------------------------------------------
 
+    def ready_file(self, node: str) -> Path:
+        """The node's xdplb ready file ([xdplb] ready_file), keepalived's track_file."""
+        return self._daemon_dir(node) / "ready"
+
     def keepalived_config(self, node: str) -> str:
-        """keepalived (VRRPv3) for a node: it owns the VIP; lb1 is the preferred master."""
-        priority = 200 - 10 * (int(node[2:]) - 1)
-        return (f"global_defs {{\n    router_id {node}\n    vrrp_version 3\n"
-                "    enable_script_security\n    script_user root\n}\n"
-                f"vrrp_instance lab {{\n    state BACKUP\n    interface {labtool.IFNAME}\n"
-                f"    virtual_router_id {VRRP_ROUTER_ID}\n    priority {priority}\n    advert_int {VRRP_ADVERT}\n"
-                f"    virtual_ipaddress {{\n        {self.vip}/32 dev {labtool.IFNAME}\n    }}\n}}\n")
+        """The shipped pair recipe (examples/keepalived-pair.conf) with this
+        node's router_id, priority (lb1 highest) and ready file put in."""
+        n = int(node[2:])
+        return _render(KEEPALIVED_EXAMPLE, {
+            r"^(\s*)router_id \S+": rf"\g<1>router_id xdplb-node{n}",
+            r'^(\s*)file "[^"]+"': rf'\g<1>file "{self.ready_file(node)}"',
+            r"^(\s*)priority \d+": rf"\g<1>priority {150 - 50 * (n - 1)}",
+            r"^(\s*)virtual_ipaddress \{\n\s*[0-9.]+/32 dev \w+":
+                rf"\g<1>virtual_ipaddress {{\n\g<1>\t{self.vip}/32 dev {labtool.IFNAME}",
+        })
 
     def start_keepalived(self, node: str) -> None:
         self.stop_keepalived(node)
@@ -386,12 +393,12 @@ class HaLab(labtool.Lab):
 
     # ---- nodes: xdplb + routing daemon ---------------------------------------
 
-    def pool_text(self, skip: tuple[str, ...] = (), health_port: int | None = None,
+    def pool_text(self, node: str, skip: tuple[str, ...] = (), health_port: int | None = None,
                   interval: float = 1.0, timeout: float = 0.5, rise: int = 2, fall: int = 2,
                   **settings) -> str:
         """A node's pool: the PACS pool (tools/provision/xdplb-pool.sh) over every
         backend not in ``skip``, with ``manage_vips = false``, the announce
-        table and ``settings`` in ``[xdplb]``; ``health_port`` probes every
+        table (BGP) or the ready file (VRRP) and ``settings`` in ``[xdplb]``; ``health_port`` probes every
         backend on that port instead (a node that sees every backend down)."""
         if self.pacs:
             text = _pacs_lab().pool_text(self, "tcp", interval, timeout, rise, fall)
@@ -404,8 +411,10 @@ class HaLab(labtool.Lab):
                           lambda m: f"{m.group(1)}[service.health]\n{m.group(1)}port = {health_port}\n",
                           text, flags=re.M)
         keys = {"manage_vips": False, **self.pool_settings, **settings}
-        if self.routing == "bgp" and self.announce == "xdplb":
+        if self.routing == "bgp":
             keys.setdefault("announce_table", ANNOUNCE_TABLE)
+        else:
+            keys.setdefault("ready_file", str(self.ready_file(node)))
         lines = "".join(f"{k} = {_toml(v)}\n" for k, v in keys.items())
         if "[xdplb]\n" not in text:
             raise labtool.LabError("pool text has no [xdplb] section")
@@ -425,7 +434,7 @@ class HaLab(labtool.Lab):
         (generic XDP) and wait until it is ready and, with ``wait_up``, every
         backend has its first verdict and is up."""
         b = self.balancer(node)
-        b.pool.write_text(pool if pool is not None else self.pool_text())
+        b.pool.write_text(pool if pool is not None else self.pool_text(node))
         b.start()
         (self._daemon_dir(node) / "xdplb.pid").write_text(f"{b.proc.pid}\n")
         b.wait_ready(timeout=XDPLB_START)
@@ -434,24 +443,23 @@ class HaLab(labtool.Lab):
                        30, f"every backend up on {node}")
 
     def start_routing(self, node: str) -> None:
-        """Start the node's routing daemon: BIRD (with the lab's own announcement
-        when ``announce = "static"``) or keepalived."""
+        """Start the node's routing daemon: BIRD or keepalived."""
         if self.routing == "vrrp":
             self.start_keepalived(node)
-            return
-        if self.announce == "static":
-            self.run(node, "ip", "route", "replace", "blackhole", f"{self.vip}/32", "table", ANNOUNCE_TABLE)
-        self.start_bird(node)
+        else:
+            self.start_bird(node)
 
     def start_node(self, node: str, pool: str | None = None) -> None:
         """xdplb, then (once it is ready and every backend is up) BIRD or keepalived."""
         self.start_xdplb(node, pool)
         self.start_routing(node)
 
-    def kill_node(self, node: str) -> None:
+    def kill_node(self, node: str) -> float:
         """The node dies: its link goes down, its routing daemon and xdplb are SIGKILLed.
-        (The XDP program stays attached and its maps pinned, as after a crash.)"""
+        (The XDP program stays attached and its maps pinned, as after a crash.)
+        Returns the time.monotonic() of the link going down."""
         self.link(node, False)
+        lost = time.monotonic()
         if self.routing == "bgp":
             self.stop_bird(node, kill=True)
         else:
@@ -460,6 +468,7 @@ class HaLab(labtool.Lab):
         if b is not None and b.proc is not None and b.proc.poll() is None:
             b.kill()
         (self._daemon_dir(node) / "xdplb.pid").unlink(missing_ok=True)
+        return lost
 
     def revive_node(self, node: str, pool: str | None = None) -> None:
         """A killed node returns: link up, xdplb (adopting its pins), then routing."""
@@ -512,6 +521,18 @@ class HaLab(labtool.Lab):
             self.wait_nexthops(self.node_names(), 30)
 
 
+def _render(example: Path, changes: dict[str, str]) -> str:
+    """The example file with each pattern (a multi-line regex that must match
+    exactly once, so a changed recipe fails loudly here) replaced."""
+    text = example.read_text()
+    for pattern, replacement in changes.items():
+        text, count = re.subn(pattern, replacement, text, flags=re.M)
+        if count != 1:
+            raise labtool.LabError(f"{example.name}: expected one match of {pattern!r}, found {count}; "
+                                   "update tools/ha_lab.py to the recipe")
+    return text
+
+
 def _toml(value) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -545,14 +566,19 @@ _ACKED = re.compile(r"bytes_acked:(\d+)")
 
 
 def acked(dst: str, port: int, period: float = 0.05) -> int:
-    """Print ``<t> <bytes_acked>`` of the established connection to dst:port every period."""
+    """Print ``<t> <local port> <bytes_acked>`` of each established connection
+    to dst:port every period."""
     start = time.monotonic()
     while True:
         out = subprocess.run(["ss", "-Htin", "state", "established", "dst", dst, "dport", "=", f":{port}"],
                              capture_output=True, text=True).stdout
-        found = _ACKED.findall(out)
-        if found:
-            print(f"{time.monotonic() - start:.3f} {max(map(int, found))}", flush=True)
+        t = time.monotonic() - start
+        local = None
+        for line in out.splitlines():
+            if line and not line[0].isspace():     # the socket's line; its details follow indented
+                local = line.split()[-2].rsplit(":", 1)[1]
+            elif local and (m := _ACKED.search(line)):
+                print(f"{t:.3f} {local} {m.group(1)}", flush=True)
         time.sleep(period)
 
 
@@ -567,8 +593,13 @@ def longest_stall(samples: list[tuple[float, int]]) -> float:
     return worst
 
 
-def parse_samples(out: str) -> list[tuple[float, int]]:
-    return [(float(t), int(b)) for t, b in (line.split() for line in out.splitlines() if line.strip())]
+def parse_samples(out: str, port: int | None) -> list[tuple[float, int]]:
+    """The (t, bytes_acked) samples of the connection from local ``port``
+    (None: of the connection that got furthest)."""
+    rows = [(float(t), int(p), int(b)) for t, p, b in (line.split() for line in out.splitlines() if line.strip())]
+    if port is None and rows:
+        port = max(rows, key=lambda r: r[2])[1]
+    return [(t, b) for t, p, b in rows if p == port]
 
 
 class LongStore:
@@ -584,13 +615,29 @@ class LongStore:
                                  stdout=subprocess.PIPE, text=True)
         self.seconds = 0.0
         self.samples: list[tuple[float, int]] = []
+        self.port: int | None = None
+
+    def client_port(self, timeout: float = 10) -> int:
+        """The local port of storescu's association (found by its pid)."""
+        deadline = time.monotonic() + timeout
+        while self.port is None:
+            out = self.lab.run("client", "ss", "-Htnp", "state", "established", "dst", self.lab.vip).stdout
+            for line in out.splitlines():
+                if f"pid={self.store.pid}," in line:
+                    self.port = int(line.split()[-3].rsplit(":", 1)[1])
+            if self.port is None:
+                if time.monotonic() > deadline or not self.running():
+                    raise AssertionError(f"storescu (pid {self.store.pid}) has no association to {self.lab.vip}")
+                time.sleep(0.05)
+        return self.port
 
     def running(self) -> bool:
         return self.store.poll() is None
 
     def carried_pacs(self, timeout: float = 10) -> str:
         """The backend holding the association, from the backends' own sockets."""
-        match = f"( sport = :{_pacs_lab().DICOM_PORT} and dst {self.lab.host_ip('client')} )"
+        match = (f"( sport = :{_pacs_lab().DICOM_PORT} and dst {self.lab.host_ip('client')} "
+                 f"and dport = :{self.client_port(timeout)} )")
         deadline = time.monotonic() + timeout
         while True:
             holders = [name for name in self.lab.backend_names()
@@ -618,7 +665,7 @@ class LongStore:
         if self.sampler.returncode is None:
             self.sampler.terminate()
             out, _ = self.sampler.communicate(timeout=30)
-            self.samples = parse_samples(out or "")
+            self.samples = parse_samples(out or "", self.port)
 
     def longest_stall(self) -> float:
         return longest_stall(self.samples)

@@ -35,7 +35,7 @@ them and deletes their storage in ``down()``).
 CLI (as root)::
 
     tools/lab.py up [--backends N] [--prefix P] [--vip IP] [--native-peer]
-    tools/lab.py up --nodes N --bgp|--vrrp [--pacs] [--announce xdplb|static]
+    tools/lab.py up --nodes N --bgp|--vrrp [--pacs]
                                             several balancer nodes (tools/ha_lab.py)
     tools/lab.py down [--prefix P]
     tools/lab.py status [--prefix P] [--json]
@@ -625,9 +625,6 @@ def _parser() -> argparse.ArgumentParser:
                          help="with --nodes: a router namespace (BIRD, BGP multipath, ECMP) before the nodes")
     routing.add_argument("--vrrp", dest="routing", action="store_const", const="vrrp",
                          help="with --nodes: keepalived on the nodes owns the VIP; no router")
-    up.add_argument("--announce", choices=("xdplb", "static"), default="xdplb",
-                    help="with --bgp: who puts the VIP route in the nodes' announce table: xdplb "
-                         "(health, drain) or the lab (a static route)")
     sub.add_parser("down", parents=[common], help="remove the lab")
     status = sub.add_parser("status", parents=[common], help="show the lab")
     status.add_argument("--json", action="store_true")
@@ -646,7 +643,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise LabError("--nodes N needs --bgp or --vrrp, and --bgp/--vrrp need --nodes N")
             lab = _ha_lab().HaLab(prefix=args.prefix, backends=args.backends, vip=args.vip,
                                   state_dir=args.state_dir, pacs=args.pacs, nodes=args.nodes,
-                                  routing=args.routing, announce=args.announce).up()
+                                  routing=args.routing).up()
             try:
                 lab.start_all_nodes()
             except BaseException:

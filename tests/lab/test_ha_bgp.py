@@ -52,7 +52,7 @@ DRAIN_IDLE, DRAIN_TIMEOUT = 2.0, 60.0
 
 @pytest.fixture(scope="module")
 def ha():
-    the_lab = ha_lab.HaLab(prefix=labtool.unused_prefix("xh"), pacs=True, routing="bgp", announce="static")
+    the_lab = ha_lab.HaLab(prefix=labtool.unused_prefix("xh"), pacs=True, routing="bgp")
     the_lab.up()
     try:
         the_lab.pace_client(PACE)
@@ -71,13 +71,17 @@ def whole(ha):
         if b.proc is None or b.proc.poll() is not None:
             ha.revive_node(node)
             continue
-        if b.pool.read_text() != ha.pool_text():
-            b.pool.write_text(ha.pool_text())
+        if b.pool.read_text() != ha.pool_text(node):
+            b.pool.write_text(ha.pool_text(node))
             b.signal(signal.SIGHUP)
         if ha.birdc(node, "show status", check=False).returncode != 0:
             ha.start_bird(node)
         if b.status().get("announce", {}).get("node_draining"):
             b.cli("undrain-node", "-i", "eth0")
+    full = set(ha.backend_names())
+    for node in ha.node_names():   # the restored pool applied and every backend up again
+        ha.balancer(node).wait_for(lambda st: all({be["name"] for be in s["backends"]} == full and all(
+            be["health"] == "up" for be in s["backends"]) for s in st["services"]), 30, f"{node} whole")
     ha.wait_nexthops(ha.node_names(), 30)
 
 
@@ -194,21 +198,22 @@ def _lose_carrier(ha, big, small_files, tmp_path, negative: bool) -> None:
         survivor = other(ha, carrier)
         if negative:
             b = ha.balancer(survivor)
-            b.pool.write_text(ha.pool_text(skip=(pacs,)))
+            b.pool.write_text(ha.pool_text(survivor, skip=(pacs,)))
             b.signal(signal.SIGHUP)
             b.wait_for(lambda st: pacs not in {be["name"] for s in st["services"] for be in s["backends"]},
                        15, f"{pacs} out of {survivor}'s pool")
         misses_before = node_stats(ha, survivor)["misses"]
         watcher = pacs_lab.watch_store(ha, 12.0, small_files(120))
+        watch_started = time.monotonic()
         time.sleep(1.0)
         assert long_store.running(), "the store ended before the node was lost: make BIG_BYTES larger"
-        killed = time.monotonic()
-        ha.kill_node(carrier)
-        converged = ha.wait_nexthops([survivor], LOSS_CONVERGE_BOUND)
+        killed = ha.kill_node(carrier)
+        ha.wait_nexthops([survivor], LOSS_CONVERGE_BOUND)
+        converged = time.monotonic() - killed
         killed_at = killed - long_store.started
         rc, out = long_store.finish(timeout=600)
         tries_out, _ = watcher.communicate(timeout=120)
-        watch_start = killed - 1.0
+        watch_start = watch_started
     finally:
         long_store.close()
     tries = watch_tries(tries_out)
@@ -216,7 +221,7 @@ def _lose_carrier(ha, big, small_files, tmp_path, negative: bool) -> None:
     failed = [t for t, r in after_kill if r == "fail"]
     misses = node_stats(ha, survivor)["misses"] - misses_before
     print(f"{'negative control: ' if negative else ''}node {carrier} (carrying the store to {pacs}) lost "
-          f"{killed_at:.1f}s into a {BIG_BYTES >> 20} MiB store; router converged to {survivor} in {converged:.2f}s; "
+          f"{killed_at:.1f}s into a {BIG_BYTES >> 20} MiB store; router's route led only to {survivor} {converged:.2f}s after the link went down; "
           f"store exit {rc} after {long_store.seconds:.1f}s, longest stall {long_store.longest_stall():.2f}s; "
           f"new associations after the loss: {len(failed)} of {len(after_kill)} failed "
           f"(at {', '.join(f'{t - (killed - watch_start):.1f}s' for t in failed) or '-'}); "
@@ -301,18 +306,33 @@ def test_drain_node_under_continuous_stores(ha, small_files):
     print(f"undrain-node: back in the route after {ha.wait_nexthops(ha.node_names(), 15):.2f}s")
 
 
+def block_probes(ha, node: str, block: bool) -> None:
+    """Make the node's own health probes to every PACS fail (nftables rejects
+    them with a TCP reset in its output hook), or undo it. Only the node's own
+    stack is affected: the XDP program forwards the clients' packets before it."""
+    if block:
+        ha.run(node, "nft", "-f", "-", input=(
+            "table inet lab_block {\n  chain out {\n    type filter hook output priority 0;\n"
+            f"    ip daddr {ha.host_ip('be1').rsplit('.', 1)[0]}.0/24 tcp dport {{ 104, 8042 }} "
+            "reject with tcp reset\n  }\n}\n"))
+    else:
+        ha.run(node, "nft", "delete", "table", "inet", "lab_block", check=False)
+
+
 def test_a_node_without_healthy_backends_withdraws(ha):
     node = ha.node_names()[0]
     b = ha.balancer(node)
-    b.pool.write_text(ha.pool_text(health_port=9))   # nothing listens there: every probe fails
-    b.signal(signal.SIGHUP)
-    withdrawn = ha.wait_nexthops([other(ha, node)], NO_BACKEND_BOUND)
-    st = b.status()
-    reason = st["announce"]["vips"][ha.vip]
-    print(f"{node} saw no healthy backend: withdrawn from the router {withdrawn:.2f}s after the reload "
-          f"(bound {NO_BACKEND_BOUND:.1f}s); status {json.dumps(reason)}")
-    assert reason["announced"] is False
-    b.pool.write_text(ha.pool_text())
-    b.signal(signal.SIGHUP)
+    try:
+        block_probes(ha, node, True)
+        withdrawn = ha.wait_nexthops([other(ha, node)], NO_BACKEND_BOUND)
+        reason = b.status()["announce"]["vips"][ha.vip]
+        health = {be["name"]: be["health"] for s in b.status()["services"] for be in s["backends"]}
+        print(f"{node} saw no healthy backend: withdrawn from the router {withdrawn:.2f}s after its probes "
+              f"began to fail (fall {FALL} x interval {INTERVAL}s; bound {NO_BACKEND_BOUND:.1f}s); "
+              f"status {json.dumps(reason)}")
+        assert reason["announced"] is False, reason
+        assert set(health.values()) == {"down"}, health
+    finally:
+        block_probes(ha, node, False)
     back = ha.wait_nexthops(ha.node_names(), RISE * INTERVAL + INTERVAL + BGP_UPDATE_BOUND + 3.0)
-    print(f"{node} announced again {back:.2f}s after its backends were healthy again (rise {RISE})")
+    print(f"{node} announced again {back:.2f}s after its probes could pass again (rise {RISE} x interval {INTERVAL}s)")
