@@ -53,7 +53,6 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -519,6 +518,22 @@ class HaLab(labtool.Lab):
             self.start_node(node)
         if self.routing == "bgp":
             self.wait_nexthops(self.node_names(), 30)
+
+
+@contextlib.contextmanager
+def temporary_ha_lab(base: str, pace: str | None = None, **options):
+    """A HaLab under the first unused prefix ``<base><n>``, with its client
+    paced (``pace``, a tc rate) and every node running and announced, for
+    the ``with`` block; torn down after it however the block ends."""
+    the_lab = HaLab(prefix=labtool.unused_prefix(base), **options)
+    the_lab.up()
+    try:
+        if pace:
+            the_lab.pace_client(pace)
+        the_lab.start_all_nodes()
+        yield the_lab
+    finally:
+        the_lab.down()
 
 
 def _render(example: Path, changes: dict[str, str]) -> str:

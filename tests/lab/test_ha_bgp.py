@@ -27,7 +27,6 @@ from pathlib import Path
 import pytest
 
 import ha_lab
-import lab as labtool
 import pacs_lab
 from lab_xdplb import XDPLB
 from make_dicom import dataset_digest, make_instance, make_study
@@ -52,14 +51,8 @@ DRAIN_IDLE, DRAIN_TIMEOUT = 2.0, 60.0
 
 @pytest.fixture(scope="module")
 def ha():
-    the_lab = ha_lab.HaLab(prefix=labtool.unused_prefix("xh"), pacs=True, routing="bgp")
-    the_lab.up()
-    try:
-        the_lab.pace_client(PACE)
-        the_lab.start_all_nodes()
+    with ha_lab.temporary_ha_lab("xh", pace=PACE, pacs=True, routing="bgp") as the_lab:
         yield the_lab
-    finally:
-        the_lab.down()
 
 
 @pytest.fixture(autouse=True)

@@ -15,7 +15,6 @@ import time
 import pytest
 
 import ha_lab
-import lab as labtool
 import pacs_lab
 from make_dicom import dataset_digest, make_instance
 
@@ -31,14 +30,8 @@ TAKEOVER_BOUND = 10.0
 
 @pytest.fixture(scope="module")
 def pair():
-    the_lab = ha_lab.HaLab(prefix=labtool.unused_prefix("xv"), pacs=True, routing="vrrp")
-    the_lab.up()
-    try:
-        the_lab.pace_client(PACE)
-        the_lab.start_all_nodes()
+    with ha_lab.temporary_ha_lab("xv", pace=PACE, pacs=True, routing="vrrp") as the_lab:
         yield the_lab
-    finally:
-        the_lab.down()
 
 
 def wait_master(pair, node: str, timeout: float) -> float:
