@@ -448,3 +448,21 @@ def test_status_shows_each_vips_decision(h, tmp_path):
     assert f"announce (routes in table {TABLE}, ready file {ready})\n" in text
     assert f"  {VIP1} announced: 3 backend(s) up\n" in text
     assert f"  {VIP2} withdrawn: no healthy backend\n" in text
+
+
+def test_undrain_node_is_refused_while_stopping(h, tmp_path):
+    announcing(h, tmp_path, "stop_drain = 5\nstop_drain_idle = 2")
+    daemon = h.daemon()
+
+    async def scenario():
+        task = asyncio.create_task(daemon.run())
+        await until(lambda: routes(h) == {VIP1, VIP2}, what="both VIPs announced")
+        daemon.stop()
+        await until(lambda: daemon.node_draining, what="the stop drain")
+        reply = await daemon.handle_request({"cmd": "undrain-node"})
+        assert "stopping" in reply["error"]
+        await asyncio.sleep(0.3)
+        assert routes(h) == set()
+        await asyncio.wait_for(task, 10)
+
+    asyncio.run(scenario())
