@@ -466,3 +466,12 @@ def test_undrain_node_is_refused_while_stopping(h, tmp_path):
         await asyncio.wait_for(task, 10)
 
     asyncio.run(scenario())
+
+
+def test_check_describes_where_the_decisions_go():
+    from xdplb.config import describe
+
+    assert "announces" not in describe(parse_pool(pool_toml()))
+    text = describe(parse_pool(pool_with('announce_table = 100\nready_file = "/run/r"\nstop_drain = 20')))
+    assert ("  announces servable VIPs: routes in kernel table 100 (proto 120), ready file /run/r; SIGTERM "
+            "withdraws and waits up to 20s for 2s of still counters\n") in text
