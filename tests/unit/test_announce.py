@@ -475,3 +475,20 @@ def test_check_describes_where_the_decisions_go():
     text = describe(parse_pool(pool_with('announce_table = 100\nready_file = "/run/r"\nstop_drain = 20')))
     assert ("  announces servable VIPs: routes in kernel table 100 (proto 120), ready file /run/r; SIGTERM "
             "withdraws and waits up to 20s for 2s of still counters\n") in text
+
+
+def test_drain_node_without_announcements_says_nothing_was_withdrawn(h):
+    from click.testing import CliRunner
+
+    from xdplb.cli import cli
+
+    daemon = h.daemon()
+
+    async def scenario():
+        async with running(daemon):
+            return await asyncio.to_thread(CliRunner().invoke, cli,
+                                           ["drain-node", "-i", IF, "--idle", "0.2", "--timeout", "5"])
+
+    result = asyncio.run(scenario())
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith(f"drained {IF}: withdrew no VIP (none was announced); no packet forwarded")
