@@ -123,6 +123,20 @@ class StillWatch:
         return self.count - self.first
 
 
+async def wait_until_still(read: Callable[[], int], idle: float, timeout: float) -> dict:
+    """Poll the counter `read` (a blocking call, run in a thread) until it has
+    not moved for `idle` seconds, or `timeout` has passed. Returns still (bool),
+    waited (seconds) and moved (counted meanwhile)."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    watch = StillWatch(idle, started, await asyncio.to_thread(read))
+    still = False
+    while not still and loop.time() - started < timeout:
+        await asyncio.sleep(min(0.25, idle / 4, max(0.0, timeout - (loop.time() - started))))
+        still = watch.observe(loop.time(), await asyncio.to_thread(read))
+    return {"still": still, "waited": round(loop.time() - started, 3), "moved": watch.moved}
+
+
 def write_ready_file(path: str, value: int) -> None:
     """Replace the file atomically, so keepalived never reads half a number."""
     target = Path(path)

@@ -460,7 +460,7 @@ def drain_node(interface: str | None, idle: float, timeout: float) -> None:
         raise click.ClickException(reply["error"])
     if "warning" in reply:
         click.echo(f"warning: {reply['warning']}", err=True)
-    vips = ", ".join(reply["withdrawn"]) or "none were announced"
+    vips = ", ".join(reply["withdrawn"]) or "no VIP (none was announced)"
     if not reply["still"]:
         raise click.ClickException(f"withdrew {vips}, but {name} still forwarded packets after {timeout:g}s "
                                    f"({reply['forwarded_during']} since the withdrawal)")

@@ -1124,6 +1124,12 @@ def describe(pool: Pool) -> str:
         + "; also balanced: frames to "
         + (", ".join(m.hex(":") for m in st.extra_macs) if st.extra_macs else "the interface's MAC only"),
     ]
+    if st.announce_table is not None or st.ready_file:
+        where = ([f"routes in kernel table {st.announce_table} (proto 120)"] if st.announce_table is not None else []) \
+            + ([f"ready file {st.ready_file}"] if st.ready_file else [])
+        lines.append("  announces servable VIPs: " + ", ".join(where) + "; SIGTERM "
+                     + (f"withdraws and waits up to {st.stop_drain:g}s for {st.stop_drain_idle:g}s of still counters"
+                        if st.stop_drain else "withdraws and detaches at once"))
     for s in pool.services:
         h = s.health
         lines.append(

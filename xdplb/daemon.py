@@ -41,7 +41,7 @@ import signal
 import time
 
 from . import __version__, control, modes, probes, status
-from .announce import Announcer, StillWatch, decide, record_path
+from .announce import Announcer, decide, record_path, wait_until_still
 from .config import Pool, PoolError, load_pool
 from .dataplane import PROG_NAME
 from .desired import desired_state, restart_needed
@@ -452,17 +452,10 @@ class Daemon:
         before = set(self.announcer.announced)
         self.node_draining = True
         error = await self.announcer.sync()
-        started = time.monotonic()
-        watch = StillWatch(idle, started, await asyncio.to_thread(self._forwarded))
-        still = False
-        while not still:
-            now = time.monotonic()
-            if now - started >= timeout:
-                break
-            await asyncio.sleep(min(0.25, idle / 4, max(0.0, timeout - (now - started))))
-            still = watch.observe(time.monotonic(), await asyncio.to_thread(self._forwarded))
+        waited = await wait_until_still(self._forwarded, idle, timeout)
+        still = waited["still"]
         reply = {"ok": True, "withdrawn": sorted(str(v) for v in before), "still": still,
-                 "waited": round(time.monotonic() - started, 3), "forwarded_during": watch.moved}
+                 "waited": waited["waited"], "forwarded_during": waited["moved"]}
         if error is not None:
             reply["warning"] = f"withdrawing failed, retrying: {error}"
         log.info("node drain: VIPs withdrawn, %s", "counters still for %gs" % idle if still
@@ -654,6 +647,8 @@ class Daemon:
                 return {"error": "drain-node: idle must be in (0, 3600] and timeout in (0, 86400] seconds"}
             return await self.drain_node(idle, timeout)
         if cmd == "undrain-node":
+            if self._stop.is_set():
+                return {"error": "xdplb is stopping; its VIPs stay withdrawn"}
             return self.undrain_node()
         return {"error": f"unknown command {cmd!r}"}
 

@@ -448,3 +448,47 @@ def test_status_shows_each_vips_decision(h, tmp_path):
     assert f"announce (routes in table {TABLE}, ready file {ready})\n" in text
     assert f"  {VIP1} announced: 3 backend(s) up\n" in text
     assert f"  {VIP2} withdrawn: no healthy backend\n" in text
+
+
+def test_undrain_node_is_refused_while_stopping(h, tmp_path):
+    announcing(h, tmp_path, "stop_drain = 5\nstop_drain_idle = 2")
+    daemon = h.daemon()
+
+    async def scenario():
+        task = asyncio.create_task(daemon.run())
+        await until(lambda: routes(h) == {VIP1, VIP2}, what="both VIPs announced")
+        daemon.stop()
+        await until(lambda: daemon.node_draining, what="the stop drain")
+        reply = await daemon.handle_request({"cmd": "undrain-node"})
+        assert "stopping" in reply["error"]
+        await asyncio.sleep(0.3)
+        assert routes(h) == set()
+        await asyncio.wait_for(task, 10)
+
+    asyncio.run(scenario())
+
+
+def test_check_describes_where_the_decisions_go():
+    from xdplb.config import describe
+
+    assert "announces" not in describe(parse_pool(pool_toml()))
+    text = describe(parse_pool(pool_with('announce_table = 100\nready_file = "/run/r"\nstop_drain = 20')))
+    assert ("  announces servable VIPs: routes in kernel table 100 (proto 120), ready file /run/r; SIGTERM "
+            "withdraws and waits up to 20s for 2s of still counters\n") in text
+
+
+def test_drain_node_without_announcements_says_nothing_was_withdrawn(h):
+    from click.testing import CliRunner
+
+    from xdplb.cli import cli
+
+    daemon = h.daemon()
+
+    async def scenario():
+        async with running(daemon):
+            return await asyncio.to_thread(CliRunner().invoke, cli,
+                                           ["drain-node", "-i", IF, "--idle", "0.2", "--timeout", "5"])
+
+    result = asyncio.run(scenario())
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith(f"drained {IF}: withdrew no VIP (none was announced); no packet forwarded")
