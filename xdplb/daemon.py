@@ -178,8 +178,9 @@ class Daemon:
         return EXIT_CLEANUP_FAILED if self.cleanup_errors else 0
 
     def _leave_running(self) -> None:
-        log.info("SIGUSR1: exiting for a restart; the XDP program, its pinned maps and the VIPs stay")
+        log.info("SIGUSR1: exiting for a restart; the XDP program, its pinned maps, the VIPs and HAProxy stay")
         self.leave_running = True
+        self.tls.leave_running()
         self._stop.set()
 
     def _in_background(self, coro) -> None:

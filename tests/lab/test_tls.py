@@ -7,7 +7,8 @@ synapse-https (VIP:443 -> Orthanc HTTP 8042) and synapse-dicom-tls (VIP:2762 ->
 Orthanc DICOM 104) follow its verdicts (health_from), and HAProxy's state is read
 from its own runtime API (`show servers state`), never from xdplb. XDP mode: auto
 (generic on veth, as in test_pacs.py); TLS packets are XDP_PASSed to the lb's stack.
-The tests run in file order and each leaves the lab as it found it.
+The lab has four PACS (be1..be4); the pool starts with three, and a reload adds
+the fourth. The tests run in file order and each leaves the lab as it found it.
 """
 from __future__ import annotations
 
@@ -38,12 +39,14 @@ RETURN_BOUND = RISE * INTERVAL + 2.0
 STARTUP_BOUND = 20.0
 NAME = "pacs.lab"
 SICK = "be3"
+POOL = ("be1", "be2", "be3")   # the lab's fourth PACS, be4, joins in a reload
+FOURTH = "be4"
 CALLERS = (pacs_lab.PROBE_AET, pacs_lab.MODALITY_AET)
 
 
-def pool_text(lab, cert: Path) -> str:
+def pool_text(lab, cert: Path, names=POOL) -> str:
     backends = "".join(f'  [[service.backend]]\n  name = "{n}"\n  address = "{lab.host_ip(n)}"\n'
-                       for n in lab.backend_names())
+                       for n in names)
     return f"""\
 [xdplb]
 metrics = ""
@@ -96,7 +99,7 @@ port = 2763
 
 @pytest.fixture(scope="module")
 def pacs():
-    with labtool.temporary_lab("xs", pacs=True) as the_lab:
+    with labtool.temporary_lab("xs", pacs=True, backends=len(POOL) + 1) as the_lab:
         # be3 accepts only known callers, so it can reject associations live, HTTP still up.
         pacs_lab.start_orthanc(the_lab, SICK, known_aets=CALLERS)
         yield the_lab
@@ -148,19 +151,32 @@ def wait_states(b: Balancer, service: str, predicate, timeout: float, what: str)
         time.sleep(0.05)
 
 
-def haproxy_master(b: Balancer) -> int:
-    """The pid of the haproxy master that the xdplb daemon runs as its child."""
+def haproxy_masters(b: Balancer) -> list[int]:
+    """Pids of the HAProxy masters running this balancer's configuration, read from /proc
+    (never from xdplb): haproxy processes with `-f <its config>` that are the parent of
+    another (their worker; a worker orphaned by a killed master has no child)."""
+    (config,) = b.run_dir.glob("**/eth0.haproxy.cfg")
+    needle = b"-f\0" + bytes(config) + b"\0"
+    parents = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             stat = Path(f"/proc/{entry}/stat").read_text()
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
         except OSError:
             continue
-        comm, ppid = stat[stat.index("(") + 1:stat.rindex(")")], int(stat[stat.rindex(")") + 2:].split()[1])
-        if comm == "haproxy" and ppid == b.proc.pid:
-            return int(entry)
-    raise AssertionError("no haproxy child of xdplb")
+        comm, rest = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
+        if comm == "haproxy" and rest[0] != "Z" and needle in cmdline:
+            parents[int(entry)] = int(rest[1])
+    return sorted({ppid for ppid in parents.values() if ppid in parents})
+
+
+def haproxy_master(b: Balancer) -> int:
+    """The one HAProxy master serving the balancer's TLS services."""
+    masters = haproxy_masters(b)
+    assert len(masters) == 1, f"expected one haproxy master, found {masters}"
+    return masters[0]
 
 
 def curl(pacs, certs, path: str = "/system", check: bool = True) -> subprocess.CompletedProcess:
@@ -192,7 +208,7 @@ def test_https_through_the_vip_reaches_orthancs_web_port(pacs, certs, tier):
     # The XDP program holds no TLS service: HAProxy on the lb's stack serves it.
     services = {s["name"]: s for s in tier.status()["services"]}
     assert services["synapse-https"]["id"] is None and services["synapse-dicom"]["id"] is not None
-    assert haproxy_states(tier, "synapse-https") == {n: "ready" for n in pacs.backend_names()}
+    assert haproxy_states(tier, "synapse-https") == {n: "ready" for n in POOL}
     # status shows HAProxy's own counters and the certificate (serial 1001 = 0x3e9).
     https = next(s for s in tier.status()["services"] if s["name"] == "synapse-https")
     assert sum(b["tls"]["connections"] for b in https["backends"]) >= 2
@@ -242,44 +258,99 @@ def test_mutual_tls_admits_only_a_modality_with_a_certificate_from_the_ca(pacs, 
     assert pacs.run("client", "echoscu", "+tla", *common, pacs.vip, "2762", check=False, timeout=60).returncode == 0
 
 
-def test_a_running_dicom_tls_transfer_survives_a_reload_that_changes_the_pool(pacs, certs, tier, tmp_path):
-    big = tmp_path / "long.dcm"
-    uid = make_instance(big, 400 * 1024 * 1024)
-    sent = dataset_digest(big)
+@pytest.fixture(scope="module")
+def everywhere(pacs, tmp_path_factory):
+    """A 60 MB instance stored directly (cleartext, not through the VIP) on every pool PACS, so
+    that an HTTPS download through the VIP finds it wherever HAProxy sends it:
+    (Orthanc's id for it, {backend: SHA-256 of the file that Orthanc serves})."""
+    path = tmp_path_factory.mktemp("everywhere") / "everywhere.dcm"
+    uid = make_instance(path, 60 * 1024 * 1024)
+    for name in POOL:
+        stored = pacs_lab.storescu(pacs, path, host=pacs.host_ip(name))
+        assert stored.returncode == 0, stored.stdout + stored.stderr
+    (hit,) = [h for h in pacs_lab.rest(pacs, POOL[0], "/tools/lookup", data=uid) if h["Type"] == "Instance"]
+    served = {name: pacs.run(name, "sh", "-c", f"curl -sS --fail http://127.0.0.1:{pacs_lab.HTTP_PORT}"
+                             f"/instances/{hit['ID']}/file | sha256sum", timeout=120).stdout.split()[0]
+              for name in POOL}
+    return hit["ID"], served
+
+
+def https_download(pacs, certs, orthanc_id: str, dest: Path, rate: str) -> subprocess.Popen:
+    """curl through VIP:443 (HAProxy terminating TLS) downloading the instance's file at `rate`."""
+    return pacs.popen("client", "curl", "-sS", "--fail", "--limit-rate", rate, "--cacert", str(certs[1]),
+                      "--resolve", f"{NAME}:443:{pacs.vip}", "-o", str(dest),
+                      f"https://{NAME}/instances/{orthanc_id}/file",
+                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def sha256(path: Path) -> str:
+    import hashlib
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def reload(b: Balancer, what: str) -> dict:
+    before = b.status()["last_reload"]
+    b.signal(signal.SIGHUP)
+    return b.wait_for(lambda s: s["last_reload"] != before, 30, what)["last_reload"]
+
+
+def served_by(pacs, certs, tries: int) -> set[str]:
+    """Which PACS answered `tries` new HTTPS connections through the VIP (Orthanc's Name)."""
+    import json
+    return {json.loads(curl(pacs, certs).stdout)["Name"] for _ in range(tries)}
+
+
+def test_a_reload_adds_a_fourth_pacs_while_a_tls_download_runs(pacs, certs, tier, everywhere, tmp_path):
+    orthanc_id, served = everywhere
     original = tier.pool.read_text()
+    got = tmp_path / "downloaded.dcm"
+    # The download is throttled to last ~12 s; the reload and the fourth PACS's rise take ~3-5 s.
+    download = https_download(pacs, certs, orthanc_id, got, "5M")
+    # And a DICOM-TLS store (tcp mode) in flight across the same reload.
+    big = tmp_path / "upload.dcm"
+    uid = make_instance(big, 200 * 1024 * 1024)
+    sent = dataset_digest(big)
     store = pacs.popen("client", "storescu", *tls_dicom_args(certs), pacs.vip, "2762", str(big),
                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         time.sleep(1.0)
+        assert download.poll() is None, download.communicate()[0]
         assert store.poll() is None, store.communicate()[0]
-        # A real change: be1 of synapse-https gets weight 2.
-        tier.pool.write_text(original.replace(
-            'health_from = "synapse-dicom"\n  [[service.backend]]\n  name = "be1"\n  address = "10.10.0.11"\n',
-            'health_from = "synapse-dicom"\n  [[service.backend]]\n  name = "be1"\n  address = "10.10.0.11"\n'
-            '  weight = 2\n', 1))
-        assert tier.pool.read_text() != original
-        before = tier.status()["last_reload"]
-        tier.signal(signal.SIGHUP)
-        st = tier.wait_for(lambda s: s["last_reload"] != before, 30, "the reload")
-        assert st["last_reload"]["result"] == "applied", st["last_reload"]
-        weights = {srv: w for (px, srv), (_word, w) in server_admin_states(haproxy_socket(tier)).items()
-                   if px == "synapse-https"}
-        assert weights == {"be1": 2, "be2": 1, "be3": 1}
-        reloaded_while_running = store.poll() is None
-        out, _ = store.communicate(timeout=600)
+        assert FOURTH not in haproxy_states(tier, "synapse-https")
+        tier.pool.write_text(pool_text(pacs, certs[2], POOL + (FOURTH,)))
+        reloaded = reload(tier, "the reload adding be4")
+        running_after_reload = {"download": download.poll() is None, "store": store.poll() is None}
+        assert reloaded["result"] == "applied", reloaded
+        # HAProxy (its own runtime state) has the fourth PACS, ready once its DICOM verdict is up.
+        for service in ("synapse-https", "synapse-dicom-tls"):
+            wait_states(tier, service, lambda s: s.get(FOURTH) == "ready", RETURN_BOUND + 2,
+                        f"{FOURTH} ready in {service}")
+        assert set(haproxy_states(tier, "synapse-https")) == {*POOL, FOURTH}
+        # New handshakes reach it (round robin over four: twelve connections visit every one).
+        assert FOURTH in served_by(pacs, certs, 12)
+        out, _ = download.communicate(timeout=300)
+        downloaded = download.returncode
+        store_out, _ = store.communicate(timeout=600)
     finally:
         tier.pool.write_text(original)
-        if store.poll() is None:
-            store.kill()
-            store.wait()
-    assert reloaded_while_running, "the transfer ended before the reload; make it larger"
-    assert store.returncode == 0, out
+        for proc in (download, store):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert running_after_reload == {"download": True, "store": True}, \
+        f"a transfer ended before the reload; make it longer: {running_after_reload}"
+    assert downloaded == 0, out
+    print(f"HTTPS download of {got.stat().st_size} bytes across the reload adding {FOURTH}")
+    assert sha256(got) in served.values(), "the download is not byte-exact"
+    assert store.returncode == 0, store_out
     holder, record = pacs_lab.find_instance(pacs, uid)
-    stored = pacs_lab.download_instance(pacs, holder, record["ID"], tmp_path / "stored.dcm")
-    assert dataset_digest(stored) == sent
-    before = tier.status()["last_reload"]
-    tier.signal(signal.SIGHUP)
-    tier.wait_for(lambda s: s["last_reload"] != before, 30, "the reload back")
+    assert dataset_digest(pacs_lab.download_instance(pacs, holder, record["ID"], tmp_path / "stored.dcm")) == sent
+    assert reload(tier, "the reload back to three PACS")["result"] == "applied"
+    wait_states(tier, "synapse-https", lambda s: FOURTH not in s, 5, f"{FOURTH} gone again")
 
 
 def test_a_pacs_rejecting_dicom_leaves_the_https_tier(pacs, certs, tier):
@@ -403,4 +474,89 @@ def test_haproxy_killed_is_restarted(pacs, certs, tier):
     print(f"kill -9 of haproxy master {master}: new handshakes work again after {back:.2f}s")
     assert haproxy_master(tier) != master
     assert back < 5.0
-    assert haproxy_states(tier, "synapse-https") == {n: "ready" for n in pacs.backend_names()}
+    assert haproxy_states(tier, "synapse-https") == {n: "ready" for n in POOL}
+
+
+def restart(b: Balancer, how: str) -> float:
+    """xdplb's own hitless restart, as for the XDP path: SIGUSR1 (exit 75, which systemd's unit
+    restarts) or kill -9, then a new `xdplb attach`. Seconds until the new one is ready."""
+    started = time.monotonic()
+    if how == "SIGUSR1":
+        b.signal(signal.SIGUSR1)
+        assert b.proc.wait(30) == 75
+    else:
+        b.kill()
+    b.start()
+    b.wait_ready()
+    return time.monotonic() - started
+
+
+@pytest.mark.parametrize("how", ["SIGUSR1", "kill -9"])
+def test_tls_connections_survive_xdplbs_hitless_restart(pacs, certs, tier, everywhere, tmp_path, how):
+    """HAProxy is left serving by the old xdplb and adopted by the new one, as the XDP maps are:
+    a DICOM-TLS store and an HTTPS download spanning the restart complete byte-exact; one
+    master throughout, driven by the new xdplb."""
+    orthanc_id, served = everywhere
+    master = haproxy_master(tier)
+    big = tmp_path / "long.dcm"
+    uid = make_instance(big, 100 * 1024 * 1024)
+    sent = dataset_digest(big)
+    got = tmp_path / "downloaded.dcm"
+    # The client's sending is throttled (a token bucket on its eth0: 20 Mbit/s) so that the
+    # store takes about 40 s; the download (60 MB at 3 MB/s) about 20 s. A restart takes 10-20 s.
+    pacs.run("client", "tc", "qdisc", "add", "dev", "eth0", "root", "tbf", "rate", "20mbit", "burst", "64kb",
+             "latency", "100ms")
+    store = download = None
+    try:
+        store = pacs.popen("client", "storescu", *tls_dicom_args(certs), pacs.vip, "2762", str(big),
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        download = https_download(pacs, certs, orthanc_id, got, "3M")
+        time.sleep(1.0)
+        assert store.poll() is None, store.communicate()[0]
+        assert download.poll() is None, download.communicate()[0]
+        seconds = restart(tier, how)
+        spanned = {"store": store.poll() is None, "download": download.poll() is None}
+        assert haproxy_masters(tier) == [master], f"after {how}: not the one HAProxy, adopted"
+        assert f"haproxy: adopted master pid {master}" in tier.log()
+        # The new xdplb drives the adopted HAProxy: a drain reaches it, and new handshakes work.
+        tier.cli("drain", "synapse-https", "be2", "-i", "eth0")
+        wait_states(tier, "synapse-https", lambda s: s["be2"] == "drain", 3, f"be2 draining after {how}")
+        tier.cli("undrain", "synapse-https", "be2", "-i", "eth0")
+        wait_states(tier, "synapse-https", lambda s: s["be2"] == "ready", 3, f"be2 ready after {how}")
+        curl(pacs, certs)
+        download_out, _ = download.communicate(timeout=300)
+        store_out, _ = store.communicate(timeout=600)
+    finally:
+        pacs.run("client", "tc", "qdisc", "del", "dev", "eth0", "root", check=False)
+        for proc in (store, download):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert download.returncode == 0, download_out
+    assert store.returncode == 0, store_out
+    assert spanned == {"store": True, "download": True}, f"a transfer ended before the restart was over: {spanned}"
+    print(f"xdplb {how}, attached again and ready in {seconds:.1f}s with TLS connections open: "
+          f"{big.stat().st_size} bytes stored and {got.stat().st_size} downloaded across it")
+    assert sha256(got) in served.values(), "the download is not byte-exact"
+    holder, record = pacs_lab.find_instance(pacs, uid)
+    assert dataset_digest(pacs_lab.download_instance(pacs, holder, record["ID"], tmp_path / "stored.dcm")) == sent
+
+
+def test_a_clean_stop_and_detach_stop_haproxy(pacs, certs, tier):
+    """A restart leaves HAProxy running; a stop does not. Last in the file: it ends the tier."""
+    master = haproxy_master(tier)
+    tier.signal(signal.SIGUSR1)
+    assert tier.proc.wait(30) == 75
+    assert haproxy_masters(tier) == [master]
+    curl(pacs, certs)                                   # serving with no xdplb running
+    detached = tier.cli("detach", "eth0")
+    assert f"the HAProxy left running (master pid {master})" in detached.stdout
+    assert haproxy_masters(tier) == []
+    assert curl(pacs, certs, check=False).returncode != 0
+    # attach again (a fresh start, nothing to adopt), then SIGTERM: HAProxy goes with xdplb.
+    tier.start()
+    tier.wait_ready()
+    master = haproxy_master(tier)
+    assert "adopted master" not in tier.log().split("SIGUSR1: exiting")[-1]
+    assert tier.stop() == 0
+    assert haproxy_masters(tier) == []
