@@ -302,7 +302,8 @@ class HaproxyTier:
     async def commit(self, pool, text: str | None) -> None:
         """Switch to a prepared configuration: reload the running HAProxy hitlessly, start it
         (or adopt the one an earlier xdplb left running) if none runs, stop it when the pool
-        has no TLS service left."""
+        has no TLS service left. Returns once a worker answers (on a start, at most
+        READY_TIMEOUT: then the Supervisor keeps trying)."""
         self.pool = pool
         if text is None:
             await self.stop()
@@ -311,6 +312,11 @@ class HaproxyTier:
         if not self.running:
             self.supervisor.start("haproxy", self._run)
             self.supervisor.start("haproxy runtime", self._push_loop)
+            # Started or adopted: xdplb is ready once a worker answers (or its supervisor retries).
+            try:
+                await asyncio.wait_for(self._serving.wait(), READY_TIMEOUT)
+            except asyncio.TimeoutError:
+                log.warning("haproxy: no worker answers on %s yet; its supervisor keeps trying", self.socket_path)
             return
         await self._reload(self.master)
 
