@@ -222,6 +222,9 @@ def test_https_through_the_vip_reaches_orthancs_web_port(pacs, certs, tier):
     services = {s["name"]: s for s in tier.status()["services"]}
     assert services["synapse-https"]["id"] is None and services["synapse-dicom"]["id"] is not None
     assert haproxy_states(tier, "synapse-https") == {n: "ready" for n in POOL}
+    # The runtime API is xdplb's alone: a 0600 socket in xdplb's 0700 run directory.
+    sock = Path(haproxy_socket(tier))
+    assert (sock.stat().st_mode & 0o777, sock.parent.stat().st_mode & 0o777) == (0o600, 0o700)
     # status shows HAProxy's own counters and the certificate (serial 1001 = 0x3e9).
     https = next(s for s in tier.status()["services"] if s["name"] == "synapse-https")
     assert sum(b["tls"]["connections"] for b in https["backends"]) >= 2
