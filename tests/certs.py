@@ -43,3 +43,29 @@ def make_signed(d: Path, name: str, dns: str, serial: int, days: int = 2) -> Pat
     pem = d / f"{name}.pem"
     pem.write_bytes((d / f"{name}.crt").read_bytes() + (d / f"{name}.key").read_bytes())
     return pem
+
+
+def make_expired(d: Path, name: str, dns: str, serial: int) -> Path:
+    """<name>.pem: like make_signed, but valid only from 10 days ago until yesterday (openssl's
+    command line cannot date a certificate in the past, so it is built with cryptography)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import NameOID
+
+    ca = x509.load_pem_x509_certificate((d / "ca.pem").read_bytes())
+    ca_key = serialization.load_pem_private_key((d / "ca.key").read_bytes(), password=None)
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, dns)]))
+            .issuer_name(ca.subject).public_key(key.public_key()).serial_number(serial)
+            .not_valid_before(now - datetime.timedelta(days=10)).not_valid_after(now - datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(dns)]), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    pem = d / f"{name}.pem"
+    pem.write_bytes(cert.public_bytes(serialization.Encoding.PEM) + key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    return pem

@@ -8,8 +8,9 @@ balanced connection landed on.  Standard library only.
 Listeners (all IPv4, bound to ``--bind``, default 0.0.0.0 so that traffic
 addressed to the VIP on ``lo`` is accepted as well):
 
-* HTTP on 80 and 8080: ``GET /bytes?n=N`` returns N bytes of payload, any
-  other GET returns ``"<name>\\n"``; every response carries
+* HTTP on 80 and 8080: ``GET /bytes?n=N`` returns N bytes of payload,
+  ``GET /headers`` the request's headers as received (what a proxy added),
+  any other GET returns ``"<name>\\n"``; every response carries
   ``X-Backend: <name>``.
 * sink on TCP 9000: reads until EOF, then writes ``"<name> <count>\\n"``.
 * UDP echo on 5000: answers each datagram with ``"<name> <len>\\n"``.
@@ -75,6 +76,8 @@ def make_http_handler(name: str) -> type[http.server.BaseHTTPRequestHandler]:
                     self._reply(400, b"bad n\n")
                     return
                 self._reply_bytes(size)
+            elif url.path == "/headers":
+                self._reply(200, str(self.headers).encode())
             else:
                 self._reply(200, f"{name}\n".encode())
 

@@ -323,6 +323,13 @@ def _detach(interface: str, link, nl) -> None:
                                        f"not xdplb's; leaving it alone")
         remove_program(interface, link.xdp_mode)
         removed.append(f"XDP program id {link.xdp_prog_id} ({link.xdp_mode} mode)")
+    import asyncio
+
+    from .tlstier import stop_left_running
+
+    haproxy = asyncio.run(stop_left_running(control.run_dir(), interface))
+    if haproxy is not None:
+        removed.append(f"the HAProxy left running (master pid {haproxy})")
     for vip in sorted(nl.vips(link.index)):
         nl.del_vip(link.index, vip)
         removed.append(f"VIP {vip}")

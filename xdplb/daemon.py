@@ -224,8 +224,9 @@ class Daemon:
                  "counters still" if reply["still"] else "time is up", reply["waited"], reply["forwarded_during"])
 
     def _leave_running(self) -> None:
-        log.info("SIGUSR1: exiting for a restart; the XDP program, its pinned maps and the VIPs stay")
+        log.info("SIGUSR1: exiting for a restart; the XDP program, its pinned maps, the VIPs and HAProxy stay")
         self.leave_running = True
+        self.tls.leave_running()
         self._stop.set()
 
     def _in_background(self, coro) -> None:

@@ -44,12 +44,16 @@ def read_stats(src):
 
 def _tls_service(svc, tier) -> dict:
     now = time.time()
+    running = bool(tier is not None and tier.running)
+    master = getattr(tier, "master", None)
+    running_master = master if running and master is not None else None
     certificates = [{"path": c.path, "subject": c.subject, "serial": c.serial, "not_after": c.not_after,
                      "expires_in": c.not_after - now}
                     for name, c in (tier.certificates if tier is not None else ()) if name == svc.name]
     return {"backend_protocol": svc.tls.backend_protocol, "backend_port": svc.tls.backend_port,
             "health_from": svc.tls.health_from or None, "certificates": certificates,
-            "haproxy": bool(tier is not None and tier.running)}
+            "haproxy": running, "haproxy_pid": running_master.pid if running_master else None,
+            "haproxy_adopted": bool(running_master and running_master.adopted)}  # left by an earlier xdplb
 
 
 def rows(src, stats) -> list[dict]:

@@ -15,6 +15,16 @@ new worker on the same listening sockets and the old one finishes its
 connections (hitless). The new worker starts from the states written in the
 configuration and is then sent the whole state again.
 
+xdplb's own hitless restart leaves HAProxy serving, as it leaves the XDP
+program and its maps: after SIGUSR1 (leave_running) the master is not
+stopped, and after a kill -9 nothing stops it. Its pid is kept in
+<ifname>.haproxy.pid in the run directory; the next xdplb adopts a live
+master running our configuration file (checked on /proc/<pid>/cmdline,
+through a pidfd so a reused pid cannot be signalled), reloads it with the
+configuration it has just written (hitless, as any reload) and supervises it
+through the pidfd, since it is not our child. A clean stop (SIGTERM) and
+`xdplb detach` stop it.
+
 The process and the socket are behind this class; the decisions (which
 states, which lines) are pure functions in xdplb/haproxy.py.
 """
@@ -23,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -122,15 +133,119 @@ def parse_show_stat(text: str) -> dict[tuple[str, str], dict]:
     return out
 
 
+class Master:
+    """A running HAProxy master: the child this xdplb started (`proc`), or one an
+    earlier xdplb left running and this one adopted (watched through a pidfd:
+    it is not our child, so there is no exit status to collect)."""
+
+    def __init__(self, pid: int, proc: asyncio.subprocess.Process | None = None, pidfd: int | None = None):
+        self.pid, self.proc, self.pidfd = pid, proc, pidfd
+        self._watch: asyncio.Task | None = None     # one pidfd reader, however many wait
+
+    @property
+    def adopted(self) -> bool:
+        return self.proc is None
+
+    @property
+    def alive(self) -> bool:
+        if self.proc is not None:
+            return self.proc.returncode is None
+        return self.pidfd is not None and not select.select([self.pidfd], [], [], 0)[0]
+
+    def send_signal(self, sig: int) -> None:
+        if self.proc is not None:
+            if self.proc.returncode is None:
+                self.proc.send_signal(sig)
+        elif self.alive:
+            signal.pidfd_send_signal(self.pidfd, sig)
+
+    async def wait(self) -> int | None:
+        """Until it exits; its status, or None for an adopted master."""
+        if self.proc is not None:
+            return await self.proc.wait()
+        if self._watch is None:
+            self._watch = asyncio.get_running_loop().create_task(self._until_exit())
+        await asyncio.shield(self._watch)
+        return None
+
+    async def _until_exit(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            if self.alive:
+                exited = loop.create_future()
+                loop.add_reader(self.pidfd, lambda: exited.done() or exited.set_result(None))
+                try:
+                    await exited
+                finally:
+                    loop.remove_reader(self.pidfd)
+        finally:
+            self._close_pidfd()
+
+    async def stop(self, sig: int = signal.SIGTERM) -> None:
+        self.send_signal(sig)
+        await self.wait()
+
+    def close(self) -> None:
+        """Stop watching (the master runs on)."""
+        if self._watch is not None and not self._watch.done():
+            self._watch.cancel()      # its finally closes the pidfd
+        else:
+            self._close_pidfd()
+
+    def _close_pidfd(self) -> None:
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None
+
+
+def left_running(pid_path: Path, config_path: Path) -> Master | None:
+    """The HAProxy master named by `pid_path` if it still runs our `config_path`, else None.
+    The pidfd is opened before the command line is read, so a pid reused since cannot pass."""
+    try:
+        pid = int(pid_path.read_text().split()[0])
+        pidfd = os.pidfd_open(pid)
+    except (OSError, ValueError, IndexError):
+        return None
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        os.close(pidfd)
+        return None
+    ours = (os.path.basename(argv[0]).startswith(b"haproxy") and state != "Z"
+            and any(a == b"-f" and b == os.fsencode(config_path) for a, b in zip(argv, argv[1:])))
+    if not ours:
+        os.close(pidfd)
+        return None
+    return Master(pid, pidfd=pidfd)
+
+
+def haproxy_paths(run_dir: Path, ifname: str) -> tuple[Path, Path, Path]:
+    """HAProxy's configuration, runtime API socket and master pid file for xdplb on `ifname`."""
+    return (run_dir / f"{ifname}.haproxy.cfg", run_dir / f"{ifname}.haproxy.sock",
+            run_dir / f"{ifname}.haproxy.pid")
+
+
+async def stop_left_running(run_dir: Path, ifname: str) -> int | None:
+    """Stop the HAProxy an earlier xdplb on `ifname` left running (for `xdplb detach`); its pid, or None."""
+    config, _socket, pid_file = haproxy_paths(run_dir, ifname)
+    master = left_running(pid_file, config)
+    if master is None:
+        return None
+    await master.stop()
+    pid_file.unlink(missing_ok=True)
+    return master.pid
+
+
 class HaproxyTier:
     def __init__(self, run_dir: Path, ifname: str, supervisor, states: Callable[[object], Mapping],
                  binary: str = "haproxy") -> None:
         self.binary = binary
         self.supervisor = supervisor
         self.states = states                    # pool -> the ServerStates wanted now
-        self.config_path = run_dir / f"{ifname}.haproxy.cfg"
-        self.socket_path = run_dir / f"{ifname}.haproxy.sock"
-        self.proc: asyncio.subprocess.Process | None = None
+        self.config_path, self.socket_path, self.pid_path = haproxy_paths(run_dir, ifname)
+        self.master: Master | None = None
+        self.leaving = False        # leave_running(): stopping xdplb leaves HAProxy serving
         self.pushed: dict[tuple, ServerState] = {}   # what the running worker holds
         self.push_errors = 0
         self.starts = 0
@@ -186,39 +301,56 @@ class HaproxyTier:
 
     async def commit(self, pool, text: str | None) -> None:
         """Switch to a prepared configuration: reload the running HAProxy hitlessly, start it
-        if it was not running, stop it when the pool has no TLS service left."""
+        (or adopt the one an earlier xdplb left running) if none runs, stop it when the pool
+        has no TLS service left. Returns once a worker answers (on a start, at most
+        READY_TIMEOUT: then the Supervisor keeps trying)."""
         self.pool = pool
         if text is None:
             await self.stop()
             return
         self._write(self.render(pool, self.states(pool)))
-        if self.proc is None or self.proc.returncode is not None:
+        if not self.running:
             self.supervisor.start("haproxy", self._run)
             self.supervisor.start("haproxy runtime", self._push_loop)
+            # Started or adopted: xdplb is ready once a worker answers (or its supervisor retries).
+            try:
+                await asyncio.wait_for(self._serving.wait(), READY_TIMEOUT)
+            except asyncio.TimeoutError:
+                log.warning("haproxy: no worker answers on %s yet; its supervisor keeps trying", self.socket_path)
             return
+        await self._reload(self.master)
+
+    async def _reload(self, master: Master) -> None:
+        """SIGUSR2: the master starts a worker on the written configuration (and certificates);
+        the old worker finishes its connections."""
         before = await asyncio.to_thread(worker_pid, str(self.socket_path))
         self._serving.clear()
-        self.proc.send_signal(signal.SIGUSR2)
+        master.send_signal(signal.SIGUSR2)
         log.info("haproxy: reloading with the new configuration (old worker %s finishes its connections)", before)
         await self._await_worker(before)
 
+    def leave_running(self) -> None:
+        """xdplb exits for a restart (SIGUSR1): HAProxy keeps serving, for the next xdplb to adopt."""
+        self.leaving = True
+
     async def stop(self) -> None:
+        """Stop HAProxy (ours, or one left running by an earlier xdplb)."""
         self.supervisor.stop("haproxy runtime")
         self.supervisor.stop("haproxy")
-        proc = self.proc
-        if proc is not None and proc.returncode is None:
-            proc.terminate()
-            await proc.wait()
-        self.proc = None
+        master = self.master or left_running(self.pid_path, self.config_path)
+        if master is not None:
+            await master.stop()
+            self.pid_path.unlink(missing_ok=True)
+        self.master = None
 
     async def _await_worker(self, not_pid: int | None) -> None:
         """Wait until a worker other than `not_pid` answers on the socket, then push every state."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + READY_TIMEOUT
         while loop.time() < deadline:
-            if self.proc is None or self.proc.returncode is not None:
-                raise TlsTierError(f"haproxy exited with status {self.proc.returncode if self.proc else '?'} "
-                                   f"while starting")
+            if not self.running:
+                code = self.master.proc.returncode if self.master and self.master.proc else "?"
+                raise TlsTierError(f"haproxy exited with status {code} while starting")
             pid = await asyncio.to_thread(worker_pid, str(self.socket_path))
             if pid is not None and pid != not_pid:
                 self.pushed = {}     # a new worker holds only what its configuration says
@@ -228,33 +360,55 @@ class HaproxyTier:
             await asyncio.sleep(0.05)
         raise TlsTierError(f"haproxy's worker did not answer on {self.socket_path} within {READY_TIMEOUT:g}s")
 
-    async def _run(self) -> None:
-        """Run HAProxy until it exits; an exit we did not ask for raises, and the Supervisor restarts it."""
+    async def _start_master(self) -> Master:
+        """Adopt the master an earlier xdplb left running and reload it with our configuration
+        (the pool or a certificate may have changed meanwhile), or start a new one."""
+        adopted = left_running(self.pid_path, self.config_path)
+        if adopted is not None:
+            self.master = adopted
+            log.info("haproxy: adopted master pid %d left running by the previous xdplb; its connections stay",
+                     adopted.pid)
+            await self._reload(adopted)
+            return adopted
         old = await asyncio.to_thread(worker_pid, str(self.socket_path))  # a leftover answering
-        self.proc = await asyncio.create_subprocess_exec(
+        proc = await asyncio.create_subprocess_exec(
             self.binary, "-W", "-db", "-f", str(self.config_path), stdin=asyncio.subprocess.DEVNULL)
+        self.master = Master(proc.pid, proc=proc)
+        self.pid_path.write_text(f"{proc.pid}\n")
         self.starts += 1
-        log.info("haproxy: started master pid %d with %s", self.proc.pid, self.config_path)
+        log.info("haproxy: started master pid %d with %s", proc.pid, self.config_path)
+        await self._await_worker(old)
+        return self.master
+
+    async def _run(self) -> None:
+        """Run HAProxy until it exits; an exit we did not ask for raises, and the Supervisor restarts it.
+        Cancelled (xdplb stops): HAProxy is stopped, unless leave_running() asked to keep it."""
+        master = None
         try:
-            await self._await_worker(old)
-            code = await self.proc.wait()
+            master = await self._start_master()
+            code = await master.wait()
         except asyncio.CancelledError:
-            if self.proc.returncode is None:
-                self.proc.terminate()
-                await self.proc.wait()
+            master = master or self.master
+            if master is not None and self.leaving:
+                log.info("haproxy: master pid %d left running for the next xdplb", master.pid)
+                master.close()
+            elif master is not None:
+                await master.stop()
+                self.pid_path.unlink(missing_ok=True)
             raise
         except BaseException:
-            if self.proc.returncode is None:
-                self.proc.kill()
-                await self.proc.wait()
+            master = master or self.master
+            if master is not None:
+                await master.stop(signal.SIGKILL)
             raise
         finally:
             self._serving.clear()
-        raise TlsTierError(f"haproxy (master pid {self.proc.pid}) exited with status {code}")
+        raise TlsTierError(f"haproxy (master pid {master.pid}) exited"
+                           + (f" with status {code}" if code is not None else ""))
 
     @property
     def running(self) -> bool:
-        return self.proc is not None and self.proc.returncode is None
+        return self.master is not None and self.master.alive
 
     # ---- runtime API -----------------------------------------------------------------
 

@@ -72,6 +72,8 @@ def test_unit_promises(unit):
     assert expand(service["ExecReload"][0], "eth0", {}) == [XDPLB, "reload", "-i", "eth0"]
     assert service["Restart"] == ["on-failure"]
     assert service["RestartForceExitStatus"] == ["75"]
+    # A restart must not take HAProxy (the TLS tier) down with xdplb: the next xdplb adopts it.
+    assert service["KillMode"] == ["process"]
     assert "/etc/xdplb/%i.toml" in unit["Unit"]["ConditionPathExists"][0]
 
 
