@@ -27,8 +27,11 @@ Offloads, as NAT needs them (README "NAT mode"): XDP cannot see whether an
 skb's checksum is still partial, so every sender here (clients, router,
 PACS) has TX checksum offload off, and with it TSO and GSO's partial
 checksums; the router has GRO off, so what it forwards is what it received.
-The gateway keeps veth's defaults. The lab runs xdplb in generic mode on veth
-(what ``--mode auto`` picks there).
+The gateway has GRO off too: generic XDP runs after GRO, and a merged frame
+would be translated and sent on whole. The lab runs xdplb in generic mode on
+veth (what ``--mode auto`` picks there); native mode on veth needs the same
+sender settings (the bench's native row adds the pass-through program on the
+gateway's switch port, ``Lab(native_peer=True)``).
 
 Python use (tests put ``tools/`` on ``sys.path``)::
 
@@ -168,6 +171,8 @@ class NatLab:
         self._sysctl("lb", net__ipv4__ip_forward=1, net__ipv4__conf__all__send_redirects=0,
                      net__ipv4__conf__eth0__send_redirects=0)
         self._ip("lb", "route", "add", CLIENT_NET, "via", ROUTER_LAB_IP)
+        # Generic XDP runs after GRO: merged frames would reach it (and be sent on) whole.
+        self.run("lb", "ethtool", "-K", "eth0", "gro", "off")
         # The PACS: no VIP, the gateway as their default route, redirects ignored.
         for name in self.backend_names():
             self._ip(name, "addr", "del", f"{self.vip}/32", "dev", "lo")
@@ -276,14 +281,8 @@ def nftables_dnat(nat: NatLab, rules: list[tuple[int, list[tuple[str, int]], str
 
 def nft_counters(nat: NatLab) -> list[int]:
     """Packets counted by each DNAT rule, in ruleset order."""
-    import json
-    dump = json.loads(nat.run("lb", "nft", "-j", "list", "table", "ip", NFT_TABLE).stdout)
-    out = []
-    for item in dump["nftables"]:
-        for expr in item.get("rule", {}).get("expr", []):
-            if "counter" in expr:
-                out.append(expr["counter"]["packets"])
-    return out
+    from bench import parse
+    return parse.nft_counter_packets(nat.run("lb", "nft", "-j", "list", "table", "ip", NFT_TABLE).stdout)
 
 
 # ---- capture (tcpdump is not installed): a pcap of the frames a namespace receives --

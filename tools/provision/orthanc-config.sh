@@ -70,7 +70,9 @@ check_ipv4() {
     [ "${#octets[@]}" -eq 4 ] || die "$1 needs an IPv4 address, not '$2'"
     local o
     for o in "${octets[@]}"; do
-        [ "${#o}" -le 3 ] && [ "$((10#$o))" -le 255 ] || die "$1 needs an IPv4 address, not '$2'"
+        if [ "${#o}" -gt 3 ] || [ "$((10#$o))" -gt 255 ]; then
+            die "$1 needs an IPv4 address, not '$2'"
+        fi
     done
 }
 
