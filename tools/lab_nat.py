@@ -319,11 +319,12 @@ def capture(ifname: str, out: Path, seconds: float, max_frames: int, ready: Path
 
 
 @contextlib.contextmanager
-def capturing(nat: NatLab, host: str, out: Path, seconds: float = 120, max_frames: int = 200_000):
-    """Capture what ``host``'s eth0 receives during the ``with`` block; the pcap is ``out``."""
+def capturing(nat: NatLab, host: str, out: Path, seconds: float = 120, max_frames: int = 200_000,
+              ifname: str = "eth0"):
+    """Capture what ``host``'s ``ifname`` receives during the ``with`` block; the pcap is ``out``."""
     ready = out.with_suffix(".ready")
     ready.unlink(missing_ok=True)
-    proc = nat.popen(host, PYTHON, THIS, "capture", "eth0", out, seconds, max_frames, ready,
+    proc = nat.popen(host, PYTHON, THIS, "capture", ifname, out, seconds, max_frames, ready,
                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 10
     while not ready.exists():
