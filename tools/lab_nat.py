@@ -236,7 +236,7 @@ def pool_text(nat: NatLab, check: str = "tcp", interval: float = 1.0, timeout: f
     """
     lines = ["[xdplb]", 'metrics = ""', *([extra] if extra else []), "",
              "[[service]]", f'name = "{SERVICE}"', f'vip = "{nat.vip}"', f"port = {SERVICE_PORT}",
-             'protocol = "tcp"', 'forwarding = "nat"', "  [service.health]", f'  check = "{check}"',
+             'protocol = "tcp"', 'forwarding = "nat"', "  [service.health]", f'  check = "{check}"', f'  called_ae = "{pacs_lab.AET}"',
              f"  interval = {interval}", f"  timeout = {timeout}", f"  rise = {rise}", f"  fall = {fall}"]
     for name in nat.backend_names():
         lines += ["  [[service.backend]]", f'  name = "{name}"', f'  address = "{nat.backend_ip(name)}"',

@@ -147,6 +147,53 @@ def test_nftables_dnat_baseline_keeps_the_client_address(nat, work):
     assert dnat_packets[0] >= len(files) + 1
 
 
+# ---- the checksum checker (scapy), and a proof that it can fail -------------------
+
+def tcp_checksum_ok(ip) -> bool:
+    segment = bytes(ip[TCP])[: ip.len - ip.ihl * 4]
+    pseudo = (bytes(map(int, ip.src.split("."))) + bytes(map(int, ip.dst.split(".")))
+              + bytes([0, 6]) + len(segment).to_bytes(2, "big"))
+    return checksum(pseudo + segment) == 0
+
+
+def ip_checksum_ok(ip) -> bool:
+    return checksum(bytes(ip)[: ip.ihl * 4]) == 0
+
+
+def judge(pcap: Path, wanted) -> tuple[int, list[str]]:
+    """(frames ``wanted`` selects, descriptions of those with a bad checksum)."""
+    seen, bad = 0, []
+    with PcapReader(str(pcap)) as frames:
+        for frame in frames:
+            if IP not in frame or TCP not in frame or not wanted(frame):
+                continue
+            seen += 1
+            ip = frame[IP]
+            if not (ip_checksum_ok(ip) and tcp_checksum_ok(ip)):
+                bad.append(f"{ip.src}:{ip[TCP].sport} > {ip.dst}:{ip[TCP].dport} flags {ip[TCP].flags} "
+                           f"len {ip.len} ip {ip_checksum_ok(ip)} tcp {tcp_checksum_ok(ip)}")
+    return seen, bad
+
+
+def test_the_capture_sees_a_checksum_left_to_offload(nat, work):
+    """Before xdplb attaches (its stateless reply translation would rewrite a
+    PACS's direct answers too). The checker can fail: with the client's TX checksum offload on, its
+    frames reach the router's port still partial, and the judge says so."""
+    path = work / "offload.dcm"
+    make_instance(path, 256 * 1024)
+    pcap = work / "capture-offload.pcap"
+    client = lab_nat.CLIENT_HOSTS["client"]
+    nat.run("client", "ethtool", "-K", "eth0", "tx", "on")
+    try:
+        with lab_nat.capturing(nat, "router", pcap, ifname="to-client"):
+            done = pacs_lab.storescu(nat, path, host=nat.backend_ip(1), port=lab_nat.ORTHANC_PORT)
+    finally:
+        nat.run("client", "ethtool", "-K", "eth0", "tx", "off")
+    assert done.returncode == 0, done.stderr
+    seen, bad = judge(pcap, lambda f: f[IP].src == client and f[TCP].dport == lab_nat.ORTHANC_PORT)
+    assert seen >= 4 and len(bad) >= seen // 2, (seen, len(bad))   # 49 of 49 when measured (TSO: 64 KB frames)
+
+
 # ---- through xdplb in NAT mode -------------------------------------------------------
 
 def test_store_to_vip_104_reaches_orthanc_on_4242_from_the_clients_address(nat, gateway, work):
@@ -184,10 +231,10 @@ def test_new_associations_spread_over_the_three(nat, gateway, work):
 def test_failover_when_an_orthanc_is_killed(nat, gateway, work):
     b = gateway.balancer
     spares = [p for p, _ in make_study(work / "failover", 80, 16 * 1024)]
-    watcher = pacs_lab.watch_store(nat, 7.0, spares)
+    watcher = pacs_lab.watch_store(nat, 9.0, spares)
     started = time.monotonic()
     try:
-        time.sleep(1.0)
+        time.sleep(1.5)   # the healthy state first
         pacs_lab.kill_orthanc(nat, "be2")
         killed = time.monotonic() - started
         st = b.wait_for(lambda s: backend_health(s, lab_nat.SERVICE)["be2"] == "down", DETECT_BOUND + 5, "be2 down")
@@ -197,7 +244,10 @@ def test_failover_when_an_orthanc_is_killed(nat, gateway, work):
             watcher.kill()
     tries = [(float(t), r) for t, r, _ in (line.split(maxsplit=2) for line in out.splitlines())]
     failed = [t for t, r in tries if r == "fail"]
-    assert all(t >= killed - 0.2 for t in failed), f"failures before the kill: {failed}"
+    # The watcher's clock starts when its python does, up to a few tenths of a
+    # second after ours: only tries well before the kill are known to precede it.
+    before = [r for t, r in tries if t < killed - 0.6]
+    assert len(before) >= 3 and set(before) == {"ok"}, tries
     last = max(failed, default=killed)
     assert last - killed <= DETECT_BOUND, f"last failure {last - killed:.2f}s after the kill"
     later = [r for t, r in tries if t > last]
@@ -269,50 +319,6 @@ def test_hitless_restart_kill_9_then_attach_during_a_nat_transfer(nat, gateway, 
 
 
 # ---- checksums of every translated frame, at the receivers ------------------------
-
-def tcp_checksum_ok(ip) -> bool:
-    segment = bytes(ip[TCP])[: ip.len - ip.ihl * 4]
-    pseudo = (bytes(map(int, ip.src.split("."))) + bytes(map(int, ip.dst.split(".")))
-              + bytes([0, 6]) + len(segment).to_bytes(2, "big"))
-    return checksum(pseudo + segment) == 0
-
-
-def ip_checksum_ok(ip) -> bool:
-    return checksum(bytes(ip)[: ip.ihl * 4]) == 0
-
-
-def judge(pcap: Path, wanted) -> tuple[int, list[str]]:
-    """(frames ``wanted`` selects, descriptions of those with a bad checksum)."""
-    seen, bad = 0, []
-    with PcapReader(str(pcap)) as frames:
-        for frame in frames:
-            if IP not in frame or TCP not in frame or not wanted(frame):
-                continue
-            seen += 1
-            ip = frame[IP]
-            if not (ip_checksum_ok(ip) and tcp_checksum_ok(ip)):
-                bad.append(f"{ip.src}:{ip[TCP].sport} > {ip.dst}:{ip[TCP].dport} flags {ip[TCP].flags} "
-                           f"len {ip.len} ip {ip_checksum_ok(ip)} tcp {tcp_checksum_ok(ip)}")
-    return seen, bad
-
-
-def test_the_capture_sees_a_checksum_left_to_offload(nat, work):
-    """The checker can fail: with the client's TX checksum offload on, its
-    frames reach the router's port still partial, and the judge says so."""
-    path = work / "offload.dcm"
-    make_instance(path, 256 * 1024)
-    pcap = work / "capture-offload.pcap"
-    client = lab_nat.CLIENT_HOSTS["client"]
-    nat.run("client", "ethtool", "-K", "eth0", "tx", "on")
-    try:
-        with lab_nat.capturing(nat, "router", pcap, ifname="to-client"):
-            done = pacs_lab.storescu(nat, path, host=nat.backend_ip(1), port=lab_nat.ORTHANC_PORT)
-    finally:
-        nat.run("client", "ethtool", "-K", "eth0", "tx", "off")
-    assert done.returncode == 0, done.stderr
-    seen, bad = judge(pcap, lambda f: f[IP].src == client and f[TCP].dport == lab_nat.ORTHANC_PORT)
-    assert seen >= 4 and len(bad) >= seen // 2, (seen, len(bad))   # 49 of 49 when measured (TSO: 64 KB frames)
-
 
 def test_every_translated_frame_carries_correct_checksums(nat, gateway, work):
     """Capture at the PACS (requests, translated to :4242) and at the router
