@@ -249,11 +249,14 @@ def pool_text(nat: NatLab, check: str = "tcp", interval: float = 1.0, timeout: f
 NFT_TABLE = "xdplb_nat_baseline"
 
 
-def nft_dnat_ruleset(vip: str, rules: list[tuple[int, list[tuple[str, int]], str]]) -> str:
+def nft_dnat_ruleset(vip: str, rules: list[tuple[int, list[tuple[str, int]], str]],
+                     masquerade: bool = False) -> str:
     """DNAT in prerouting, the client's address kept; conntrack undoes it on the replies.
 
     ``rules``: (service port, [(backend address, backend port)...], "jhash" or
-    "numgen") - by client address, or round robin.
+    "numgen") - by client address, or round robin. ``masquerade`` adds full
+    NAT (the source becomes the gateway's address), the answer the issue
+    rules out: it hides the client from a PACS that checks addresses.
     """
     lines = [f"table ip {NFT_TABLE} {{", "  chain prerouting {",
              "    type nat hook prerouting priority dstnat; policy accept;"]
@@ -262,17 +265,21 @@ def nft_dnat_ruleset(vip: str, rules: list[tuple[int, list[tuple[str, int]], str
         entries = ", ".join(f"{i} : {a} . {p}" for i, (a, p) in enumerate(targets))
         lines.append(f"    ip daddr {vip} tcp dport {port} counter dnat ip addr . port to "
                      f"{pick} mod {len(targets)} map {{ {entries} }}")
-    lines += ["  }", "}"]
+    lines.append("  }")
+    if masquerade:
+        lines += ["  chain postrouting {", "    type nat hook postrouting priority srcnat; policy accept;",
+                  "    ct status dnat counter masquerade", "  }"]
+    lines.append("}")
     return "\n".join(lines) + "\n"
 
 
 @contextlib.contextmanager
-def nftables_dnat(nat: NatLab, rules: list[tuple[int, list[tuple[str, int]], str]]):
+def nftables_dnat(nat: NatLab, rules: list[tuple[int, list[tuple[str, int]], str]], masquerade: bool = False):
     """The gateway as an nftables DNAT router (xdplb not attached): the VIP on
     its eth0, the ruleset loaded; yields the rules' packet counters reader."""
     nat.run("lb", "ip", "addr", "add", f"{nat.vip}/32", "dev", "eth0")
     try:
-        nat.run("lb", "nft", "-f", "-", input=nft_dnat_ruleset(nat.vip, rules))
+        nat.run("lb", "nft", "-f", "-", input=nft_dnat_ruleset(nat.vip, rules, masquerade))
         yield lambda: nft_counters(nat)
     finally:
         nat.run("lb", "nft", "delete", "table", "ip", NFT_TABLE, check=False)

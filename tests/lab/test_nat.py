@@ -147,6 +147,18 @@ def test_nftables_dnat_baseline_keeps_the_client_address(nat, work):
     assert dnat_packets[0] >= len(files) + 1
 
 
+def test_full_nat_hides_the_client_and_the_pacs_refuses_it(nat, work):
+    """Why the client's address must be kept: the same DNAT plus masquerade
+    (the source becomes the gateway's) and MODALITY is refused."""
+    targets = [(nat.backend_ip(n), lab_nat.ORTHANC_PORT) for n in nat.backend_names()]
+    path = work / "masq.dcm"
+    make_instance(path, 16 * 1024)
+    with lab_nat.nftables_dnat(nat, [(lab_nat.SERVICE_PORT, targets, "numgen")], masquerade=True) as counters:
+        refused = pacs_lab.storescu(nat, path)
+        assert counters()[-1] >= 1   # the masquerade rule saw the association
+    assert refused.returncode != 0 and "Association Rejected" in refused.stderr, refused.stderr
+
+
 # ---- the checksum checker (scapy), and a proof that it can fail -------------------
 
 def tcp_checksum_ok(ip) -> bool:
