@@ -23,10 +23,10 @@ stranger uses the same AE title from an address Orthanc does not know: the
 negative control. The backends carry no VIP (the base lab's DSR provisioning
 is undone): a NAT backend is an appliance nobody configures.
 
-Offloads, as NAT needs them (README "NAT mode"): XDP cannot see whether an
-skb's checksum is still partial, so every sender here (clients, router,
-PACS) has TX checksum offload off, and with it TSO and GSO's partial
-checksums; the router has GRO off, so what it forwards is what it received.
+Offloads, as NAT needs them (README "Offloads for NAT"): XDP cannot see
+whether an skb's checksum is still partial, nor split a super-packet, so
+every sender here (clients, router, PACS) has TX checksumming, TSO and GSO
+off; the router has GRO off, so what it forwards is what it received.
 The gateway has GRO off too: generic XDP runs after GRO, and a merged frame
 would be translated and sent on whole. The lab runs xdplb in generic mode on
 veth (what ``--mode auto`` picks there); native mode on veth needs the same
@@ -138,8 +138,9 @@ class NatLab:
             self.run(host, "sysctl", "-q", "-w", f"{key.replace('__', '.')}={value}")
 
     def _senders_offloads_off(self, host: str, ifname: str = "eth0") -> None:
-        """TX checksum offload (so TSO and partial checksums) off: XDP cannot finish them."""
-        self.run(host, "ethtool", "-K", ifname, "tx", "off")
+        """TX checksumming, TSO and GSO off (README "Offloads for NAT"): XDP
+        cannot finish a partial checksum nor split a super-packet."""
+        self.run(host, "ethtool", "-K", ifname, "tx", "off", "tso", "off", "gso", "off")
 
     def _build(self) -> None:
         for ns in self.names.values():
@@ -175,6 +176,7 @@ class NatLab:
         self.run("lb", "ethtool", "-K", "eth0", "gro", "off")
         # The PACS: no VIP, the gateway as their default route, redirects ignored.
         for name in self.backend_names():
+            self._senders_offloads_off(name)
             self._ip(name, "addr", "del", f"{self.vip}/32", "dev", "lo")
             self._ip(name, "route", "add", "default", "via", self.base.host_ip("lb"))
             self._sysctl(name, net__ipv4__conf__all__accept_redirects=0,

@@ -181,7 +181,9 @@ def judge(pcap: Path, wanted) -> tuple[int, list[str]]:
                 continue
             seen += 1
             ip = frame[IP]
-            if not (ip_checksum_ok(ip) and tcp_checksum_ok(ip)):
+            if ip.len > 1500:
+                bad.append(f"a {ip.len}-byte IP packet: a super-packet, not a wire frame")
+            elif not (ip_checksum_ok(ip) and tcp_checksum_ok(ip)):
                 bad.append(f"{ip.src}:{ip[TCP].sport} > {ip.dst}:{ip[TCP].dport} flags {ip[TCP].flags} "
                            f"len {ip.len} ip {ip_checksum_ok(ip)} tcp {tcp_checksum_ok(ip)}")
     return seen, bad
