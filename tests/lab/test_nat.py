@@ -332,6 +332,33 @@ def test_hitless_restart_kill_9_then_attach_during_a_nat_transfer(nat, gateway, 
                           "the store ended before the new daemon was ready: make it larger")
 
 
+def router_neighbour(nat) -> str:
+    """The gateway's neighbour entry for the router (the replies' next hop), or ""."""
+    return nat.run("lb", "ip", "neigh", "show", lab_nat.ROUTER_LAB_IP, "dev", "eth0").stdout.strip()
+
+
+def test_a_forgotten_next_hop_is_resolved_again_and_the_store_survives(nat, gateway, work):
+    """bpf_fib_lookup answers NO_NEIGH when the router's neighbour entry is
+    gone: those replies are dropped (counted), TCP resends, and xdplb
+    solicits the router again within its 1 s neighbour refresh; nothing else
+    on the gateway talks to the router, so the entry comes back only through it."""
+    path = work / "neigh.dcm"
+    uid = make_instance(path, 24 * 1024 * 1024)
+    b = gateway.balancer
+    with paced_store(nat, path, SLOW) as store:   # about 5 s
+        holder = carrier(nat)
+        drops = b.status()["actions"]["drop"]
+        nat.run("lb", "ip", "neigh", "del", lab_nat.ROUTER_LAB_IP, "dev", "eth0")
+        gone = time.monotonic()
+        while "lladdr" not in router_neighbour(nat):
+            assert time.monotonic() - gone < 5.0, f"the router's entry stayed unresolved: {router_neighbour(nat)!r}"
+            time.sleep(0.05)
+        back = time.monotonic() - gone
+        print(f"router's neighbour entry back {back:.2f}s after it was deleted")
+        finish_byte_exact(nat, store, path, uid, holder, work, "the store ended before the entry came back")
+    assert b.status()["actions"]["drop"] > drops   # the replies sent while it was missing
+
+
 # ---- checksums of every translated frame, at the receivers ------------------------
 
 def test_every_translated_frame_carries_correct_checksums(nat, gateway, work):
