@@ -202,3 +202,22 @@ def test_daemon_solicits_unresolved_route_gateways_only_for_a_nat_pool(tmp_path,
         asyncio.run(scenario())
         assert (router in h.nl.solicited) is nat
         assert resolved not in h.nl.solicited
+
+
+def test_scheduler_probes_each_nat_backend_on_its_own_port():
+    from xdplb.scheduler import ProbeScheduler
+
+    class Supervisor:
+        def __init__(self):
+            self.started = []
+
+        def start(self, name, factory):
+            self.started.append(name)
+
+        def stop(self, name):
+            pass
+
+    supervisor = Supervisor()
+    scheduler = ProbeScheduler(probe=None, telemetry=None, supervisor=supervisor, on_change=lambda: None)
+    scheduler.sync(parse_pool(NAT_POOL))
+    assert sorted(name[1] for name in supervisor.started) == ["tcp://10.30.0.11:4242", "tcp://10.30.0.12:104"]
