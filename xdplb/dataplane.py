@@ -189,6 +189,7 @@ class BccDataplane:
             self.adopted, self._mounted_bpffs = pins.adopted, pins.mounted_bpffs
             self.notes += pins.notes
             flags["PIN_DIR"] = str(pin_dir)
+        self._other_source = bpf_dir is not None
         self.compile_seconds = 0.0
         started = time.monotonic()
         try:
@@ -217,7 +218,7 @@ class BccDataplane:
         from . import bpfsys, pinning
 
         layout = self.map("layout")
-        for name, spec in pinning.map_specs(self.settings).items():
+        for name, spec in self._specs().items():
             bpfsys.bind_map(self.fn.fd, self.map(name).map_fd)
             layout[structs.LayoutKey.of(name)] = ctypes.c_uint64(spec.digest())
 
@@ -242,6 +243,23 @@ class BccDataplane:
             table = self._maps[name] = self.bpf.get_table(name.encode())
         return table
 
+    def _specs(self) -> dict:
+        """This build's maps (pinning.map_specs); for another source tree (an
+        older build, loaded by benches and tests) only the maps it has."""
+        from . import pinning
+
+        specs = pinning.map_specs(self.settings)
+        if not self._other_source:
+            return specs
+        return {name: spec for name, spec in specs.items() if self._has_map(name)}
+
+    def _has_map(self, name: str) -> bool:
+        try:
+            self.map(name)
+        except KeyError:    # bcc's get_table for a map the program does not declare
+            return False
+        return True
+
     @property
     def prog_fd(self) -> int:
         return self.fn.fd
@@ -251,7 +269,7 @@ class BccDataplane:
         structs.py (tests/unit/test_struct_layout.py compares every field)."""
         from . import pinning
 
-        for name, spec in pinning.map_specs(self.settings).items():
+        for name, spec in self._specs().items():
             table = self.map(name)
             # bcc's per-CPU tables keep the single-CPU value type in sLeaf.
             for ours, theirs in ((spec.key, table.Key), (spec.value, getattr(table, "sLeaf", table.Leaf))):
@@ -444,6 +462,8 @@ class BccDataplane:
     # is of the services' ports.
 
     def _stage_nat_backend(self, w: "_Writes", bid: int, address, port: int) -> None:
+        if not port and self._other_source and not self._has_map("nat_backends"):
+            return    # an older build's program, without NAT (benches compare with one)
         new = structs.NatBackend.of(address, port) if port else structs.NatBackend()
         if port or any(bytes(self.map("nat_backends")[bid])):
             self._stage(w, "nat_backends", bid, new, _NAT_BACKEND)
@@ -583,7 +603,7 @@ class BccDataplane:
             actions=self._sum_u64("xdp_actions", structs.ACTIONS),
             not_forwarded=self._sum_u64("not_forwarded", structs.REASONS),
             events=self._sum_u64("events", structs.EVENTS),
-            nat=self._sum_u64("nat_stats", structs.NAT_STATS),
+            nat=self._sum_u64("nat_stats", structs.NAT_STATS) if self._has_map("nat_stats") else {},
         )
 
     def read_state(self) -> KernelState:

@@ -14,10 +14,7 @@ routes 192.168.50.0/24; gw1 (172.16.0.1/24) is a second interface.
 """
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import ipaddress
-import json
 import os
 import socket
 import subprocess
@@ -29,6 +26,7 @@ from scapy.layers.l2 import Dot1Q, Ether
 from scapy.packet import Raw
 
 from xdplb import bpfsys, plan, structs
+from tools.bench.fibnet import FibNet
 from xdplb.netlink import Netlink
 
 from . import packets as P
@@ -185,77 +183,39 @@ def test_dsr_service_beside_nat_is_untouched_beyond_the_macs(nat):
 
 # ---- replies: backend:4242 -> client becomes VIP:104 -> client ---------------
 
-CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _setns(fd: int) -> None:
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
-        raise OSError(ctypes.get_errno(), "setns")
-
-
 class NatNet:
     """The reply path's network: namespace `gw` holds the gateway's interfaces,
     `rtr` the router at 10.10.0.1 (gw0's veth peer), which answers ARP."""
 
     def __init__(self) -> None:
         tag = f"{os.getpid() % 100000}"
-        self.gw, self.rtr = f"xnatgw{tag}", f"xnatrt{tag}"
-        self._made = []
-        for ns in (self.gw, self.rtr):
-            subprocess.run(["ip", "netns", "add", ns], check=True)
-            self._made.append(ns)
-        gw, rtr = ["ip", "-n", self.gw], ["ip", "-n", self.rtr]
-        steps = [
-            gw + ["link", "add", "gw0", "address", P.GW, "type", "veth", "peer", "name", "rt0",
-                  "netns", self.rtr],
-            gw + ["link", "add", "gw1", "type", "veth", "peer", "name", "gw1p"],
-            gw + ["addr", "add", f"{GW_ADDR}/24", "dev", "gw0"],
-            gw + ["addr", "add", "10.30.0.1/24", "dev", "gw0"],
-            gw + ["addr", "add", "172.16.0.1/24", "dev", "gw1"],
-            rtr + ["addr", "add", "10.10.0.1/24", "dev", "rt0"],
-            rtr + ["link", "set", "rt0", "address", ROUTER_MAC],
-            rtr + ["link", "set", "rt0", "up"],
-            gw + ["link", "set", "gw0", "up"],
-            gw + ["link", "set", "gw1", "up"],
-            gw + ["link", "set", "gw1p", "up"],
-            gw + ["route", "add", "192.168.50.0/24", "via", "10.10.0.1"],
-            gw + ["neigh", "replace", CLIENT, "lladdr", P.CLIENT_MAC, "dev", "gw0", "nud", "permanent"],
-            gw + ["neigh", "replace", OTHER_SIDE, "lladdr", OTHER_SIDE_MAC, "dev", "gw1", "nud", "permanent"],
-            ["ip", "netns", "exec", self.gw, "sysctl", "-qw", "net.ipv4.ip_forward=1"],
-        ]
-        for step in steps:
-            subprocess.run(step, check=True)
+        self.gw = FibNet(f"xnatgw{tag}")
+        self.rtr = FibNet(f"xnatrt{tag}")
+        gw, rtr = self.gw.ip, self.rtr.ip
+        gw("link", "add", "gw0", "address", P.GW, "type", "veth", "peer", "name", "rt0", "netns", self.rtr.name)
+        gw("link", "add", "gw1", "type", "veth", "peer", "name", "gw1p")
+        gw("addr", "add", f"{GW_ADDR}/24", "dev", "gw0")
+        gw("addr", "add", "10.30.0.1/24", "dev", "gw0")
+        gw("addr", "add", "172.16.0.1/24", "dev", "gw1")
+        rtr("addr", "add", "10.10.0.1/24", "dev", "rt0")
+        rtr("link", "set", "rt0", "address", ROUTER_MAC)
+        rtr("link", "set", "rt0", "up")
+        for link in ("gw0", "gw1", "gw1p"):
+            gw("link", "set", link, "up")
+        gw("route", "add", "192.168.50.0/24", "via", "10.10.0.1")
+        gw("neigh", "replace", CLIENT, "lladdr", P.CLIENT_MAC, "dev", "gw0", "nud", "permanent")
+        gw("neigh", "replace", OTHER_SIDE, "lladdr", OTHER_SIDE_MAC, "dev", "gw1", "nud", "permanent")
+        self.gw.sysctl("net.ipv4.ip_forward=1")   # again: gw0 and gw1 came after it
         # The router's MAC, learnt by ARP as the controller's solicit would (see the no-neighbour test).
-        subprocess.run(["ip", "netns", "exec", self.gw, "ping", "-c", "1", "-W", "2", "10.10.0.1"], check=True,
-                       stdout=subprocess.DEVNULL)
-        self.ifindex = {name: self._index(name) for name in ("gw0", "gw1")}
-        self._fd = os.open(f"/run/netns/{self.gw}", os.O_RDONLY)
-
-    def _index(self, name: str) -> int:
-        out = subprocess.run(["ip", "-n", self.gw, "-j", "link", "show", name], check=True,
-                             capture_output=True, text=True).stdout
-        return json.loads(out)[0]["ifindex"]
-
-    @contextlib.contextmanager
-    def inside(self):
-        """Run the calling thread in the gateway's namespace (BPF_PROG_TEST_RUN
-        and bpf_fib_lookup use the caller's)."""
-        home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-        try:
-            _setns(self._fd)
-            yield
-        finally:
-            _setns(home)
-            os.close(home)
-
-    def ip(self, *args: str) -> None:
-        subprocess.run(["ip", "-n", self.gw, *args], check=True)
+        subprocess.run(["ip", "netns", "exec", self.gw.name, "ping", "-c", "1", "-W", "2", "10.10.0.1"],
+                       check=True, stdout=subprocess.DEVNULL)
+        self.ifindex = {name: self.gw.ifindex(name) for name in ("gw0", "gw1")}
+        self.inside = self.gw.inside
+        self.ip = self.gw.ip
 
     def close(self) -> None:
-        os.close(self._fd)
-        for ns in self._made:
-            subprocess.run(["ip", "netns", "del", ns], check=False)
+        self.gw.close()
+        self.rtr.close()
 
 
 @pytest.fixture(scope="module")
@@ -365,12 +325,11 @@ def test_reply_without_any_route_passes_to_the_stack_which_cannot_forward_it_eit
 
 
 def test_reply_with_forwarding_off_is_dropped_never_passed(nat, net):
-    subprocess.run(["ip", "netns", "exec", net.gw, "sysctl", "-qw", "net.ipv4.conf.gw0.forwarding=0"], check=True)
+    net.gw.sysctl("net.ipv4.conf.gw0.forwarding=0")
     try:
         assert reply_run(nat, net, from_pacs(tcp_reply())).action == DROP
     finally:
-        subprocess.run(["ip", "netns", "exec", net.gw, "sysctl", "-qw", "net.ipv4.conf.gw0.forwarding=1"],
-                       check=True)
+        net.gw.sysctl("net.ipv4.conf.gw0.forwarding=1")
 
 
 def test_next_hop_without_a_neighbour_drops_until_the_controller_resolves_it(nat, net):
@@ -414,3 +373,36 @@ def test_nat_flow_replies_survive_a_backend_leaving_and_joining(nat, net):
     verdict = reply_run(nat, net, packet)
     assert verdict.action == TX
     assert Ether(verdict.data)[IP].src == str(VIP)
+
+
+# ---- a hitless restart with adopted maps ----------------------------------------
+
+from .test_pinning import bpffs, loaded  # noqa: E402,F401  (fixtures)
+
+
+def test_nat_flows_survive_a_restart_that_adopts_the_pinned_maps(bpffs, loaded, net):
+    """The first controller's program and maps, then a second controller that
+    adopts the pins (as after kill -9): the adopted state plans no NAT write,
+    and an established NAT flow's request and reply both still translate."""
+    from xdplb.config import Settings
+
+    from .conftest import Harness
+
+    settings = Settings(hash_seed=0x5EED, maglev_size=251)
+    first = Harness(loaded(settings, bpffs / "eth0"), settings)
+    first.program(nat_services())
+    owner = Ether(first.run(P.syn(sport=40600)).data)[IP].dst
+
+    dp = loaded(settings, bpffs / "eth0")
+    assert dp.adopted
+    second = Harness(dp, settings)
+    second.applied = plan.adopt(dp.read_state(), {s.key: s.name for s in nat_services()})
+    result = second.program(nat_services())
+    assert not [op for op in result.ops if isinstance(op, (plan.PutNatReverse, plan.DelNatReverse,
+                                                            plan.PutBackend, plan.ClearBackend))]
+    request = second.run(P.ack(sport=40600))
+    assert request.action == TX and Ether(request.data)[IP].dst == owner
+    assert Ether(request.data)[TCP].dport == PACS_PORT
+    reply = reply_run(second, net, from_pacs(tcp_reply(dport=40600), src=owner))
+    assert reply.action == TX and Ether(reply.data)[IP].src == str(VIP)
+    assert_checksums(reply.data)

@@ -202,3 +202,36 @@ def test_daemon_solicits_unresolved_route_gateways_only_for_a_nat_pool(tmp_path,
         asyncio.run(scenario())
         assert (router in h.nl.solicited) is nat
         assert resolved not in h.nl.solicited
+
+
+def test_scheduler_probes_each_nat_backend_on_its_own_port():
+    from xdplb.scheduler import ProbeScheduler
+
+    class Supervisor:
+        def __init__(self):
+            self.started = []
+
+        def start(self, name, factory):
+            self.started.append(name)
+
+        def stop(self, name):
+            pass
+
+    supervisor = Supervisor()
+    scheduler = ProbeScheduler(probe=None, telemetry=None, supervisor=supervisor, on_change=lambda: None)
+    scheduler.sync(parse_pool(NAT_POOL))
+    assert sorted(name[1] for name in supervisor.started) == ["tcp://10.30.0.11:4242", "tcp://10.30.0.12:104"]
+
+
+def test_nat_counters_are_exported_by_outcome_zeros_included():
+    import dataclasses
+
+    from test_exporter import make_source, registry_for, value
+
+    src = make_source()
+    read = src.dp.read_stats
+    src.dp.read_stats = lambda s, b: dataclasses.replace(read(s, b), nat={"reply_tx": 12, "no_neigh": 3})
+    reg = registry_for(src)
+    assert value(reg, "xdplb_nat_packets_total", outcome="reply_tx") == 12
+    assert value(reg, "xdplb_nat_packets_total", outcome="no_neigh") == 3
+    assert value(reg, "xdplb_nat_packets_total", outcome="request") == 0
