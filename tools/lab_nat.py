@@ -230,13 +230,14 @@ def temporary_nat_lab(base: str = "xn", backends: int = 3):
 # ---- the pool -----------------------------------------------------------------
 
 def pool_text(nat: NatLab, check: str = "tcp", interval: float = 1.0, timeout: float = 0.5,
-              rise: int = 2, fall: int = 2, extra: str = "") -> str:
+              rise: int = 2, fall: int = 2, metrics: str = "") -> str:
     """VIP:104 in NAT mode to every PACS's 4242; health checks go to 4242 too.
 
     ``check`` "dicom" probes with an association from XDPLB, which every
-    Orthanc knows at the gateway's address. ``extra`` goes into [xdplb].
+    Orthanc knows at the gateway's address; ``metrics`` is the exporter's
+    address in the gateway's namespace ("" for none).
     """
-    lines = ["[xdplb]", 'metrics = ""', *([extra] if extra else []), "",
+    lines = ["[xdplb]", f'metrics = "{metrics}"', "",
              "[[service]]", f'name = "{SERVICE}"', f'vip = "{nat.vip}"', f"port = {SERVICE_PORT}",
              'protocol = "tcp"', 'forwarding = "nat"', "  [service.health]", f'  check = "{check}"', f'  called_ae = "{pacs_lab.AET}"',
              f"  interval = {interval}", f"  timeout = {timeout}", f"  rise = {rise}", f"  fall = {fall}"]
