@@ -5,7 +5,9 @@ and a real Orthanc on 4242 each) whose default route is the gateway; only
 what the gateway does changes between rows:
 
   routed (no balancer)  client -> backend 1's own address; the reply is routed back by the
-                        gateway's kernel (no translation anywhere: the floor of this topology)
+                        gateway's kernel (no translation anywhere: the floor of this topology).
+                        One backend, where the balanced rows spread the HTTP connections over
+                        three single-threaded responders: its conn/s is not a ceiling
   xdplb NAT generic     client -> VIP -> `xdplb attach --mode generic`, services in
                         forwarding = "nat": destination translated in XDP, the reply
                         translated back in XDP and sent to the router (bpf_fib_lookup)
