@@ -56,7 +56,9 @@ def test_dataplane_suite(tmp_path):
     paths = next(g for g in result["groups"] if g["group"].startswith("paths"))
     cases = {r["case"]: r for r in paths["rows"]}
     assert set(cases) == {"floor", "pass (not for a VIP)", "new flow (insert + delete: upper bound)",
-                          "new flow (no insert: lower bound)", "established (flow-table hit)"}
+                          "new flow (no insert: lower bound)", "established (flow-table hit)",
+                          "NAT request, established (flow hit + translation)",
+                          "NAT reply (reverse lookup + fib lookup + translation)"}
     assert cases["floor"]["ratio_to_floor"] == 1.0
     for row in cases.values():
         assert row["ns"]["median"] > 0 and row["ns"]["runs"] == 1

@@ -235,3 +235,12 @@ def test_nat_counters_are_exported_by_outcome_zeros_included():
     assert value(reg, "xdplb_nat_packets_total", outcome="reply_tx") == 12
     assert value(reg, "xdplb_nat_packets_total", outcome="no_neigh") == 3
     assert value(reg, "xdplb_nat_packets_total", outcome="request") == 0
+
+
+def test_nat_with_tls_termination_is_refused(tmp_path):
+    from certs import make_cert
+
+    pem = make_cert(tmp_path, "pacs")
+    text = NAT_POOL.replace('forwarding = "nat"\n', 'forwarding = "nat"\n  [service.tls]\n  certificate = "'
+                            + str(pem) + '"\n  backend_protocol = "tcp"\n  backend_port = 4242\n')
+    assert 'forwarding = "nat" cannot go with [service.tls]' in problems(text)
