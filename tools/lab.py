@@ -171,7 +171,9 @@ def temporary_lab(base: str = "xt", **options):
 
 def _matching(prefix: str, names: list[str]) -> list[str]:
     """The lab namespaces of ``prefix`` among ``names``."""
-    pattern = re.compile(re.escape(prefix) + r"-(sw|client|lb|be[0-9]+)")
+    # nr, nc1, nc2: the NAT lab's router and clients (tools/lab_nat.py), so a
+    # crashed NAT run is cleaned by `down` too.
+    pattern = re.compile(re.escape(prefix) + r"-(sw|client|lb|be[0-9]+|nr|nc[0-9]+)")
     return [n for n in names if pattern.fullmatch(n)]
 
 
@@ -340,7 +342,9 @@ class Lab:
 
         def key(ns: str) -> tuple[int, int]:
             host = ns[len(self.prefix) + 1:]
-            return (order[host], 0) if host in order else (3, int(host[2:]))
+            if host in order:
+                return (order[host], 0)
+            return (3, int(host[2:])) if host.startswith("be") else (4, int(host[2:] or 0))
         return sorted(_matching(self.prefix, list_namespaces()), key=key)
 
     def is_up(self) -> bool:
