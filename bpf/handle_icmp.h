@@ -23,6 +23,8 @@
  *     packet of that flow would go: right on a node that never saw the flow
  *     (another balancer, or this one after a restart without its table).
  * Counted as EVENT_ICMP_TOO_BIG. No flow entry is created or changed.
+ * For a NAT service the quote names the VIP, which the backend does not
+ * hold: such a message is dropped and counted (NAT_STAT_ICMP; nat.h).
  *
  * Everything else passes to the gateway's stack untouched (XDP_PASS):
  *   - any other ICMP message (echo requests: pinging the VIP keeps working);
@@ -133,6 +135,8 @@ static __always_inline int handle_icmp(struct hdr_cursor *nh, void *data_end,
 		return counted(REASON_NOT_SERVICE, XDP_PASS);
 	if (!dst->cfg)   /* for_us found lb_config unpublished (a rewrite in progress) */
 		return counted(REASON_NO_CONFIG, XDP_PASS);
+	if (state & F_SVC_NAT)   /* not translated: nat.h */
+		return nat_counted(NAT_STAT_ICMP, XDP_DROP);
 	/* The flow's backend while its packets would go there (down within
 	 * its grace included), else where Maglev would place the flow now. */
 	if (read_flow(&quoted, dst)) {

@@ -55,6 +55,7 @@
 
 /* struct service_info.flags and struct service_ref.state (bits 0-6) */
 #define F_SVC_CLIENT_PERSIST (1U << 0) /* hash source address only, not the 5-tuple */
+#define F_SVC_NAT (1U << 1)            /* forwarding "nat": destination and port translated (nat.h) */
 /* struct service_ref.state, bit 7: which of the service's two Maglev tables is live */
 #define SVC_STATE_HALF (1U << 7)
 
@@ -93,6 +94,24 @@
 #define EVENT_DOWN_GRACE 8       /* forwarded to a down backend inside its grace period */
 #define EVENT_UDP_EXPIRED 9      /* UDP entry idle past udp_idle_ns: placed afresh */
 #define EVENT_MAX 10
+
+/* NAT counters (nat.h): index into the nat_stats map, its own map so the
+ * not_forwarded and events maps keep their shapes across a restart. */
+#define NAT_STAT_REQUEST 0       /* request translated to backend address and port, sent (XDP_TX) */
+#define NAT_STAT_REPLY_TX 1      /* reply translated back to VIP:port, next hop on the ingress interface */
+#define NAT_STAT_REPLY_REDIRECT 2 /* reply translated back, next hop on another interface */
+#define NAT_STAT_NO_ROUTE 3      /* reply of a NAT pair whose route forbids forwarding (blackhole,
+                                  * unreachable, prohibit, forwarding off, frag needed): dropped */
+#define NAT_STAT_NO_NEIGH 4      /* reply of a NAT pair whose next hop has no neighbour entry: dropped */
+#define NAT_STAT_ICMP 5          /* ICMP error about a NAT flow: dropped, not translated */
+#define NAT_STAT_UNTRANSLATABLE 6 /* reply of a NAT pair that cannot be sent: a torn reverse entry,
+                                  * a VLAN-tagged reply whose next hop is on another interface: dropped */
+#define NAT_STAT_NO_TARGET 7     /* request to a NAT backend whose nat_backends entry is unpublished
+                                  * (being rewritten): dropped, TCP resends */
+#define NAT_STAT_STACK 8         /* reply of a NAT pair the stack would not forward either (to the
+                                  * gateway itself: health checks, its own connections; or no route
+                                  * at all): passed untouched */
+#define NAT_STAT_MAX 9
 
 /* The flood guard's rate window (bpf_ktime_get_ns is in ns). */
 #define XDPLB_NSEC_PER_SEC 1000000000ULL

@@ -176,6 +176,47 @@ LB_MAP("percpu_array", int, __u64, not_forwarded, REASON_MAX);
 LB_MAP("percpu_array", int, __u64, events, EVENT_MAX);
 
 /*
+ * NAT forwarding (bpf/nat.h). IPv6 adds nat_backends6 / nat_reverse6 keyed
+ * by struct lb_addr, next to these, and the same bitmap serves both.
+ *
+ * backend id -> nat_backend: the address and port a NAT service's backend
+ * listens on; written by the controller with the backend (rule 1, its own
+ * `ready` byte), read per request of a NAT service in one 64-bit load.
+ * A separate map rather than fields of backend_info, so maps pinned by
+ * earlier builds keep their layout and are adopted.
+ */
+LB_MAP("array", int, struct nat_backend, nat_backends, MAX_BACKENDS);
+
+/*
+ * nat_rev_key (backend address, backend port, protocol) -> nat_rev_value
+ * (VIP, service port): the stateless reverse translation of replies;
+ * written by the controller (an entry per NAT backend of a NAT service,
+ * before the backend is first written and removed after it is cleared),
+ * read per reply candidate: one hash lookup per reply. Stateless, so it
+ * survives flow-table eviction, restarts and ECMP moves; `xdplb check`
+ * refuses a pool where two NAT services share a key. Values never change
+ * in place (a changed target is a delete and an insert); a deleted element
+ * can be recycled under a reader (rule 5), so the value carries the key's
+ * port, read with it in one 64-bit load and checked: a reader that sees
+ * another key's value drops the reply (NAT_STAT_UNTRANSLATABLE), never
+ * passes it.
+ */
+LB_MAP("hash", struct nat_rev_key, struct nat_rev_value, nat_reverse, MAX_BACKENDS);
+
+/*
+ * (host-order SOURCE port / 32) -> bit (port % 32) set when some NAT
+ * backend listens on that port; written by the controller, read per
+ * TCP/UDP packet. The reply path's gate, as service_ports is the request
+ * path's: a clear bit means the nat_reverse lookup would miss, so no other
+ * traffic pays a hash lookup for NAT. A superset of nat_reverse's ports at
+ * every step (set before the first entry, cleared after the last).
+ */
+LB_MAP("array", int, __u32, nat_ports, PORT_WORDS);
+
+/* NAT_STAT_* -> per-CPU count; written per NAT packet, read by the controller. */
+LB_MAP("percpu_array", int, __u64, nat_stats, NAT_STAT_MAX);
+
+/*
  * map name -> 64-bit digest of that map's key and value layout (every
  * field's name, offset and size); written by the controller after each
  * load, never read by the program. Pinned with the others so the next

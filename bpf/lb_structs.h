@@ -125,4 +125,34 @@ struct layout_key {
 	char name[16];         /* NUL-padded */
 };
 
+/* ---- NAT forwarding (bpf/nat.h; maps in lb_maps.h) ----
+ * IPv4 only, with 4-byte addresses, for the reason service_key gives. IPv6
+ * adds its own nat_backend6 / nat_rev_key6 with struct lb_addr (16 bytes)
+ * in separate maps, so the IPv4 keys stay 8 bytes to hash. */
+
+/* nat_backends map value, indexed by backend id: where a NAT service's
+ * backend really listens. Read in one 64-bit load. */
+struct nat_backend {
+	__be32 addr;           /* network order: the backend's address (the new destination) */
+	__be16 port;           /* network order: the port it listens on (the new destination port) */
+	__u8 ready;            /* 1 publishes addr and port (lb_maps.h rule 1); 0 = not a NAT backend */
+	__u8 pad;              /* zero */
+};
+
+/* nat_reverse map key: the source of a NAT backend's replies. */
+struct nat_rev_key {
+	__be32 addr;           /* network order: backend address */
+	__be16 port;           /* network order: backend port */
+	__u8 proto;            /* IPPROTO_TCP or IPPROTO_UDP */
+	__u8 pad;              /* zero */
+};
+
+/* nat_reverse map value: what the reply's source becomes. Read in one
+ * 64-bit load; bport repeats the key's port as a check (lb_maps.h). */
+struct nat_rev_value {
+	__be32 vip;            /* network order: the service's VIP */
+	__be16 vport;          /* network order: the service port */
+	__be16 bport;          /* network order: the key's backend port, checked by the reader */
+};
+
 #endif /* XDPLB_STRUCTS_H */

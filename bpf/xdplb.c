@@ -10,7 +10,10 @@
  *   2. connection_table_lookup: the established fast path;
  *   3. pick_backend: the services lookup, then the flow's backend if still
  *      live, or Maglev (place_new_flow);
- *   4. forward: counters and the DSR rewrite.
+ *   4. forward: counters and the DSR rewrite, or for a NAT service the
+ *      destination and port translation (nat.h).
+ * Between 1 and 2, nat_reply takes the replies of NAT backends (their
+ * source port gated by nat_ports, then one nat_reverse lookup; nat.h).
  * Every packet leaves through record_action, which counts the action.
  *
  * Cost: a hash map lookup is several kernel calls, an array lookup is inlined
@@ -85,6 +88,7 @@ struct packet {
 	__be16 eth_proto;      /* network order: EtherType after at most one VLAN tag */
 	__u8 l4_proto;         /* IPPROTO_* of the IPv4 header */
 	__u8 tcp_flags;        /* TCP_FLAGS_* of a TCP segment (byte 13 of its header), 0 otherwise */
+	void *data_end;        /* the frame's end (for NAT, which finds the L4 header again) */
 	struct flow_key flow;  /* the 5-tuple, as the flow table keys it (pad zero) */
 };
 
@@ -109,6 +113,7 @@ struct dest {
 	struct backend_info *be;  /* the backend chosen (FORWARD) */
 	__u32 sid;                /* service id: index of the service counters */
 	__u32 bid;                /* backend id: index of the backend counters */
+	__u8 state;               /* the service's service_ref.state as checked (F_SVC_NAT) */
 	int new_flow;             /* 1 when Maglev chose the backend for this packet */
 	__u32 first_event;        /* EVENT_FLOW_NEW or EVENT_FLOW_MISS when there is no entry to follow */
 };
@@ -391,6 +396,12 @@ static __always_inline int parse_l4(struct hdr_cursor *nh, void *data_end, struc
 	} else {
 		return counted(REASON_NOT_SERVICE, XDP_PASS);
 	}
+	return CONTINUE;
+}
+
+/* Step 1d, only destination ports some service uses go on. */
+static __always_inline int service_port_gate(const struct packet *pkt)
+{
 	if (!port_in_use(pkt->flow.dport))
 		return counted(REASON_NOT_SERVICE, XDP_PASS);
 	return CONTINUE;
@@ -455,6 +466,7 @@ static __always_inline int connection_table_lookup(struct packet *pkt, struct de
 	if (!dst->be)
 		return CONTINUE;
 	dst->sid = dst->flow.value.service_id;
+	dst->state = state;
 	count_event(EVENT_FLOW_HIT);
 	return FORWARD;
 }
@@ -549,6 +561,7 @@ static __always_inline int pick_backend(struct packet *pkt, struct dest *dst)
 
 	if (!find_service(pkt, &dst->sid, &state))
 		return counted(REASON_NOT_SERVICE, XDP_PASS);
+	dst->state = state;
 
 	if (dst->has_flow) {
 		dst->bid = dst->flow.value.backend_id;
@@ -566,6 +579,8 @@ static __always_inline int pick_backend(struct packet *pkt, struct dest *dst)
 	return place_new_flow(pkt, state, dst);
 }
 
+#include "nat.h"
+
 /* Step 4, count the traffic and send the frame to its backend. */
 static __always_inline int forward(const struct packet *pkt, const struct dest *dst)
 {
@@ -573,6 +588,8 @@ static __always_inline int forward(const struct packet *pkt, const struct dest *
 	count_traffic(backend_stats.lookup((__u32 *)&dst->bid), pkt->frame_len, dst->new_flow);
 	race_window();
 	dsr_rewrite(pkt->eth, dst->be, dst->cfg);
+	if (dst->state & F_SVC_NAT)
+		return nat_request(pkt, dst);
 	return XDP_TX;
 }
 
@@ -587,6 +604,7 @@ int xdplb_ingress(struct xdp_md *ctx)
 	int action;
 
 	pkt.frame_len = data_end - nh.pos;
+	pkt.data_end = data_end;
 	action = parse_l2(&nh, data_end, &pkt);
 	if (action == CONTINUE)
 		action = for_us(&pkt, &dst);
@@ -596,6 +614,10 @@ int xdplb_ingress(struct xdp_md *ctx)
 		action = handle_icmp(&nh, data_end, &pkt, &dst);
 	if (action == CONTINUE)
 		action = parse_l4(&nh, data_end, &pkt);
+	if (action == CONTINUE && nat_port_in_use(pkt.flow.sport))
+		action = nat_reply(ctx, &pkt);
+	if (action == CONTINUE)
+		action = service_port_gate(&pkt);
 	if (action == CONTINUE)
 		action = connection_table_lookup(&pkt, &dst);
 	if (action == CONTINUE)

@@ -43,6 +43,7 @@ class FakeDataplane:
     vips:     set of VIP addresses
     config:   every field of the last SetConfig, in order (plan.Desired.config), or None
     down_since: id -> monotonic ns its PutBackend said it went down (0: up)
+    nat_backends: id -> NAT port; nat_reverse: (address, port, protocol) -> (vip, vport)
     counters: ("service" | "backend", id) -> Counters, set by ZeroCounters
     log:      every op applied, in order
     """
@@ -62,6 +63,8 @@ class FakeDataplane:
         self.vips: set = set()
         self.config: tuple | None = None
         self.down_since: dict[int, int] = {}
+        self.nat_backends: dict[int, int] = {}      # backend id -> NAT port
+        self.nat_reverse: dict[tuple, tuple] = {}   # (address, port, protocol) -> (vip, vport)
         self.counters: dict[tuple, Counters] = {}
         self.attached: tuple[str, str] | None = None
         self.attach_calls: list[tuple] = []   # (ifname, mode) or (ifname, mode, "replace")
@@ -141,10 +144,15 @@ class FakeDataplane:
                 raise ValueError(f"backend {op.id}: MAC must be 6 bytes, got {op.mac!r}")
             self.backends[op.id] = (op.service_id, _ip(op.address), bytes(op.mac), bool(op.up))
             self.down_since[op.id] = op.down_since
+            if op.port:
+                self.nat_backends[op.id] = op.port
+            else:
+                self.nat_backends.pop(op.id, None)
         elif isinstance(op, plan.ClearBackend):
             self._check_backend_id(op.id)
             self.backends.pop(op.id, None)  # the real map zeroes the entry
             self.down_since.pop(op.id, None)
+            self.nat_backends.pop(op.id, None)
         elif isinstance(op, plan.PutTable):
             self._check_service_id(op.service_id)
             if op.half not in (0, 1):
@@ -161,6 +169,10 @@ class FakeDataplane:
             self.services[_key(op.vip, op.port, op.protocol)] = (op.id, op.flags, op.half)
         elif isinstance(op, plan.DelService):
             self.services.pop(_key(op.vip, op.port, op.protocol), None)
+        elif isinstance(op, plan.PutNatReverse):
+            self.nat_reverse[(_ip(op.address), op.port, op.protocol)] = (_ip(op.vip), op.vport)
+        elif isinstance(op, plan.DelNatReverse):
+            self.nat_reverse.pop((_ip(op.address), op.port, op.protocol), None)
         elif isinstance(op, plan.PutVip):
             self.vips.add(_ip(op.address))
         elif isinstance(op, plan.DelVip):
@@ -186,7 +198,7 @@ class FakeDataplane:
             if (sid, half) in self.tables:
                 tables[(sid, half)] = self.tables[(sid, half)]
         return KernelState(dict(self.services), dict(self.backends), tables, set(self.vips), self.config,
-                           dict(self.down_since))
+                           dict(self.down_since), dict(self.nat_backends), dict(self.nat_reverse))
 
     def flows(self, limit: int = 100000) -> dict:
         return {}
@@ -241,6 +253,7 @@ class FakeNetlink:
             self.addresses.setdefault(index, set()).update(_ip(a) for a in addrs)
         self.ours: dict[int, set] = {l.index: set() for l in links}
         self.solicited: list = []
+        self.gateways: set = set()           # next hops of the routes out of the link (route_gateways)
         self.calls: list[tuple] = []
         self.dumps = 0                       # neighbour_macs calls
         self.lookups = 0                     # neighbour_mac calls
@@ -316,6 +329,9 @@ class FakeNetlink:
 
     def solicit(self, address) -> None:
         self.solicited.append(_ip(address))
+
+    def route_gateways(self, index: int) -> set:
+        return set(self.gateways)
 
 
 class FakeProber:

@@ -3,7 +3,7 @@
 #
 # As root: tools/setup.sh first (the same set-up as tools/test.sh), then
 # tools/bench/run.py with every argument passed on, for example
-#   sudo tools/bench.sh                       # all three suites, full counts
+#   sudo tools/bench.sh                       # all four suites, full counts
 #   sudo tools/bench.sh --quick --suite lab   # one suite, small counts
 # Results go to /tmp/xdplb-bench unless --out DIR says otherwise.
 set -euo pipefail

@@ -173,7 +173,10 @@ def temporary_lab(base: str = "xt", **options):
 
 def _matching(prefix: str, names: list[str]) -> list[str]:
     """The lab namespaces of ``prefix`` among ``names``."""
-    pattern = re.compile(re.escape(prefix) + r"-(sw|client|rt|lb[0-9]*|be[0-9]+)")
+    # rt, lbN: the multi-node lab (tools/ha_lab.py); nr, nc1, nc2: the NAT
+    # lab's router and clients (tools/lab_nat.py), so a crashed run of either
+    # is cleaned by `down` too.
+    pattern = re.compile(re.escape(prefix) + r"-(sw|client|rt|lb[0-9]*|be[0-9]+|nr|nc[0-9]+)")
     return [n for n in names if pattern.fullmatch(n)]
 
 
@@ -347,7 +350,7 @@ class Lab:
 
     def namespaces(self) -> list[str]:
         """This lab's namespaces that exist now (any backend count), sorted."""
-        order = {"sw": 0, "client": 1, "rt": 2, "lb": 3, "be": 4}
+        order = {"sw": 0, "client": 1, "rt": 2, "lb": 3, "be": 4, "nr": 5, "nc": 6}
 
         def key(ns: str) -> tuple[int, int]:
             host = ns[len(self.prefix) + 1:]

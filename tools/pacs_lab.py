@@ -108,31 +108,42 @@ def check_packages() -> None:
         raise labtool.LabError(proc.stderr.strip() or proc.stdout.strip())
 
 
-def write_config(lab, name: str, known_aets: tuple[str, ...] = ()) -> Path:
-    """Write ``name``'s Orthanc configuration with the shared provisioning script."""
+def write_config(lab, name: str, known_aets: tuple[str, ...] = (), dicom_port: int = DICOM_PORT,
+                 modalities: dict[str, str] | None = None) -> Path:
+    """Write ``name``'s Orthanc configuration with the shared provisioning script.
+
+    ``modalities`` ({AE title: IPv4 address}) makes Orthanc accept only those
+    callers, each from its own address (DicomCheckModalityHost).
+    """
     base = orthanc_dir(lab, name)
     (base / "storage").mkdir(parents=True, exist_ok=True)
     config = base / "orthanc.json"
     argv = ["bash", str(CONFIG_SCRIPT), "--out", str(config), "--storage", str(base / "storage"),
-            "--name", name, "--aet", AET, "--dicom-port", str(DICOM_PORT), "--http-port", str(HTTP_PORT)]
+            "--name", name, "--aet", AET, "--dicom-port", str(dicom_port), "--http-port", str(HTTP_PORT)]
     for known in known_aets:
         argv += ["--known-aet", known]
+    for aet, host in (modalities or {}).items():
+        argv += ["--modality", f"{aet}={host}"]
+    if modalities:
+        argv.append("--check-modality-host")
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=30)
     if proc.returncode != 0:
         raise labtool.LabError(f"{CONFIG_SCRIPT.name} for {name}: {proc.stderr.strip()}")
     return config
 
 
-def start_orthanc(lab, name: str, known_aets: tuple[str, ...] = ()) -> None:
+def start_orthanc(lab, name: str, known_aets: tuple[str, ...] = (), dicom_port: int = DICOM_PORT,
+                  modalities: dict[str, str] | None = None) -> None:
     """(Re)start ``name``'s Orthanc, keeping its storage; wait until it serves.
 
     With ``known_aets`` it accepts associations only from those calling AE
-    titles, and ``forget_caller`` can withdraw one while it runs.
+    titles, and ``forget_caller`` can withdraw one while it runs; with
+    ``modalities`` only from those AE titles at those addresses.
     """
     if name not in lab.backend_names():
         raise labtool.LabError(f"no backend {name!r}: use {', '.join(lab.backend_names())}")
     stop_orthanc(lab, name)
-    config = write_config(lab, name, known_aets)
+    config = write_config(lab, name, known_aets, dicom_port, modalities)
     base = orthanc_dir(lab, name)
     with open(base / "log", "ab") as log:
         # `ip netns exec` execs, so the Popen's pid is Orthanc's own.
@@ -140,11 +151,11 @@ def start_orthanc(lab, name: str, known_aets: tuple[str, ...] = ()) -> None:
                          stderr=subprocess.STDOUT, start_new_session=True)
     _PROCS[(str(lab.state_dir), name)] = proc
     (base / "pid").write_text(f"{proc.pid}\n")
-    wait_orthanc_ready(lab, name)
+    wait_orthanc_ready(lab, name, dicom_port=dicom_port)
 
 
-def wait_orthanc_ready(lab, name: str, budget: float = READY_DEADLINE) -> None:
-    probe = lab.run(name, "/usr/bin/python3", "-c", _READY_PROBE, lab.host_ip(name), DICOM_PORT,
+def wait_orthanc_ready(lab, name: str, budget: float = READY_DEADLINE, dicom_port: int = DICOM_PORT) -> None:
+    probe = lab.run(name, "/usr/bin/python3", "-c", _READY_PROBE, lab.host_ip(name), dicom_port,
                     HTTP_PORT, budget, check=False, timeout=budget + 10)
     if probe.returncode != 0:
         log = orthanc_dir(lab, name) / "log"
@@ -280,12 +291,12 @@ def _dcmtk_args(host: str, port: int, called: str, calling: str) -> list[str]:
 
 def storescu(lab, *files: Path | str, host: str | None = None, port: int = DICOM_PORT,
              called: str = AET, calling: str = MODALITY_AET, timeout: float = 600,
-             popen: bool = False):
-    """One storescu association carrying ``files``, from the client namespace."""
+             popen: bool = False, source: str = "client"):
+    """One storescu association carrying ``files``, from ``source``'s namespace."""
     argv = ["storescu", *_dcmtk_args(host or lab.vip, port, called, calling), *map(str, files)]
     if popen:
-        return lab.popen("client", *argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    return lab.run("client", *argv, check=False, timeout=timeout)
+        return lab.popen(source, *argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return lab.run(source, *argv, check=False, timeout=timeout)
 
 
 def echoscu(lab, host: str | None = None, port: int = DICOM_PORT, called: str = AET,

@@ -123,10 +123,12 @@ class TestRun:
     duration_ns: int   # mean time per repetition, as measured by the kernel
 
 
-def prog_test_run(prog_fd: int, packet: bytes, repeat: int = 1) -> TestRun:
+def prog_test_run(prog_fd: int, packet: bytes, repeat: int = 1, ingress_ifindex: int = 0) -> TestRun:
     """Run an XDP program on `packet` in the kernel (needs root).
 
     The kernel rejects packets shorter than an Ethernet header (14 bytes).
+    `ingress_ifindex` (in the calling thread's network namespace) is the
+    interface the frame seems to arrive on, for bpf_fib_lookup; 0: loopback.
     """
     data_in = ctypes.create_string_buffer(bytes(packet), len(packet))
     out_size = max(len(packet) + 256, 4096)
@@ -139,6 +141,10 @@ def prog_test_run(prog_fd: int, packet: bytes, repeat: int = 1) -> TestRun:
         data_out=ctypes.addressof(data_out),
         repeat=max(1, repeat),
     )
+    if ingress_ifindex:
+        # struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex
+        ctx = (ctypes.c_uint32 * 6)(0, len(packet), 0, ingress_ifindex, 0, 0)
+        attr.ctx_size_in, attr.ctx_in = ctypes.sizeof(ctx), ctypes.addressof(ctx)
     _bpf(BPF_PROG_TEST_RUN, attr)
     return TestRun(attr.retval, data_out.raw[: attr.data_size_out], attr.duration)
 

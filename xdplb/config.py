@@ -53,6 +53,10 @@ _HEALTH_KEYS = ("check", "port", "interval", "timeout", "rise", "fall")
 PROTOCOLS = ("tcp", "udp")
 NO_BACKEND_MODES = ("reset", "drop")
 PERSISTENCE_MODES = ("flow", "client")
+# How a service reaches its backends: "dsr" (the backends hold the VIP and
+# answer the client directly) or "nat" (destination and port translated, the
+# client's address kept, replies translated back by the gateway).
+FORWARDING_MODES = ("dsr", "nat")
 
 _TOP_KEYS = ("xdplb", "service")
 _SETTINGS_KEYS = (
@@ -61,7 +65,7 @@ _SETTINGS_KEYS = (
     "udp_idle_timeout", "down_grace", "flood_guard_rate", "extra_macs",
     "announce_table", "ready_file", "stop_drain", "stop_drain_idle",
 )
-_SERVICE_KEYS = ("name", "vip", "port", "protocol", "persistence", "health", "tls", "backend")
+_SERVICE_KEYS = ("name", "vip", "port", "protocol", "persistence", "forwarding", "health", "tls", "backend")
 _TLS_KEYS = ("certificate", "backend_protocol", "backend_port", "health_from", "min_version",
              "ciphers", "ciphersuites", "client_ca")
 TLS_BACKEND_PROTOCOLS = ("http", "tcp")
@@ -72,7 +76,7 @@ DEFAULT_TLS_CIPHERS = ("ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA25
                        "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
                        "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305")
 DEFAULT_TLS_CIPHERSUITES = "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256"
-_BACKEND_KEYS = ("name", "address", "weight")
+_BACKEND_KEYS = ("name", "address", "weight", "port")
 
 _NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _NAME_RULE = "1 to 64 characters from A-Z a-z 0-9 _ . -"
@@ -149,6 +153,7 @@ class Backend:
     name: str
     address: ipaddress.IPv4Address
     weight: int
+    port: int = 0          # NAT services: the port it listens on (0: the service port); DSR: always 0
 
 
 @dataclass(frozen=True)
@@ -163,11 +168,23 @@ class Service:
     health: HealthCheck
     backends: tuple[Backend, ...]
     tls: TlsTermination | None = None
+    forwarding: str = "dsr"
 
     @property
     def key(self) -> tuple[ipaddress.IPv4Address, int, str]:
         """The (vip, port, protocol) triple the data plane matches on."""
         return (self.vip, self.port, self.protocol)
+
+    def backend_port(self, backend: Backend) -> int:
+        """The port the backend's traffic goes to: its own in a NAT service, else the service's."""
+        return backend.port or self.port
+
+    def health_of(self, backend: Backend) -> HealthCheck:
+        """The check one backend gets: health.port when the pool sets it (port 0 means
+        unset, only in NAT services), else the backend's real port."""
+        if self.health.port:
+            return self.health
+        return dataclasses.replace(self.health, port=self.backend_port(backend))
 
 
 @dataclass(frozen=True)
@@ -787,7 +804,7 @@ def _parse_health(r: _Reader, svc: dict, svc_label: str, service_port: int) -> H
     t = r.table(svc, "health", svc_label, "service.health")
     check = r.choice(t, "check", label, HEALTH_CHECK_KINDS, "check kind", "tcp")
     _check_kind_keys(r, t, label, check)
-    port = r.integer(t, "port", label, *PORT_RANGE, service_port)
+    port = r.integer(t, "port", label, *PORT_RANGE) if "port" in t else service_port
     interval = r.seconds(t, "interval", label, MAX_INTERVAL, 1.0)
     timeout = r.seconds(t, "timeout", label, MAX_INTERVAL, 0.5)
     if timeout > interval and r.good(t, "interval", "timeout"):
@@ -844,7 +861,7 @@ def _item_label(prefix: str, index: int, table: dict) -> str:
     return f"{prefix}[{index}] "
 
 
-def _parse_backends(r: _Reader, svc: dict, svc_label: str) -> tuple[Backend, ...]:
+def _parse_backends(r: _Reader, svc: dict, svc_label: str, nat: bool) -> tuple[Backend, ...]:
     raw = r.tables(svc, "backend", svc_label, "service.backend")
     if not raw:
         raise r.fail(
@@ -874,7 +891,11 @@ def _parse_backends(r: _Reader, svc: dict, svc_label: str) -> tuple[Backend, ...
             elif address is not None:
                 addresses[address] = i
             weight = r.integer(t, "weight", label, *WEIGHT_RANGE, 1)
-            backends.append(Backend(name, address, weight))
+            port = r.integer(t, "port", label, *PORT_RANGE) if "port" in t else 0
+            if port and not nat:
+                r.bad(f'{label}.port = {port} needs forwarding = "nat" in its service: with direct server '
+                      f"return the backend answers on the service port itself", t, "port")
+            backends.append(Backend(name, address, weight, port))
     return tuple(backends)
 
 
@@ -899,19 +920,53 @@ def _parse_service(r: _Reader, index: int, t: dict, earlier: list[Service]) -> S
                       f'by service[{j}] "{other.name}"', t, "port")
                 break
         persistence = r.choice(t, "persistence", label, PERSISTENCE_MODES, "persistence mode", "flow")
+        forwarding = r.choice(t, "forwarding", label, FORWARDING_MODES, "forwarding mode", "dsr")
+    nat = forwarding == "nat"
     with r.section((t.get("tls"), None), (t, "tls")) as checked_tls:
         tls = _parse_tls(r, t, label)
         if tls is not None and protocol != "tcp" and r.good(t, "protocol"):
             r.bad(f'{label}.protocol = "{protocol}" cannot carry TLS; a service with [service.tls] is "tcp"',
                   t, "protocol")
+        if tls is not None and nat:
+            r.bad(f'{label}.forwarding = "nat" cannot go with [service.tls]: HAProxy terminates that service '
+                  f"on the gateway itself", t, "forwarding")
     with r.section((t.get("health"), None), (t, "health")) as checked_health:
-        # Behind TLS termination the backends listen on backend_port, not on the VIP's port.
-        health = _parse_health(r, t, label, tls.backend_port if tls else port)
+        # Behind TLS termination the backends listen on backend_port, not on the VIP's port; in a NAT
+        # service each backend is probed on its own port unless health.port says otherwise (0: unset).
+        health = _parse_health(r, t, label, 0 if nat else tls.backend_port if tls else port)
     with r.section((t, "backend")) as checked_backends:
-        backends = _parse_backends(r, t, label)
+        backends = _parse_backends(r, t, label, nat)
     if not (own.ok and checked_tls.ok and checked_health.ok and checked_backends.ok):
         return None
-    return Service(name, vip, port, protocol, persistence, health, backends, tls)
+    return Service(name, vip, port, protocol, persistence, health, backends, tls, forwarding)
+
+
+def _check_forwarding_mix(r: _Reader, raw: list[dict], services: list[Service]) -> None:
+    """A PACS is behind DSR services or NAT services, never both; and one
+    (backend address, port, protocol) is behind at most one NAT service."""
+    table_of = {t.get("name"): t for t in raw if isinstance(t, dict)}
+    mode_of: dict[ipaddress.IPv4Address, Service] = {}
+    nat_targets: dict[tuple, Service] = {}
+    for svc in services:
+        t = table_of.get(svc.name)
+        for be in svc.backends:
+            other = mode_of.setdefault(be.address, svc)
+            if other.forwarding != svc.forwarding:
+                r.note(f'backend {be.address} is behind service "{other.name}" ({other.forwarding}) and '
+                       f'service "{svc.name}" ({svc.forwarding}); a PACS must be behind DSR or NAT services, not '
+                       f"both: once it routes through this gateway for NAT, its DSR replies (source address the "
+                       f"VIP, which is local to the gateway) are dropped there as martians", t, "backend")
+                return
+            if svc.forwarding != "nat":
+                continue
+            target = (be.address, svc.backend_port(be), svc.protocol)
+            first = nat_targets.setdefault(target, svc)
+            if first is not svc:
+                r.note(f'backend {be.address}:{target[1]}/{svc.protocol} is behind NAT services "{first.name}" '
+                       f'and "{svc.name}"; its replies are translated back by (address, port, protocol) alone, '
+                       f"so they could not tell which VIP to answer from: give each service its own backend port",
+                       t, "backend")
+                return
 
 
 def _syntax_error(source: str, err: tomllib.TOMLDecodeError) -> PoolError:
@@ -967,6 +1022,7 @@ def _validate(r: _Reader, doc: dict) -> Pool | None:
             if service is not None:
                 services.append(service)
         _check_health_from(r, raw, services)
+        _check_forwarding_mix(r, raw, services)
         total = sum(len(s.backends) for s in services)
         if checked_settings.ok and total > settings.max_backends - 1:
             r.note(
@@ -1079,6 +1135,10 @@ def warnings(pool: Pool) -> list[str]:
     return out
 
 
+NAT_ROUTING_SENTENCE = ("  routing: NAT services need the backends' route to the clients to go through this "
+                        "gateway (its address on their subnet as their default route), with IP forwarding on "
+                        "here; replies that bypass it reach the clients untranslated and are reset")
+
 _PERSISTENCE_TEXT = {"flow": "flow (5-tuple)", "client": "client (source IP)"}
 
 
@@ -1130,11 +1190,15 @@ def describe(pool: Pool) -> str:
         lines.append("  announces servable VIPs: " + ", ".join(where) + "; SIGTERM "
                      + (f"withdraws and waits up to {st.stop_drain:g}s for {st.stop_drain_idle:g}s of still counters"
                         if st.stop_drain else "withdraws and detaches at once"))
+    if any(s.forwarding == "nat" for s in pool.services):
+        lines.append(NAT_ROUTING_SENTENCE)
     for s in pool.services:
         h = s.health
         lines.append(
             f'service "{s.name}": {s.vip}:{s.port}/{s.protocol}, '
             f"persistence {_PERSISTENCE_TEXT.get(s.persistence, s.persistence)}"
+            + (", forwarding nat (destination and port translated, client address kept)"
+               if s.forwarding == "nat" else "")
         )
         if s.tls is not None:
             lines.append(_tls_detail(s.tls))
@@ -1142,10 +1206,11 @@ def describe(pool: Pool) -> str:
             lines.append(f'  health: follows the verdicts of service "{s.tls.health_from}"')
         else:
             lines.append(
-                f"  health: {h.check} port {h.port}{_health_detail(h)}, every {h.interval:g}s, "
+                f"  health: {h.check} port {h.port or 'of each backend'}{_health_detail(h)}, every {h.interval:g}s, "
                 f"timeout {h.timeout:g}s, rise {h.rise}, fall {h.fall}"
             )
         for b in s.backends:
             state = "weight 0 (drained)" if b.weight == 0 else f"weight {b.weight}"
-            lines.append(f'  backend "{b.name}" {b.address}: {state}')
+            where = f"{b.address}:{s.backend_port(b)}" if s.forwarding == "nat" else str(b.address)
+            lines.append(f'  backend "{b.name}" {where}: {state}')
     return "\n".join(lines) + "\n"

@@ -493,7 +493,17 @@ class Daemon:
                 mac = known.get(address)
             if mac is not None:
                 macs[address] = mac
+        if any(s.forwarding == "nat" for s in pool.services):
+            self._resolve_next_hops(found)
         return macs
+
+    def _resolve_next_hops(self, found: dict) -> None:
+        """NAT replies leave through bpf_fib_lookup, which drops a reply whose
+        next hop has no neighbour entry (bpf/nat.h): keep the routers towards
+        the clients resolved, soliciting each that is not."""
+        for gateway in sorted(self.netlink.route_gateways(self.link.index)):
+            if gateway not in found:
+                self.netlink.solicit(gateway)
 
     def _take_macs(self, macs: dict) -> bool:
         changed = macs != self.macs

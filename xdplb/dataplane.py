@@ -40,6 +40,7 @@ class Stats:
     actions: dict             # "pass" | "tx" | ... -> packets
     not_forwarded: dict       # reason -> packets
     events: dict              # event -> count
+    nat: dict = field(default_factory=dict)   # NAT_STATS name -> packets
 
 
 class Dataplane(Protocol):
@@ -71,6 +72,8 @@ class KernelState:
     vips: set
     config: tuple | None      # plan.Desired.config as written, or None if never written
     down_since: dict = field(default_factory=dict)   # backend id -> monotonic ns it went down (0: up)
+    nat_backends: dict = field(default_factory=dict) # backend id -> the port it listens on (NAT backends only)
+    nat_reverse: dict = field(default_factory=dict)  # (address, port, protocol) -> (vip, service port)
 
 
 MEMBARRIER_CMD_QUERY = 0
@@ -127,6 +130,7 @@ class _Marker:
 _BACKEND = _Marker("flags", structs.F_BACKEND_READY)
 _CONFIG = _Marker("ready")
 _SERVICE_REF = _Marker("proto")
+_NAT_BACKEND = _Marker("ready")
 
 
 def _bytes_differing(a, b) -> int:
@@ -185,6 +189,7 @@ class BccDataplane:
             self.adopted, self._mounted_bpffs = pins.adopted, pins.mounted_bpffs
             self.notes += pins.notes
             flags["PIN_DIR"] = str(pin_dir)
+        self._other_source = bpf_dir is not None
         self.compile_seconds = 0.0
         started = time.monotonic()
         try:
@@ -213,7 +218,7 @@ class BccDataplane:
         from . import bpfsys, pinning
 
         layout = self.map("layout")
-        for name, spec in pinning.map_specs(self.settings).items():
+        for name, spec in self._specs().items():
             bpfsys.bind_map(self.fn.fd, self.map(name).map_fd)
             layout[structs.LayoutKey.of(name)] = ctypes.c_uint64(spec.digest())
 
@@ -238,6 +243,23 @@ class BccDataplane:
             table = self._maps[name] = self.bpf.get_table(name.encode())
         return table
 
+    def _specs(self) -> dict:
+        """This build's maps (pinning.map_specs); for another source tree (an
+        older build, loaded by benches and tests) only the maps it has."""
+        from . import pinning
+
+        specs = pinning.map_specs(self.settings)
+        if not self._other_source:
+            return specs
+        return {name: spec for name, spec in specs.items() if self._has_map(name)}
+
+    def _has_map(self, name: str) -> bool:
+        try:
+            self.map(name)
+        except KeyError:    # bcc's get_table for a map the program does not declare
+            return False
+        return True
+
     @property
     def prog_fd(self) -> int:
         return self.fn.fd
@@ -247,7 +269,7 @@ class BccDataplane:
         structs.py (tests/unit/test_struct_layout.py compares every field)."""
         from . import pinning
 
-        for name, spec in pinning.map_specs(self.settings).items():
+        for name, spec in self._specs().items():
             table = self.map(name)
             # bcc's per-CPU tables keep the single-CPU value type in sLeaf.
             for ours, theirs in ((spec.key, table.Key), (spec.value, getattr(table, "sLeaf", table.Leaf))):
@@ -341,8 +363,12 @@ class BccDataplane:
             info = structs.BackendInfo(structs.LbAddr.of(op.address), (ctypes.c_uint8 * 6)(*op.mac), flags, 0,
                                        op.service_id, 0, op.down_since)
             self._stage_backend(w, op.id, info)
+            self._stage_nat_backend(w, op.id, op.address, op.port)
         elif isinstance(op, plan.ClearBackend):
             self._clear_backend(op.id, w)
+            self._stage_nat_backend(w, op.id, None, 0)
+        elif isinstance(op, (plan.PutNatReverse, plan.DelNatReverse)):
+            self._nat_reverse_write(op, w)
         elif isinstance(op, plan.PutTable):
             table = self._table_type()
             table.slots[:] = op.slots
@@ -427,6 +453,37 @@ class BccDataplane:
             w.late.append(lambda: table.__setitem__(bid, off))
         w.scrub.append(lambda: table.__setitem__(bid, structs.BackendInfo()))
 
+    # ---- NAT (bpf/nat.h, maps in bpf/lb_maps.h) ------------------------------
+    #
+    # nat_backends[id] follows rule 1 with its own `ready` byte, staged with
+    # the backend. nat_reverse entries are inserted in the content pass (before
+    # the backend they translate for is published or chosen) and deleted late;
+    # nat_ports is a superset of their ports at every step, as service_ports
+    # is of the services' ports.
+
+    def _stage_nat_backend(self, w: "_Writes", bid: int, address, port: int) -> None:
+        if not port and self._other_source and not self._has_map("nat_backends"):
+            return    # an older build's program, without NAT (benches compare with one)
+        new = structs.NatBackend.of(address, port) if port else structs.NatBackend()
+        if port or any(bytes(self.map("nat_backends")[bid])):
+            self._stage(w, "nat_backends", bid, new, _NAT_BACKEND)
+
+    def _nat_reverse_write(self, op, w: "_Writes") -> None:
+        table = self.map("nat_reverse")
+        key = structs.NatRevKey.of(op.address, op.port, op.protocol)
+        if isinstance(op, plan.PutNatReverse):
+            value = structs.NatRevValue.of(op.vip, op.vport, op.port)
+            w.content.append(lambda: self._set_bit("nat_ports", op.port, True))
+            w.content.append(lambda: table.__setitem__(key, value))
+            return
+
+        def remove():
+            self._delete(table, key)
+            if not any(socket.ntohs(k.port) == op.port for k in table.keys()):
+                self._set_bit("nat_ports", op.port, False)
+
+        w.late.append(remove)
+
     @staticmethod
     def _delete(table, key) -> None:
         try:
@@ -480,7 +537,11 @@ class BccDataplane:
             ids[sid] = _SERVICE_REF.cleared(ref)
 
     def _set_port_bit(self, port: int, on: bool) -> None:
-        ports = self.map("service_ports")
+        self._set_bit("service_ports", port, on)
+
+    def _set_bit(self, name: str, port: int, on: bool) -> None:
+        """One port's bit in a port bitmap (service_ports, nat_ports)."""
+        ports = self.map(name)
         word, bit = divmod(port, 32)
         old = ports[word].value
         new = old | (1 << bit) if on else old & ~(1 << bit)
@@ -542,6 +603,7 @@ class BccDataplane:
             actions=self._sum_u64("xdp_actions", structs.ACTIONS),
             not_forwarded=self._sum_u64("not_forwarded", structs.REASONS),
             events=self._sum_u64("events", structs.EVENTS),
+            nat=self._sum_u64("nat_stats", structs.NAT_STATS) if self._has_map("nat_stats") else {},
         )
 
     def read_state(self) -> KernelState:
@@ -566,7 +628,16 @@ class BccDataplane:
         vips = {structs.LbAddr.from_buffer_copy(bytes(k)).ip() for k in self.map("vips").keys()}
         cfg = self.map("lb_config")[0]
         config = _config_tuple(structs.LbConfig.from_buffer_copy(bytes(cfg))) if cfg.ready else None
-        return KernelState(services, backends, tables, vips, config, down_since)
+        nat_backends = {bid: socket.ntohs(self.map("nat_backends")[bid].port) for bid in backends
+                        if self.map("nat_backends")[bid].ready}
+        nat_reverse = {}
+        for raw, value in self.map("nat_reverse").items():
+            key = structs.NatRevKey.from_buffer_copy(bytes(raw))
+            rev = structs.NatRevValue.from_buffer_copy(bytes(value))
+            proto = {v: k for k, v in structs.IPPROTO.items()}.get(key.proto, str(key.proto))
+            nat_reverse[(ipaddress.IPv4Address(bytes(key.addr)), socket.ntohs(key.port), proto)] = (
+                ipaddress.IPv4Address(bytes(rev.vip)), socket.ntohs(rev.vport))
+        return KernelState(services, backends, tables, vips, config, down_since, nat_backends, nat_reverse)
 
     def flows(self, limit: int = 100000) -> dict:
         """(client, client port, VIP, port, proto) -> backend id, at most `limit` entries."""

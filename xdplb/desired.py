@@ -34,10 +34,12 @@ def desired_state(pool: Pool, health: Mapping[tuple, Health], macs: Mapping, gw_
                 0 if is_drained(svc.name, be, drained) else be.weight,
                 macs.get(be.address),
                 health.get((svc.name, be.address), Health()).state is State.UP,
+                svc.backend_port(be) if svc.forwarding == "nat" else 0,
             )
             for be in svc.backends
         )
-        services.append(ServiceState(svc.name, svc.vip, svc.port, svc.protocol, svc.persistence, backends))
+        services.append(ServiceState(svc.name, svc.vip, svc.port, svc.protocol, svc.persistence, backends,
+                                     svc.forwarding))
     st = pool.settings
     return Desired(tuple(services), gw_mac, st.hash_seed, st.maglev_size, st.max_services, st.max_backends,
                    st.no_backend == "drop", extra_macs=st.extra_macs,

@@ -37,6 +37,7 @@ from .haproxy import verdict_key
 from .status import read_stats, rows
 from .config import parse_metrics_address
 from .probes import FAILURE_KINDS
+from .structs import NAT_STATS
 
 log = logging.getLogger("xdplb")
 
@@ -213,6 +214,12 @@ class XdplbCollector:
                              "Packets not forwarded, by reason (not_service passes to the gateway itself).",
                              "reason", stats.not_forwarded)
         yield self._by_label("xdplb_events", "Data plane events that are not drops.", "event", stats.events)
+        nat = dict.fromkeys(NAT_STATS, 0)
+        nat.update(getattr(stats, "nat", {}))
+        yield self._by_label("xdplb_nat_packets",
+                             "NAT services' packets by outcome: request, reply_tx, reply_redirect sent; no_route, "
+                             "no_neigh, icmp, untranslatable, no_target dropped; stack passed (bpf/nat.h).",
+                             "outcome", nat)
         misses = CounterMetricFamily(
             "xdplb_flow_misses",
             "TCP packets that were not a SYN and had no flow entry, placed by Maglev: what to watch after "

@@ -211,6 +211,19 @@ class Netlink:
                 return bytes.fromhex(lladdr.replace(":", ""))
         return None
 
+    def route_gateways(self, index: int) -> set[ipaddress.IPv4Address]:
+        """The next hops (gateways) of the IPv4 routes out of the link, multipath
+        ones included: where NAT replies to clients behind a router go."""
+        out = set()
+        for msg in self._call(self._ipr.get_routes, family=socket.AF_INET, table=254):
+            hops = [msg] if msg.get_attr("RTA_OIF") == index else []
+            hops += [hop for hop in msg.get_attr("RTA_MULTIPATH") or () if hop["oif"] == index]
+            for hop in hops:
+                gateway = hop.get_attr("RTA_GATEWAY")
+                if gateway:
+                    out.add(ipaddress.IPv4Address(gateway))
+        return out
+
     @staticmethod
     def solicit(address) -> None:
         """Make the kernel resolve `address`: one empty UDP datagram to the

@@ -142,6 +142,18 @@ def map_specs(settings: Settings) -> dict[str, MapSpec]:
         "service_ids": MapSpec("array", index, structs.ServiceRef, settings.max_services),
         "service_ports": MapSpec("array", index, u32, structs.PORT_WORDS),
         "layout": MapSpec("hash", structs.LayoutKey, u64, structs.LAYOUT_ENTRIES),
+        **nat_map_specs(settings),
+    }
+
+
+def nat_map_specs(settings: Settings) -> dict[str, MapSpec]:
+    """The NAT maps (bpf/lb_maps.h): new in this build, so pins without them are adopted and
+    bcc creates them."""
+    return {
+        "nat_backends": MapSpec("array", ctypes.c_int, structs.NatBackend, settings.max_backends),
+        "nat_reverse": MapSpec("hash", structs.NatRevKey, structs.NatRevValue, settings.max_backends),
+        "nat_ports": MapSpec("array", ctypes.c_int, ctypes.c_uint32, structs.PORT_WORDS),
+        "nat_stats": MapSpec("percpu_array", ctypes.c_int, ctypes.c_uint64, len(structs.NAT_STATS)),
     }
 
 

@@ -16,6 +16,9 @@ Order of the writes, so that no packet ever sees a half-done change:
   5. each service entry is written, flipping to that half (one byte of its
      service_ids entry; the kernel layer adds the grace periods that
      bpf/lb_maps.h asks for between these steps);
+  (NAT: each reverse translation is written with the early writes, before
+  the backend it translates for can be chosen, and deleted with the late
+  ones, after it is cleared: see _nat_reverse_ops.)
   6. VIP addresses are added;
   7. removed services are deleted, then their and other removed backends are
      retired (no live table names them any more), then unused VIPs go.
@@ -37,7 +40,7 @@ from types import MappingProxyType
 from typing import Mapping
 
 from . import maglev
-from .structs import F_SVC_CLIENT_PERSIST
+from .structs import F_SVC_CLIENT_PERSIST, F_SVC_NAT
 
 # ---- what the controller wants -------------------------------------------
 
@@ -49,6 +52,7 @@ class BackendState:
     weight: int
     mac: bytes | None      # None while the neighbour entry is unresolved
     healthy: bool          # the health verdict (UNKNOWN counts as not healthy)
+    port: int = 0          # NAT services: the port the backend listens on; DSR: 0
 
     @property
     def up(self) -> bool:
@@ -64,6 +68,7 @@ class ServiceState:
     protocol: str
     persistence: str
     backends: tuple[BackendState, ...]
+    forwarding: str = "dsr"    # "dsr" | "nat"
 
     @property
     def key(self) -> tuple:
@@ -71,7 +76,8 @@ class ServiceState:
 
     @property
     def flags(self) -> int:
-        return F_SVC_CLIENT_PERSIST if self.persistence == "client" else 0
+        return ((F_SVC_CLIENT_PERSIST if self.persistence == "client" else 0)
+                | (F_SVC_NAT if self.forwarding == "nat" else 0))
 
 
 @dataclass(frozen=True)
@@ -119,6 +125,7 @@ class AppliedBackend:
     mac: bytes | None
     up: bool
     down_since: int = 0        # monotonic ns when it stopped being up; 0 while up or never up
+    port: int = 0              # NAT: the port it listens on (nat_backends); 0: DSR
 
 
 @dataclass(frozen=True)
@@ -131,6 +138,8 @@ class Applied:
     # Removed backends inside their grace: (service name, address) -> (the
     # backend as written, down, monotonic ns when its id may be cleared).
     retired: Mapping[tuple, tuple] = field(default_factory=lambda: MappingProxyType({}))
+    # NAT reverse translations written: (backend address, backend port, protocol) -> (VIP, service port)
+    nat_reverse: Mapping[tuple, tuple] = field(default_factory=lambda: MappingProxyType({}))
 
 
 # ---- the writes -----------------------------------------------------------
@@ -161,6 +170,7 @@ class PutBackend:
     mac: bytes
     up: bool
     down_since: int = 0        # monotonic ns (bpf_ktime_get_ns's clock) when it went down; 0 while up
+    port: int = 0              # NAT: the port it listens on (nat_backends[id]); 0: DSR (nat_backends cleared)
 
 
 @dataclass(frozen=True)
@@ -188,6 +198,24 @@ class PutService:
 @dataclass(frozen=True)
 class DelService:
     vip: ipaddress.IPv4Address
+    port: int
+    protocol: str
+
+
+@dataclass(frozen=True)
+class PutNatReverse:
+    """nat_reverse[(address, port, protocol)] = (vip, vport)."""
+
+    address: ipaddress.IPv4Address
+    port: int
+    protocol: str
+    vip: ipaddress.IPv4Address
+    vport: int
+
+
+@dataclass(frozen=True)
+class DelNatReverse:
+    address: ipaddress.IPv4Address
     port: int
     protocol: str
 
@@ -295,16 +323,17 @@ def plan(applied: Applied, desired: Desired, now_ns: int = 0) -> Plan:
             else:
                 bid = prev.id
             if be.mac is not None:
-                state = AppliedBackend(bid, sid, be.address, be.mac, be.up, _went_down(prev, be.up, now_ns))
+                state = AppliedBackend(bid, sid, be.address, be.mac, be.up, _went_down(prev, be.up, now_ns),
+                                       be.port)
                 if state != prev:
-                    early.append(PutBackend(bid, sid, be.address, be.mac, be.up, state.down_since))
+                    early.append(PutBackend(bid, sid, be.address, be.mac, be.up, state.down_since, be.port))
             elif prev is not None and prev.mac is not None:
                 # The MAC is unknown for now: keep the old one, but not up.
-                state = replace(prev, up=False, down_since=_went_down(prev, False, now_ns))
+                state = replace(prev, up=False, down_since=_went_down(prev, False, now_ns), port=be.port)
                 if state != prev:
-                    early.append(PutBackend(bid, sid, be.address, prev.mac, False, state.down_since))
+                    early.append(PutBackend(bid, sid, be.address, prev.mac, False, state.down_since, be.port))
             else:
-                state = AppliedBackend(bid, sid, be.address, None, False)
+                state = AppliedBackend(bid, sid, be.address, None, False, port=be.port)
             new_backends[bkey] = state
             if be.up and be.weight > 0:
                 eligible.append((str(be.address), be.weight, bid))
@@ -342,13 +371,18 @@ def plan(applied: Applied, desired: Desired, now_ns: int = 0) -> Plan:
             late.append(ClearBackend(old_be.id))
             continue
         if down != old_be:
-            late.append(PutBackend(down.id, down.service_id, down.address, down.mac, False, down.down_since))
+            late.append(PutBackend(down.id, down.service_id, down.address, down.mac, False, down.down_since,
+                                   down.port))
         retired[bkey if bkey not in retired else (bkey, down.id)] = (down, until)
     for rkey, (down, until) in list(retired.items()):
         if until <= now_ns or desired.down_grace_ns == 0:
             late.append(ClearBackend(down.id))
             del retired[rkey]
     late += [DelVip(v) for v in sorted(applied.vips - vips)]
+    nat_reverse = _nat_reverse(desired, new_services, retired)
+    nat_put, nat_del = _nat_reverse_ops(applied.nat_reverse, nat_reverse)
+    early = nat_put + early
+    late += nat_del
 
     new_applied = Applied(
         config=config,
@@ -357,9 +391,36 @@ def plan(applied: Applied, desired: Desired, now_ns: int = 0) -> Plan:
         vips=vips,
         next_backend_id=cursor,
         retired=MappingProxyType(retired),
+        nat_reverse=MappingProxyType(nat_reverse),
     )
     ops = tuple(early + tables + services_ops + vip_ops + late)
     return Plan(ops, new_applied, tuple(rebuilt))
+
+
+def _nat_reverse(desired: Desired, services: Mapping[str, AppliedService], retired: Mapping) -> dict:
+    """(backend address, backend port, protocol) -> (VIP, service port) for every
+    backend of a NAT service, those kept within their grace after removal too
+    (their flows still send replies)."""
+    out: dict[tuple, tuple] = {}
+    for svc in desired.services:
+        if svc.forwarding == "nat":
+            for be in svc.backends:
+                out[(be.address, be.port, svc.protocol)] = (svc.vip, svc.port)
+    key_of = {a.id: a.key for a in services.values()}
+    for down, _until in retired.values():
+        if down.port and down.service_id in key_of:
+            vip, port, protocol = key_of[down.service_id]
+            out.setdefault((down.address, down.port, protocol), (vip, port))
+    return out
+
+
+def _nat_reverse_ops(have: Mapping, want: Mapping) -> tuple[list, list]:
+    """Writes that take nat_reverse from `have` to `want`: puts first (a
+    changed value is one put), deletions of keys no longer wanted last."""
+    puts = [PutNatReverse(a, p, proto, *want[(a, p, proto)]) for a, p, proto in sorted(want, key=str)
+            if have.get((a, p, proto)) != want[(a, p, proto)]]
+    dels = [DelNatReverse(a, p, proto) for a, p, proto in sorted(have, key=str) if (a, p, proto) not in want]
+    return puts, dels
 
 
 def adopt(kernel, service_names: Mapping[tuple, str]) -> Applied:
@@ -385,7 +446,8 @@ def adopt(kernel, service_names: Mapping[tuple, str]) -> Applied:
         name = name_of_id.get(sid)
         if name is None:
             name = f"(orphan backend {bid})"
-        backends[(name, str(address))] = AppliedBackend(bid, sid, address, mac, up, down_since.get(bid, 0))
+        backends[(name, str(address))] = AppliedBackend(bid, sid, address, mac, up, down_since.get(bid, 0),
+                                                        getattr(kernel, "nat_backends", {}).get(bid, 0))
     top = max(kernel.backends, default=0)
     return Applied(
         config=kernel.config,
@@ -393,4 +455,5 @@ def adopt(kernel, service_names: Mapping[tuple, str]) -> Applied:
         backends=MappingProxyType(backends),
         vips=frozenset(kernel.vips),
         next_backend_id=top + 1,
+        nat_reverse=MappingProxyType(dict(getattr(kernel, "nat_reverse", {}))),
     )

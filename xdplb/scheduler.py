@@ -43,7 +43,7 @@ class ProbeScheduler:
             if svc.tls is not None and svc.tls.health_from:
                 continue  # it follows another service's verdicts (xdplb/haproxy.py verdict_key)
             for be in svc.backends:
-                groups.setdefault((be.address, svc.health), []).append((svc, be))
+                groups.setdefault((be.address, svc.health_of(be)), []).append((svc, be))
         for group in set(self._groups) - set(groups):
             self.supervisor.stop(self._task_name(group))
         keys = {(svc.name, be.address) for members in groups.values() for svc, be in members}

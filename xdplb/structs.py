@@ -15,6 +15,7 @@ import socket
 
 # struct service_info.flags and struct service_ref.state (bits 0-6)
 F_SVC_CLIENT_PERSIST = 1 << 0
+F_SVC_NAT = 1 << 1          # forwarding "nat" (bpf/nat.h)
 # struct service_ref.state, bit 7: the live Maglev half
 SVC_STATE_HALF = 1 << 7
 # struct lb_config.flags
@@ -36,6 +37,9 @@ REASONS = ("not_service", "malformed", "fragment", "no_backend", "backend_gone",
 # Indices of the events counters (EVENT_*).
 EVENTS = ("ip_options", "vlan", "flow_hit", "flow_new", "flow_reselect", "icmp_too_big", "flow_miss",
           "flood_no_entry", "down_grace", "udp_expired")
+# Indices of the nat_stats counters (NAT_STAT_*).
+NAT_STATS = ("request", "reply_tx", "reply_redirect", "no_route", "no_neigh", "icmp", "untranslatable",
+             "no_target", "stack")
 # XDP actions, by value.
 ACTIONS = ("aborted", "drop", "pass", "tx", "redirect")
 XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX, XDP_REDIRECT = range(5)
@@ -220,6 +224,52 @@ class FloodState(ctypes.Structure):
     ]
 
 
+class NatBackend(ctypes.Structure):
+    """struct nat_backend: nat_backends value, where a NAT service's backend listens."""
+
+    _fields_ = [
+        ("addr", ctypes.c_uint8 * 4),  # network order (C: __be32)
+        ("port", ctypes.c_uint16),    # network order (store with socket.htons)
+        ("ready", ctypes.c_uint8),    # 1 publishes addr and port (bpf/lb_maps.h rule 1)
+        ("pad", ctypes.c_uint8),      # zero
+    ]
+
+    @classmethod
+    def of(cls, address, port: int) -> "NatBackend":
+        return cls((ctypes.c_uint8 * 4)(*ipaddress.IPv4Address(address).packed), socket.htons(port), 1, 0)
+
+
+class NatRevKey(ctypes.Structure):
+    """struct nat_rev_key: nat_reverse key, the source of a NAT backend's replies."""
+
+    _fields_ = [
+        ("addr", ctypes.c_uint8 * 4),  # network order (C: __be32)
+        ("port", ctypes.c_uint16),    # network order
+        ("proto", ctypes.c_uint8),    # IPPROTO_TCP / IPPROTO_UDP
+        ("pad", ctypes.c_uint8),      # zero
+    ]
+
+    @classmethod
+    def of(cls, address, port: int, protocol: str) -> "NatRevKey":
+        return cls((ctypes.c_uint8 * 4)(*ipaddress.IPv4Address(address).packed), socket.htons(port),
+                   IPPROTO[protocol], 0)
+
+
+class NatRevValue(ctypes.Structure):
+    """struct nat_rev_value: what a NAT reply's source becomes."""
+
+    _fields_ = [
+        ("vip", ctypes.c_uint8 * 4),  # network order (C: __be32)
+        ("vport", ctypes.c_uint16),  # network order
+        ("bport", ctypes.c_uint16),  # network order: the key's port again, checked by the program
+    ]
+
+    @classmethod
+    def of(cls, vip, vport: int, bport: int) -> "NatRevValue":
+        return cls((ctypes.c_uint8 * 4)(*ipaddress.IPv4Address(vip).packed), socket.htons(vport),
+                   socket.htons(bport))
+
+
 # Every shared struct, by its C name: the layout test walks this.
 SHARED_STRUCTS = {
     "lb_addr": LbAddr,
@@ -233,4 +283,7 @@ SHARED_STRUCTS = {
     "lb_config": LbConfig,
     "layout_key": LayoutKey,
     "flood_state": FloodState,
+    "nat_backend": NatBackend,
+    "nat_rev_key": NatRevKey,
+    "nat_rev_value": NatRevValue,
 }

@@ -56,7 +56,9 @@ def test_dataplane_suite(tmp_path):
     paths = next(g for g in result["groups"] if g["group"].startswith("paths"))
     cases = {r["case"]: r for r in paths["rows"]}
     assert set(cases) == {"floor", "pass (not for a VIP)", "new flow (insert + delete: upper bound)",
-                          "new flow (no insert: lower bound)", "established (flow-table hit)"}
+                          "new flow (no insert: lower bound)", "established (flow-table hit)",
+                          "NAT request, established (flow hit + translation)",
+                          "NAT reply (reverse lookup + fib lookup + translation)"}
     assert cases["floor"]["ratio_to_floor"] == 1.0
     for row in cases.values():
         assert row["ns"]["median"] > 0 and row["ns"]["runs"] == 1
@@ -114,3 +116,23 @@ def test_controller_suite(tmp_path):
     assert result["map_memory_total_bytes"] == sum(memory.values())
     assert "issue target: ≤ 20 ms" in stdout
     assert_charts(tmp_path, "controller", 3)
+
+
+def test_nat_suite(tmp_path):
+    from bench.suite_nat import MODES as NAT_MODES
+
+    stdout, doc = run_suite("nat", tmp_path)
+    rows = {r["mode"]: r for r in doc["result"]["rows"]}
+    assert list(rows) == list(NAT_MODES)
+    for mode, row in rows.items():
+        assert row["error"] is None, f"{mode}: {row['error']}"
+        assert row["stream_gbits"]["median"] > 0 and row["conn_per_s"]["median"] > 0, mode
+        assert row["store_mb_per_s"]["median"] > 0, mode
+        assert any(name.startswith("be") for name in row["responders_seen"]), (mode, row["responders_seen"])
+    assert rows["xdplb NAT generic"]["xdp_mode"] == "generic" and rows["xdplb NAT native"]["xdp_mode"] == "native"
+    assert [m for m, r in rows.items() if r["native_peer"]] == ["xdplb NAT native"]
+    for mode in ("xdplb NAT generic", "xdplb NAT native"):
+        assert min(svc["packets"] for svc in rows[mode]["facts"]["forwarded"].values()) > 0, mode
+    assert min(rows["nftables DNAT"]["facts"]["dnat_rule_packets"].values()) > 0
+    assert "| nftables DNAT" in stdout and "xdplb NAT generic vs nftables DNAT" in stdout
+    assert_charts(tmp_path, "nat", 3)

@@ -29,6 +29,17 @@ The rules (issue 10, "Tests that must exist", and the points they refer to):
     says); never is a fragment forwarded;
   - point 4: ICMP to a VIP other than "fragmentation needed" passes (ping).
 
+NAT (issue 13): a service may translate (Model.nat). Its XDP_TX may change,
+besides the MACs, exactly the destination address and port, to the target
+of the backend whose MAC it carries, and the IPv4 and TCP/UDP checksums by
+what the change requires (~C less the changed words is kept, so a checksum
+right before is right after and a wrong one stays wrong by as much; a UDP
+checksum of 0 stays 0). A frame from a NAT backend's (address, port, protocol) (Model.reverse) is a reply: besides
+passing untouched, it may be dropped (no route, no neighbour: the test's
+namespace decides, the oracle cannot), or sent (XDP_TX or XDP_REDIRECT)
+with exactly its source address and port changed to the service's VIP and
+port and the checksums kept by the same invariant; the MACs are the route's.
+
 "Well-formed IPv4" means the header itself: version 4, IHL >= 5, the whole
 IHL present in the frame and tot_len >= IHL * 4, after at most two 802.1Q or
 802.1ad tags. Checksums are not part of it (the specification never asks the
@@ -113,6 +124,8 @@ class Model:
     gateway_macs: frozenset          # the interface's MAC and any MAC the pool names
     services: dict                   # (vip 4 bytes, port, proto) -> frozenset of live backend MACs
     held: dict = field(default_factory=dict)   # flow key (13 bytes) -> Held
+    nat: dict = field(default_factory=dict)     # NAT services: (vip, port, proto) -> {backend MAC: (addr 4 bytes, port)}
+    reverse: dict = field(default_factory=dict)  # (backend addr 4 bytes, port, proto) -> (vip 4 bytes, port)
     placed: dict = field(default_factory=dict)  # flow key -> MAC of the backend it was last forwarded to
 
     def __post_init__(self):
@@ -134,6 +147,43 @@ def flow_key(client: bytes, vip: bytes, cport: int, vport: int, proto: int) -> b
     return client + vip + cport.to_bytes(2, "big") + vport.to_bytes(2, "big") + bytes([proto])
 
 
+def _word(raw: bytes, off: int) -> int:
+    return (raw[off] << 8) | raw[off + 1]
+
+
+def csum_kept(raw: bytes, out: bytes, csum: int, words: tuple) -> bool:
+    """Whether the checksum at `csum` changed by exactly what the 16-bit words
+    at `words` changed: ~C is the sum of every word it covers, so ~C less
+    those words (the sum of the others) is the same, modulo 0xffff."""
+    def invariant(buf):
+        return (0xFFFF - _word(buf, csum) - sum(_word(buf, w) for w in words)) % 0xFFFF
+    return invariant(raw) == invariant(out)
+
+
+def translation_problem(raw: bytes, out: bytes, ip: Ip, addr_off: int, port_off: int, want: tuple) -> str | None:
+    """NAT rules for an XDP_TX'd frame whose address at addr_off (IPv4 header)
+    and port at port_off (L4 header) must now be `want` (addr bytes, port)."""
+    proto = ip.proto
+    l4_csum = ip.l4 + (16 if proto == TCP else 6)
+    if len(out) != len(raw) or l4_csum + 2 > len(raw):
+        return "NAT changed the frame's length or translated a cut-short header"
+    changed = {i for i in range(12, len(raw)) if raw[i] != out[i]}
+    allowed = set(range(addr_off, addr_off + 4)) | {port_off, port_off + 1} | {ip.l3 + 10, ip.l3 + 11} \
+        | {l4_csum, l4_csum + 1}
+    if changed - allowed:
+        return f"NAT changed bytes it must not (offsets {sorted(changed - allowed)[:6]})"
+    if (out[addr_off:addr_off + 4], _word(out, port_off)) != want:
+        return "NAT wrote another address or port than the backend's (or the service's)"
+    addr_words = (addr_off, addr_off + 2)
+    if not csum_kept(raw, out, ip.l3 + 10, addr_words):
+        return "NAT left the IPv4 header checksum wrong by a different amount than before"
+    if proto == UDP and _word(raw, l4_csum) == 0:
+        return None if _word(out, l4_csum) == 0 else "NAT wrote a checksum into a UDP datagram that had none"
+    if not csum_kept(raw, out, l4_csum, addr_words + (port_off,)):
+        return f"NAT left the {'TCP' if proto == TCP else 'UDP'} checksum wrong by a different amount than before"
+    return None
+
+
 class Oracle:
     """Judges one (frame, verdict) at a time; keeps counts of what it saw."""
 
@@ -146,7 +196,7 @@ class Oracle:
         `ran`: CLOCK_MONOTONIC seconds before and after the program ran (now, if not given)."""
         m = self.model
         self._ran = ran or (time.monotonic(),) * 2
-        if action not in (PASS, DROP, TX):
+        if action not in (PASS, DROP, TX, REDIRECT):
             return f"action {ACTION_NAMES.get(action, action)}"
         if action == PASS:
             if out != raw:
@@ -161,6 +211,11 @@ class Oracle:
         if raw[0:6] not in m.gateway_macs:
             return f"{ACTION_NAMES[action]} of a frame not addressed to the gateway (point 5: it must pass untouched)"
         ip = ipv4(raw)
+        target = self._nat_reply_target(raw, ip)
+        if target is not None:
+            return self._nat_reply(raw, out, ip, action, target)
+        if action == REDIRECT:
+            return "XDP_REDIRECT of a frame that is not a NAT reply"
         if ip is None or ip.daddr not in m.vips:
             return f"{ACTION_NAMES[action]} of a frame that is not well-formed IPv4 to a VIP"
         if ip.fragment:
@@ -177,11 +232,20 @@ class Oracle:
             return None
 
         # XDP_TX from here on.
-        if len(out) != len(raw) or out[12:] != raw[12:]:
-            return "XDP_TX changed more than the MAC addresses"
         if out[6:12] not in m.gateway_macs:
             return "XDP_TX with a source MAC that is not the gateway's"
         dst = out[0:6]
+        nat = self._nat_service(raw, ip)
+        if nat is not None:
+            if dst not in nat:
+                return "XDP_TX of a NAT service's packet to a MAC that is no backend of it"
+            problem = translation_problem(raw, out, ip, ip.l3 + 16, ip.l4 + 2, nat[dst])
+            if problem:
+                return problem
+            self.seen["tx nat request"] += 1
+            return self._tx_l4(raw, ip, dst)
+        if len(out) != len(raw) or out[12:] != raw[12:]:
+            return "XDP_TX changed more than the MAC addresses"
         if ip.proto in (TCP, UDP):
             return self._tx_l4(raw, ip, dst)
         if ip.proto == ICMP:
@@ -224,6 +288,35 @@ class Oracle:
             if held is not None and dst != held.mac:
                 del m.held[key]    # placed afresh (its grace over, or it had no entry): an ordinary flow now
         return problem
+
+    def _nat_service(self, raw: bytes, ip: Ip) -> dict | None:
+        """{backend MAC: target} of the NAT service the TCP/UDP packet is for, or None."""
+        if ip.proto not in (TCP, UDP) or ip.fragment or ip.l4 + 4 > len(raw):
+            return None
+        return self.model.nat.get((ip.daddr, _word(raw, ip.l4 + 2), ip.proto))
+
+    def _nat_reply_target(self, raw: bytes, ip: Ip | None) -> tuple | None:
+        """(VIP, port) a NAT backend's reply is translated to, or None when the
+        frame is not one (at most one tag, whole TCP/UDP header, no fragment)."""
+        if ip is None or ip.tags > 1 or ip.fragment or ip.proto not in (TCP, UDP):
+            return None
+        if ip.l4 + (20 if ip.proto == TCP else 8) > len(raw):
+            return None
+        if ip.proto == TCP and raw[ip.l4 + 12] >> 4 < 5:
+            return None
+        if ip.proto == UDP and _word(raw, ip.l4 + 4) < 8:
+            return None
+        return self.model.reverse.get((ip.saddr, _word(raw, ip.l4), ip.proto))
+
+    def _nat_reply(self, raw: bytes, out: bytes, ip: Ip, action: int, target: tuple) -> str | None:
+        if action == DROP:
+            self.seen["drop nat reply"] += 1
+            return None
+        problem = translation_problem(raw, out, ip, ip.l3 + 12, ip.l4, target)
+        if problem:
+            return problem.replace("NAT", "NAT reply")
+        self.seen["nat reply sent"] += 1
+        return None
 
     def _follow(self, held: Held | None, live: frozenset, dst: bytes, what: str) -> str | None:
         """An established flow's packet: to the backend holding it, else to a

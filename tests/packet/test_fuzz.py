@@ -74,13 +74,26 @@ FOREIGN_MACS = (
 
 # ---- the configured state ---------------------------------------------------
 
-def _be(octet, weight=1, healthy=True, mac=True):
+def _be(octet, weight=1, healthy=True, mac=True, port=0):
     return plan.BackendState(f"be{octet}", ipaddress.IPv4Address(f"10.10.0.{octet}"), weight,
-                             mac_of(octet) if mac else None, healthy)
+                             mac_of(octet) if mac else None, healthy, port)
 
 
-def _svc(name, vip, port, protocol, persistence, backends):
-    return plan.ServiceState(name, ipaddress.IPv4Address(vip), port, protocol, persistence, tuple(backends))
+def _svc(name, vip, port, protocol, persistence, backends, forwarding="dsr"):
+    return plan.ServiceState(name, ipaddress.IPv4Address(vip), port, protocol, persistence, tuple(backends),
+                             forwarding)
+
+
+# NAT services (issue 13): PACS on 4242 behind VIP1:106, a UDP one on 6001 behind VIP1:5001.
+NAT_TCP_PORT, NAT_UDP_PORT, PACS_PORT, PACS_UDP_PORT = 106, 5001, 4242, 6001
+
+
+def nat_services(down=()):
+    return (
+        _svc("nat-dicom", VIP1, NAT_TCP_PORT, "tcp", "flow",
+             [_be(o, port=PACS_PORT, healthy=o not in down) for o in (61, 62)], "nat"),
+        _svc("nat-udp", VIP1, NAT_UDP_PORT, "udp", "flow", [_be(71, port=PACS_UDP_PORT)], "nat"),
+    )
 
 
 def before_services():
@@ -91,7 +104,7 @@ def before_services():
         _svc("udp-echo", VIP1, 5000, "udp", "flow", [_be(31), _be(32), _be(33)]),
         _svc("dicom-tls", VIP2, 11112, "tcp", "flow", [_be(41), _be(42, healthy=False)]),
         _svc("syslog", VIP2, 104, "udp", "flow", [_be(51)]),
-    )
+    ) + nat_services()
 
 
 def after_services():
@@ -103,7 +116,7 @@ def after_services():
         _svc("udp-echo", VIP1, 5000, "udp", "flow", [_be(31), _be(32), _be(33, healthy=False)]),
         _svc("dicom-tls", VIP2, 11112, "tcp", "flow", [_be(41, healthy=False), _be(42, healthy=False)]),
         _svc("syslog", VIP2, 104, "udp", "flow", [_be(51)]),
-    )
+    ) + nat_services(down=(62,))
 
 
 def midway_services():
@@ -125,6 +138,14 @@ def model_of(services, gateway_macs) -> O.Model:
             (s.vip.packed, s.port, PROTO[s.protocol]): frozenset(
                 b.mac for b in s.backends if b.healthy and b.mac is not None and b.weight > 0)
             for s in services
+        },
+        nat={
+            (s.vip.packed, s.port, PROTO[s.protocol]): {b.mac: (b.address.packed, b.port) for b in s.backends}
+            for s in services if s.forwarding == "nat"
+        },
+        reverse={
+            (b.address.packed, b.port, PROTO[s.protocol]): (s.vip.packed, s.port)
+            for s in services if s.forwarding == "nat" for b in s.backends
         },
     )
 
@@ -181,6 +202,18 @@ def too_big(client, vip, cport, vport, proto, code=4, inner_options=b""):
     return eth() / IP(src=ROUTER, dst=vip) / ICMP(type=3, code=code, nexthopmtu=1400) / Raw(quoted)
 
 
+def nat_reply(octet, sport, kind, client, cport, tag=None, chksum=None, **ip):
+    """A NAT backend (10.10.0.<octet>) answering from `sport` to client:cport, through the gateway."""
+    if kind == "tcp":
+        l4 = TCP(sport=sport, dport=cport, flags="PA", seq=9, ack=8) / Raw(b"C-STORE-RSP")
+    else:
+        l4 = UDP(sport=sport, dport=cport, **({} if chksum is None else {"chksum": chksum})) / Raw(b"pong")
+    l2 = Ether(src=_mac(mac_of(octet)), dst=GW)
+    if tag is not None:
+        l2 = l2 / tag
+    return l2 / IP(src=f"10.10.0.{octet}", dst=client, **ip) / l4
+
+
 def unkey(key: bytes):
     """(client, vip, cport, vport, proto) of an oracle flow key."""
     return (str(ipaddress.IPv4Address(key[0:4])), str(ipaddress.IPv4Address(key[4:8])),
@@ -193,7 +226,8 @@ def held_frame(key: bytes, flags="PA"):
     return to(vip, vport, kind, sport=cport, src=client, flags=flags, payload=b"C-STORE" * 4)
 
 
-SERVICES = [(VIP1, 104, "tcp"), (VIP1, 80, "tcp"), (VIP1, 5000, "udp"), (VIP2, 11112, "tcp"), (VIP2, 104, "udp")]
+SERVICES = [(VIP1, 104, "tcp"), (VIP1, 80, "tcp"), (VIP1, 5000, "udp"), (VIP2, 11112, "tcp"), (VIP2, 104, "udp"),
+            (VIP1, NAT_TCP_PORT, "tcp"), (VIP1, NAT_UDP_PORT, "udp")]
 NOT_SERVICES = [(VIP1, 22, "tcp"), (VIP1, 104, "udp"), (VIP2, 104, "tcp"), (VIP2, 5000, "udp"),
                 (GATEWAY_IP, 104, "tcp"), (GATEWAY_IP, 5000, "udp"), ("203.0.113.9", 80, "tcp")]
 RECORD_ROUTE = b"\x07\x0b\x04" + b"\x00" * 8 + b"\x01"      # record route + NOP: IHL 8
@@ -238,6 +272,16 @@ def build_seeds(held: dict) -> list[tuple[float, list[Seed]]]:
              seed("ipv6 tcp", eth() / IPv6(src="fd00::2", dst="fd00::100") / TCP(sport=49000, dport=104, flags="S")),
              seed("ipv6 too big", eth() / IPv6(src="fd00::1", dst="fd00::100") / ICMPv6PacketTooBig(mtu=1280)
                   / Raw(b"q" * 48))]),
+        # NAT backends' replies to clients (on-link, remote, the gateway itself), and packets from a
+        # backend on a port or protocol no NAT service uses.
+        (6, [seed(f"nat reply {k} to {c}", nat_reply(o, p, k, c, 50000 + i))
+             for i, (o, p, k) in enumerate([(61, PACS_PORT, "tcp"), (62, PACS_PORT, "tcp"), (71, PACS_UDP_PORT, "udp")])
+             for c in C + (GATEWAY_IP,)]
+         + [seed("backend, other port", nat_reply(61, 22, "tcp", C[0], 50100)),
+            seed("backend, other protocol", nat_reply(61, PACS_PORT, "udp", C[0], 50101)),
+            seed("nat reply, tagged", nat_reply(61, PACS_PORT, "tcp", C[0], 50102, tag=Dot1Q(vlan=42))),
+            seed("nat reply, ip options", nat_reply(62, PACS_PORT, "tcp", C[1], 50103, options=RECORD_ROUTE)),
+            seed("nat reply, udp without checksum", nat_reply(71, PACS_UDP_PORT, "udp", C[0], 50104, chksum=0))]),
         # Frames for others on the segment pass untouched; those to the pool's MAC are balanced (point 5).
         (8, [seed(f"to {_mac(m)}, {d}:{p}/{k}", to(d, p, k, sport=49100 + i, mac=_mac(m)))
              for m in FOREIGN_MACS + (POOL_MAC,) for i, (d, p, k) in enumerate(S)]

@@ -505,7 +505,7 @@ def test_every_bad_value_of_one_table_is_reported():
         'p.toml: line 16: service[0] "synapse-dicom" backend[1] .weight = 1.5 must be an integer from 0 to 1000, '
         "got a float",
         'p.toml: line 17: service[0] "synapse-dicom" backend[1] .colour is not a known key; known keys are '
-        '"name", "address", "weight"',
+        '"name", "address", "weight", "port"',
     )
 
 

@@ -122,7 +122,23 @@ def test_orthanc_config_known_callers_only(tmp_path):
     assert set(config["DicomModalities"]) == {"XDPLB", "CT1"}
 
 
+def test_orthanc_config_authorises_callers_by_address(tmp_path):
+    """The NAT lab's PACS: a caller is known by AE title and address, and the address is checked."""
+    proc = _run("orthanc-config.sh", "--storage", "/srv/db", "--dicom-port", "4242", "--modality", "MODALITY=10.20.0.2",
+                "--modality", "XDPLB=10.10.0.10", "--check-modality-host")
+    assert proc.returncode == 0, proc.stderr
+    config = json.loads(proc.stdout)
+    assert config["DicomCheckModalityHost"] is True and config["DicomPort"] == 4242
+    assert config["DicomAlwaysAllowEcho"] is False and config["DicomAlwaysAllowStore"] is False
+    assert config["DicomModalities"] == {"MODALITY": ["MODALITY", "10.20.0.2", 104],
+                                         "XDPLB": ["XDPLB", "10.10.0.10", 104]}
+    assert json.loads(_run("orthanc-config.sh", "--storage", "/srv/db").stdout)["DicomCheckModalityHost"] is False
+
+
 @pytest.mark.parametrize("args,message", [
+    (["--storage", "/srv/db", "--modality", "MODALITY"], "--modality needs AET=HOST, not 'MODALITY'"),
+    (["--storage", "/srv/db", "--modality", "CT=10.20.0"], "--modality needs an IPv4 address, not '10.20.0'"),
+    (["--storage", "/srv/db", "--modality", "CT=10.20.0.256"], "--modality needs an IPv4 address, not '10.20.0.256'"),
     (["--storage", "/srv/db", "--aet", "MUCH-TOO-LONG-AE-TITLE"], "--aet must be 1..16"),
     (["--storage", "/srv/db", "--dicom-port", "70000"], "--dicom-port must be a port number 1..65535, not '70000'"),
     (["--storage", "relative/db"], "--storage must be an absolute path, not 'relative/db'"),

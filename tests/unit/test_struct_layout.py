@@ -44,7 +44,10 @@ def _program() -> str:
     for i, event in enumerate(structs.EVENTS):
         lines.append(f'printf("EVENT_{event.upper()} %d {i}\\n", EVENT_{event.upper()});')
     lines.append(f'printf("EVENT_MAX %d {len(structs.EVENTS)}\\n", EVENT_MAX);')
-    for flag in ("F_SVC_CLIENT_PERSIST", "SVC_STATE_HALF", "F_BACKEND_UP", "F_BACKEND_READY",
+    for i, stat in enumerate(structs.NAT_STATS):
+        lines.append(f'printf("NAT_STAT_{stat.upper()} %d {i}\\n", NAT_STAT_{stat.upper()});')
+    lines.append(f'printf("NAT_STAT_MAX %d {len(structs.NAT_STATS)}\\n", NAT_STAT_MAX);')
+    for flag in ("F_SVC_CLIENT_PERSIST", "F_SVC_NAT", "SVC_STATE_HALF", "F_BACKEND_UP", "F_BACKEND_READY",
                  "F_CFG_NO_BACKEND_DROP", "TABLES_PER_SERVICE", "PORT_WORDS", "LAYOUT_ENTRIES", "EXTRA_MACS"):
         lines.append(f'printf("{flag} %u {getattr(structs, flag)}\\n", (unsigned){flag});')
     lines.append(f'printf("ACTION_MAX %d {len(structs.ACTIONS)}\\n", ACTION_MAX);')
@@ -69,7 +72,7 @@ def test_struct_sizes_and_offsets_match(c_layout):
     for line in c_layout:
         name, *values = line.split()
         if name.endswith(("_MAX",)) or name.startswith(("REASON_", "EVENT_", "F_", "SVC_", "TABLES_", "PORT_",
-                                                         "LAYOUT_", "EXTRA_")):
+                                                         "LAYOUT_", "EXTRA_", "NAT_STAT_")):
             continue
         if values[0] == "size":
             cls = structs.SHARED_STRUCTS[name]
@@ -95,7 +98,7 @@ def test_shared_constants_match(c_layout):
     wrong = []
     for line in c_layout:
         name, *values = line.split()
-        if name.startswith(("REASON_", "EVENT_", "F_", "SVC_", "TABLES_", "ACTION_", "PORT_", "LAYOUT_", "EXTRA_")):
+        if name.startswith(("REASON_", "EVENT_", "F_", "SVC_", "TABLES_", "ACTION_", "PORT_", "LAYOUT_", "EXTRA_", "NAT_STAT_")):
             c_value, py_value = values
             if c_value != py_value:
                 wrong.append(f"{name}: C {c_value}, Python {py_value}")

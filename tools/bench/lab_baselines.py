@@ -22,7 +22,7 @@ name = "{name}"
 vip = "{vip}"
 port = {port}
 persistence = "{persistence}"
-  [service.health]
+{forwarding}  [service.health]
   port = {health_port}
   interval = 1.0
   timeout = 0.5
@@ -41,7 +41,7 @@ def xdplb_pool(vip: str, backends: dict[str, str]) -> str:
     listed = "".join(_XDPLB_BACKEND.format(name=n, address=a) for n, a in backends.items())
     text = '[xdplb]\nmetrics = ""\n'
     for name, port, persistence in (("iperf", IPERF_PORT, "client"), ("http", HTTP_PORT, "flow")):
-        text += _XDPLB_SERVICE.format(name=name, vip=vip, port=port, persistence=persistence,
+        text += _XDPLB_SERVICE.format(name=name, vip=vip, port=port, persistence=persistence, forwarding="",
                                       health_port=HEALTH_PORT, backends=listed)
     return text
 
@@ -105,3 +105,18 @@ def responder_cfg(name: str) -> str:
         f"    bind 0.0.0.0:{HTTP_PORT}\n"
         f'    http-request return status 200 content-type text/plain string "{name}"\n'
     )
+
+
+
+def xdplb_nat_pool(vip: str, backends: dict[str, str], dicom_port: int, pacs_port: int) -> str:
+    """The NAT suite's pool: the stream (by client address), HTTP (by flow) and
+    DICOM (by flow, VIP:dicom_port to every PACS's pacs_port), all in NAT mode."""
+    text = '[xdplb]\nmetrics = ""\n'
+    for name, port, persistence, backend_port in (("iperf", IPERF_PORT, "client", IPERF_PORT),
+                                                  ("http", HTTP_PORT, "flow", HTTP_PORT),
+                                                  ("dicom", dicom_port, "flow", pacs_port)):
+        listed = "".join(_XDPLB_BACKEND.format(name=n, address=a) + f"  port = {backend_port}\n"
+                         for n, a in backends.items())
+        text += _XDPLB_SERVICE.format(name=name, vip=vip, port=port, persistence=persistence,
+                                      forwarding='forwarding = "nat"\n', health_port=HEALTH_PORT, backends=listed)
+    return text

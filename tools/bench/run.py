@@ -3,7 +3,7 @@
 
     sudo .venv/bin/python tools/bench/run.py [--quick] [--suite NAME]... [--out DIR]
 
-Suites (default: all three, in this order):
+Suites (default: all four, in this order):
   dataplane   per-packet cost of the real XDP program under BPF_PROG_TEST_RUN,
               as a ratio to a minimal XDP forwarder (the floor)
   lab         one TCP stream (iperf3), short-connection rate (wrk) and CPU per GB
@@ -11,6 +11,9 @@ Suites (default: all three, in this order):
               nftables DNAT and HAProxy
   controller  Maglev table build, health verdict to table live, attach time,
               reload of 64 services, map memory
+  nat         the NAT lab (a routed client, Orthanc behind the gateway): one
+              stream, connection rate and a large C-STORE through xdplb in
+              NAT mode (generic and native) next to nftables DNAT
 
 Each suite writes DIR/<suite>.json (figures, every run, the machine and the
 method), DIR/<suite>.md (the printed table) and DIR/<suite>_*.png.
@@ -33,7 +36,7 @@ if __package__ in (None, ""):  # run as a script: make `bench` and `xdplb` impor
 
 from bench import context, tables  # noqa: E402
 
-SUITES = ("dataplane", "lab", "controller")
+SUITES = ("dataplane", "lab", "controller", "nat")
 DEFAULT_OUT = "/tmp/xdplb-bench"
 
 
@@ -100,6 +103,12 @@ def run_suite(name: str, cfg: dict) -> dict:
                    repeat=cfg["repeat"], runs=cfg["runs"], statistic="median of runs, each the kernel's mean ns per repeat")
     elif name == "lab":
         from bench import suite_lab as suite
+
+        opts = suite.Options(cfg["runs"], cfg["seconds"], cfg["quick"], cfg["out"], _say)
+        ctx.update(xdp_mode="per row: generic or native on veth", runs=cfg["runs"],
+                   seconds_per_run=cfg["seconds"], statistic="median of runs")
+    elif name == "nat":
+        from bench import suite_nat as suite
 
         opts = suite.Options(cfg["runs"], cfg["seconds"], cfg["quick"], cfg["out"], _say)
         ctx.update(xdp_mode="per row: generic or native on veth", runs=cfg["runs"],

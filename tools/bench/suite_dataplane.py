@@ -23,6 +23,19 @@ real hits. Those figures include cache misses and the kernel timer's
 overhead of a single run, so they are compared with the floor run the same
 way on the same packets, never with the repeated figures.
 
+NAT. The paths group also times a NAT service ("nat", port 106) in both
+directions, next to DSR and the floor in the same interleaved runs: the
+established request (flow hit, then destination address and port rewritten
+and both checksums updated) and the reply (the nat_ports gate, one
+nat_reverse lookup, bpf_fib_lookup, source rewritten, checksums, MACs from
+the lookup). The repetitions run on the frame the previous one rewrote, so
+the NAT backend is the VIP itself on the service port (an identity
+translation: the same instructions as any other, the checksum arithmetic
+does not depend on the values), and the client's neighbour entry holds the
+gateway's MAC, so every rewritten frame is for the gateway again. Replies
+run in a network namespace of their own (fibnet.FibNet) whose interface
+has the gateway's MAC, with the calling thread inside it for the group.
+
 Baseline. With a baseline revision (run.py --baseline main), that
 revision's bpf/ sources are compiled too and its pass and established
 cases join the paths group, interleaved run by run with this build's, so
@@ -50,7 +63,7 @@ from pathlib import Path
 from xdplb.pinning import cpu_list_count as cpu_count_in  # noqa: F401 (tests call it here)
 from xdplb.pinning import possible_cpus
 
-from . import frames, stats
+from . import fibnet, frames, stats
 from .tables import fmt, fmt_ratio, markdown, targets_table
 
 SEED = 0x5EED
@@ -59,6 +72,7 @@ CLIENT_MAC = bytes.fromhex("02000a0a0002")
 VIP = "10.10.0.100"
 CLIENT = "10.10.0.2"
 GATEWAY_IP = "10.10.0.10"
+NAT_PORT = 106                       # the NAT service of the paths group (see the module docstring)
 FILL_FIRST_SRC = "11.0.0.0"          # filled flows come from 11.0.0.0, 11.0.0.1, ...
 FLOOR_SOURCE = Path(__file__).resolve().parents[2] / "bpf" / "bench_floor.c"
 
@@ -261,6 +275,39 @@ def service(name: str, port: int, count: int):
     return ServiceState(name, IPv4Address(VIP), port, "tcp", "flow", backends(count))
 
 
+def nat_service(name: str, port: int):
+    """A NAT service whose one backend is the VIP itself on the service port (see the module docstring)."""
+    from xdplb.plan import BackendState, ServiceState
+
+    backend = BackendState("nat-identity", IPv4Address(VIP), 1, GW_MAC, True, port)
+    return ServiceState(name, IPv4Address(VIP), port, "tcp", "flow", (backend,), "nat")
+
+
+def nat_reply(port: int, src_mac: bytes = CLIENT_MAC) -> bytes:
+    """A NAT backend's reply (VIP:port is the identity backend) to the client, sent to the gateway."""
+    return frames.tcp_frame(src_mac, GW_MAC, VIP, CLIENT, port, 40000, frames.TCP_ACK, b"DICOM P-DATA", 1, 1001)
+
+
+@contextmanager
+def reply_network(say):
+    """FibNet for NAT replies: interface b0 with the gateway's MAC and address,
+    the client's neighbour entry holding the gateway's MAC. Yields b0's ifindex."""
+    net = fibnet.FibNet(f"xdplbbench{os.getpid() % 100000}")
+    try:
+        mac = ":".join(f"{b:02x}" for b in GW_MAC)
+        net.ip("link", "add", "b0", "address", mac, "type", "veth", "peer", "name", "b0p")
+        net.ip("addr", "add", f"{GATEWAY_IP}/24", "dev", "b0")
+        net.ip("link", "set", "b0", "up")
+        net.ip("link", "set", "b0p", "up")
+        net.sysctl("net.ipv4.ip_forward=1")
+        net.ip("neigh", "replace", CLIENT, "lladdr", mac, "dev", "b0", "nud", "permanent")
+        say(f"dataplane: NAT replies run in network namespace {net.name}")
+        with net.inside():
+            yield net.ifindex("b0")
+    finally:
+        net.close()
+
+
 def syn(port: int, src: str = CLIENT, sport: int = 40000) -> bytes:
     return frames.tcp_frame(CLIENT_MAC, GW_MAC, src, VIP, sport, port, frames.TCP_SYN)
 
@@ -309,6 +356,7 @@ class Case:
     dp: object = None                 # xdplb dataplane whose counters prove the path
     counter: tuple | None = None      # ("events", "flow_hit") or ("not_forwarded", "not_service")
     floor: bool = False
+    ifindex: int = 0                  # ingress interface for bpf_fib_lookup (NAT replies); 0: loopback
     samples: list = field(default_factory=list)
 
 
@@ -321,7 +369,7 @@ def run_case(case: Case, repeat: int) -> None:
     from xdplb import bpfsys, structs
 
     before = _counter(case) if case.counter else 0
-    result = bpfsys.prog_test_run(case.fd, case.frame, repeat)
+    result = bpfsys.prog_test_run(case.fd, case.frame, repeat, ingress_ifindex=case.ifindex)
     if result.retval != case.action:
         raise BenchError(f"{case.group} / {case.name}: the program returned {structs.ACTIONS[result.retval]}, "
                          f"expected {structs.ACTIONS[case.action]}")
@@ -460,8 +508,11 @@ def run(opts: Options) -> dict:
     default = _settings()
     main, upper, lower = programs.get(default), programs.get(default, "insert_delete"), programs.get(default, "no_insert")
     base = programs.get(default, baseline=opts.baseline) if opts.baseline else None
-    programs.program([main, upper, lower] + ([base] if base else []), [service("dicom", 104, 3)])
+    programs.program([main, upper, lower], [service("dicom", 104, 3), nat_service("nat", NAT_PORT)])
+    if base:   # a baseline revision may predate NAT (its program has no NAT maps)
+        programs.program([base], [service("dicom", 104, 3)])
     first_syn(main, 104)
+    first_syn(main, NAT_PORT)
     g = "paths (default sizes, 1 service, 3 backends)"
     not_vip = frames.tcp_frame(CLIENT_MAC, GW_MAC, CLIENT, GATEWAY_IP, 50000, 22, frames.TCP_ACK)
     cases = [
@@ -480,7 +531,17 @@ def run(opts: Options) -> dict:
             Case(g, f"established (flow-table hit), baseline {rev}", base.prog_fd, ack(104), tx, base,
                  ("events", "flow_hit")),
         ]
-    add_group(g, cases, "new flow: the unmodified program cannot miss twice on one packet; see the suite's method")
+    with reply_network(say) as ifindex:
+        cases += [
+            Case(g, "NAT request, established (flow hit + translation)", main.prog_fd, ack(NAT_PORT), tx, main,
+                 ("nat", "request")),
+            Case(g, "NAT reply (reverse lookup + fib lookup + translation)", main.prog_fd, nat_reply(NAT_PORT), tx,
+                 main, ("nat", "reply_tx"), ifindex=ifindex),
+        ]
+        add_group(g, cases, "new flow: the unmodified program cannot miss twice on one packet; see the suite's "
+                            "method. NAT: an identity translation, see the suite's method")
+    # Back to the DSR service alone: later groups may reuse these programs and program them together.
+    programs.program([main, upper, lower], [service("dicom", 104, 3)])
     # The unmodified program, one distinct flow per call: real misses and inserts.
     sources = [str(IPv4Address("12.0.0.0") + i) for i in range(opts.scale.single_shot_calls)]
     acks = [ack(104, src) for src in sources]

@@ -320,6 +320,14 @@ def check_path_used(mode: str, facts: dict) -> None:
             raise BenchError(f"{mode}: the DNAT rules' counters stayed at zero: {counts}")
 
 
+def traffic_figures(streams: list, wrks: list) -> dict:
+    """A row's stream and connection-rate figures (medians) with every run."""
+    return {"stream_gbits": _summary([s.gbits for s in streams]), "stream_runs": _stream_runs(streams),
+            "conn_per_s": _summary([w.requests_per_s for w in wrks]),
+            "wrk_runs": [{"requests_per_s": w.requests_per_s, "requests": w.requests,
+                          "socket_errors": w.socket_errors, "non_2xx": w.non_2xx} for w in wrks]}
+
+
 def measure_path(bench: LabBench, mode: str, rate: float | None) -> dict:
     say, runs = bench.say, bench.opts.runs
     row: dict = {"mode": mode, "error": None}
@@ -347,13 +355,9 @@ def measure_path(bench: LabBench, mode: str, rate: float | None) -> dict:
         row["error"] = f"{type(exc).__name__}: {exc}"[:2000]
         say(f"lab: {mode}: FAILED: {row['error'][:300]}")
         return row
-    row["stream_gbits"] = _summary([s.gbits for s in streams])
-    row["stream_runs"] = _stream_runs(streams)
+    row.update(traffic_figures(streams, wrks))
     row["stream_tso_gbits"] = _summary([s.gbits for s in tso_streams])
     row["stream_tso_runs"] = _stream_runs(tso_streams)
-    row["conn_per_s"] = _summary([w.requests_per_s for w in wrks])
-    row["wrk_runs"] = [{"requests_per_s": w.requests_per_s, "requests": w.requests, "socket_errors": w.socket_errors,
-                        "non_2xx": w.non_2xx} for w in wrks]
     row["cpu_s_per_gb"] = _summary([c["cpu_s_per_gb"] for c in cpus])
     row["cpu_runs"] = cpus
     row["xdp_mode"] = row.get("facts", {}).get("xdp_mode")
@@ -510,20 +514,25 @@ def render(result: dict) -> str:
 
 
 def draw(result: dict, context: str, out: Path) -> list[Path]:
-    from . import charts
-
-    rows = result["rows"]
-    labels = [r["mode"] for r in rows]
-    paths = []
-    for key, unit, name, title in (
+    return draw_medians(result["rows"], (
         ("stream_gbits", "Gbit/s", "lab_stream.png", "One TCP stream (iperf3)"),
         ("conn_per_s", "connections/s", "lab_connections.png", "New connections per second (wrk, Connection: close)"),
         ("cpu_s_per_gb", "CPU s/GB", "lab_cpu_per_gb.png",
          f"Machine CPU seconds per GB at {result.get('cpu_rate_gbits') or 0:.2f} Gbit/s (lower is better)"),
-    ):
+    ), context, out, "direct")
+
+
+def draw_medians(rows: list[dict], charts_wanted, context: str, out: Path, reference: str) -> list[Path]:
+    """One bar chart of the rows' medians per (key, unit, file name, title); the
+    ``reference`` row is marked, failed rows are labelled."""
+    from . import charts
+
+    labels = [r["mode"] for r in rows]
+    paths = []
+    for key, unit, name, title in charts_wanted:
         values = [_median(r, key) for r in rows]
         spans = [(r[key]["low"], r[key]["high"]) if not r.get("error") and r.get(key) else None for r in rows]
         notes = ["failed" if r.get("error") else "" for r in rows]
         paths.append(charts.hbars(out / name, title, context, labels, values, unit, spans, notes,
-                                  [r["mode"] == "direct" for r in rows]))
+                                  [r["mode"] == reference for r in rows]))
     return paths

@@ -3,6 +3,7 @@
 #
 # Usage: orthanc-config.sh --storage DIR [--out FILE] [--name NAME] [--aet AET]
 #                          [--dicom-port N] [--http-port N] [--known-aet AET]...
+#                          [--modality AET=HOST]... [--check-modality-host]
 #
 # Prints (or, with --out, atomically writes) a JSON configuration for
 # Debian's Orthanc: DICOM server with AE title AET (default SYNAPSE) on
@@ -14,6 +15,10 @@
 # those calling AE titles are accepted: Orthanc rejects other associations,
 # and its REST API (DELETE /modalities/AET) can withdraw one while it runs -
 # a PACS that accepts TCP but refuses associations, without a restart.
+# --modality AET=HOST (repeatable) adds a known caller at that IPv4 address;
+# with --check-modality-host Orthanc also checks the caller's address
+# (DicomCheckModalityHost), as a PACS that authorises modalities by AE title
+# and IP address does: the NAT lab (tools/lab_nat.py) needs that.
 #
 # Shared by the namespace PACS lab (tools/pacs_lab.py) and the Vagrant pacs
 # machines (vagrant/pacs.sh).  Needs only bash; writes nothing but FILE.
@@ -24,7 +29,7 @@ PROG=orthanc-config
 die() { printf '%s: error: %s\n' "$PROG" "$*" >&2; exit 1; }
 
 usage() {
-    printf 'usage: %s --storage DIR [--out FILE] [--name NAME] [--aet AET] [--dicom-port N] [--http-port N] [--known-aet AET]...\n' "$0" >&2
+    printf 'usage: %s --storage DIR [--out FILE] [--name NAME] [--aet AET] [--dicom-port N] [--http-port N] [--known-aet AET]... [--modality AET=HOST]... [--check-modality-host]\n' "$0" >&2
     exit 2
 }
 
@@ -55,8 +60,30 @@ check_aet() {
     [ "${#2}" -le 16 ] || die "$1 must be 1..16 of A-Z a-z 0-9 _ . -, not '$2' (${#2} characters)"
 }
 
+# check_ipv4 KEY VALUE: VALUE must be a dotted-quad IPv4 address.
+check_ipv4() {
+    local IFS=. octets
+    read -r -a octets <<<"$2"
+    case "$2" in
+        *[!0-9.]* | .* | *. | *..*) die "$1 needs an IPv4 address, not '$2'" ;;
+    esac
+    [ "${#octets[@]}" -eq 4 ] || die "$1 needs an IPv4 address, not '$2'"
+    local o
+    for o in "${octets[@]}"; do
+        if [ "${#o}" -gt 3 ] || [ "$((10#$o))" -gt 255 ]; then
+            die "$1 needs an IPv4 address, not '$2'"
+        fi
+    done
+}
+
+# known_entry AET HOST: one DicomModalities entry, with its leading separator.
+known_entry() {
+    known="$known${known:+,}
+    \"$1\" : [ \"$1\", \"$2\", 104 ]"
+}
+
 main() {
-    local storage='' out='' name='' aet=SYNAPSE dicom_port=104 http_port=8042 known=''
+    local storage='' out='' name='' aet=SYNAPSE dicom_port=104 http_port=8042 known='' check_host=false
     while [ "$#" -gt 0 ]; do
         case "$1" in
             --storage) [ "$#" -ge 2 ] || usage; storage=$2; shift 2 ;;
@@ -68,9 +95,16 @@ main() {
             --known-aet)
                 [ "$#" -ge 2 ] || usage
                 check_aet --known-aet "$2"
-                known="$known${known:+,}
-    \"$2\" : [ \"$2\", \"127.0.0.1\", 104 ]"
+                known_entry "$2" 127.0.0.1
                 shift 2 ;;
+            --modality)
+                [ "$#" -ge 2 ] || usage
+                case "$2" in *=*) ;; *) die "--modality needs AET=HOST, not '$2'" ;; esac
+                check_aet --modality "${2%%=*}"
+                check_ipv4 --modality "${2#*=}"
+                known_entry "${2%%=*}" "${2#*=}"
+                shift 2 ;;
+            --check-modality-host) check_host=true; shift ;;
             -h | --help) usage ;;
             *) die "unknown argument '$1' (see --help)" ;;
         esac
@@ -85,7 +119,8 @@ main() {
     check_text --name "$name"
 
     # Known calling AEs only: Orthanc then rejects every other association.
-    # The host is a placeholder; DicomCheckModalityHost false ignores it.
+    # With --known-aet the host is a placeholder, which DicomCheckModalityHost
+    # false ignores; --check-modality-host makes Orthanc compare it too.
     local allow_any=true
     [ -z "$known" ] || allow_any=false
 
@@ -111,7 +146,7 @@ main() {
   "DicomAlwaysAllowStore" : $allow_any,
   "DicomModalities" : {$known
   },
-  "DicomCheckModalityHost" : false,
+  "DicomCheckModalityHost" : $check_host,
   "DicomScpTimeout" : 30,
   "SaveJobs" : false
 }

@@ -1,0 +1,408 @@
+"""forwarding = "nat": the request and reply translations (bpf/nat.h).
+
+The real program under BPF_PROG_TEST_RUN (no XDP mode: the kernel runs it on
+the test's buffer). Every translated frame is compared byte for byte with
+the frame scapy builds from scratch with the new addresses and ports, and
+each checksum (IPv4 header, TCP/UDP) is also recomputed by scapy and
+compared on its own, so a failure names the checksum that is wrong.
+
+Replies need bpf_fib_lookup, so they run with the calling thread inside a
+network namespace of their own (NatNet): the gateway's interface gw0 (MAC
+GW_MAC, 10.10.0.10/24 for the clients, 10.30.0.1/24 for the PACS) whose
+veth peer sits in a router namespace answering ARP for 10.10.0.1, which
+routes 192.168.50.0/24; gw1 (172.16.0.1/24) is a second interface.
+"""
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import subprocess
+import time
+
+import pytest
+from scapy.layers.inet import ICMP, IP, TCP, UDP, IPerror, TCPerror
+from scapy.layers.l2 import Dot1Q, Ether
+from scapy.packet import Raw
+
+from xdplb import bpfsys, plan, structs
+from tools.bench.fibnet import FibNet
+from xdplb.netlink import Netlink
+
+from . import packets as P
+from .conftest import CLIENT, GW_MAC, VIP, mac_of
+
+pytestmark = pytest.mark.root
+
+TX, PASS, DROP, REDIRECT = structs.XDP_TX, structs.XDP_PASS, structs.XDP_DROP, structs.XDP_REDIRECT
+PACS = ("10.30.0.11", "10.30.0.12", "10.30.0.13")
+DICOM_PORT, PACS_PORT = 104, 4242          # modalities call 104, Orthanc listens on 4242
+UDP_PORT, UDP_BACKEND_PORT = 5000, 6000
+ROUTER_MAC = "02:00:0a:0a:00:01"
+REMOTE_CLIENT = "192.168.50.7"             # behind the router 10.10.0.1
+OTHER_SIDE = "172.16.0.5"                  # on gw1
+OTHER_SIDE_MAC = "02:00:ac:10:00:05"
+UNRESOLVED = "10.10.0.77"                  # on-link, no neighbour entry
+GW_ADDR = "10.10.0.10"
+
+
+def pacs_backend(address: str, port: int = PACS_PORT) -> plan.BackendState:
+    octet = int(address.rsplit(".", 1)[1])
+    return plan.BackendState(f"pacs{octet}", ipaddress.IPv4Address(address), 1, mac_of(octet), True, port)
+
+
+def nat_services(backends=PACS) -> tuple:
+    return (
+        plan.ServiceState("nat-dicom", VIP, DICOM_PORT, "tcp", "flow",
+                          tuple(pacs_backend(a) for a in backends), "nat"),
+        plan.ServiceState("nat-udp", VIP, UDP_PORT, "udp", "flow",
+                          tuple(pacs_backend(a, UDP_BACKEND_PORT) for a in backends), "nat"),
+    )
+
+
+@pytest.fixture
+def nat(harness):
+    harness.program(nat_services())
+    return harness
+
+
+# ---- checksums, recomputed by scapy ----------------------------------------
+
+def recomputed(frame: bytes) -> Ether:
+    """The frame as scapy rebuilds it with every checksum computed afresh
+    (a UDP checksum of 0, "none", stays 0)."""
+    pkt = Ether(frame)
+    del pkt[IP].chksum
+    if TCP in pkt:
+        del pkt[TCP].chksum
+    elif UDP in pkt and pkt[UDP].chksum != 0:
+        del pkt[UDP].chksum
+    return Ether(bytes(pkt))
+
+
+def assert_checksums(frame: bytes) -> None:
+    got, want = Ether(frame), recomputed(frame)
+    assert got[IP].chksum == want[IP].chksum, f"IPv4 header checksum {got[IP].chksum:#06x}, scapy {want[IP].chksum:#06x}"
+    layer = TCP if TCP in got else UDP
+    assert got[layer].chksum == want[layer].chksum, \
+        f"{layer.__name__} checksum {got[layer].chksum:#06x}, scapy {want[layer].chksum:#06x}"
+
+
+def translated(packet, *, dst=None, dport=None, src=None, sport=None, dst_mac, src_mac) -> bytes:
+    """`packet` as the translation must leave it: new addresses, ports and
+    MACs, every checksum computed from scratch by scapy."""
+    pkt = Ether(bytes(packet))
+    pkt.dst, pkt.src = dst_mac, src_mac
+    l4 = pkt[TCP] if TCP in pkt else pkt[UDP]
+    if dst is not None:
+        pkt[IP].dst, l4.dport = dst, dport
+    if src is not None:
+        pkt[IP].src, l4.sport = src, sport
+    return bytes(recomputed(bytes(pkt)))
+
+
+def nat_count(h, name: str) -> int:
+    return h.stats().nat[name]
+
+
+# ---- requests: client -> VIP:104 becomes client -> backend:4242 -------------
+
+def _mac(raw: bytes) -> str:
+    return ":".join(f"{b:02x}" for b in raw)
+
+
+def expect_request(h, packet, service, sport, dport, proto, backend_port):
+    address = h.predict(service, CLIENT, sport, dport, proto)
+    octet = int(address.rsplit(".", 1)[1])
+    return translated(packet, dst=address, dport=backend_port, dst_mac=_mac(mac_of(octet)), src_mac=P.GW)
+
+
+REQUESTS = [
+    ("TCP SYN", P.syn(), "nat-dicom", 40000, "tcp"),
+    ("TCP ACK with payload", P.ack(sport=40100), "nat-dicom", 40100, "tcp"),
+    ("IPv4 options (IHL 9)", P.with_options(), "nat-dicom", 40003, "tcp"),
+    ("802.1Q tag kept", P.vlan_syn(Dot1Q), "nat-dicom", 40001, "tcp"),
+    ("UDP", P.udp(), "nat-udp", 40000, "udp"),
+    ("UDP with a zero checksum", P.eth() / IP(src=CLIENT, dst=str(VIP)) / UDP(sport=40005, dport=UDP_PORT, chksum=0)
+     / Raw(b"no checksum"), "nat-udp", 40005, "udp"),
+]
+
+
+@pytest.mark.parametrize("what,packet,service,sport,proto", REQUESTS, ids=[r[0] for r in REQUESTS])
+def test_request_is_translated_to_the_backends_address_and_port(nat, what, packet, service, sport, proto):
+    dport = DICOM_PORT if proto == "tcp" else UDP_PORT
+    backend_port = PACS_PORT if proto == "tcp" else UDP_BACKEND_PORT
+    before = nat_count(nat, "request")
+    verdict = nat.run(packet)
+    assert verdict.action == TX, verdict.action_name
+    assert_checksums(verdict.data)
+    assert verdict.data == expect_request(nat, packet, service, sport, dport, proto, backend_port)
+    if "zero checksum" in what:
+        assert Ether(verdict.data)[UDP].chksum == 0
+    assert nat_count(nat, "request") == before + 1
+
+
+def test_udp_checksum_that_becomes_zero_is_sent_as_all_ones(nat):
+    # Search a payload whose translated checksum computes to 0: RFC 768 sends it as 0xffff.
+    sport = 40200
+    address = nat.predict("nat-udp", CLIENT, sport, UDP_PORT, "udp")
+    for n in range(70000):
+        payload = n.to_bytes(4, "big")
+        out = IP(bytes(IP(src=CLIENT, dst=address) / UDP(sport=sport, dport=UDP_BACKEND_PORT) / Raw(payload)))
+        if out[UDP].chksum == 0xFFFF:   # scapy writes a computed 0 as 0xffff
+            break
+    else:
+        pytest.fail("no payload found")
+    verdict = nat.run(P.eth() / IP(src=CLIENT, dst=str(VIP)) / UDP(sport=sport, dport=UDP_PORT) / Raw(payload))
+    assert verdict.action == TX
+    assert Ether(verdict.data)[UDP].chksum == 0xFFFF
+
+
+def test_established_nat_flow_keeps_its_backend_when_another_leaves_and_joins(nat):
+    packet = P.ack(sport=40300)
+    first = nat.run(P.syn(sport=40300))
+    owner = Ether(first.data)[IP].dst
+    others = [a for a in PACS if a != owner]
+    nat.program(nat_services(backends=[owner, others[0]]))       # one leaves
+    assert Ether(nat.run(packet).data)[IP].dst == owner
+    nat.program(nat_services())                                   # and joins again
+    verdict = nat.run(packet)
+    assert Ether(verdict.data)[IP].dst == owner and Ether(verdict.data)[TCP].dport == PACS_PORT
+    assert_checksums(verdict.data)
+
+
+def test_dsr_service_beside_nat_is_untouched_beyond_the_macs(nat):
+    from .conftest import backend, service
+
+    nat.program(nat_services() + (service("dicom-dsr", 11112, backends=(backend(11),)),))
+    packet = P.syn(dport=11112, sport=40400)
+    verdict = nat.run(packet)
+    assert verdict.action == TX
+    assert verdict.data == P.rewritten(packet, mac_of(11))
+
+
+# ---- replies: backend:4242 -> client becomes VIP:104 -> client ---------------
+
+class NatNet:
+    """The reply path's network: namespace `gw` holds the gateway's interfaces,
+    `rtr` the router at 10.10.0.1 (gw0's veth peer), which answers ARP."""
+
+    def __init__(self) -> None:
+        tag = f"{os.getpid() % 100000}"
+        self.gw = FibNet(f"xnatgw{tag}")
+        self.rtr = FibNet(f"xnatrt{tag}")
+        gw, rtr = self.gw.ip, self.rtr.ip
+        gw("link", "add", "gw0", "address", P.GW, "type", "veth", "peer", "name", "rt0", "netns", self.rtr.name)
+        gw("link", "add", "gw1", "type", "veth", "peer", "name", "gw1p")
+        gw("addr", "add", f"{GW_ADDR}/24", "dev", "gw0")
+        gw("addr", "add", "10.30.0.1/24", "dev", "gw0")
+        gw("addr", "add", "172.16.0.1/24", "dev", "gw1")
+        rtr("addr", "add", "10.10.0.1/24", "dev", "rt0")
+        rtr("link", "set", "rt0", "address", ROUTER_MAC)
+        rtr("link", "set", "rt0", "up")
+        for link in ("gw0", "gw1", "gw1p"):
+            gw("link", "set", link, "up")
+        gw("route", "add", "192.168.50.0/24", "via", "10.10.0.1")
+        gw("neigh", "replace", CLIENT, "lladdr", P.CLIENT_MAC, "dev", "gw0", "nud", "permanent")
+        gw("neigh", "replace", OTHER_SIDE, "lladdr", OTHER_SIDE_MAC, "dev", "gw1", "nud", "permanent")
+        self.gw.sysctl("net.ipv4.ip_forward=1")   # again: gw0 and gw1 came after it
+        # The router's MAC, learnt by ARP as the controller's solicit would (see the no-neighbour test).
+        subprocess.run(["ip", "netns", "exec", self.gw.name, "ping", "-c", "1", "-W", "2", "10.10.0.1"],
+                       check=True, stdout=subprocess.DEVNULL)
+        self.ifindex = {name: self.gw.ifindex(name) for name in ("gw0", "gw1")}
+        self.inside = self.gw.inside
+        self.ip = self.gw.ip
+
+    def close(self) -> None:
+        self.gw.close()
+        self.rtr.close()
+
+
+@pytest.fixture(scope="module")
+def net():
+    if os.geteuid() != 0:
+        pytest.skip("needs root: network namespaces")
+    n = NatNet()
+    yield n
+    n.close()
+
+
+def reply_run(h, net, packet, ifname="gw0"):
+    with net.inside():
+        result = bpfsys.prog_test_run(h.dp.prog_fd, bytes(packet), ingress_ifindex=net.ifindex[ifname])
+    from .conftest import Verdict
+
+    return Verdict(result.retval, result.data)
+
+
+def from_pacs(l4, dst=CLIENT, src=PACS[0], tag=None, **ip):
+    frame = Ether(src=_mac(mac_of(int(src.rsplit(".", 1)[1]))), dst=P.GW)
+    if tag is not None:
+        frame = frame / Dot1Q(vlan=tag)
+    return frame / IP(src=src, dst=dst, **ip) / l4
+
+
+def tcp_reply(dport=40000, sport=PACS_PORT):
+    return TCP(sport=sport, dport=dport, flags="SA", seq=5000, ack=1001)
+
+
+REPLIES = [
+    ("TCP to an on-link client", from_pacs(tcp_reply()), P.CLIENT_MAC),
+    ("TCP with data", from_pacs(TCP(sport=PACS_PORT, dport=40000, flags="PA") / Raw(b"P-DATA-TF" * 20)), P.CLIENT_MAC),
+    ("TCP to a client behind a router", from_pacs(tcp_reply(), dst=REMOTE_CLIENT), ROUTER_MAC),
+    ("IPv4 options (IHL 9)", from_pacs(tcp_reply(), options=b"\x07\x0f\x04" + b"\x00" * 13), P.CLIENT_MAC),
+    ("802.1Q tag kept", from_pacs(tcp_reply(), tag=42), P.CLIENT_MAC),
+    ("UDP", from_pacs(UDP(sport=UDP_BACKEND_PORT, dport=40000) / Raw(b"pong")), P.CLIENT_MAC),
+    ("UDP with a zero checksum", from_pacs(UDP(sport=UDP_BACKEND_PORT, dport=40000, chksum=0) / Raw(b"pong")),
+     P.CLIENT_MAC),
+]
+
+
+@pytest.mark.parametrize("what,packet,next_hop_mac", REPLIES, ids=[r[0] for r in REPLIES])
+def test_reply_is_translated_back_to_the_vip_and_service_port(nat, net, what, packet, next_hop_mac):
+    vport = UDP_PORT if UDP in packet else DICOM_PORT
+    before = nat_count(nat, "reply_tx")
+    verdict = reply_run(nat, net, packet)
+    assert verdict.action == TX, verdict.action_name
+    assert_checksums(verdict.data)
+    assert verdict.data == translated(packet, src=str(VIP), sport=vport, dst_mac=next_hop_mac, src_mac=P.GW)
+    if "zero checksum" in what:
+        assert Ether(verdict.data)[UDP].chksum == 0
+    assert nat_count(nat, "reply_tx") == before + 1
+
+
+def test_reply_whose_next_hop_is_on_another_interface_is_redirected(nat, net):
+    packet = from_pacs(tcp_reply(), dst=OTHER_SIDE)
+    verdict = reply_run(nat, net, packet)
+    assert verdict.action == REDIRECT, verdict.action_name
+    gw1_mac = Ether(verdict.data).src
+    assert verdict.data == translated(packet, src=str(VIP), sport=DICOM_PORT, dst_mac=OTHER_SIDE_MAC, src_mac=gw1_mac)
+    assert gw1_mac != P.GW
+
+
+def test_tagged_reply_whose_next_hop_is_on_another_interface_is_dropped(nat, net):
+    before = nat_count(nat, "untranslatable")
+    assert reply_run(nat, net, from_pacs(tcp_reply(), dst=OTHER_SIDE, tag=42)).action == DROP
+    assert nat_count(nat, "untranslatable") == before + 1
+
+
+@pytest.mark.parametrize("what,packet", [
+    ("a port no NAT backend listens on", from_pacs(TCP(sport=22, dport=40000, flags="SA"))),
+    ("a NAT port from another address", from_pacs(tcp_reply(), src="10.30.0.99")),
+    ("a NAT port of another protocol", from_pacs(UDP(sport=PACS_PORT, dport=40000))),
+])
+def test_reply_without_state_passes_untouched(nat, net, what, packet):
+    verdict = reply_run(nat, net, packet)
+    assert verdict.action == PASS, verdict.action_name
+    assert verdict.data == bytes(packet)
+
+
+def test_backends_answer_to_the_gateway_itself_passes_untouched(nat, net):
+    # A health check's SYN-ACK: from a NAT backend:port, to the gateway's own address.
+    packet = from_pacs(tcp_reply(dport=50123), dst="10.30.0.1")
+    before = nat_count(nat, "stack")
+    verdict = reply_run(nat, net, packet)
+    assert verdict.action == PASS, verdict.action_name
+    assert verdict.data == bytes(packet)
+    assert nat_count(nat, "stack") == before + 1
+
+
+@pytest.mark.parametrize("kind", ["blackhole", "unreachable", "prohibit"])
+def test_reply_whose_route_forbids_forwarding_is_dropped_never_passed(nat, net, kind):
+    net.ip("route", "replace", kind, "203.0.113.0/24")
+    try:
+        before = nat_count(nat, "no_route")
+        assert reply_run(nat, net, from_pacs(tcp_reply(), dst="203.0.113.9")).action == DROP
+        assert nat_count(nat, "no_route") == before + 1
+    finally:
+        net.ip("route", "del", "203.0.113.0/24")
+
+
+def test_reply_without_any_route_passes_to_the_stack_which_cannot_forward_it_either(nat, net):
+    packet = from_pacs(tcp_reply(), dst="203.0.113.9")
+    verdict = reply_run(nat, net, packet)
+    assert verdict.action == PASS and verdict.data == bytes(packet)
+
+
+def test_reply_with_forwarding_off_is_dropped_never_passed(nat, net):
+    net.gw.sysctl("net.ipv4.conf.gw0.forwarding=0")
+    try:
+        assert reply_run(nat, net, from_pacs(tcp_reply())).action == DROP
+    finally:
+        net.gw.sysctl("net.ipv4.conf.gw0.forwarding=1")
+
+
+def test_next_hop_without_a_neighbour_drops_until_the_controller_resolves_it(nat, net):
+    """The fixture for BPF_FIB_LKUP_RET_NO_NEIGH: a client behind a router
+    whose neighbour entry is gone. The reply is dropped and counted (never
+    passed untranslated); Netlink.solicit, which the daemon calls for every
+    unresolved route gateway of a NAT pool, makes the kernel ARP for it; the
+    router answers; the next reply goes out."""
+    net.ip("neigh", "flush", "dev", "gw0", "to", "10.10.0.1")
+    packet = from_pacs(tcp_reply(), dst=REMOTE_CLIENT)
+    before = nat_count(nat, "no_neigh")
+    assert reply_run(nat, net, packet).action == DROP
+    assert nat_count(nat, "no_neigh") == before + 1
+    with net.inside():
+        gateways = Netlink().route_gateways(net.ifindex["gw0"])
+        assert ipaddress.IPv4Address("10.10.0.1") in gateways
+        for gateway in gateways:
+            Netlink.solicit(gateway)
+    deadline = time.monotonic() + 5
+    while (verdict := reply_run(nat, net, packet)).action != TX and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert verdict.action == TX, verdict.action_name
+    assert Ether(verdict.data).dst == ROUTER_MAC
+
+
+def test_icmp_frag_needed_about_a_nat_flow_is_dropped_and_counted(nat):
+    quoted = IP(src=str(VIP), dst=CLIENT) / TCP(sport=DICOM_PORT, dport=40000, flags="A")
+    packet = P.eth() / IP(src="10.10.0.1", dst=str(VIP)) / ICMP(type=3, code=4, nexthopmtu=1400) / bytes(quoted)[:28]
+    before = nat_count(nat, "icmp")
+    assert nat.run(packet).action == DROP
+    assert nat_count(nat, "icmp") == before + 1
+
+
+def test_nat_flow_replies_survive_a_backend_leaving_and_joining(nat, net):
+    owner = Ether(nat.run(P.syn(sport=40500)).data)[IP].dst
+    others = [a for a in PACS if a != owner]
+    packet = from_pacs(tcp_reply(dport=40500), src=owner)
+    nat.program(nat_services(backends=[owner, others[0]]))
+    assert reply_run(nat, net, packet).action == TX
+    nat.program(nat_services())
+    verdict = reply_run(nat, net, packet)
+    assert verdict.action == TX
+    assert Ether(verdict.data)[IP].src == str(VIP)
+
+
+# ---- a hitless restart with adopted maps ----------------------------------------
+
+from .test_pinning import bpffs, loaded  # noqa: E402,F401  (fixtures)
+
+
+def test_nat_flows_survive_a_restart_that_adopts_the_pinned_maps(bpffs, loaded, net):
+    """The first controller's program and maps, then a second controller that
+    adopts the pins (as after kill -9): the adopted state plans no NAT write,
+    and an established NAT flow's request and reply both still translate."""
+    from xdplb.config import Settings
+
+    from .conftest import Harness
+
+    settings = Settings(hash_seed=0x5EED, maglev_size=251)
+    first = Harness(loaded(settings, bpffs / "eth0"), settings)
+    first.program(nat_services())
+    owner = Ether(first.run(P.syn(sport=40600)).data)[IP].dst
+
+    dp = loaded(settings, bpffs / "eth0")
+    assert dp.adopted
+    second = Harness(dp, settings)
+    second.applied = plan.adopt(dp.read_state(), {s.key: s.name for s in nat_services()})
+    result = second.program(nat_services())
+    assert not [op for op in result.ops if isinstance(op, (plan.PutNatReverse, plan.DelNatReverse,
+                                                            plan.PutBackend, plan.ClearBackend))]
+    request = second.run(P.ack(sport=40600))
+    assert request.action == TX and Ether(request.data)[IP].dst == owner
+    assert Ether(request.data)[TCP].dport == PACS_PORT
+    reply = reply_run(second, net, from_pacs(tcp_reply(dport=40600), src=owner))
+    assert reply.action == TX and Ether(reply.data)[IP].src == str(VIP)
+    assert_checksums(reply.data)
