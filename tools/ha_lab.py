@@ -72,6 +72,7 @@ KEEPALIVED = "/usr/sbin/keepalived"
 ROUTINGS = ("bgp", "vrrp")
 REPO = TOOLS_DIR.parent
 BIRD_EXAMPLE = REPO / "examples" / "bird-balancer.conf"        # the node recipe the README ships
+ROUTER_EXAMPLE = REPO / "examples" / "bird-router.conf"         # and the router's
 KEEPALIVED_EXAMPLE = REPO / "examples" / "keepalived-pair.conf"
 ROUTER_AS = 65000
 FIRST_NODE_AS = 65011           # lb1 -> 65011, lb2 -> 65012 (each node its own AS, as the recipe says)
@@ -290,23 +291,18 @@ class HaLab(labtool.Lab):
                 r"^(\s*)neighbor [0-9.]+ as \d+;": rf"\g<1>neighbor {self.router_ip()} as {ROUTER_AS};",
                 r"^(\s*)kernel table \d+;": rf"\g<1>kernel table {ANNOUNCE_TABLE};",
             })
+        # The router recipe with the lab's addresses and one peer per node.
         peers = "".join(
-            f"protocol bgp {node} from nodes {{\n    neighbor {self.host_ip(node)} as {self.node_as(node)};\n}}\n"
+            f"protocol bgp {node} from balancers {{\n\tneighbor {self.host_ip(node)} as {self.node_as(node)};\n}}\n"
             for node in self.node_names())
-        # BFD as the nodes run it; short timers so a returning node is taken
-        # back within seconds; no graceful restart, so a dead node's routes
-        # are never kept as stale.
-        return (f"router id {self.router_ip()};\nlog \"{log}\" all;\n"
-                "protocol device {\n    scan time 10;\n}\n"
-                f'protocol bfd {{\n    interface "{labtool.IFNAME}" {{\n'
-                "        min rx interval 100 ms;\n        min tx interval 100 ms;\n        multiplier 3;\n    };\n}\n"
-                "# One ECMP route per prefix: a nexthop per node that announces it.\n"
-                "protocol kernel {\n    merge paths yes limit 16;\n"
-                "    ipv4 { import none; export all; };\n}\n"
-                f"template bgp nodes {{\n    local {self.router_ip()} as {ROUTER_AS};\n"
-                f"    hold time {HOLD_TIME};\n    keepalive time 1;\n    connect retry time 1;\n"
-                "    error wait time 1, 5;\n    graceful restart off;\n    bfd on;\n"
-                "    ipv4 { import all; export none; };\n}\n" + peers)
+        return _render(ROUTER_EXAMPLE, {
+            r"^log syslog all;": f'log "{log}" all;',
+            r"^router id [0-9.]+;": f"router id {self.router_ip()};",
+            r'^(\s*)interface "\w+" \{': rf'\g<1>interface "{labtool.IFNAME}" {{',
+            r"^(\s*)local [0-9.]+ as \d+;": rf"\g<1>local {self.router_ip()} as {ROUTER_AS};",
+            r"^(\s*)hold time \d+;": rf"\g<1>hold time {HOLD_TIME};",
+            r"^(?:protocol bgp \w+ from balancers \{\n[^}]*\}\n)+": peers.replace("\\", r"\\"),
+        })
 
     def bird_socket(self, host: str) -> Path:
         return self._daemon_dir(host) / "bird.ctl"

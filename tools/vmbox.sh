@@ -43,7 +43,7 @@ PACKAGES=(
     linux-image-amd64 linux-headers-amd64 initramfs-tools
     iproute2 ethtool iputils-ping procps rsync ca-certificates
     python3 python3-venv python3-pip python3-setuptools python3-wheel
-    python3-bpfcc python3-numpy python3-cryptography
+    python3-bpfcc python3-numpy python3-cryptography bird2 keepalived
 )
 # xdplb's Python dependencies shipped as wheels (numpy comes from Debian).
 WHEEL_DEPS=(click pyroute2 prometheus-client pynetdicom pydicom)

@@ -24,6 +24,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "bird-balancer.conf"
+ROUTER = ROOT / "examples" / "bird-router.conf"
 KEEPALIVED = ROOT / "examples" / "keepalived-pair.conf"
 TABLE = 100
 VIP1, VIP2 = "10.10.0.100", "10.10.0.101"
@@ -38,6 +39,36 @@ def sh(*args, check=True, **kwargs) -> subprocess.CompletedProcess:
 def test_the_bird_recipe_passes_birds_config_check():
     result = subprocess.run(["bird", "-p", "-c", str(EXAMPLE)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_router_recipe_passes_birds_config_check(tmp_path):
+    result = subprocess.run(["bird", "-p", "-c", str(ROUTER)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    text = ROUTER.read_text()
+    assert "\terror wait time 1, 5;" in text and "\tgraceful restart off;" in text
+    bad = tmp_path / "bad.conf"
+    bad.write_text(text.replace("merge paths yes", "merge path yes"))
+    assert subprocess.run(["bird", "-p", "-c", str(bad)], capture_output=True).returncode != 0
+
+
+def test_the_ha_lab_renders_both_recipes_into_configs_bird_accepts(tmp_path):
+    """The namespace lab's router and node configs are the shipped recipes with its addresses."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    import ha_lab
+
+    lab = ha_lab.HaLab(prefix="hr", backends=3, vip=VIP1, nodes=3, routing="bgp", state_dir=str(tmp_path))
+    for host in ("rt", "lb1", "lb3"):
+        conf = tmp_path / f"{host}.conf"
+        conf.write_text(lab.bird_config(host))
+        result = subprocess.run(["bird", "-p", "-c", str(conf)], capture_output=True, text=True)
+        assert result.returncode == 0, result.stdout + result.stderr
+    router = (tmp_path / "rt.conf").read_text()
+    assert "error wait time 1, 5;" in router and "merge paths yes" in router
+    for node in ("lb1", "lb2", "lb3"):
+        assert f"protocol bgp {node} from balancers {{\n\tneighbor {lab.host_ip(node)} as {lab.node_as(node)};" \
+            in router
+    assert f"local {lab.router_ip()} as {ha_lab.ROUTER_AS};" in router
+    assert f"neighbor {lab.router_ip()} as {ha_lab.ROUTER_AS};" in (tmp_path / "lb3.conf").read_text()
 
 
 def test_the_keepalived_recipe_passes_keepaliveds_config_check(tmp_path):
