@@ -5,6 +5,7 @@ kernel layer is imported only inside `attach` and `detach`.
 """
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import os
@@ -297,7 +298,7 @@ def _detach(interface: str, link, nl) -> None:
                                        f"not xdplb's; leaving it alone")
         remove_program(interface, link.xdp_mode)
         removed.append(f"XDP program id {link.xdp_prog_id} ({link.xdp_mode} mode)")
-    for vip in sorted(nl.vips(link.index)):
+    for vip in sorted(nl.vips(link.index), key=ipaddress.get_mixed_type_key):
         nl.del_vip(link.index, vip)
         removed.append(f"VIP {vip}")
     from . import pinning
