@@ -313,23 +313,30 @@ def watch_store(lab, seconds: float, files: list[Path], host: str | None = None)
                      DICOM_PORT, seconds, *map(str, files), stdout=subprocess.PIPE, text=True)
 
 
-def watch(host: str, port: int, seconds: float, files: list[str]) -> int:
+def _dcmtk_store_once(host: str, port: int, path: str) -> bool:
+    # Short timeouts: a try that hangs on a vanished host must not hide
+    # the next one; DIMSE timeout bounds the C-STORE itself.
+    return subprocess.run(["storescu", "-aet", MODALITY_AET, "-aec", AET, "-to", "1", "-ta", "1",
+                           "-td", "2", host, str(port), path],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0
+
+
+def watch(host: str, port: int, seconds: float, files: list[str], send=_dcmtk_store_once) -> int:
     """Send the files one association each, ~every 100 ms, for ``seconds``.
 
     Prints ``<t> ok|fail <file>`` per try, t = seconds since the start (the
     start of the try).  Each file is sent once; running out of files ends it.
+    ``send(host, port, path)`` makes one association and says whether the
+    C-STORE succeeded: dcmtk's storescu here, pynetdicom for IPv6
+    (tools/dicom_scu.py).
     """
     start = time.monotonic()
     for path in files:
         now = time.monotonic() - start
         if now >= seconds:
             break
-        # Short timeouts: a try that hangs on a vanished host must not hide
-        # the next one; DIMSE timeout bounds the C-STORE itself.
-        rc = subprocess.run(["storescu", "-aet", MODALITY_AET, "-aec", AET, "-to", "1", "-ta", "1",
-                             "-td", "2", host, str(port), path],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode
-        print(f"{now:.3f} {'ok' if rc == 0 else 'fail'} {path}", flush=True)
+        ok = send(host, port, path)
+        print(f"{now:.3f} {'ok' if ok else 'fail'} {path}", flush=True)
         time.sleep(max(0.0, 0.1 - (time.monotonic() - start - now)))
     return 0
 
