@@ -19,18 +19,10 @@ def identities(pool) -> set:
     return {(s.name, be.address) for s in pool.services for be in s.backends}
 
 
-def _same_address(text: str, address) -> bool:
-    """Whether `text` is `address` however it is spelt (fd00::0011 is fd00::11)."""
-    try:
-        return ipaddress.ip_address(text) == address
-    except ValueError:
-        return False
-
-
 class Drains:
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.keys: set[tuple] = set()     # (service name, IPv4Address or IPv6Address)
+        self.keys: set[tuple] = set()     # (service name, IPv4Address | IPv6Address)
 
     def within(self, pool, keys: set | None = None) -> set:
         """The drains (of `keys`, or the current ones) that name a backend of `pool`."""
@@ -80,3 +72,11 @@ class Drains:
             (self.keys.add if drained else self.keys.discard)(key)
             self.save()
         return changed
+
+
+def _same_address(text: str, address) -> bool:
+    """Whether `text` spells `address` (IPv6 has many spellings of one address)."""
+    try:
+        return ipaddress.ip_address(text) == address
+    except ValueError:
+        return False

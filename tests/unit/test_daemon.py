@@ -265,7 +265,7 @@ def snapshot(dp: FakeDataplane) -> tuple:
 @pytest.mark.parametrize("breakage, expected", [
     (lambda text: text.replace('name = "web"', 'name = "web'), "TOML syntax error"),
     (lambda text: text.replace('address = "10.10.0.12"', 'address = "10.10.0.312"', 1),
-     'address = "10.10.0.312" is not a valid IPv4 address'),
+     'address = "10.10.0.312" is not a valid IP address'),
     (lambda text: text.replace("maglev_size = 251", "maglev_size = 509"),
      "changing maglev_size 251 -> 509 needs a restart"),
 ], ids=["toml-syntax", "invalid-ip", "maglev-size"])
