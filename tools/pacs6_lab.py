@@ -161,3 +161,24 @@ def watch_store(lab, seconds: float, files: list[Path], host: str | None = None)
 def echo(lab, host: str | None = None) -> subprocess.CompletedProcess:
     return lab.run("client", lab.python6, SCU, "echo", host or lab.vip6, pacs_lab.DICOM_PORT,
                    check=False, timeout=30)
+
+
+# ---- pool --------------------------------------------------------------------
+
+SERVICE6 = "synapse-dicom6"
+
+
+def pool_text(lab, check: str = "tcp", interval: float = 1.0, timeout: float = 0.5,
+              rise: int = 2, fall: int = 2) -> str:
+    """The dual-stack pool: pacs_lab's IPv4 services (Orthanc) and, on the
+    IPv6 VIP, the same PACS hosts' IPv6 SCPs as ``synapse-dicom6``, probed by
+    ``check`` (tcp, or dicom: an association and a C-ECHO over IPv6)."""
+    lines = [pacs_lab.pool_text(lab, check, interval, timeout, rise, fall).rstrip(), "",
+             "[[service]]", f'name = "{SERVICE6}"', f'vip = "{lab.vip6}"', f"port = {pacs_lab.DICOM_PORT}",
+             "  [service.health]", f'  check = "{check}"']
+    if check == "dicom":
+        lines += [f'  calling_ae = "{pacs_lab.PROBE_AET}"', f'  called_ae = "{pacs_lab.AET}"']
+    lines += [f"  interval = {interval}", f"  timeout = {timeout}", f"  rise = {rise}", f"  fall = {fall}"]
+    for name in lab.backend_names():
+        lines += ["  [[service.backend]]", f'  name = "{name}"', f'  address = "{lab.backend_ip6(name)}"']
+    return "\n".join(lines) + "\n"
