@@ -368,3 +368,48 @@ def test_a_scrape_reads_the_maps_off_the_event_loop(src):
     code, _ctype, body = asyncio.run(scenario())
     assert code == 200 and 'xdplb_backend_up{backend="pacs-a",service="dicom"} 1.0' in body
     assert readers == [False]
+
+
+
+IPV6_POOL = """
+[[service]]
+name = "dicom6"
+vip = "FD00:10:10:0:0::0100"
+port = 104
+  [[service.backend]]
+  name = "pacs-a"
+  address = "fd00:10:10::0011"
+  [[service.backend]]
+  name = "pacs-b"
+  address = "FD00:10:10:0000:0000:0000:0000:0012"
+"""
+
+
+def _registry(pool_text: str, health: dict, macs: dict):
+    pool = parse_pool(pool_text, "/etc/xdplb/t.toml")
+    applied = plan.plan(plan.Applied(), desired_state(pool, health, macs, b"\x02\0\0\0\0\1")).applied
+    return registry_for(SimpleNamespace(pool=pool, applied=applied, health=health, telemetry=Telemetry(),
+                                        mode="generic", ifname="eth7", dp=FakeMaps(), drained=set()))
+
+
+A6, B6 = ipaddress.IPv6Address("fd00:10:10::11"), ipaddress.IPv6Address("fd00:10:10::12")
+
+
+def test_labels_carry_ipv6_addresses_as_rfc_5952_writes_them():
+    """The pool spells the IPv6 addresses three ways; the labels as `ip` and
+    every other node print them."""
+    reg = _registry(IPV6_POOL, {("dicom6", A6): Health(State.UP, since=1.0),
+                                ("dicom6", B6): Health(State.DOWN, since=2.0)},
+                    {A6: b"\x02\0\0\0\0\x0b", B6: b"\x02\0\0\0\0\x0c"})
+    assert value(reg, "xdplb_service_info", service="dicom6", vip="fd00:10:10::100", port="104",
+                 protocol="tcp") == 1
+    assert value(reg, "xdplb_backend_info", service="dicom6", backend="pacs-a", address="fd00:10:10::11") == 1
+    assert value(reg, "xdplb_backend_info", service="dicom6", backend="pacs-b", address="fd00:10:10::12") == 1
+    assert value(reg, "xdplb_backend_up", service="dicom6", backend="pacs-b") == 0
+
+
+def test_ipv4_services_and_backends_carry_their_addresses_too(src):
+    reg = registry_for(src)
+    assert value(reg, "xdplb_service_info", service="dicom", vip="10.10.0.100", port="104", protocol="tcp") == 1
+    assert value(reg, "xdplb_service_info", service="web", vip="10.10.0.100", port="80", protocol="tcp") == 1
+    assert value(reg, "xdplb_backend_info", service="web", backend="pacs-c", address="10.10.0.13") == 1
