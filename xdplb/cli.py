@@ -15,6 +15,7 @@ import time
 import click
 
 from . import __version__, control
+from .addrtext import host_port
 from .config import Pool, PoolError, describe, load_pool, warnings
 from .modes import MODES
 
@@ -194,7 +195,7 @@ def _render_tls(svc: dict) -> list[str]:
 def _render_status(st: dict) -> str:
     lines = [f"xdplb {st['version']} on {st['interface']} ({st['mode']} mode), pid {st['pid']}, pool {st['pool']}"]
     for svc in st["services"]:
-        lines.append(f"service {svc['name']} {svc['vip']}:{svc['port']}/{svc['protocol']} persistence {svc['persistence']}: "
+        lines.append(f"service {svc['name']} {host_port(svc['vip'], svc['port'])}/{svc['protocol']} persistence {svc['persistence']}: "
                      f"{svc['packets']} pkts, {svc['bytes']} bytes, {svc['new_flows']} flows")
         lines.append(f"  {'backend':<12} {'address':<15} {'health':<7} {'for':>6} {'wt':>3} {'slots':>6} {'mac':<17} "
                      f"{'packets':>9} {'bytes':>11} {'flows':>7}")

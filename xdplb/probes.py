@@ -47,6 +47,7 @@ from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_RJ
 from pynetdicom.pdu_primitives import A_ABORT, A_P_ABORT
 from pynetdicom.sop_class import Verification
 
+from .addrtext import host_port
 from .config import HealthCheck
 
 # pynetdicom logs every association step at INFO and every failure at ERROR;
@@ -87,14 +88,6 @@ class _Clock:
 
     def result(self, ok: bool, reason: str, kind: str = "ok") -> ProbeResult:
         return ProbeResult(ok, reason, time.monotonic() - self.started, kind)
-
-
-def host_port(address, port: int | None = None) -> str:
-    """How a URL, a Host header and a log line write the address: an IPv6
-    address in brackets ([fd00::11]:104, RFC 3986), so its port stays apart."""
-    text = str(address)
-    host = f"[{text}]" if ":" in text else text
-    return host if port is None else f"{host}:{port}"
 
 
 # ---- tcp ---------------------------------------------------------------------
