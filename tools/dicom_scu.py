@@ -48,6 +48,23 @@ def _ae(aet: str, timeout: float) -> AE:
     return ae
 
 
+def _one_association(ae: AE, host: str, port: int, aec: str, request) -> bool:
+    """Associate, run ``request(assoc)`` (a C-STORE or C-ECHO returning its
+    status Dataset), release; True when the status was 0x0000."""
+    assoc = ae.associate(host, port, ae_title=aec)
+    if not assoc.is_established:
+        return False
+    try:
+        status = request(assoc)
+        ok = bool(status) and status.get("Status") == 0x0000
+        if assoc.is_established:
+            assoc.release()
+        return ok
+    finally:
+        if assoc.is_established:
+            assoc.abort()
+
+
 def store_once(host: str, port: int, path: str, aet: str = pacs_lab.MODALITY_AET,
                aec: str = pacs_lab.AET, timeout: float = 5.0, dimse_timeout: float = DIMSE_TIMEOUT) -> bool:
     """One association carrying one file; True when the C-STORE returned 0x0000."""
@@ -55,35 +72,13 @@ def store_once(host: str, port: int, path: str, aet: str = pacs_lab.MODALITY_AET
     ae = _ae(aet, timeout)
     ae.dimse_timeout = dimse_timeout
     ae.add_requested_context(meta.MediaStorageSOPClassUID, meta.TransferSyntaxUID)
-    assoc = ae.associate(host, port, ae_title=aec)
-    if not assoc.is_established:
-        return False
-    try:
-        status = assoc.send_c_store(Path(path))
-        ok = bool(status) and status.get("Status") == 0x0000
-        if assoc.is_established:
-            assoc.release()
-        return ok
-    finally:
-        if assoc.is_established:
-            assoc.abort()
+    return _one_association(ae, host, port, aec, lambda assoc: assoc.send_c_store(Path(path)))
 
 
 def echo(host: str, port: int, aet: str, aec: str, timeout: float) -> bool:
     ae = _ae(aet, timeout)
     ae.add_requested_context(Verification)
-    assoc = ae.associate(host, port, ae_title=aec)
-    if not assoc.is_established:
-        return False
-    try:
-        status = assoc.send_c_echo()
-        ok = bool(status) and status.get("Status") == 0x0000
-        if assoc.is_established:
-            assoc.release()
-        return ok
-    finally:
-        if assoc.is_established:
-            assoc.abort()
+    return _one_association(ae, host, port, aec, lambda assoc: assoc.send_c_echo())
 
 
 def _parser() -> argparse.ArgumentParser:

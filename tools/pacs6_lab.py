@@ -17,9 +17,7 @@ python running it).
 """
 from __future__ import annotations
 
-import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -35,7 +33,6 @@ import pacs_lab  # noqa: E402
 SCP = TOOLS_DIR / "dicom_scp.py"
 SCU = TOOLS_DIR / "dicom_scu.py"
 READY_DEADLINE = 30.0
-STOP_GRACE = 5.0
 
 _PROCS: dict[tuple[str, str], subprocess.Popen] = {}
 
@@ -83,23 +80,7 @@ def start_scp(lab, name: str) -> None:
 
 
 def stop_scp(lab, name: str, graceful: bool = True) -> None:
-    pid = scp_pid(lab, name)
-    proc = _PROCS.pop((str(lab.state_dir), name), None)
-    if pid is not None:
-        os.kill(pid, signal.SIGTERM if graceful else signal.SIGKILL)
-        deadline = time.monotonic() + STOP_GRACE
-        while scp_pid(lab, name) is not None:
-            if proc is not None and proc.poll() is not None:
-                break
-            if time.monotonic() > deadline:
-                os.kill(pid, signal.SIGKILL)
-                deadline += STOP_GRACE
-            time.sleep(0.02)
-    if proc is not None:
-        try:
-            proc.wait(timeout=STOP_GRACE)
-        except subprocess.TimeoutExpired:
-            pass
+    pacs_lab.stop_server(lambda: scp_pid(lab, name), _PROCS.pop((str(lab.state_dir), name), None), graceful)
     (scp_dir(lab, name) / "pid").unlink(missing_ok=True)
 
 

@@ -157,14 +157,14 @@ def _signal(pid: int, sig: int) -> None:
         os.kill(pid, sig)
 
 
-def stop_orthanc(lab, name: str, graceful: bool = True) -> None:
-    """Stop ``name``'s Orthanc: SIGTERM (then SIGKILL), or SIGKILL at once."""
-    pid = orthanc_pid(lab, name)
-    proc = _PROCS.pop((str(lab.state_dir), name), None)
+def stop_server(running, proc: subprocess.Popen | None, graceful: bool) -> None:
+    """Stop a server whose pid ``running()`` gives (None once it is gone):
+    SIGTERM, then SIGKILL after STOP_GRACE, or SIGKILL at once; reap ``proc``."""
+    pid = running()
     if pid is not None:
         _signal(pid, signal.SIGTERM if graceful else signal.SIGKILL)
         deadline = time.monotonic() + STOP_GRACE
-        while orthanc_pid(lab, name) is not None:
+        while running() is not None:
             if proc is not None and proc.poll() is not None:
                 break
             if time.monotonic() > deadline:
@@ -176,6 +176,11 @@ def stop_orthanc(lab, name: str, graceful: bool = True) -> None:
             proc.wait(timeout=STOP_GRACE)
         except subprocess.TimeoutExpired:
             pass
+
+
+def stop_orthanc(lab, name: str, graceful: bool = True) -> None:
+    """Stop ``name``'s Orthanc: SIGTERM (then SIGKILL), or SIGKILL at once."""
+    stop_server(lambda: orthanc_pid(lab, name), _PROCS.pop((str(lab.state_dir), name), None), graceful)
     (orthanc_dir(lab, name) / "pid").unlink(missing_ok=True)
 
 
