@@ -25,7 +25,7 @@
  *     (broadcast, multicast, a frame flooded to us for another host):
  *     XDP_PASS, byte for byte unchanged (REASON_OTHER_MAC), so two
  *     balancers on one segment never bounce a frame between them;
- *   - not IPv4, not TCP/UDP, or not a configured (VIP, port, protocol):
+ *   - neither IPv4 nor IPv6, not TCP/UDP, or not a configured (VIP, port, protocol):
  *     XDP_PASS, byte for byte unchanged (the gateway's SSH, ARP, routing,
  *     and pings to the VIP all go to its own stack);
  *   - Ethernet or IPv4 header truncated or invalid: XDP_PASS unchanged, the
