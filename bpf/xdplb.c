@@ -25,7 +25,7 @@
  *     (broadcast, multicast, a frame flooded to us for another host):
  *     XDP_PASS, byte for byte unchanged (REASON_OTHER_MAC), so two
  *     balancers on one segment never bounce a frame between them;
- *   - not IPv4, not TCP/UDP, or not a configured (VIP, port, protocol):
+ *   - neither IPv4 nor IPv6, not TCP/UDP, or not a configured (VIP, port, protocol):
  *     XDP_PASS, byte for byte unchanged (the gateway's SSH, ARP, routing,
  *     and pings to the VIP all go to its own stack);
  *   - Ethernet or IPv4 header truncated or invalid: XDP_PASS unchanged, the
@@ -394,7 +394,8 @@ static __always_inline int parse_l3(struct hdr_cursor *nh, void *data_end, struc
 	struct iphdr *iph;
 	int l4_proto;
 
-	if (pkt->eth_proto != bpf_htons(ETH_P_IP)) {
+	/* Marked unlikely so clang lays the IPv6 path out of IPv4's way. */
+	if (__builtin_expect(pkt->eth_proto != bpf_htons(ETH_P_IP), 0)) {
 		if (pkt->eth_proto == bpf_htons(ETH_P_IPV6))
 			return ingress_ipv6(nh, data_end, pkt, dst);
 		return counted(REASON_NOT_SERVICE, XDP_PASS);
