@@ -46,73 +46,26 @@ WEB_PORT = 80
 
 
 class RoutedClient6(RoutedClient):
-    """The far client and its two routers, added to a running dual-stack lab
-    (test_pmtud.RoutedClient's namespaces and helpers, IPv6 addresses and
-    routes). ``remove()`` deletes them and the routes it added to the lab's hosts."""
+    """test_pmtud.RoutedClient with the IPv6 address plan, in a dual-stack lab."""
 
-    def _sysctl(self, ns: str, setting: str) -> None:
-        subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-q", "-w", setting], check=True, capture_output=True)
+    FAR, R1_FAR, R1_LINK, R2_LINK, R2_LAB = FAR, R1_FAR, R1_LINK, R2_LINK, R2_LAB
+    FAR_NET, LAB_NET, PREFIX_BITS = FAR_NET, LAB_NET, 64
+    FORWARDING = "net.ipv6.conf.all.forwarding=1"
+
+    def vip(self) -> str:
+        return self.lab.vip6
+
+    def _new_namespace(self, ns: str) -> None:
+        super()._new_namespace(ns)
+        for key in ("all", "default"):
+            self.run_ns(ns, "sysctl", "-q", "-w", f"net.ipv6.conf.{key}.disable_ipv6=0")
+
+    def run_ns(self, ns: str, *cmd) -> None:
+        subprocess.run(["ip", "netns", "exec", ns, *map(str, cmd)], check=True, capture_output=True)
 
     def _up(self, ns: str, ifname: str, address: str) -> None:
         self._ip(ns, "addr", "add", address, "dev", ifname, "nodad")   # usable at once
         super()._up(ns, ifname, None)
-
-    def build(self) -> "RoutedClient6":
-        self.remove()
-        for ns in self.names.values():
-            subprocess.run(["ip", "netns", "add", ns], check=True)
-            self._ip(ns, "link", "set", "lo", "up")
-            self._sysctl(ns, "net.ipv6.conf.all.disable_ipv6=0")
-            self._sysctl(ns, "net.ipv6.conf.default.disable_ipv6=0")
-        far, r1, r2, sw = self.ns("far"), self.ns("r1"), self.ns("r2"), self.lab.ns("sw")
-        self._veth(far, "eth0", r1, "eth0")
-        self._veth(r1, "eth1", r2, "eth1", mtu=self.link_mtu)
-        self._veth(sw, self.ns("r2"), r2, "eth0")
-        self._up(far, "eth0", f"{FAR}/64")
-        self._up(r1, "eth0", f"{R1_FAR}/64")
-        self._up(r1, "eth1", f"{R1_LINK}/64")
-        self._up(r2, "eth1", f"{R2_LINK}/64")
-        self._up(r2, "eth0", f"{R2_LAB}/64")
-        self._ip(sw, "link", "set", self.ns("r2"), "master", "br0")
-        self._ip(sw, "link", "set", self.ns("r2"), "up")
-        for router in ("r1", "r2"):
-            self._sysctl(self.ns(router), "net.ipv6.conf.all.forwarding=1")
-        self._ip(far, "-6", "route", "add", "default", "via", R1_FAR)
-        self._ip(r1, "-6", "route", "add", LAB_NET, "via", R2_LINK)
-        self._ip(r2, "-6", "route", "add", FAR_NET, "via", R1_LINK)
-        for host in ["lb", *self.lab.backend_names()]:
-            self.lab.run(host, "ip", "-6", "route", "add", FAR_NET, "via", R2_LAB)
-            self._routed_hosts.append(host)
-        for backend in self.lab.backend_names():
-            self.lab.run(backend, "sysctl", "-q", "-w", "net.ipv4.tcp_mtu_probing=0")  # IPv6 TCP reads it too
-        return self
-
-    def remove(self) -> None:
-        for host in self._routed_hosts:
-            self.lab.run(host, "ip", "-6", "route", "del", FAR_NET, check=False)
-        self._routed_hosts.clear()
-        present = labtool.list_namespaces()
-        for ns in self.names.values():
-            if ns in present:
-                subprocess.run(["ip", "netns", "del", ns], check=False)
-        subprocess.run(["ip", "-n", self.lab.ns("sw"), "link", "del", self.ns("r2")],
-                       check=False, capture_output=True)
-
-    def forget_path_mtus(self) -> None:
-        for backend in self.lab.backend_names():
-            self.lab.run(backend, "ip", "-6", "route", "flush", "cache")
-            assert "mtu" not in self.path_to_far(backend), f"{backend} still holds a path MTU"
-
-    def path_to_far(self, backend: str) -> str:
-        return self.lab.run(backend, "ip", "-6", "route", "get", FAR, "from", VIP6).stdout
-
-    def download(self, size: int, deadline: float) -> tuple[int, float, str]:
-        url = f"http://[{VIP6}]:{WEB_PORT}/bytes?n={size}"
-        started = time.monotonic()
-        proc = self.run("far", "curl", "-g", "-s", "-o", "/dev/null", "--max-time", deadline,
-                        "-w", "%{size_download}", url, check=False, timeout=deadline + 10)
-        elapsed = time.monotonic() - started
-        return int(proc.stdout.strip() or 0), elapsed, f"curl exit {proc.returncode}"
 
 
 def pool_text(lab) -> str:
