@@ -111,6 +111,42 @@ static __always_inline int read_frag_needed(struct hdr_cursor *nh, void *data_en
 }
 
 /*
+ * Where a "too big" message goes, once its quote is read (`quote`, and the
+ * quoted flow turned round in `quoted`, with `k6` for IPv6): FORWARD to
+ * the backend that owns the flow, or XDP_PASS with the reason counted.
+ * Shared by ICMP (here) and ICMPv6 (xdplb6.h).
+ */
+static __always_inline int send_to_owner(int quote, struct packet *quoted, const struct flow_key6 *k6,
+					 struct dest *dst)
+{
+	__u8 state = 0, flags;
+
+	if (quote == ICMP_QUOTE_MALFORMED)
+		return counted(REASON_MALFORMED, XDP_PASS);
+	if (quote != ICMP_QUOTE_OK || !XDPLB_PMTU_FORWARD || !port_in_use(quoted->flow.dport) ||
+	    !find_service(quoted, k6, &dst->sid, &state))
+		return counted(REASON_NOT_SERVICE, XDP_PASS);
+	if (!dst->cfg)   /* for_us found lb_config unpublished (a rewrite in progress) */
+		return counted(REASON_NO_CONFIG, XDP_PASS);
+	if (state & F_SVC_NAT)   /* not translated: nat.h */
+		return nat_counted(NAT_STAT_ICMP, XDP_DROP);
+	/* The flow's backend while its packets would go there (down within
+	 * its grace included), else where Maglev would place the flow now. */
+	if (read_flow(quoted, k6, dst)) {
+		dst->bid = dst->flow.value.backend_id;
+		dst->be = flow_backend(dst->bid, dst->sid, dst->cfg);
+	}
+	if (!dst->be) {
+		dst->bid = maglev_pick(dst->sid, state, maglev_hash(state, dst->cfg, &quoted->flow, k6, dst->sid));
+		dst->be = service_backend(dst->bid, dst->sid, &flags);
+		if (!dst->be || !(flags & F_BACKEND_UP))   /* only where a new flow could go */
+			return counted(REASON_NO_BACKEND, XDP_PASS);
+	}
+	count_event(EVENT_ICMP_TOO_BIG);
+	return FORWARD;
+}
+
+/*
  * The ICMP step, after parse_l3 in place of parse_l4 (the cursor at the
  * ICMP header) for ICMP to the gateway, VIP or not: FORWARD with `dst`
  * naming the backend that owns the quoted flow, or XDP_PASS with the frame
@@ -124,33 +160,10 @@ static __always_inline int handle_icmp(struct hdr_cursor *nh, void *data_end,
 				       const struct packet *pkt, struct dest *dst)
 {
 	struct packet quoted = {};
-	__u8 state = 0, flags;
 	int quote;
 
 	quote = read_frag_needed(nh, data_end, pkt->iph, &quoted.flow);
-	if (quote == ICMP_QUOTE_MALFORMED)
-		return counted(REASON_MALFORMED, XDP_PASS);
-	if (quote != ICMP_QUOTE_OK || !XDPLB_PMTU_FORWARD || !port_in_use(quoted.flow.dport) ||
-	    !find_service(&quoted, &dst->sid, &state))
-		return counted(REASON_NOT_SERVICE, XDP_PASS);
-	if (!dst->cfg)   /* for_us found lb_config unpublished (a rewrite in progress) */
-		return counted(REASON_NO_CONFIG, XDP_PASS);
-	if (state & F_SVC_NAT)   /* not translated: nat.h */
-		return nat_counted(NAT_STAT_ICMP, XDP_DROP);
-	/* The flow's backend while its packets would go there (down within
-	 * its grace included), else where Maglev would place the flow now. */
-	if (read_flow(&quoted, dst)) {
-		dst->bid = dst->flow.value.backend_id;
-		dst->be = flow_backend(dst->bid, dst->sid, dst->cfg);
-	}
-	if (!dst->be) {
-		dst->bid = maglev_pick(dst->sid, state, maglev_hash(state, dst->cfg, &quoted.flow));
-		dst->be = service_backend(dst->bid, dst->sid, &flags);
-		if (!dst->be || !(flags & F_BACKEND_UP))   /* only where a new flow could go */
-			return counted(REASON_NO_BACKEND, XDP_PASS);
-	}
-	count_event(EVENT_ICMP_TOO_BIG);
-	return FORWARD;
+	return send_to_owner(quote, &quoted, NULL, dst);
 }
 
 #endif /* XDPLB_HANDLE_ICMP_H */

@@ -227,4 +227,6 @@ LB_MAP("percpu_array", int, __u64, nat_stats, NAT_STAT_MAX);
  */
 LB_MAP("hash", struct layout_key, __u64, layout, LAYOUT_ENTRIES);
 
+#include "lb_maps6.h"
+
 #endif /* XDPLB_MAPS_H */

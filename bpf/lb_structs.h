@@ -13,11 +13,12 @@
 #include <linux/types.h>
 #include "lb_consts.h"
 
-/* An IP address, 16 bytes so IPv6 fits later. */
+/* An IP address, 16 bytes: IPv4 in v4 with the other 12 bytes zero, or
+ * IPv6. Which one is known from the map (vips or vips6) or the service. */
 struct lb_addr {
 	union {
 		__be32 v4;     /* network order; IPv4 uses these first 4 bytes, the other 12 are zero */
-		__be32 v6[4];  /* network order; reserved for IPv6 */
+		__be32 v6[4];  /* network order: IPv6 */
 	};
 };
 
@@ -154,5 +155,7 @@ struct nat_rev_value {
 	__be16 vport;          /* network order: the service port */
 	__be16 bport;          /* network order: the key's backend port, checked by the reader */
 };
+
+#include "lb_structs6.h"
 
 #endif /* XDPLB_STRUCTS_H */

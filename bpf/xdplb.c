@@ -6,7 +6,8 @@
  * decides (counts why and returns the XDP action) or hands on to the next:
  *   1. parse_l2 / for_us / parse_l3 / parse_l4: Ethernet (only unicast to
  *      the gateway is balanced), IPv4, TCP/UDP ports, into a struct packet
- *      (EtherType and L4 protocol kept apart);
+ *      (EtherType and L4 protocol kept apart); IPv6 leaves parse_l3 for
+ *      ingress_ipv6 (xdplb6.h), which runs the same steps on its own keys;
  *   2. connection_table_lookup: the established fast path;
  *   3. pick_backend: the services lookup, then the flow's backend if still
  *      live, or Maglev (place_new_flow);
@@ -27,7 +28,7 @@
  *     (broadcast, multicast, a frame flooded to us for another host):
  *     XDP_PASS, byte for byte unchanged (REASON_OTHER_MAC), so two
  *     balancers on one segment never bounce a frame between them;
- *   - not IPv4, not TCP/UDP, or not a configured (VIP, port, protocol):
+ *   - neither IPv4 nor IPv6, not TCP/UDP, or not a configured (VIP, port, protocol):
  *     XDP_PASS, byte for byte unchanged (the gateway's SSH, ARP, routing,
  *     and pings to the VIP all go to its own stack);
  *   - Ethernet or IPv4 header truncated or invalid: XDP_PASS unchanged, the
@@ -52,6 +53,8 @@
  *     then TCP/UDP to a VIP is dropped (REASON_NO_CONFIG) rather than
  *     handed to the gateway's stack, which would reset it; TCP retransmits;
  *   - otherwise XDP_TX to the flow's backend.
+ * IPv6 follows the same rules (xdplb6.h says where it differs: extension
+ * headers, fragments, Packet Too Big).
  *
  * Flow table (the operator's guarantees; README "Flows"):
  *   - a TCP SYN without ACK starts a connection: placed by Maglev, never by
@@ -70,13 +73,19 @@
  */
 #include "lb_maps.h"
 #include "parsing_helpers.h"
+#include "parse_ipv6.h"
 #include "flow_hash.h"
 #include "race_window.h"
 #include "forward.h"
 #include "stats.h"
 
 /* A step returns CONTINUE when the next step decides, FORWARD when the packet
- * has its backend, or the final XDP action (after counting why). */
+ * has its backend, or the final XDP action (after counting why).
+ *
+ * Steps shared by both families take `k6`, the IPv6 flow key, or NULL for
+ * IPv4. Every call passes a constant, and every step is inlined, so clang
+ * compiles a copy for each family and the IPv4 copy has no IPv6 code. For
+ * IPv6, struct packet's flow holds the ports and protocol (addresses 0). */
 #define CONTINUE (-1)
 #define FORWARD (-2)
 
@@ -89,7 +98,7 @@ struct packet {
 	__u8 l4_proto;         /* IPPROTO_* of the IPv4 header */
 	__u8 tcp_flags;        /* TCP_FLAGS_* of a TCP segment (byte 13 of its header), 0 otherwise */
 	void *data_end;        /* the frame's end (for NAT, which finds the L4 header again) */
-	struct flow_key flow;  /* the 5-tuple, as the flow table keys it (pad zero) */
+	struct flow_key flow;  /* the 5-tuple, as the flow table keys it (pad zero); IPv6: ports and proto */
 };
 
 /* A service_ref as one 64-bit word: read in one load (lb_maps.h, rule 5). */
@@ -238,10 +247,23 @@ static __always_inline int port_in_use(__be16 dport)
 	return bits && (*bits & (1U << (port % 32)));
 }
 
+/* Whether the IPv6 VIP of service `sid`, in the half its service_ref named
+ * (lb_maps6.h), is the packet's destination. */
+static __always_inline int vip6_serves(__u32 sid, __u8 state, const struct flow_key6 *k6)
+{
+	__u32 idx = sid * TABLES_PER_SERVICE + ((state & SVC_STATE_HALF) ? 1 : 0);
+	struct service_ref6 *ref6 = service_ids6.lookup(&idx);
+
+	return ref6 && ref6->vip[0] == k6->dst[0] && ref6->vip[1] == k6->dst[1] &&
+	       ref6->vip[2] == k6->dst[2] && ref6->vip[3] == k6->dst[3];
+}
+
 /* Whether service id `sid` serves the packet's (VIP, port, protocol) now
  * (service_ids in lb_maps.h): one 64-bit load of its service_ref, compared
- * without the state byte, which is returned in *state. */
-static __always_inline int service_serves(__u32 sid, const struct flow_key *flow, __u8 *state)
+ * without the state byte but for its family bit, then for IPv6 the VIP in
+ * service_ids6. The state is returned in *state. */
+static __always_inline int service_serves(__u32 sid, const struct flow_key *flow,
+					  const struct flow_key6 *k6, __u8 *state)
 {
 	union service_ref_word want = {}, mask = {}, got;
 	union service_ref_word *ref;
@@ -252,14 +274,21 @@ static __always_inline int service_serves(__u32 sid, const struct flow_key *flow
 	if (!ref)
 		return 0;
 	got.word = *(volatile __u64 *)&ref->word;
-	want.ref.vip = flow->dst;
+	if (!k6) {
+		want.ref.vip = flow->dst;
+		mask.ref.vip = 0xffffffff;
+	} else {
+		want.ref.state = F_SVC_IPV6;
+	}
 	want.ref.port = flow->dport;
 	want.ref.proto = flow->proto;
-	mask.ref.vip = 0xffffffff;
 	mask.ref.port = 0xffff;
 	mask.ref.proto = 0xff;
+	mask.ref.state = F_SVC_IPV6;
 	*state = got.ref.state;
-	return (got.word & mask.word) == want.word;
+	if ((got.word & mask.word) != want.word)
+		return 0;
+	return !k6 || vip6_serves(sid, got.ref.state, k6);
 }
 
 static __always_inline int is_vip(__be32 daddr)
@@ -268,6 +297,23 @@ static __always_inline int is_vip(__be32 daddr)
 
 	key.v4 = daddr;
 	return vips.lookup(&key) != NULL;
+}
+
+static __always_inline int is_vip6(const __be32 *daddr)
+{
+	struct lb_addr key;
+
+	key.v6[0] = daddr[0];
+	key.v6[1] = daddr[1];
+	key.v6[2] = daddr[2];
+	key.v6[3] = daddr[3];
+	return vips6.lookup(&key) != NULL;
+}
+
+/* Whether the packet is addressed to a VIP of its family. */
+static __always_inline int to_vip(const struct packet *pkt, const struct flow_key6 *k6)
+{
+	return k6 ? is_vip6(k6->dst) : is_vip(pkt->flow.dst);
 }
 
 /* Whether two MACs are equal, as three 16-bit loads (both are 2-byte aligned:
@@ -337,19 +383,28 @@ static __always_inline int for_us(const struct packet *pkt, struct dest *dst)
 /* A packet to a service port while lb_config is unpublished (a rewrite in
  * progress): to a VIP it is dropped, for TCP to retransmit, rather than
  * passed to the gateway's stack, which holds the VIP and would reset it. */
-static __always_inline int config_missing(const struct packet *pkt)
+static __always_inline int config_missing(const struct packet *pkt, const struct flow_key6 *k6)
 {
-	return counted(REASON_NO_CONFIG, is_vip(pkt->flow.dst) ? XDP_DROP : XDP_PASS);
+	return counted(REASON_NO_CONFIG, to_vip(pkt, k6) ? XDP_DROP : XDP_PASS);
 }
 
-/* Step 1b, IPv4: anything else passes; TCP/UDP fragments to a VIP are dropped. */
-static __always_inline int parse_l3(struct hdr_cursor *nh, void *data_end, struct packet *pkt)
+static __always_inline int ingress_ipv6(struct hdr_cursor *nh, void *data_end, struct packet *pkt,
+					struct dest *dst);
+
+/* Step 1b, IPv4: IPv6 goes its own way, anything else passes; TCP/UDP
+ * fragments to a VIP are dropped. */
+static __always_inline int parse_l3(struct hdr_cursor *nh, void *data_end, struct packet *pkt,
+				    struct dest *dst)
 {
 	struct iphdr *iph;
 	int l4_proto;
 
-	if (pkt->eth_proto != bpf_htons(ETH_P_IP))
+	/* Marked unlikely so clang lays the IPv6 path out of IPv4's way. */
+	if (__builtin_expect(pkt->eth_proto != bpf_htons(ETH_P_IP), 0)) {
+		if (pkt->eth_proto == bpf_htons(ETH_P_IPV6))
+			return ingress_ipv6(nh, data_end, pkt, dst);
 		return counted(REASON_NOT_SERVICE, XDP_PASS);
+	}
 	l4_proto = parse_iphdr(nh, data_end, &iph);
 	if (l4_proto < 0)
 		return counted(REASON_MALFORMED, XDP_PASS);
@@ -369,28 +424,29 @@ static __always_inline int parse_l3(struct hdr_cursor *nh, void *data_end, struc
 }
 
 /* A TCP/UDP header cut short: dropped when it is addressed to a VIP. */
-static __always_inline int truncated_l4(const struct packet *pkt)
+static __always_inline int truncated_l4(const struct packet *pkt, const struct flow_key6 *k6)
 {
-	if (is_vip(pkt->flow.dst))
+	if (to_vip(pkt, k6))
 		return counted(REASON_MALFORMED, XDP_DROP);
 	return counted(REASON_NOT_SERVICE, XDP_PASS);
 }
 
 /* Step 1c, TCP or UDP ports (and TCP flags); only ports some service uses go on. */
-static __always_inline int parse_l4(struct hdr_cursor *nh, void *data_end, struct packet *pkt)
+static __always_inline int parse_l4(struct hdr_cursor *nh, void *data_end, struct packet *pkt,
+				    const struct flow_key6 *k6)
 {
 	struct tcphdr *tcph;
 	struct udphdr *udph;
 
 	if (pkt->l4_proto == IPPROTO_TCP) {
 		if (parse_tcphdr(nh, data_end, &tcph) < 0)
-			return truncated_l4(pkt);
+			return truncated_l4(pkt, k6);
 		pkt->flow.sport = tcph->source;
 		pkt->flow.dport = tcph->dest;
 		pkt->tcp_flags = ((__u8 *)tcph)[TCP_FLAGS_OFFSET];
 	} else if (pkt->l4_proto == IPPROTO_UDP) {
 		if (parse_udphdr(nh, data_end, &udph) < 0)
-			return truncated_l4(pkt);
+			return truncated_l4(pkt, k6);
 		pkt->flow.sport = udph->source;
 		pkt->flow.dport = udph->dest;
 	} else {
@@ -409,9 +465,15 @@ static __always_inline int service_port_gate(const struct packet *pkt)
 
 /* The packet's flow entry: its ids read in one 64-bit load into dst->flow
  * (see connection_table_lookup); the entry itself, or NULL when there is none. */
-static __always_inline union flow_value_word *read_flow(struct packet *pkt, struct dest *dst)
+static __always_inline union flow_value_word *read_flow(struct packet *pkt, const struct flow_key6 *k6,
+							 struct dest *dst)
 {
-	union flow_value_word *fv = (union flow_value_word *)flows.lookup(&pkt->flow);
+	union flow_value_word *fv;
+
+	if (k6)
+		fv = (union flow_value_word *)flows6.lookup((struct flow_key6 *)k6);
+	else
+		fv = (union flow_value_word *)flows.lookup(&pkt->flow);
 
 	if (!fv)
 		return NULL;
@@ -430,18 +492,19 @@ static __always_inline union flow_value_word *read_flow(struct packet *pkt, stru
  * one version, and the ids that were checked are the ids used (lb_maps.h,
  * rule 5). The volatile read stops clang from loading it again.
  */
-static __always_inline int connection_table_lookup(struct packet *pkt, struct dest *dst)
+static __always_inline int connection_table_lookup(struct packet *pkt, const struct flow_key6 *k6,
+						   struct dest *dst)
 {
 	union flow_value_word *fv;
 	__u64 now;
 	__u8 state;
 
 	if (!dst->cfg)
-		return config_missing(pkt);
+		return config_missing(pkt, k6);
 	dst->first_event = EVENT_FLOW_NEW;
 	if (tcp_syn(pkt))
 		return CONTINUE;   /* a new connection: Maglev places it, whatever an old entry says */
-	fv = read_flow(pkt, dst);
+	fv = read_flow(pkt, k6, dst);
 	if (!fv) {
 		if (pkt->l4_proto == IPPROTO_TCP)
 			dst->first_event = EVENT_FLOW_MISS;
@@ -459,7 +522,7 @@ static __always_inline int connection_table_lookup(struct packet *pkt, struct de
 		fv->value.atime = now;
 	}
 	race_window();
-	if (!service_serves(dst->flow.value.service_id, &pkt->flow, &state))
+	if (!service_serves(dst->flow.value.service_id, &pkt->flow, k6, &state))
 		return CONTINUE;
 	dst->bid = dst->flow.value.backend_id;
 	dst->be = flow_backend(dst->bid, dst->flow.value.service_id, dst->cfg);
@@ -471,11 +534,27 @@ static __always_inline int connection_table_lookup(struct packet *pkt, struct de
 	return FORWARD;
 }
 
-/* The hash that picks the flow's Maglev slot: the client address alone
- * for client persistence (a flag of the service's state), else the 5-tuple. */
-static __always_inline __u32 maglev_hash(__u8 state, const struct lb_config *cfg,
-					 const struct flow_key *flow)
+/* The client prefix an IPv6 service hashes under client persistence
+ * (service_ids6, in the half the packet's service_ref named). */
+static __always_inline __u32 client_prefix6(__u32 sid, __u8 state)
 {
+	__u32 idx = sid * TABLES_PER_SERVICE + ((state & SVC_STATE_HALF) ? 1 : 0);
+	struct service_ref6 *ref6 = service_ids6.lookup(&idx);
+
+	return ref6 ? ref6->client_prefix : 128;
+}
+
+/* The hash that picks the flow's Maglev slot: the client address alone
+ * for client persistence (a flag of the service's state; IPv6 keeps the
+ * service's client prefix of it), else the 5-tuple. */
+static __always_inline __u32 maglev_hash(__u8 state, const struct lb_config *cfg,
+					 const struct flow_key *flow, const struct flow_key6 *k6, __u32 sid)
+{
+	if (k6) {
+		if (state & F_SVC_CLIENT_PERSIST)
+			return client_hash_v6(cfg->hash_seed, k6->src, client_prefix6(sid, state));
+		return flow_hash_v6(cfg->hash_seed, k6->src, k6->dst, k6->sport, k6->dport, k6->proto);
+	}
 	if (state & F_SVC_CLIENT_PERSIST)
 		return client_hash_v4(cfg->hash_seed, flow->src);
 	return flow_hash_v4(cfg->hash_seed, flow->src, flow->dst, flow->sport,
@@ -485,7 +564,16 @@ static __always_inline __u32 maglev_hash(__u8 state, const struct lb_config *cfg
 /* The flow table remembers where Maglev placed a flow, unless the packet is
  * a RST or this CPU is under a flood; then no entry is made, and a stale one
  * (a SYN's, or one whose backend is gone) is deleted rather than left. */
-static __always_inline void remember_flow(const struct packet *pkt, const struct dest *dst)
+static __always_inline void forget_flow(const struct packet *pkt, const struct flow_key6 *k6)
+{
+	if (k6)
+		flows6.delete((struct flow_key6 *)k6);
+	else
+		flows.delete((struct flow_key *)&pkt->flow);
+}
+
+static __always_inline void remember_flow(const struct packet *pkt, const struct flow_key6 *k6,
+					  const struct dest *dst)
 {
 	struct flow_value fval = {};
 
@@ -494,24 +582,30 @@ static __always_inline void remember_flow(const struct packet *pkt, const struct
 	if (under_flood(dst->cfg)) {
 		count_event(EVENT_FLOOD_NO_ENTRY);
 		if (dst->first_event != EVENT_FLOW_MISS)   /* a miss has no entry to delete */
-			flows.delete((struct flow_key *)&pkt->flow);
+			forget_flow(pkt, k6);
 		return;
 	}
 	fval.backend_id = dst->bid;
 	fval.service_id = dst->sid;
 	if (pkt->l4_proto == IPPROTO_UDP)
 		fval.atime = bpf_ktime_get_ns();
+	if (k6) {
+		if (flows6.update((struct flow_key6 *)k6, &fval) != 0)
+			flows6.delete((struct flow_key6 *)k6);
+		return;
+	}
 	if (flows.update((struct flow_key *)&pkt->flow, &fval) != 0)
 		flows.delete((struct flow_key *)&pkt->flow);
 }
 
 /* Maglev places the flow in the service's live table and the flow table
  * remembers it. */
-static __always_inline int place_new_flow(struct packet *pkt, __u8 state, struct dest *dst)
+static __always_inline int place_new_flow(struct packet *pkt, const struct flow_key6 *k6, __u8 state,
+					  struct dest *dst)
 {
 	__u8 flags;
 
-	dst->bid = maglev_pick(dst->sid, state, maglev_hash(state, dst->cfg, &pkt->flow));
+	dst->bid = maglev_pick(dst->sid, state, maglev_hash(state, dst->cfg, &pkt->flow, k6, dst->sid));
 	if (dst->bid == 0)
 		return counted(REASON_NO_BACKEND,
 			       (dst->cfg->flags & F_CFG_NO_BACKEND_DROP) ? XDP_DROP : XDP_PASS);
@@ -522,7 +616,7 @@ static __always_inline int place_new_flow(struct packet *pkt, __u8 state, struct
 	dst->be = service_backend(dst->bid, dst->sid, &flags);
 	if (!dst->be || !(flags & F_BACKEND_UP))
 		return counted(REASON_BACKEND_GONE, XDP_DROP);
-	remember_flow(pkt, dst);
+	remember_flow(pkt, k6, dst);
 	dst->new_flow = 1;
 	return FORWARD;
 }
@@ -531,22 +625,33 @@ static __always_inline int place_new_flow(struct packet *pkt, __u8 state, struct
  * hash, confirmed in service_ids (lb_maps.h, rule 5), with its state. A
  * services element replaced while this packet read it can hold another
  * key's id and fail the check; the lookup is then made once more. */
-static __always_inline int find_service(const struct packet *pkt, __u32 *sid, __u8 *state)
+static __always_inline int find_service(const struct packet *pkt, const struct flow_key6 *k6,
+					__u32 *sid, __u8 *state)
 {
 	struct service_key skey = {};
+	struct service_key6 skey6 = {};
 	struct service_info *svc;
 
-	skey.vip = pkt->flow.dst;
-	skey.port = pkt->flow.dport;
-	skey.proto = pkt->flow.proto;
+	if (k6) {
+		__builtin_memcpy(skey6.vip, k6->dst, sizeof(skey6.vip));
+		skey6.port = pkt->flow.dport;
+		skey6.proto = pkt->flow.proto;
+	} else {
+		skey.vip = pkt->flow.dst;
+		skey.port = pkt->flow.dport;
+		skey.proto = pkt->flow.proto;
+	}
 	for (int attempt = 0; attempt < 2; attempt++) {
-		svc = services.lookup(&skey);
+		if (k6)
+			svc = services6.lookup(&skey6);
+		else
+			svc = services.lookup(&skey);
 		if (!svc)
 			return 0;
 		race_window();
 		*sid = *(volatile __u32 *)&svc->id;
 		race_window();
-		if (service_serves(*sid, &pkt->flow, state))
+		if (service_serves(*sid, &pkt->flow, k6, state))
 			return 1;
 	}
 	return 0;
@@ -555,11 +660,11 @@ static __always_inline int find_service(const struct packet *pkt, __u32 *sid, __
 /* Step 3, a new or re-chosen flow: the services lookup names the service;
  * a flow entry whose backend is still live keeps it, otherwise Maglev
  * places the flow. */
-static __always_inline int pick_backend(struct packet *pkt, struct dest *dst)
+static __always_inline int pick_backend(struct packet *pkt, const struct flow_key6 *k6, struct dest *dst)
 {
 	__u8 state = 0;
 
-	if (!find_service(pkt, &dst->sid, &state))
+	if (!find_service(pkt, k6, &dst->sid, &state))
 		return counted(REASON_NOT_SERVICE, XDP_PASS);
 	dst->state = state;
 
@@ -576,7 +681,7 @@ static __always_inline int pick_backend(struct packet *pkt, struct dest *dst)
 	} else {
 		count_event(dst->first_event);
 	}
-	return place_new_flow(pkt, state, dst);
+	return place_new_flow(pkt, k6, state, dst);
 }
 
 #include "nat.h"
@@ -594,6 +699,7 @@ static __always_inline int forward(const struct packet *pkt, const struct dest *
 }
 
 #include "handle_icmp.h"
+#include "xdplb6.h"
 
 int xdplb_ingress(struct xdp_md *ctx)
 {
@@ -609,19 +715,19 @@ int xdplb_ingress(struct xdp_md *ctx)
 	if (action == CONTINUE)
 		action = for_us(&pkt, &dst);
 	if (action == CONTINUE)
-		action = parse_l3(&nh, data_end, &pkt);
+		action = parse_l3(&nh, data_end, &pkt, &dst);   /* IPv6: decided there (xdplb6.h) */
 	if (action == CONTINUE && pkt.l4_proto == IPPROTO_ICMP)
 		action = handle_icmp(&nh, data_end, &pkt, &dst);
 	if (action == CONTINUE)
-		action = parse_l4(&nh, data_end, &pkt);
+		action = parse_l4(&nh, data_end, &pkt, NULL);
 	if (action == CONTINUE && nat_port_in_use(pkt.flow.sport))
 		action = nat_reply(ctx, &pkt);
 	if (action == CONTINUE)
 		action = service_port_gate(&pkt);
 	if (action == CONTINUE)
-		action = connection_table_lookup(&pkt, &dst);
+		action = connection_table_lookup(&pkt, NULL, &dst);
 	if (action == CONTINUE)
-		action = pick_backend(&pkt, &dst);
+		action = pick_backend(&pkt, NULL, &dst);
 	if (action == FORWARD)
 		action = forward(&pkt, &dst);
 	return record_action(action);

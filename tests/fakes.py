@@ -22,8 +22,8 @@ from xdplb.probes import ProbeResult
 from xdplb.structs import ACTIONS, EVENTS, REASONS
 
 
-def _ip(address) -> ipaddress.IPv4Address:
-    return ipaddress.IPv4Address(str(address))
+def _ip(address) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    return ipaddress.ip_address(str(address))
 
 
 def _key(vip, port: int, protocol: str) -> tuple:
@@ -237,7 +237,7 @@ class FakeDataplane:
 
 
 class FakeNetlink:
-    """Links, their IPv4 addresses and a neighbour table, as dicts.
+    """Links, their addresses (both families) and a neighbour table, as dicts.
 
     addresses: link index -> set of every address on it (operator's and ours)
     ours:      link index -> set of addresses add_vip added (what `vips` lists)

@@ -32,9 +32,19 @@ PACS profile: ``Lab(pacs=True)`` / ``tools/lab.py up --pacs`` leaves ports
 starts them after the stand-ins, which keep their other ports, and stops
 them and deletes their storage in ``down()``).
 
+Dual-stack profile: ``Lab(vip6="fd00:10:10::100")`` / ``--vip6 ADDR`` turns
+IPv6 on: every host's eth0 also gets ``fd00:10:10::<octet>/64`` (the IPv4
+host octet written as the last group: be1 is 10.10.0.11 and
+fd00:10:10::11), without DAD; the backends hold both VIPs on ``lo`` (the
+same provisioning script) and their stand-in servers listen on ``::`` for
+both families. With ``pacs=True`` each backend also runs a pynetdicom
+storage SCP on IPv6 port 104 beside its IPv4 Orthanc (``tools/pacs6_lab.py``;
+it needs the venv python given as ``python6``). The bridge's multicast
+snooping is off, so Neighbour Solicitations reach every port.
+
 CLI (as root)::
 
-    tools/lab.py up [--backends N] [--prefix P] [--vip IP] [--native-peer]
+    tools/lab.py up [--backends N] [--prefix P] [--vip IP] [--vip6 IP6] [--pacs] [--native-peer]
     tools/lab.py up --nodes N --bgp|--vrrp [--pacs]
                                             several balancer nodes (tools/ha_lab.py)
     tools/lab.py down [--prefix P]
@@ -65,6 +75,8 @@ PYTHON = "/usr/bin/python3"
 
 SUBNET = "10.10.0"              # first three octets of the lab /24
 NETMASK_BITS = 24
+SUBNET6 = "fd00:10:10::"        # the dual-stack lab's /64; a host's last group is its IPv4 octet
+PREFIX6_BITS = 64
 FIXED_OCTETS = {"client": 2, "lb": 10}
 FIRST_BACKEND_OCTET = 11        # be1 -> .11, be2 -> .12, ...
 BRIDGE = "br0"
@@ -222,6 +234,13 @@ def _ha_lab():
     return ha_lab
 
 
+def _pacs6_lab():
+    """tools/pacs6_lab.py, the IPv6 SCPs of a dual-stack PACS lab (imported as needed)."""
+    sys.modules.setdefault("lab", sys.modules[__name__])
+    import pacs6_lab
+    return pacs6_lab
+
+
 def _tail(path: Path, lines: int = 15) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -239,6 +258,8 @@ class Lab:
     state_dir: Path | None = None
     native_peer: bool = False   # pass-through XDP on the lb switch port, for native mode on veth
     pacs: bool = False          # Orthanc on 104 in every backend (tools/pacs_lab.py)
+    vip6: str | None = None     # dual-stack: IPv6 on every host, this VIP too (module docstring)
+    python6: str = sys.executable   # runs the IPv6 SCPs and SCUs (needs pynetdicom)
     _procs: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -258,6 +279,13 @@ class Lab:
             raise LabError(f"bad VIP {self.vip!r}: not an IPv4 address") from None
         if self.vip in [self.host_ip(h) for h in self.hosts()]:
             raise LabError(f"VIP {self.vip} clashes with a lab host address")
+        if self.vip6 is not None:
+            try:
+                self.vip6 = str(ipaddress.IPv6Address(self.vip6))
+            except ValueError:
+                raise LabError(f"bad IPv6 VIP {self.vip6!r}: not an IPv6 address") from None
+            if self.vip6 in [self.host_ip6(h) for h in self.hosts()]:
+                raise LabError(f"VIP {self.vip6} clashes with a lab host address")
         self.state_dir = Path(self.state_dir or f"/tmp/xdplb-lab-{self.prefix}")
 
     # ---- naming -----------------------------------------------------------
@@ -283,6 +311,21 @@ class Lab:
     def host_ip(self, host: str) -> str:
         """IPv4 address of a host's eth0."""
         return f"{SUBNET}.{self._octet(host)}"
+
+    def host_ip6(self, host: str) -> str:
+        """IPv6 address of a host's eth0 in the dual-stack lab (``fd00:10:10::11`` for be1)."""
+        return str(ipaddress.IPv6Address(f"{SUBNET6}{self._octet(host)}"))
+
+    def backend_ip6(self, i: int | str) -> str:
+        """IPv6 address of backend ``i`` (dual-stack lab)."""
+        name = i if isinstance(i, str) else f"be{i}"
+        if name not in self.backend_names():
+            raise LabError(f"no backend {i!r}: lab has {self.backends}")
+        return self.host_ip6(name)
+
+    @property
+    def dual_stack(self) -> bool:
+        return self.vip6 is not None
 
     def backend_ip(self, i: int | str) -> str:
         """Address of backend ``i`` (1-based int, or a name like ``"be2"``)."""
@@ -346,6 +389,7 @@ class Lab:
             return _ha_lab().HaLab.from_state(saved, Path(lab.state_dir))
         return cls(prefix=prefix, backends=saved["backends"], vip=saved["vip"],
                    native_peer=saved.get("native_peer", False), pacs=saved.get("pacs", False),
+                   vip6=saved.get("vip6"), python6=saved.get("python6", sys.executable),
                    state_dir=lab.state_dir)
 
     def namespaces(self) -> list[str]:
@@ -389,8 +433,9 @@ class Lab:
             self._make_host(host)
         if self.native_peer:
             self._attach_native_peer()
+        vips = [self.vip, self.vip6] if self.dual_stack else [self.vip]
         for name in self.backend_names():
-            self.run(name, "bash", PROVISION_SCRIPT, self.vip)
+            self.run(name, "bash", PROVISION_SCRIPT, *vips)
         for name in self.backend_names():
             self._spawn_backend(name)
         deadline = time.monotonic() + READY_DEADLINE
@@ -398,22 +443,27 @@ class Lab:
             self._wait_ready(name, deadline)
         if self.pacs:
             _pacs_lab().start_all(self)
+            if self.dual_stack:
+                _pacs6_lab().start_all(self)
 
     def _save_state(self) -> None:
         state = {"prefix": self.prefix, "backends": self.backends, "vip": self.vip,
-                 "native_peer": self.native_peer, "pacs": self.pacs}
+                 "native_peer": self.native_peer, "pacs": self.pacs, "vip6": self.vip6,
+                 "python6": self.python6}
         (Path(self.state_dir) / "state.json").write_text(json.dumps(state, indent=1) + "\n")
 
     def _new_namespace(self, host: str) -> None:
         _execute(["ip", "netns", "add", self.ns(host)])
         self._ip(host, "link", "set", "lo", "up")
-        self._sysctl(host, "net.ipv6.conf.all.disable_ipv6", 1)
-        self._sysctl(host, "net.ipv6.conf.default.disable_ipv6", 1)
+        ipv6_off = 0 if self.dual_stack else 1
+        self._sysctl(host, "net.ipv6.conf.all.disable_ipv6", ipv6_off)
+        self._sysctl(host, "net.ipv6.conf.default.disable_ipv6", ipv6_off)
 
     def _make_switch(self) -> None:
         self._new_namespace("sw")
         self._ip("sw", "link", "add", BRIDGE, "type", "bridge",
-                 "stp_state", 0, "forward_delay", 0)
+                 "stp_state", 0, "forward_delay", 0,
+                 *(("mcast_snooping", 0) if self.dual_stack else ()))
         self._ip("sw", "link", "set", BRIDGE, "up")
 
     def _make_host(self, host: str) -> None:
@@ -422,8 +472,10 @@ class Lab:
         self._ip("sw", "link", "add", port, "type", "veth",
                  "peer", "name", IFNAME, "netns", self.ns(host))
         self._ip(host, "link", "set", IFNAME, "address", self.mac(host))
-        self._sysctl(host, f"net.ipv6.conf.{IFNAME}.disable_ipv6", 1)
+        self._sysctl(host, f"net.ipv6.conf.{IFNAME}.disable_ipv6", 0 if self.dual_stack else 1)
         self._ip(host, "addr", "add", f"{self.host_ip(host)}/{NETMASK_BITS}", "dev", IFNAME)
+        if self.dual_stack:
+            self._ip(host, "addr", "add", f"{self.host_ip6(host)}/{PREFIX6_BITS}", "dev", IFNAME, "nodad")
         if host != "lb":
             self.run(host, "ethtool", "-K", IFNAME, "tx", "off")
         self._ip(host, "link", "set", IFNAME, "up")
@@ -452,6 +504,8 @@ class Lab:
         errors: list[str] = []
         if self.pacs:
             _pacs_lab().stop_all(self)
+            if self.dual_stack:
+                _pacs6_lab().stop_all(self)
         state = Path(self.state_dir)
         for pidfile in sorted(state.glob("*.pid")) if state.is_dir() else []:
             self._stop_backend(pidfile.stem, graceful=True)
@@ -502,7 +556,7 @@ class Lab:
         ready.unlink(missing_ok=True)
         with open(self._file(name, "log"), "ab") as log:
             proc = self.popen(name, PYTHON, "-u", BACKEND_SCRIPT, "--name", name,
-                              "--bind", "0.0.0.0", "--ready-file", ready,
+                              "--bind", "::" if self.dual_stack else "0.0.0.0", "--ready-file", ready,
                               *(("--hello-ports", "") if self.pacs else ()),
                               stdin=subprocess.DEVNULL, stdout=log,
                               stderr=subprocess.STDOUT, start_new_session=True)
@@ -585,7 +639,7 @@ class Lab:
         for name in self.backend_names():
             pid = self.backend_pid(name)
             servers[name] = {"pid": pid, "alive": pid is not None}
-        return {"prefix": self.prefix, "up": bool(present), "vip": self.vip,
+        return {"prefix": self.prefix, "up": bool(present), "vip": self.vip, "vip6": self.vip6,
                 "backends": self.backends, "native_peer": self.native_peer, "pacs": self.pacs,
                 "state_dir": str(self.state_dir), "namespaces": present,
                 "addresses": addresses, "servers": servers}
@@ -616,6 +670,8 @@ def _parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", parents=[common], help="build the lab")
     up.add_argument("--backends", type=int, default=3)
     up.add_argument("--vip", default="10.10.0.100")
+    up.add_argument("--vip6", help="dual stack: IPv6 on every host and this IPv6 VIP "
+                                   "(e.g. fd00:10:10::100); with --pacs, IPv6 pynetdicom SCPs too")
     up.add_argument("--pacs", action="store_true",
                     help="real Orthanc (DICOM 104, HTTP 8042) in every backend")
     up.add_argument("--native-peer", action="store_true",
@@ -655,7 +711,7 @@ def main(argv: list[str] | None = None) -> int:
             print(_format_status(lab.status()))
             return 0
         if args.command == "up":
-            lab = Lab(prefix=args.prefix, backends=args.backends, vip=args.vip,
+            lab = Lab(prefix=args.prefix, backends=args.backends, vip=args.vip, vip6=args.vip6,
                       state_dir=args.state_dir, native_peer=args.native_peer, pacs=args.pacs).up()
             print(_format_status(lab.status()))
             return 0

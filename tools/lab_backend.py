@@ -5,8 +5,9 @@ Runs inside one backend namespace (started by ``tools/lab.py``) and answers
 every request with its own name, so a test can tell which backend a load
 balanced connection landed on.  Standard library only.
 
-Listeners (all IPv4, bound to ``--bind``, default 0.0.0.0 so that traffic
-addressed to the VIP on ``lo`` is accepted as well):
+Listeners (bound to ``--bind``, default 0.0.0.0 so that traffic addressed
+to the VIP on ``lo`` is accepted as well; ``--bind ::`` serves IPv6 and,
+through mapped addresses, IPv4 on the same sockets, for the dual-stack lab):
 
 * HTTP on 80 and 8080: ``GET /bytes?n=N`` returns N bytes of payload,
   ``GET /headers`` the request's headers as received (what a proxy added),
@@ -166,15 +167,22 @@ class _UDPServer(socketserver.UDPServer):
     allow_reuse_address = True
 
 
+def _server(cls: type, bind: str, port: int, handler: type) -> socketserver.BaseServer:
+    """``cls`` bound to (bind, port); an IPv6 socket when ``bind`` is IPv6."""
+    if ":" in bind:
+        cls = type(cls.__name__ + "6", (cls,), {"address_family": socket.AF_INET6})
+    return cls((bind, port), handler)
+
+
 def build_servers(args: argparse.Namespace) -> list[socketserver.BaseServer]:
     """Bind every listener; raises OSError if any port is unavailable."""
     servers: list[socketserver.BaseServer] = []
     for port in _ports(args.http_ports):
-        servers.append(_HTTPServer((args.bind, port), make_http_handler(args.name)))
-    servers.append(_TCPServer((args.bind, args.sink_port), make_sink_handler(args.name)))
-    servers.append(_UDPServer((args.bind, args.udp_port), make_udp_handler(args.name)))
+        servers.append(_server(_HTTPServer, args.bind, port, make_http_handler(args.name)))
+    servers.append(_server(_TCPServer, args.bind, args.sink_port, make_sink_handler(args.name)))
+    servers.append(_server(_UDPServer, args.bind, args.udp_port, make_udp_handler(args.name)))
     for port in _ports(args.hello_ports):
-        servers.append(_TCPServer((args.bind, port), make_hello_handler(args.name)))
+        servers.append(_server(_TCPServer, args.bind, port, make_hello_handler(args.name)))
     return servers
 
 
@@ -182,7 +190,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command line: name, bind address, ports, ready file."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--name", required=True, help="backend name reported to clients")
-    p.add_argument("--bind", default="0.0.0.0", help="IPv4 address to bind (default 0.0.0.0)")
+    p.add_argument("--bind", default="0.0.0.0", help="address to bind (default 0.0.0.0; :: for both families)")
     p.add_argument("--ready-file", help="file created once all listeners are bound")
     p.add_argument("--http-ports", default="80,8080")
     p.add_argument("--sink-port", type=int, default=9000)

@@ -168,14 +168,14 @@ def _signal(pid: int, sig: int) -> None:
         os.kill(pid, sig)
 
 
-def stop_orthanc(lab, name: str, graceful: bool = True) -> None:
-    """Stop ``name``'s Orthanc: SIGTERM (then SIGKILL), or SIGKILL at once."""
-    pid = orthanc_pid(lab, name)
-    proc = _PROCS.pop((str(lab.state_dir), name), None)
+def stop_server(running, proc: subprocess.Popen | None, graceful: bool) -> None:
+    """Stop a server whose pid ``running()`` gives (None once it is gone):
+    SIGTERM, then SIGKILL after STOP_GRACE, or SIGKILL at once; reap ``proc``."""
+    pid = running()
     if pid is not None:
         _signal(pid, signal.SIGTERM if graceful else signal.SIGKILL)
         deadline = time.monotonic() + STOP_GRACE
-        while orthanc_pid(lab, name) is not None:
+        while running() is not None:
             if proc is not None and proc.poll() is not None:
                 break
             if time.monotonic() > deadline:
@@ -187,6 +187,11 @@ def stop_orthanc(lab, name: str, graceful: bool = True) -> None:
             proc.wait(timeout=STOP_GRACE)
         except subprocess.TimeoutExpired:
             pass
+
+
+def stop_orthanc(lab, name: str, graceful: bool = True) -> None:
+    """Stop ``name``'s Orthanc: SIGTERM (then SIGKILL), or SIGKILL at once."""
+    stop_server(lambda: orthanc_pid(lab, name), _PROCS.pop((str(lab.state_dir), name), None), graceful)
     (orthanc_dir(lab, name) / "pid").unlink(missing_ok=True)
 
 
@@ -324,23 +329,30 @@ def watch_store(lab, seconds: float, files: list[Path], host: str | None = None)
                      DICOM_PORT, seconds, *map(str, files), stdout=subprocess.PIPE, text=True)
 
 
-def watch(host: str, port: int, seconds: float, files: list[str]) -> int:
+def _dcmtk_store_once(host: str, port: int, path: str) -> bool:
+    # Short timeouts: a try that hangs on a vanished host must not hide
+    # the next one; DIMSE timeout bounds the C-STORE itself.
+    return subprocess.run(["storescu", "-aet", MODALITY_AET, "-aec", AET, "-to", "1", "-ta", "1",
+                           "-td", "2", host, str(port), path],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0
+
+
+def watch(host: str, port: int, seconds: float, files: list[str], send=_dcmtk_store_once) -> int:
     """Send the files one association each, ~every 100 ms, for ``seconds``.
 
     Prints ``<t> ok|fail <file>`` per try, t = seconds since the start (the
     start of the try).  Each file is sent once; running out of files ends it.
+    ``send(host, port, path)`` makes one association and says whether the
+    C-STORE succeeded: dcmtk's storescu here, pynetdicom for IPv6
+    (tools/dicom_scu.py).
     """
     start = time.monotonic()
     for path in files:
         now = time.monotonic() - start
         if now >= seconds:
             break
-        # Short timeouts: a try that hangs on a vanished host must not hide
-        # the next one; DIMSE timeout bounds the C-STORE itself.
-        rc = subprocess.run(["storescu", "-aet", MODALITY_AET, "-aec", AET, "-to", "1", "-ta", "1",
-                             "-td", "2", host, str(port), path],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode
-        print(f"{now:.3f} {'ok' if rc == 0 else 'fail'} {path}", flush=True)
+        ok = send(host, port, path)
+        print(f"{now:.3f} {'ok' if ok else 'fail'} {path}", flush=True)
         time.sleep(max(0.0, 0.1 - (time.monotonic() - start - now)))
     return 0
 

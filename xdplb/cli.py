@@ -5,6 +5,7 @@ kernel layer is imported only inside `attach` and `detach`.
 """
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import os
@@ -14,6 +15,7 @@ import time
 import click
 
 from . import __version__, control
+from .addrtext import host_port
 from .config import Pool, PoolError, describe, load_pool, warnings
 from .modes import MODES
 
@@ -218,7 +220,7 @@ def _render_announce(ann: dict | None) -> list[str]:
 def _render_status(st: dict) -> str:
     lines = [f"xdplb {st['version']} on {st['interface']} ({st['mode']} mode), pid {st['pid']}, pool {st['pool']}"]
     for svc in st["services"]:
-        lines.append(f"service {svc['name']} {svc['vip']}:{svc['port']}/{svc['protocol']} persistence {svc['persistence']}: "
+        lines.append(f"service {svc['name']} {host_port(svc['vip'], svc['port'])}/{svc['protocol']} persistence {svc['persistence']}: "
                      f"{svc['packets']} pkts, {svc['bytes']} bytes, {svc['new_flows']} flows")
         lines.append(f"  {'backend':<12} {'address':<15} {'health':<7} {'for':>6} {'wt':>3} {'slots':>6} {'mac':<17} "
                      f"{'packets':>9} {'bytes':>11} {'flows':>7}")
@@ -330,7 +332,7 @@ def _detach(interface: str, link, nl) -> None:
     haproxy = asyncio.run(stop_left_running(control.run_dir(), interface))
     if haproxy is not None:
         removed.append(f"the HAProxy left running (master pid {haproxy})")
-    for vip in sorted(nl.vips(link.index)):
+    for vip in sorted(nl.vips(link.index), key=ipaddress.get_mixed_type_key):
         nl.del_vip(link.index, vip)
         removed.append(f"VIP {vip}")
     from . import pinning

@@ -65,7 +65,10 @@ _SETTINGS_KEYS = (
     "udp_idle_timeout", "down_grace", "flood_guard_rate", "extra_macs",
     "announce_table", "ready_file", "stop_drain", "stop_drain_idle",
 )
-_SERVICE_KEYS = ("name", "vip", "port", "protocol", "persistence", "forwarding", "health", "tls", "backend")
+_SERVICE_KEYS = ("name", "vip", "port", "protocol", "persistence", "forwarding", "client_prefix", "health",
+                 "tls", "backend")
+# client_prefix: the prefix length of the client address that client persistence hashes (IPv6 only).
+CLIENT_PREFIX_RANGE = (1, 128)
 _TLS_KEYS = ("certificate", "backend_protocol", "backend_port", "health_from", "min_version",
              "ciphers", "ciphersuites", "client_ca")
 TLS_BACKEND_PROTOCOLS = ("http", "tcp")
@@ -151,7 +154,7 @@ class Backend:
     """One PACS/DICOM server behind a service; weight 0 means drained."""
 
     name: str
-    address: ipaddress.IPv4Address
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address   # str() is the canonical text (RFC 5952)
     weight: int
     port: int = 0          # NAT services: the port it listens on (0: the service port); DSR: always 0
 
@@ -161,7 +164,7 @@ class Service:
     """A virtual service: traffic to vip:port/protocol is spread over backends."""
 
     name: str
-    vip: ipaddress.IPv4Address
+    vip: ipaddress.IPv4Address | ipaddress.IPv6Address   # the backends share its family
     port: int
     protocol: str
     persistence: str
@@ -169,9 +172,10 @@ class Service:
     backends: tuple[Backend, ...]
     tls: TlsTermination | None = None
     forwarding: str = "dsr"
+    client_prefix: int = 128   # IPv6 client persistence hashes this many leading bits of the client address
 
     @property
-    def key(self) -> tuple[ipaddress.IPv4Address, int, str]:
+    def key(self) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int, str]:
         """The (vip, port, protocol) triple the data plane matches on."""
         return (self.vip, self.port, self.protocol)
 
@@ -325,7 +329,7 @@ class _Reader:
     def __init__(self, source: str) -> None:
         self.source = source
         self.found: list[tuple[str, tuple]] = []   # (sentence, (table, key) places for its line)
-        self.vips: dict[ipaddress.IPv4Address, str] = {}  # a backend must not be one
+        self.vips: dict[ipaddress.IPv4Address | ipaddress.IPv6Address, str] = {}  # a backend must not be one
         self._sections: list[_Section] = []
         self._bad_values = 0
         self._bad_keys: set[tuple[int, str]] = set()
@@ -491,9 +495,10 @@ class _Reader:
             return self.bad(f"{_path(label, 'name')} = {_show(value)} must be {_NAME_RULE}", table, "name", None)
         return value
 
-    def address(self, table: dict, key: str, label: str, role: str) -> ipaddress.IPv4Address | None:
-        """The address, or None once a problem with it is noted."""
-        expect = 'an IPv4 address such as "10.10.0.100"'
+    def address(self, table: dict, key: str, label: str, role: str
+                ) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+        """The address (IPv4 or IPv6), or None once a problem with it is noted."""
+        expect = 'an IP address such as "10.10.0.100" or "2001:db8::100"'
         bad_before = self._bad_values
         text = self.string(table, key, label, expect)
         if self._bad_values != bad_before:
@@ -502,17 +507,17 @@ class _Reader:
         try:
             addr = ipaddress.ip_address(text)
         except ValueError:
-            return self.bad(f"{where} is not a valid IPv4 address", table, key, None)
-        if addr.version == 6:
-            return self.bad(f"{where} is an IPv6 address; IPv6 is not supported yet", table, key, None)
+            return self.bad(f"{where} is not a valid IP address", table, key, None)
         problem = _unusable_address(addr)
         if problem:
             return self.bad(f"{where} is {problem}, which cannot be used as a {role}", table, key, None)
         return addr
 
 
-def _unusable_address(addr: ipaddress.IPv4Address) -> str:
+def _unusable_address(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
     """Return why an address cannot carry balanced traffic, or "" if it can."""
+    if addr.version == 6:
+        return _unusable_ipv6(addr)
     if addr.is_unspecified:
         return "the unspecified address"
     if addr == ipaddress.IPv4Address("255.255.255.255"):
@@ -521,6 +526,25 @@ def _unusable_address(addr: ipaddress.IPv4Address) -> str:
         return "a multicast address"
     if addr.is_loopback:
         return "a loopback address"
+    return ""
+
+
+def _unusable_ipv6(addr: ipaddress.IPv6Address) -> str:
+    """The IPv6 kinds refused, and why. Every one left has one canonical text
+    (RFC 5952, what str() gives), so every node builds the same Maglev table
+    from a pool however it spells its addresses."""
+    if addr.scope_id:
+        return "an address with a zone index"
+    if addr.ipv4_mapped is not None:
+        return f'an IPv4-mapped address (write "{addr.ipv4_mapped}": a service and its backends share a family)'
+    if addr.is_unspecified:
+        return "the unspecified address"
+    if addr.is_multicast:
+        return "a multicast address"
+    if addr.is_loopback:
+        return "a loopback address"
+    if addr.is_link_local:
+        return "a link-local address (valid on one link only)"
     return ""
 
 
@@ -861,7 +885,9 @@ def _item_label(prefix: str, index: int, table: dict) -> str:
     return f"{prefix}[{index}] "
 
 
-def _parse_backends(r: _Reader, svc: dict, svc_label: str, nat: bool) -> tuple[Backend, ...]:
+def _parse_backends(r: _Reader, svc: dict, svc_label: str, vip, nat: bool) -> tuple[Backend, ...]:
+    """The service's backends; `vip` (None when it is bad) names the family they must share;
+    only a NAT service's backends may name a port."""
     raw = r.tables(svc, "backend", svc_label, "service.backend")
     if not raw:
         raise r.fail(
@@ -870,7 +896,7 @@ def _parse_backends(r: _Reader, svc: dict, svc_label: str, nat: bool) -> tuple[B
         )
     backends: list[Backend] = []
     names: dict[str, int] = {}
-    addresses: dict[ipaddress.IPv4Address, int] = {}
+    addresses: dict[ipaddress.IPv4Address | ipaddress.IPv6Address, int] = {}
     for i, t in enumerate(raw):
         label = svc_label + _item_label("backend", i, t)
         with r.section((t, None), (svc, "backend")):
@@ -885,6 +911,10 @@ def _parse_backends(r: _Reader, svc: dict, svc_label: str, nat: bool) -> tuple[B
             if address in addresses:
                 r.bad(f'{label}.address = "{address}" is already used by backend[{addresses[address]}] '
                       f"of this service", t, "address")
+            elif address is not None and vip is not None and address.version != vip.version:
+                r.bad(f'{label}.address = "{address}" is IPv{address.version} but the service\'s VIP '
+                      f'"{vip}" is IPv{vip.version}; a service and its backends share a family (no NAT64)',
+                      t, "address")
             elif address in r.vips:
                 r.bad(f'{label}.address = "{address}" is the VIP of {r.vips[address]}; forwarding to it '
                       f"would send the traffic back to xdplb in a loop", t, "address")
@@ -921,6 +951,10 @@ def _parse_service(r: _Reader, index: int, t: dict, earlier: list[Service]) -> S
                 break
         persistence = r.choice(t, "persistence", label, PERSISTENCE_MODES, "persistence mode", "flow")
         forwarding = r.choice(t, "forwarding", label, FORWARDING_MODES, "forwarding mode", "dsr")
+        client_prefix = _client_prefix(r, t, label, vip, persistence)
+        if forwarding == "nat" and vip is not None and vip.version == 6 and r.good(t, "vip", "forwarding"):
+            r.bad(f'{label}.forwarding = "nat" is IPv4 only in this version, and the VIP "{vip}" is IPv6; '
+                  f"serve IPv6 PACS with direct server return", t, "forwarding")
     nat = forwarding == "nat"
     with r.section((t.get("tls"), None), (t, "tls")) as checked_tls:
         tls = _parse_tls(r, t, label)
@@ -935,10 +969,11 @@ def _parse_service(r: _Reader, index: int, t: dict, earlier: list[Service]) -> S
         # service each backend is probed on its own port unless health.port says otherwise (0: unset).
         health = _parse_health(r, t, label, 0 if nat else tls.backend_port if tls else port)
     with r.section((t, "backend")) as checked_backends:
-        backends = _parse_backends(r, t, label, nat)
+        backends = _parse_backends(r, t, label, vip if r.good(t, "vip") else None, nat)
     if not (own.ok and checked_tls.ok and checked_health.ok and checked_backends.ok):
         return None
-    return Service(name, vip, port, protocol, persistence, health, backends, tls, forwarding)
+    return Service(name, vip, port, protocol, persistence, health, backends, tls, forwarding,
+                   client_prefix)
 
 
 def _check_forwarding_mix(r: _Reader, raw: list[dict], services: list[Service]) -> None:
@@ -969,6 +1004,20 @@ def _check_forwarding_mix(r: _Reader, raw: list[dict], services: list[Service]) 
                 return
 
 
+def _client_prefix(r: _Reader, t: dict, label: str, vip, persistence: str) -> int:
+    """client_prefix: how many leading bits of an IPv6 client's address client
+    persistence hashes (clients behind privacy addresses change the rest)."""
+    if "client_prefix" not in t:
+        return CLIENT_PREFIX_RANGE[1]
+    prefix = r.integer(t, "client_prefix", label, *CLIENT_PREFIX_RANGE)
+    where = f"{_path(label, 'client_prefix')} = {_show(t['client_prefix'])}"
+    if vip is not None and vip.version != 6 and r.good(t, "vip", "client_prefix"):
+        r.bad(f'{where} applies to IPv6 services only, and the VIP "{vip}" is IPv4', t, "client_prefix")
+    elif persistence != "client" and r.good(t, "persistence", "client_prefix"):
+        r.bad(f'{where} needs persistence = "client" (it shapes the client hash)', t, "client_prefix")
+    return prefix
+
+
 def _syntax_error(source: str, err: tomllib.TOMLDecodeError) -> PoolError:
     text = _printable(str(err))
     m = re.search(r"\s*\((at line (\d+), column (\d+)|at end of document)\)$", text)
@@ -993,13 +1042,15 @@ def _decode(text: str, source: str) -> dict:
         raise PoolError(f"{source}: the pool text is too large to parse") from None
 
 
-def _vips(raw: list[dict]) -> dict[ipaddress.IPv4Address, str]:
+def _vips(raw: list[dict]) -> dict[ipaddress.IPv4Address | ipaddress.IPv6Address, str]:
     """Each VIP written in the services, and the first service that uses it; bad ones are
     reported by their own service."""
-    vips: dict[ipaddress.IPv4Address, str] = {}
+    vips: dict[ipaddress.IPv4Address | ipaddress.IPv6Address, str] = {}
     for i, t in enumerate(raw):
         with contextlib.suppress(ValueError, TypeError):
-            vips.setdefault(ipaddress.IPv4Address(t.get("vip")), _item_label("service", i, t).rstrip())
+            address = ipaddress.ip_address(t.get("vip"))
+            if not _unusable_address(address):
+                vips.setdefault(address, _item_label("service", i, t).rstrip())
     return vips
 
 
@@ -1167,6 +1218,11 @@ def _tls_detail(tls: TlsTermination) -> str:
             f"cleartext {tls.backend_protocol} to backend port {tls.backend_port}")
 
 
+def _host_port(addr, port: int) -> str:
+    """ "10.0.0.1:104", "[2001:db8::1]:104" (RFC 5952 section 6)."""
+    return f"[{addr}]:{port}" if addr.version == 6 else f"{addr}:{port}"
+
+
 def describe(pool: Pool) -> str:
     """Return a human-readable, multi-line account of what would be programmed."""
     st = pool.settings
@@ -1195,8 +1251,10 @@ def describe(pool: Pool) -> str:
     for s in pool.services:
         h = s.health
         lines.append(
-            f'service "{s.name}": {s.vip}:{s.port}/{s.protocol}, '
+            f'service "{s.name}": {_host_port(s.vip, s.port)}/{s.protocol}, '
             f"persistence {_PERSISTENCE_TEXT.get(s.persistence, s.persistence)}"
+            + (f" (the first {s.client_prefix} bits of its address)"
+               if s.vip.version == 6 and s.persistence == "client" else "")
             + (", forwarding nat (destination and port translated, client address kept)"
                if s.forwarding == "nat" else "")
         )

@@ -35,6 +35,7 @@ writes and netlink calls run in threads, so probes keep their timing.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
 import signal
@@ -376,7 +377,7 @@ class Daemon:
             if self.dp is not None and hasattr(self.dp, "unpin"):
                 if await self._step("removing the pinned maps", self.dp.unpin, thread=True) is True:
                     log.info("removed the pinned maps")
-            for vip in sorted(self.added_vips):
+            for vip in sorted(self.added_vips, key=ipaddress.get_mixed_type_key):
                 if await self._step(f"removing VIP {vip}", self.netlink.del_vip, self.link.index, vip, thread=True):
                     self.added_vips.discard(vip)
                     log.info("removed VIP %s from %s", vip, self.ifname)
@@ -417,13 +418,13 @@ class Daemon:
     async def _sync_vips(self) -> None:
         wanted = self._wanted_vips()
         index = self.link.index
-        for vip in sorted(wanted - self.added_vips):
+        for vip in sorted(wanted - self.added_vips, key=ipaddress.get_mixed_type_key):
             if await asyncio.to_thread(self.netlink.add_vip, index, vip):
                 self.added_vips.add(vip)
-                log.info("added VIP %s/32 to %s", vip, self.ifname)
+                log.info("added VIP %s/%d to %s", vip, vip.max_prefixlen, self.ifname)
             else:
                 log.info("VIP %s is already on %s; leaving it as configured", vip, self.ifname)
-        for vip in sorted(self.added_vips - wanted):
+        for vip in sorted(self.added_vips - wanted, key=ipaddress.get_mixed_type_key):
             await asyncio.to_thread(self.netlink.del_vip, index, vip)
             self.added_vips.discard(vip)
             log.info("removed VIP %s from %s", vip, self.ifname)
@@ -486,7 +487,8 @@ class Daemon:
         failed probe, not a missing entry, takes a dead host out."""
         found = self.netlink.neighbour_macs(self.link.index)
         macs = {}
-        for address in sorted({be.address for s in pool.services for be in s.backends}):
+        for address in sorted({be.address for s in pool.services for be in s.backends},
+                              key=ipaddress.get_mixed_type_key):
             mac = found.get(address)
             if mac is None:
                 self.netlink.solicit(address)

@@ -128,6 +128,7 @@ class _Marker:
 
 
 _BACKEND = _Marker("flags", structs.F_BACKEND_READY)
+_VIPS = {4: "vips", 6: "vips6"}       # the VIP map of each family
 _CONFIG = _Marker("ready")
 _SERVICE_REF = _Marker("proto")
 _NAT_BACKEND = _Marker("ready")
@@ -201,6 +202,8 @@ class BccDataplane:
         self.compile_seconds = time.monotonic() - started
         self._table_type = structs.maglev_table_type(settings.maglev_size)
         self._maps: dict = {}
+        # An older build (bpf_dir: benches and tests only) may predate the IPv6 maps.
+        self.absent = self._absent_maps() if bpf_dir is not None else frozenset()
         self._unsettled = False     # something was published or removed since the last grace period
         self.grace_periods = 0      # how many this dataplane waited for (tests and benches read it)
         self._check_layouts()
@@ -248,7 +251,7 @@ class BccDataplane:
         older build, loaded by benches and tests) only the maps it has."""
         from . import pinning
 
-        specs = pinning.map_specs(self.settings)
+        specs = {name: spec for name, spec in pinning.map_specs(self.settings).items() if name not in self.absent}
         if not self._other_source:
             return specs
         return {name: spec for name, spec in specs.items() if self._has_map(name)}
@@ -259,6 +262,18 @@ class BccDataplane:
         except KeyError:    # bcc's get_table for a map the program does not declare
             return False
         return True
+
+    def _absent_maps(self) -> frozenset:
+        """The IPv6 maps an older build's program does not declare."""
+        from . import pinning
+
+        absent = set()
+        for name in pinning.map_specs6(self.settings):
+            try:
+                self.map(name)
+            except KeyError:
+                absent.add(name)
+        return frozenset(absent)
 
     @property
     def prog_fd(self) -> int:
@@ -379,10 +394,10 @@ class BccDataplane:
         elif isinstance(op, plan.DelService):
             self._del_service(op, w)
         elif isinstance(op, plan.PutVip):
-            vips = self.map("vips")
+            vips = self.map(_VIPS[op.address.version])
             w.publish.append(lambda: vips.__setitem__(structs.LbAddr.of(op.address), ctypes.c_uint32(1)))
         elif isinstance(op, plan.DelVip):
-            w.late.append(lambda: self._delete(self.map("vips"), structs.LbAddr.of(op.address)))
+            w.late.append(lambda: self._delete(self.map(_VIPS[op.address.version]), structs.LbAddr.of(op.address)))
         else:
             raise TypeError(f"unknown map write {op!r}")
 
@@ -504,37 +519,68 @@ class BccDataplane:
     # entry mirrors it (flags, table) for a controller adopting the maps.
 
     def _put_service(self, op, w: "_Writes") -> None:
-        key = structs.ServiceKey.of(op.vip, op.port, op.protocol)
-        services = self.map("services")
+        services, key = self._service_key(op)
         w.content.append(lambda: self._set_port_bit(op.port, True))
+        if op.vip.version == 6:
+            self._put_ref6(op, w)
         old = services.get(key)
         if old is not None and old.id != op.id:
-            w.publish.append(lambda: self._unbind(old.id, key))  # the key moves to another id (a renamed service)
+            w.publish.append(lambda: self._unbind(old.id, op))  # the key moves to another id (a renamed service)
         info = structs.ServiceInfo(op.id, op.flags, op.half, 0)
         w.publish.append(lambda: services.__setitem__(key, info))
-        self._stage(w, "service_ids", op.id, structs.ServiceRef.of(key, op.flags, op.half), _SERVICE_REF)
+        ref = structs.service_ref(op.vip, op.port, op.protocol, op.flags, op.half)
+        self._stage(w, "service_ids", op.id, ref, _SERVICE_REF)
+
+    def _service_key(self, op):
+        """(services map of the op's family, its key there)."""
+        if op.vip.version == 6:
+            return self.map("services6"), structs.ServiceKey6.of(op.vip, op.port, op.protocol)
+        return self.map("services"), structs.ServiceKey.of(op.vip, op.port, op.protocol)
 
     def _del_service(self, op, w: "_Writes") -> None:
-        key = structs.ServiceKey.of(op.vip, op.port, op.protocol)
-        services = self.map("services")
+        services, key = self._service_key(op)
 
         def remove():
             old = services.get(key)
             if old is None:
                 return  # already gone: deleting is idempotent
-            self._unbind(old.id, key)
+            self._unbind(old.id, op)
             self._delete(services, key)
-            if not any(socket.ntohs(k.port) == op.port for k in services.keys()):
+            if not any(socket.ntohs(k.port) == op.port
+                       for name in ("services", "services6") for k in self.map(name).keys()):
                 self._set_port_bit(op.port, False)
 
         w.late.append(remove)
 
-    def _unbind(self, sid: int, key) -> None:
-        """Unpublish service_ids[sid] if it is bound to `key` (one byte: proto)."""
+    def _unbind(self, sid: int, op) -> None:
+        """Unpublish service_ids[sid] if it is bound to the op's (VIP, port,
+        protocol) (one byte: proto)."""
         ids = self.map("service_ids")
         ref = ids[sid]
-        if ref.proto and bytes(ref)[:7] == bytes(key)[:7]:     # vip, port, proto: all but the state byte
-            ids[sid] = _SERVICE_REF.cleared(ref)
+        want = structs.service_ref(op.vip, op.port, op.protocol, 0, 0)
+        if not ref.proto or bytes(ref)[:7] != bytes(want)[:7]:   # vip, port, proto: all but the state byte
+            return
+        if op.vip.version != (6 if ref.state & structs.F_SVC_IPV6 else 4):
+            return
+        if op.vip.version == 6 and bytes(self._ref6(sid, ref.state).vip) != op.vip.packed:
+            return
+        ids[sid] = _SERVICE_REF.cleared(ref)
+
+    # IPv6: service_ids6[id * 2 + half] holds the VIP and client prefix and
+    # is written with that half's Maglev table (bpf/lb_maps6.h): in the
+    # content pass, into the half the flip goes to, which no packet reads.
+
+    def _ref6(self, sid: int, state: int):
+        half = 1 if state & structs.SVC_STATE_HALF else 0
+        raw = self.map("service_ids6")[sid * structs.TABLES_PER_SERVICE + half]
+        return structs.ServiceRef6.from_buffer_copy(bytes(raw))   # bcc's own type reads vip as 4 words
+
+    def _put_ref6(self, op, w: "_Writes") -> None:
+        table = self.map("service_ids6")
+        index = op.id * structs.TABLES_PER_SERVICE + op.half
+        new = structs.ServiceRef6.of(op.vip, op.client_prefix)
+        if bytes(table[index]) != bytes(new):
+            w.content.append(lambda: table.__setitem__(index, new))
 
     def _set_port_bit(self, port: int, on: bool) -> None:
         self._set_bit("service_ports", port, on)
@@ -553,13 +599,12 @@ class BccDataplane:
         with adopted maps (maps pinned by an earlier build may lack them, hold
         stale bits, or predate F_BACKEND_READY). An earlier program may still
         be forwarding with these maps, so the same staged writes are used."""
-        services = [(structs.ServiceKey.from_buffer_copy(bytes(k)), v) for k, v in self.map("services").items()]
         ids, ports = self.map("service_ids"), self.map("service_ports")
         w = _Writes()
-        want_ids = {info.id: structs.ServiceRef.of(key, info.flags, info.table & 1) for key, info in services}
-        words = [0] * structs.PORT_WORDS
-        for key, _ in services:
-            word, bit = divmod(socket.ntohs(key.port), 32)
+        want_ids, words = {}, [0] * structs.PORT_WORDS
+        for (vip, port, protocol), (sid, flags, half) in self._read_services().items():
+            want_ids[sid] = structs.service_ref(vip, port, protocol, flags, half)
+            word, bit = divmod(port, 32)
             words[word] |= 1 << bit
         for word, bits in enumerate(words):
             have = ports[word].value
@@ -602,30 +647,41 @@ class BccDataplane:
             backends={i: self._sum_counters(be[i]) for i in backend_ids},
             actions=self._sum_u64("xdp_actions", structs.ACTIONS),
             not_forwarded=self._sum_u64("not_forwarded", structs.REASONS),
-            events=self._sum_u64("events", structs.EVENTS),
+            events=self._sum_u64("events", structs.EVENTS)
+            | ({} if "events6" in self.absent else self._sum_u64("events6", structs.EVENTS6)),
             nat=self._sum_u64("nat_stats", structs.NAT_STATS) if self._has_map("nat_stats") else {},
         )
 
+    def _read_services(self) -> dict:
+        """(vip, port, protocol) -> (id, flags, half), of both families."""
+        services = {}
+        for name, key_type in (("services", structs.ServiceKey), ("services6", structs.ServiceKey6)):
+            for key, info in self.map(name).items():
+                key = key_type.from_buffer_copy(bytes(key))
+                proto = {v: k for k, v in structs.IPPROTO.items()}.get(key.proto, str(key.proto))
+                services[(key.ip(), socket.ntohs(key.port), proto)] = (info.id, info.flags, info.table & 1)
+        return services
+
     def read_state(self) -> KernelState:
         """Read back what an earlier controller programmed (for adoption)."""
-        services = {}
-        for key, info in self.map("services").items():
-            addr = structs.ServiceKey.from_buffer_copy(bytes(key)).ip()
-            proto = {v: k for k, v in structs.IPPROTO.items()}.get(key.proto, str(key.proto))
-            services[(addr, socket.ntohs(key.port), proto)] = (info.id, info.flags, info.table & 1)
+        services = self._read_services()
+        family = {sid: vip.version for (vip, _port, _proto), (sid, _flags, _half) in services.items()}
         backends, down_since = {}, {}
         table = self.map("backends")
         for bid in range(1, self.settings.max_backends):
             be = table[bid]
             if any(be.mac):
-                addr = structs.LbAddr.from_buffer_copy(bytes(be.addr)).ip()
+                raw = structs.LbAddr.from_buffer_copy(bytes(be.addr))
+                # An orphan's family is a guess: IPv4 leaves 12 bytes zero.
+                addr = raw.ip(family.get(be.service_id, 6 if any(raw.raw[4:]) else 4))
                 backends[bid] = (be.service_id, addr, bytes(be.mac), bool(be.flags & structs.F_BACKEND_UP))
                 down_since[bid] = be.down_since
         tables = {}
         maglev = self.map("maglev_tables")
         for sid, _flags, half in services.values():
             tables[(sid, half)] = tuple(maglev[sid * structs.TABLES_PER_SERVICE + half].slots)
-        vips = {structs.LbAddr.from_buffer_copy(bytes(k)).ip() for k in self.map("vips").keys()}
+        vips = {structs.LbAddr.from_buffer_copy(bytes(k)).ip(version)
+                for version, name in _VIPS.items() for k in self.map(name).keys()}
         cfg = self.map("lb_config")[0]
         config = _config_tuple(structs.LbConfig.from_buffer_copy(bytes(cfg))) if cfg.ready else None
         nat_backends = {bid: socket.ntohs(self.map("nat_backends")[bid].port) for bid in backends
@@ -640,16 +696,18 @@ class BccDataplane:
         return KernelState(services, backends, tables, vips, config, down_since, nat_backends, nat_reverse)
 
     def flows(self, limit: int = 100000) -> dict:
-        """(client, client port, VIP, port, proto) -> backend id, at most `limit` entries."""
+        """(client, client port, VIP, port, proto) -> backend id, at most `limit`
+        entries (IPv4 first, then IPv6)."""
         out = {}
-        for raw, value in self.map("flows").items():
-            # bcc's own key type reads __be32 as a host-order int; ours keeps the bytes.
-            key = structs.FlowKey.from_buffer_copy(bytes(raw))
-            src = ipaddress.IPv4Address(bytes(key.src))
-            dst = ipaddress.IPv4Address(bytes(key.dst))
-            out[(src, socket.ntohs(key.sport), dst, socket.ntohs(key.dport), key.proto)] = value.backend_id
-            if len(out) >= limit:
-                break
+        for name, key_type, address in (("flows", structs.FlowKey, ipaddress.IPv4Address),
+                                        ("flows6", structs.FlowKey6, ipaddress.IPv6Address)):
+            for raw, value in self.map(name).items():
+                if len(out) >= limit:
+                    return out
+                # bcc's own key type reads __be32 as a host-order int; ours keeps the bytes.
+                key = key_type.from_buffer_copy(bytes(raw))
+                src, dst = address(bytes(key.src)), address(bytes(key.dst))
+                out[(src, socket.ntohs(key.sport), dst, socket.ntohs(key.dport), key.proto)] = value.backend_id
         return out
 
 

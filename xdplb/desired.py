@@ -39,7 +39,7 @@ def desired_state(pool: Pool, health: Mapping[tuple, Health], macs: Mapping, gw_
             for be in svc.backends
         )
         services.append(ServiceState(svc.name, svc.vip, svc.port, svc.protocol, svc.persistence, backends,
-                                     svc.forwarding))
+                                     svc.forwarding, svc.client_prefix))
     st = pool.settings
     return Desired(tuple(services), gw_mac, st.hash_seed, st.maglev_size, st.max_services, st.max_backends,
                    st.no_backend == "drop", extra_macs=st.extra_macs,

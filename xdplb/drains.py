@@ -22,7 +22,7 @@ def identities(pool) -> set:
 class Drains:
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.keys: set[tuple] = set()     # (service name, IPv4Address)
+        self.keys: set[tuple] = set()     # (service name, IPv4Address | IPv6Address)
 
     def within(self, pool, keys: set | None = None) -> set:
         """The drains (of `keys`, or the current ones) that name a backend of `pool`."""
@@ -39,7 +39,7 @@ class Drains:
             if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
                 continue
             try:
-                keys.add((pair[0], ipaddress.IPv4Address(pair[1])))
+                keys.add((pair[0], ipaddress.ip_address(pair[1])))
             except ValueError:
                 if tuple(pair) in by_name:
                     keys.add((pair[0], by_name[tuple(pair)]))
@@ -59,7 +59,7 @@ class Drains:
         svc = next((s for s in pool.services if s.name == service), None)
         if svc is None:
             return f"no service {service!r}; services: {', '.join(s.name for s in pool.services)}"
-        be = next((b for b in svc.backends if backend in (b.name, str(b.address))), None)
+        be = next((b for b in svc.backends if backend == b.name or _same_address(backend, b.address)), None)
         if be is None:
             return (f"service {service!r} has no backend {backend!r}; "
                     f"backends: {', '.join(b.name for b in svc.backends)}")
@@ -72,3 +72,11 @@ class Drains:
             (self.keys.add if drained else self.keys.discard)(key)
             self.save()
         return changed
+
+
+def _same_address(text: str, address) -> bool:
+    """Whether `text` spells `address` (IPv6 has many spellings of one address)."""
+    try:
+        return ipaddress.ip_address(text) == address
+    except ValueError:
+        return False

@@ -148,6 +148,12 @@ class XdplbCollector:
         info.add_metric([], {"version": __version__, "interface": src.ifname, "mode": src.mode or "none"})
         yield info
 
+        # Where each service and backend is: the address as RFC 5952 writes
+        # it (fd00:10:10::11, as `ip` prints it), whatever spelling the pool used.
+        svc_info = InfoMetricFamily("xdplb_service", "The VIP, port and protocol of each service.",
+                                    labels=("service", "vip", "port", "protocol"))
+        be_info = InfoMetricFamily("xdplb_backend", "The address of each backend.",
+                                   labels=("service", "backend", "address"))
         svc_packets = CounterMetricFamily("xdplb_service_packets", "Packets forwarded per service.", labels=["service"])
         svc_bytes = CounterMetricFamily("xdplb_service_bytes", "Bytes (Ethernet frames as received) forwarded per service.",
                                         labels=["service"])
@@ -174,12 +180,14 @@ class XdplbCollector:
         for (service, ident, kind), n in telemetry.probe_failures.items():
             failures_of.setdefault((service, ident), []).append((kind, n))
         for svc in services:
+            svc_info.add_metric([svc["name"], svc["vip"], str(svc["port"]), svc["protocol"]], {})
             if svc["id"] is not None:
                 svc_packets.add_metric([svc["name"]], svc["packets"])
                 svc_bytes.add_metric([svc["name"]], svc["bytes"])
             for b in svc["backends"]:
                 labels = [svc["name"], b["name"]]
                 ident = (svc["name"], b["address"])
+                be_info.add_metric(labels + [b["address"]], {})
                 if b["id"] is not None:
                     be_packets.add_metric(labels, b["packets"])
                     be_bytes.add_metric(labels, b["bytes"])
@@ -203,7 +211,7 @@ class XdplbCollector:
                 seen.update(failures_of.get(ident, ()))
                 for kind, n in sorted(seen.items()):
                     failures.add_metric(labels + [kind], n)
-        yield from (svc_packets, svc_bytes, be_packets, be_bytes, be_flows, be_up, be_weight, be_drained,
+        yield from (svc_info, be_info, svc_packets, svc_bytes, be_packets, be_bytes, be_flows, be_up, be_weight, be_drained,
                     be_since, transitions, probe_seconds, failures)
         yield from _tls_families(services)
         yield from _node_families(src)

@@ -7,6 +7,16 @@ an address an operator configured by hand. The routes that announce a VIP
 (xdplb/announce.py) carry the same number as their protocol (RTPROT 120):
 BIRD 2 learns them (not its own 12, not the kernel's 2) and xdplb deletes
 only routes with that tag.
+
+Both families go through the same calls; the address says which. An IPv6
+VIP is added as /128 with IFA_F_NODAD, so it answers Neighbour Discovery at
+once instead of after a second of duplicate detection (the backends hold the
+same address on `lo`, where no solicitation ever reaches it), and with a
+preferred lifetime of 0 (deprecated), so the gateway never picks the VIP as
+the source of its own traffic (RFC 6724 rule 3) while another address is on
+the link: a Neighbour Solicitation from the VIP would be answered to the VIP,
+which every backend holds locally, and the gateway would never learn their
+MACs. Incoming traffic to a deprecated address is accepted as usual.
 """
 from __future__ import annotations
 
@@ -30,12 +40,27 @@ XDP_ATTACHED = {0: None, 1: "native", 2: "generic", 3: "offload", 4: "multi",
                 "none": None, "xdp": "native", "xdpdrv": "native", "xdpgeneric": "generic",
                 "xdpoffload": "offload", "xdpmulti": "multi"}
 
+IFA_F_NODAD = 0x02          # include/uapi/linux/if_addr.h
+INFINITY_LIFE_TIME = 0xFFFFFFFF
+
 # Neighbour states whose link-layer address can be used (include/uapi/linux/neighbour.h).
 _NUD_USABLE = 0x02 | 0x04 | 0x08 | 0x10 | 0x40 | 0x80  # REACHABLE STALE DELAY PROBE NOARP PERMANENT
 
 
 class NetlinkProblem(RuntimeError):
     pass
+
+
+def _family(address) -> int:
+    return socket.AF_INET6 if ipaddress.ip_address(address).version == 6 else socket.AF_INET
+
+
+def _host_prefix(address) -> int:
+    return ipaddress.ip_address(address).max_prefixlen
+
+
+def _mac(lladdr: str) -> bytes:
+    return bytes.fromhex(lladdr.replace(":", ""))
 
 
 ETHTOOL_MSG_FEATURES_GET = 11  # include/uapi/linux/ethtool_netlink.h
@@ -119,7 +144,7 @@ class Netlink:
         if not found:
             raise NetlinkProblem(f"interface {name!r} does not exist in this network namespace")
         msg = self._call(self._ipr.get_links, found[0])[0]
-        mac = bytes.fromhex((msg.get_attr("IFLA_ADDRESS") or "00:00:00:00:00:00").replace(":", ""))
+        mac = _mac(msg.get_attr("IFLA_ADDRESS") or "00:00:00:00:00:00")
         info = msg.get_attr("IFLA_LINKINFO")
         kind = info.get_attr("IFLA_INFO_KIND") if info is not None else None
         xdp = msg.get_attr("IFLA_XDP")
@@ -141,28 +166,43 @@ class Netlink:
 
     # ---- VIP addresses ----------------------------------------------------
 
-    def vips(self, index: int) -> set[ipaddress.IPv4Address]:
-        """The /32 addresses on the link that xdplb added (tagged ADDR_PROTO)."""
+    def vips(self, index: int) -> set:
+        """The host addresses on the link that xdplb added (tagged ADDR_PROTO),
+        of both families."""
         out = set()
-        for msg in self._call(self._ipr.get_addr, family=socket.AF_INET, index=index):
+        for msg in self._call(self._ipr.get_addr, index=index):
             if msg.get_attr("IFA_PROTO") == ADDR_PROTO:
-                out.add(ipaddress.IPv4Address(msg.get_attr("IFA_ADDRESS")))
+                out.add(ipaddress.ip_address(msg.get_attr("IFA_ADDRESS")))
         return out
 
     def has_address(self, index: int, address) -> bool:
-        want = str(address)
-        return any(m.get_attr("IFA_ADDRESS") == want for m in self._call(self._ipr.get_addr, family=socket.AF_INET, index=index))
+        want = ipaddress.ip_address(address)
+        return any(ipaddress.ip_address(m.get_attr("IFA_ADDRESS")) == want
+                   for m in self._call(self._ipr.get_addr, family=_family(want), index=index))
 
     def add_vip(self, index: int, address) -> bool:
-        """Add address/32 tagged as ours. False if the address was already there."""
+        """Add address/32 or address/128 tagged as ours. False if the address
+        was already there. IPv6: no DAD, deprecated (see the module docstring)."""
+        address = ipaddress.ip_address(address)
         if self.has_address(index, address):
             return False
-        self._call(self._ipr.addr, "add", index=index, address=str(address), prefixlen=32, IFA_PROTO=ADDR_PROTO)
+        extra = {}
+        if address.version == 6:
+            extra = {"flags": IFA_F_NODAD, "preferred_lft": 0, "valid_lft": INFINITY_LIFE_TIME}
+        try:
+            self._call(self._ipr.addr, "add", index=index, address=str(address),
+                       prefixlen=_host_prefix(address), IFA_PROTO=ADDR_PROTO, **extra)
+        except NetlinkError as exc:
+            if address.version == 6 and exc.code == errno.EACCES:
+                raise NetlinkProblem(f"cannot add VIP {address}: IPv6 is disabled on the interface "
+                                     f"(net.ipv6.conf.<interface>.disable_ipv6=1)") from exc
+            raise
         return True
 
     def del_vip(self, index: int, address) -> None:
         try:
-            self._call(self._ipr.addr, "del", index=index, address=str(address), prefixlen=32)
+            self._call(self._ipr.addr, "del", index=index, address=str(address),
+                       prefixlen=_host_prefix(address))
         except NetlinkError as exc:
             if exc.code != errno.EADDRNOTAVAIL:
                 raise
@@ -193,22 +233,28 @@ class Netlink:
 
     # ---- neighbours -------------------------------------------------------
 
-    def neighbour_macs(self, index: int) -> dict[ipaddress.IPv4Address, bytes]:
-        """Every usable IPv4 neighbour of the link, address -> MAC, from one dump
-        (one call serves all backends, however many there are)."""
+    def neighbour_macs(self, index: int) -> dict:
+        """Every usable neighbour of the link, IPv4 and IPv6, address -> MAC,
+        from one dump per family (one call serves all backends, however many
+        there are)."""
         out = {}
-        for msg in self._call(self._ipr.get_neighbours, family=socket.AF_INET, ifindex=index):
-            lladdr, dst = msg.get_attr("NDA_LLADDR"), msg.get_attr("NDA_DST")
-            if lladdr and dst and msg["state"] & _NUD_USABLE:
-                out[ipaddress.IPv4Address(dst)] = bytes.fromhex(lladdr.replace(":", ""))
+        for family in (socket.AF_INET, socket.AF_INET6):
+            for msg in self._call(self._ipr.get_neighbours, family=family, ifindex=index):
+                lladdr, dst = msg.get_attr("NDA_LLADDR"), msg.get_attr("NDA_DST")
+                if lladdr and dst and msg["state"] & _NUD_USABLE:
+                    address = ipaddress.ip_address(dst)
+                    if not address.is_multicast:  # IPv6 lists its multicast groups (NOARP)
+                        out[address] = _mac(lladdr)
         return out
 
     def neighbour_mac(self, index: int, address) -> bytes | None:
         """The backend's MAC from the neighbour table, or None if unresolved."""
-        for msg in self._call(self._ipr.get_neighbours, family=socket.AF_INET, dst=str(address), ifindex=index):
+        address = ipaddress.ip_address(address)  # the kernel's spelling, to match its dump
+        for msg in self._call(self._ipr.get_neighbours, family=_family(address), dst=str(address),
+                              ifindex=index):
             lladdr = msg.get_attr("NDA_LLADDR")
             if lladdr and msg["state"] & _NUD_USABLE:
-                return bytes.fromhex(lladdr.replace(":", ""))
+                return _mac(lladdr)
         return None
 
     def route_gateways(self, index: int) -> set[ipaddress.IPv4Address]:
@@ -227,9 +273,9 @@ class Netlink:
     @staticmethod
     def solicit(address) -> None:
         """Make the kernel resolve `address`: one empty UDP datagram to the
-        discard port (9). The kernel ARPs for it; the datagram itself is
-        dropped by the backend."""
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        discard port (9). The kernel sends an ARP request or a Neighbour
+        Solicitation for it; the datagram itself is dropped by the backend."""
+        with socket.socket(_family(address), socket.SOCK_DGRAM) as sock:
             try:
                 sock.sendto(b"", (str(address), 9))
             except OSError:

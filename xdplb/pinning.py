@@ -143,6 +143,7 @@ def map_specs(settings: Settings) -> dict[str, MapSpec]:
         "service_ports": MapSpec("array", index, u32, structs.PORT_WORDS),
         "layout": MapSpec("hash", structs.LayoutKey, u64, structs.LAYOUT_ENTRIES),
         **nat_map_specs(settings),
+        **map_specs6(settings),
     }
 
 
@@ -154,6 +155,20 @@ def nat_map_specs(settings: Settings) -> dict[str, MapSpec]:
         "nat_reverse": MapSpec("hash", structs.NatRevKey, structs.NatRevValue, settings.max_backends),
         "nat_ports": MapSpec("array", ctypes.c_int, ctypes.c_uint32, structs.PORT_WORDS),
         "nat_stats": MapSpec("percpu_array", ctypes.c_int, ctypes.c_uint64, len(structs.NAT_STATS)),
+    }
+
+
+def map_specs6(settings: Settings) -> dict[str, MapSpec]:
+    """The IPv6 maps (bpf/lb_maps6.h). Maps pinned by a build without them are
+    still adopted: bcc creates these beside them."""
+    index = ctypes.c_int
+    return {
+        "services6": MapSpec("hash", structs.ServiceKey6, structs.ServiceInfo, settings.max_services),
+        "service_ids6": MapSpec("array", index, structs.ServiceRef6,
+                                settings.max_services * structs.TABLES_PER_SERVICE),
+        "flows6": MapSpec("lru_hash", structs.FlowKey6, structs.FlowValue, settings.flow_table_size),
+        "vips6": MapSpec("hash", structs.LbAddr, ctypes.c_uint32, settings.max_services),
+        "events6": MapSpec("percpu_array", index, ctypes.c_uint64, len(structs.EVENTS6)),
     }
 
 

@@ -31,6 +31,11 @@ are CLOCK_MONOTONIC nanoseconds, the clock of bpf_ktime_get_ns().
 
 Identity: a service is its name plus (VIP, port, protocol); a backend is its
 address within a service. Renaming a backend moves nothing.
+
+IPv6: the same writes; the kernel layer picks the IPv6 maps by the VIP's
+family. An IPv6 service's client prefix goes with its Maglev half (service_ids6
+in bpf/lb_maps6.h), so a change of it is written like a new table: into the
+idle half, then flipped.
 """
 from __future__ import annotations
 
@@ -48,9 +53,9 @@ from .structs import F_SVC_CLIENT_PERSIST, F_SVC_NAT
 @dataclass(frozen=True)
 class BackendState:
     name: str
-    address: ipaddress.IPv4Address
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address
     weight: int
-    mac: bytes | None      # None while the neighbour entry is unresolved
+    mac: bytes | None      # None while the neighbour entry (ARP or NDP) is unresolved
     healthy: bool          # the health verdict (UNKNOWN counts as not healthy)
     port: int = 0          # NAT services: the port the backend listens on; DSR: 0
 
@@ -63,12 +68,13 @@ class BackendState:
 @dataclass(frozen=True)
 class ServiceState:
     name: str
-    vip: ipaddress.IPv4Address
+    vip: ipaddress.IPv4Address | ipaddress.IPv6Address
     port: int
     protocol: str
     persistence: str
     backends: tuple[BackendState, ...]
     forwarding: str = "dsr"    # "dsr" | "nat"
+    client_prefix: int = 128   # IPv6 client persistence: leading bits of the client address hashed
 
     @property
     def key(self) -> tuple:
@@ -115,13 +121,14 @@ class AppliedService:
     half: int                  # live Maglev half, 0 or 1
     eligible: tuple            # ((address, weight, backend id), ...) the live table was built from
     table: tuple[int, ...]
+    client_prefix: int = 128   # IPv6: written with the live half
 
 
 @dataclass(frozen=True)
 class AppliedBackend:
     id: int
     service_id: int
-    address: ipaddress.IPv4Address
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address
     mac: bytes | None
     up: bool
     down_since: int = 0        # monotonic ns when it stopped being up; 0 while up or never up
@@ -166,7 +173,7 @@ class ZeroCounters:
 class PutBackend:
     id: int
     service_id: int
-    address: ipaddress.IPv4Address
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address
     mac: bytes
     up: bool
     down_since: int = 0        # monotonic ns (bpf_ktime_get_ns's clock) when it went down; 0 while up
@@ -187,17 +194,18 @@ class PutTable:
 
 @dataclass(frozen=True)
 class PutService:
-    vip: ipaddress.IPv4Address
+    vip: ipaddress.IPv4Address | ipaddress.IPv6Address
     port: int
     protocol: str
     id: int
     flags: int
     half: int
+    client_prefix: int = 128   # IPv6: written into service_ids6 with this half
 
 
 @dataclass(frozen=True)
 class DelService:
-    vip: ipaddress.IPv4Address
+    vip: ipaddress.IPv4Address | ipaddress.IPv6Address
     port: int
     protocol: str
 
@@ -222,12 +230,12 @@ class DelNatReverse:
 
 @dataclass(frozen=True)
 class PutVip:
-    address: ipaddress.IPv4Address
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 @dataclass(frozen=True)
 class DelVip:
-    address: ipaddress.IPv4Address
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 class PlanError(RuntimeError):
@@ -274,6 +282,11 @@ def _went_down(prev: AppliedBackend | None, up: bool, now_ns: int) -> int:
     if prev is not None and prev.up:
         return now_ns
     return prev.down_since if prev is not None else 0
+
+
+def _address_order(address) -> tuple:
+    """IPv4 before IPv6 (the two do not compare)."""
+    return (address.version, address)
 
 
 def plan(applied: Applied, desired: Desired, now_ns: int = 0) -> Plan:
@@ -339,7 +352,7 @@ def plan(applied: Applied, desired: Desired, now_ns: int = 0) -> Plan:
                 eligible.append((str(be.address), be.weight, bid))
         eligible_sig = tuple(sorted(eligible))
 
-        if old is not None and old.eligible == eligible_sig:
+        if old is not None and old.eligible == eligible_sig and old.client_prefix == svc.client_prefix:
             half, table = old.half, old.table
         else:
             half = 0 if old is None else 1 - old.half
@@ -349,11 +362,12 @@ def plan(applied: Applied, desired: Desired, now_ns: int = 0) -> Plan:
             tables.append(PutTable(sid, half, table))
             rebuilt.append(svc.name)
         if old is None or old.half != half or old.flags != svc.flags:
-            services_ops.append(PutService(svc.vip, svc.port, svc.protocol, sid, svc.flags, half))
-        new_services[svc.name] = AppliedService(sid, svc.key, svc.flags, half, eligible_sig, table)
+            services_ops.append(PutService(svc.vip, svc.port, svc.protocol, sid, svc.flags, half, svc.client_prefix))
+        new_services[svc.name] = AppliedService(sid, svc.key, svc.flags, half, eligible_sig, table,
+                                                svc.client_prefix)
 
     vips = frozenset(s.vip for s in desired.services)
-    vip_ops = [PutVip(v) for v in sorted(vips - applied.vips)]
+    vip_ops = [PutVip(v) for v in sorted(vips - applied.vips, key=_address_order)]
 
     # A key that a desired service (renamed, or swapped with another) has
     # just been written under must not be deleted again.
@@ -378,7 +392,7 @@ def plan(applied: Applied, desired: Desired, now_ns: int = 0) -> Plan:
         if until <= now_ns or desired.down_grace_ns == 0:
             late.append(ClearBackend(down.id))
             del retired[rkey]
-    late += [DelVip(v) for v in sorted(applied.vips - vips)]
+    late += [DelVip(v) for v in sorted(applied.vips - vips, key=_address_order)]
     nat_reverse = _nat_reverse(desired, new_services, retired)
     nat_put, nat_del = _nat_reverse_ops(applied.nat_reverse, nat_reverse)
     early = nat_put + early

@@ -9,6 +9,10 @@ took and, for a failure, a short ``kind`` for metrics.
   https  the same over TLS                    ... and tls
   dicom  A-ASSOCIATE, C-ECHO, A-RELEASE       refused timeout rejected aborted echo_status error
 
+Every check works over IPv4 and IPv6 alike (DICOM through pynetdicom 3,
+the first with IPv6 associations); messages, URLs and Host headers write an
+IPv6 address in brackets.
+
 FAILURE_KINDS lists every kind each check can report; the exporter
 exports each at 0 before the first failure.
 
@@ -43,6 +47,7 @@ from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_RJ
 from pynetdicom.pdu_primitives import A_ABORT, A_P_ABORT
 from pynetdicom.sop_class import Verification
 
+from .addrtext import host_port
 from .config import HealthCheck
 
 # pynetdicom logs every association step at INFO and every failure at ERROR;
@@ -90,7 +95,7 @@ class _Clock:
 async def tcp_probe(address: str, port: int, timeout: float) -> ProbeResult:
     """Healthy when a TCP connection to address:port completes in time."""
     clock = _Clock(timeout)
-    target = f"{address}:{port}"
+    target = host_port(address, port)
     try:
         _reader, writer = await asyncio.wait_for(asyncio.open_connection(address, port), timeout)
     except asyncio.TimeoutError:
@@ -128,13 +133,14 @@ def _host_header(h: HealthCheck, address: str) -> str:
     if h.host:
         return h.host
     default_port = 443 if h.check == "https" else 80
-    return address if h.port == default_port else f"{address}:{h.port}"
+    host = host_port(address)
+    return host if h.port == default_port else host_port(address, h.port)
 
 
 async def http_probe(h: HealthCheck, address: str) -> ProbeResult:
     """GET h.path over HTTP or HTTPS (h.check); healthy when the status is h.expect."""
     clock = _Clock(h.timeout)
-    url = f"{h.check}://{address}:{h.port}{h.path}"
+    url = f"{h.check}://{host_port(address, h.port)}{h.path}"
     stage = "connection"
     writer = None
     try:
@@ -209,17 +215,18 @@ async def dicom_probe(h: HealthCheck, address: str) -> ProbeResult:
             _in_own_thread(_dicom_echo, h, address, clock, progress, finally_=slots.release), h.timeout)
     except TimeoutError:
         return clock.result(
-            False, f"C-ECHO to {h.called_ae}@{address}:{h.port}: no {progress['stage']} "
+            False, f"C-ECHO to {h.called_ae}@{host_port(address, h.port)}: no {progress['stage']} "
                    f"within {h.timeout:g}s", "timeout")
     except Exception as exc:  # pynetdicom raises plain exceptions for its own troubles
-        return clock.result(False, f"C-ECHO to {h.called_ae}@{address}:{h.port} failed: {exc}", "error")
+        return clock.result(False, f"C-ECHO to {h.called_ae}@{host_port(address, h.port)} failed: {exc}",
+                            "error")
 
 
 _ABORT_SOURCES = {0: "the peer application", 1: "reserved", 2: "the peer's DICOM service provider"}
 
 
 def _dicom_echo(h: HealthCheck, address: str, clock: _Clock, progress: dict) -> ProbeResult:
-    target = f"C-ECHO to {h.called_ae}@{address}:{h.port}"
+    target = f"C-ECHO to {h.called_ae}@{host_port(address, h.port)}"
     seen: dict = {"opened": False, "abort": None, "reject": None}
 
     def opened(event) -> None:

@@ -16,6 +16,7 @@ import time
 from typing import Callable
 
 from . import probes
+from .addrtext import host_port
 from .health_fsm import Health, State, is_changing, step
 
 log = logging.getLogger("xdplb")
@@ -34,7 +35,7 @@ class ProbeScheduler:
     @staticmethod
     def _task_name(group: tuple) -> tuple:
         address, hc = group
-        return ("probe", f"{hc.check}://{address}:{hc.port}", hc)
+        return ("probe", f"{hc.check}://{host_port(address, hc.port)}", hc)
 
     def sync(self, pool) -> None:
         """Probe exactly the pool's backends: start new groups, stop removed ones."""

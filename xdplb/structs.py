@@ -16,6 +16,8 @@ import socket
 # struct service_info.flags and struct service_ref.state (bits 0-6)
 F_SVC_CLIENT_PERSIST = 1 << 0
 F_SVC_NAT = 1 << 1          # forwarding "nat" (bpf/nat.h)
+# struct service_ref.state, bit 2: an IPv6 service (bpf/lb_structs6.h)
+F_SVC_IPV6 = 1 << 2
 # struct service_ref.state, bit 7: the live Maglev half
 SVC_STATE_HALF = 1 << 7
 # struct lb_config.flags
@@ -40,6 +42,8 @@ EVENTS = ("ip_options", "vlan", "flow_hit", "flow_new", "flow_reselect", "icmp_t
 # Indices of the nat_stats counters (NAT_STAT_*).
 NAT_STATS = ("request", "reply_tx", "reply_redirect", "no_route", "no_neigh", "icmp", "untranslatable",
              "no_target", "stack")
+# Indices of the events6 counters (EVENT6_* in lb_structs6.h); exported with the events.
+EVENTS6 = ("ipv6_ext_headers", "ipv6_ext_limit", "ipv6_routing")
 # XDP actions, by value.
 ACTIONS = ("aborted", "drop", "pass", "tx", "redirect")
 XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX, XDP_REDIRECT = range(5)
@@ -48,7 +52,8 @@ IPPROTO = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}
 
 
 class LbAddr(ctypes.Structure):
-    """struct lb_addr: 16 bytes, network order; IPv4 in bytes 0-3, the rest zero."""
+    """struct lb_addr: 16 bytes, network order; IPv4 in bytes 0-3, the rest zero, or IPv6.
+    Which of the two is known from the map (vips or vips6) or the service's family."""
 
     _fields_ = [("raw", ctypes.c_uint8 * 16)]  # C: union { __be32 v4; __be32 v6[4]; }
     C_NAMES = {"raw": "v6"}
@@ -58,7 +63,9 @@ class LbAddr(ctypes.Structure):
         packed = ipaddress.ip_address(address).packed
         return cls((ctypes.c_uint8 * 16)(*packed.ljust(16, b"\0")))
 
-    def ip(self) -> ipaddress.IPv4Address:
+    def ip(self, version: int = 4) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+        if version == 6:
+            return ipaddress.IPv6Address(bytes(self.raw))
         return ipaddress.IPv4Address(bytes(self.raw[:4]))
 
 
@@ -270,6 +277,62 @@ class NatRevValue(ctypes.Structure):
                    socket.htons(bport))
 
 
+# ---- IPv6 (bpf/lb_structs6.h): their own maps, so the IPv4 keys keep their sizes ----
+
+
+class ServiceKey6(ctypes.Structure):
+    """struct service_key6: the services6 map key."""
+
+    _fields_ = [
+        ("vip", ctypes.c_uint8 * 16),  # network order (C: __be32[4])
+        ("port", ctypes.c_uint16),     # network order (store with socket.htons)
+        ("proto", ctypes.c_uint8),     # IPPROTO_TCP / IPPROTO_UDP
+        ("pad", ctypes.c_uint8),       # zero
+    ]
+
+    @classmethod
+    def of(cls, vip, port: int, protocol: str) -> "ServiceKey6":
+        return cls((ctypes.c_uint8 * 16)(*ipaddress.IPv6Address(vip).packed), socket.htons(port),
+                   IPPROTO[protocol], 0)
+
+    def ip(self) -> ipaddress.IPv6Address:
+        return ipaddress.IPv6Address(bytes(self.vip))
+
+
+class ServiceRef6(ctypes.Structure):
+    """struct service_ref6: service_ids6[id * 2 + half], written with that half's Maglev table."""
+
+    _fields_ = [
+        ("vip", ctypes.c_uint8 * 16),     # network order (C: __be32[4])
+        ("client_prefix", ctypes.c_uint8),  # 1..128: client address bits hashed under client persistence
+        ("pad", ctypes.c_uint8 * 3),      # zero
+    ]
+
+    @classmethod
+    def of(cls, vip, client_prefix: int) -> "ServiceRef6":
+        return cls((ctypes.c_uint8 * 16)(*ipaddress.IPv6Address(vip).packed), client_prefix)
+
+
+class FlowKey6(ctypes.Structure):
+    _fields_ = [
+        ("src", ctypes.c_uint8 * 16),  # network order (C: __be32[4])
+        ("dst", ctypes.c_uint8 * 16),  # network order (C: __be32[4])
+        ("sport", ctypes.c_uint16),    # network order
+        ("dport", ctypes.c_uint16),    # network order
+        ("proto", ctypes.c_uint8),     # IPPROTO_*
+        ("pad", ctypes.c_uint8 * 3),   # zero
+    ]
+
+
+def service_ref(vip, port: int, protocol: str, flags: int, half: int) -> "ServiceRef":
+    """The service_ids entry of a service of either family (an IPv6 one has
+    vip 0 and F_SVC_IPV6; its address is in service_ids6)."""
+    if ipaddress.ip_address(vip).version == 6:
+        return ServiceRef((ctypes.c_uint8 * 4)(), socket.htons(port), IPPROTO[protocol],
+                          flags | F_SVC_IPV6 | (SVC_STATE_HALF if half else 0))
+    return ServiceRef.of(ServiceKey.of(vip, port, protocol), flags, half)
+
+
 # Every shared struct, by its C name: the layout test walks this.
 SHARED_STRUCTS = {
     "lb_addr": LbAddr,
@@ -286,4 +349,7 @@ SHARED_STRUCTS = {
     "nat_backend": NatBackend,
     "nat_rev_key": NatRevKey,
     "nat_rev_value": NatRevValue,
+    "service_key6": ServiceKey6,
+    "service_ref6": ServiceRef6,
+    "flow_key6": FlowKey6,
 }

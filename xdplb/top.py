@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import time
 
+from .addrtext import host_port
+
 CLEAR_SCREEN = "\x1b[H\x1b[2J"
 
 
@@ -92,13 +94,14 @@ def render(v: dict) -> str:
     lines = [f"xdplb {v['version']} on {v['interface']} ({v['mode']} mode), rates over {v['interval']:.1f}s"]
     for svc in v["services"]:
         lines.append("")
-        lines.append(f"{svc['name']} {svc['vip']}:{svc['port']}/{svc['protocol']}  "
+        lines.append(f"{svc['name']} {host_port(svc['vip'], svc['port'])}/{svc['protocol']}  "
                      f"{human(svc['pps'])} pps  {human(svc['bps'], 'b/s')}  {human(svc['flows_per_s'])} flows/s")
-        lines.append(f"  {'backend':<14} {'address':<15} {'health':<8} {'wt':>4} {'pps':>8} {'bps':>10} "
+        width = max([15, *(len(be["address"]) for be in svc["backends"])])  # an IPv6 address is up to 39
+        lines.append(f"  {'backend':<14} {'address':<{width}} {'health':<8} {'wt':>4} {'pps':>8} {'bps':>10} "
                      f"{'flows/s':>8} {'probe':>12}")
         for be in svc["backends"]:
             health = be["health"] + (" D" if be["drained"] else "")
-            lines.append(f"  {be['name']:<14} {be['address']:<15} {health:<8} {be['weight']:>4} {human(be['pps']):>8} "
+            lines.append(f"  {be['name']:<14} {be['address']:<{width}} {health:<8} {be['weight']:>4} {human(be['pps']):>8} "
                          f"{human(be['bps'], 'b/s'):>10} {human(be['flows_per_s']):>8} {_probe(be):>12}")
     lines.append("")
     lines.append("xdp actions/s: " + ", ".join(f"{k} {human(r)}" for k, r in v["actions_per_s"].items()))

@@ -85,9 +85,11 @@ def test_failover_after_backend_server_killed(lab, balancer):
 
 
 def _carrier(lab, port=9000) -> str:
-    """Which backend holds the established connection to the sink."""
+    """Which backend holds the client's established connection to the sink
+    (not a health probe's from the lb, which the sink port also sees)."""
     for name in lab.backend_names():
-        out = lab.run(name, "ss", "-Htn", "state", "established", f"( sport = :{port} )").stdout
+        match = f"( sport = :{port} and dst {lab.host_ip('client')} )"
+        out = lab.run(name, "ss", "-Htn", "state", "established", match).stdout
         if out.strip():
             return name
     raise AssertionError("no backend holds the upload")

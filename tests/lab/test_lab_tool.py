@@ -297,3 +297,23 @@ def test_cli_up_status_down_round_trip(spare_prefix):
     cli("down", "--prefix", spare_prefix)
     st = json.loads(cli("status", "--prefix", spare_prefix, "--json").stdout)
     assert not st["up"] and not st["servers"]["be1"]["alive"]
+
+
+def test_dual_stack_lab_gives_every_host_ipv6_and_the_backends_both_vips(spare_prefix):
+    """`up --vip6`: IPv6 on every host (its IPv4 octet as the last group),
+    both VIPs on each backend's lo, the stand-in servers on both families,
+    and a state file that brings the IPv6 VIP back."""
+    cli("up", "--prefix", spare_prefix, "--backends", "2", "--vip6", "FD00:10:10:0::0100")
+    lab = labtool.Lab.load(spare_prefix)
+    assert lab.vip6 == "fd00:10:10::100" and lab.backend_ip6("be2") == "fd00:10:10::12"
+    for host in lab.hosts():
+        addrs = json.loads(lab.run(host, "ip", "-j", "-6", "addr", "show", "dev", "eth0").stdout)[0]["addr_info"]
+        assert lab.host_ip6(host) in [a["local"] for a in addrs], (host, addrs)
+    for name in lab.backend_names():
+        lo = lab.run(name, "ip", "addr", "show", "dev", "lo").stdout
+        assert f"inet {lab.vip}/32" in lo and f"inet6 {lab.vip6}/128" in lo, lo
+        assert lab.run(name, "sysctl", "-n", "net.ipv6.conf.all.proxy_ndp").stdout.strip() == "0"
+        six = lab.backend_ip6(name)
+        assert py(lab, "client", HTTP_GET, f"http://[{six}]/") == f"200 {name} 4 {name}"
+        assert py(lab, "client", HTTP_GET, f"http://{lab.backend_ip(name)}/") == f"200 {name} 4 {name}"
+        assert py(lab, name, HTTP_GET, f"http://[{lab.vip6}]/") == f"200 {name} 4 {name}"

@@ -55,7 +55,19 @@ class RoutedClient:
     """The far client and its two routers, added to a running lab; see the
     module docstring for the topology. Namespaces ``<prefix>-far``,
     ``<prefix>-r1``, ``<prefix>-r2``; ``remove()`` deletes them and the
-    routes it added to the lab's hosts."""
+    routes it added to the lab's hosts. The class attributes are the
+    address plan (test_pmtud6.py's subclass has the IPv6 one)."""
+
+    FAR, R1_FAR, R1_LINK, R2_LINK, R2_LAB = FAR, R1_FAR, R1_LINK, R2_LINK, R2_LAB
+    FAR_NET, LAB_NET, PREFIX_BITS = FAR_NET, "10.10.0.0/24", 24
+    FORWARDING = "net.ipv4.ip_forward=1"
+
+    def vip(self) -> str:
+        return self.lab.vip
+
+    def _new_namespace(self, ns: str) -> None:
+        subprocess.run(["ip", "netns", "add", ns], check=True)
+        self._ip(ns, "link", "set", "lo", "up")
 
     def __init__(self, lab, link_mtu: int = SMALL_MTU):
         self.lab, self.link_mtu = lab, link_mtu
@@ -90,28 +102,28 @@ class RoutedClient:
     def build(self) -> "RoutedClient":
         self.remove()  # leftovers of a crashed run under the same prefix
         for ns in self.names.values():
-            subprocess.run(["ip", "netns", "add", ns], check=True)
-            self._ip(ns, "link", "set", "lo", "up")
+            self._new_namespace(ns)
         far, r1, r2, sw = self.ns("far"), self.ns("r1"), self.ns("r2"), self.lab.ns("sw")
         self._veth(far, "eth0", r1, "eth0")
         self._veth(r1, "eth1", r2, "eth1", mtu=self.link_mtu)
         self._veth(sw, self.ns("r2"), r2, "eth0")
-        self._up(far, "eth0", f"{FAR}/24")
-        self._up(r1, "eth0", f"{R1_FAR}/24")
-        self._up(r1, "eth1", f"{R1_LINK}/24")
-        self._up(r2, "eth1", f"{R2_LINK}/24")
-        self._up(r2, "eth0", f"{R2_LAB}/24")
+        bits = self.PREFIX_BITS
+        self._up(far, "eth0", f"{self.FAR}/{bits}")
+        self._up(r1, "eth0", f"{self.R1_FAR}/{bits}")
+        self._up(r1, "eth1", f"{self.R1_LINK}/{bits}")
+        self._up(r2, "eth1", f"{self.R2_LINK}/{bits}")
+        self._up(r2, "eth0", f"{self.R2_LAB}/{bits}")
         self._ip(sw, "link", "set", self.ns("r2"), "master", "br0")
         self._ip(sw, "link", "set", self.ns("r2"), "up")
         for router in ("r1", "r2"):
-            self.run(router, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
-        self._ip(far, "route", "add", "default", "via", R1_FAR)
-        self._ip(r1, "route", "add", "10.10.0.0/24", "via", R2_LINK)
-        self._ip(r2, "route", "add", FAR_NET, "via", R1_LINK)
+            self.run(router, "sysctl", "-q", "-w", self.FORWARDING)
+        self._ip(far, "route", "add", "default", "via", self.R1_FAR)
+        self._ip(r1, "route", "add", self.LAB_NET, "via", self.R2_LINK)
+        self._ip(r2, "route", "add", self.FAR_NET, "via", self.R1_LINK)
         # DSR replies from the backends, and the lb's own answers (pings),
         # go back to the far client through r2.
         for host in ["lb", *self.lab.backend_names()]:
-            self.lab.run(host, "ip", "route", "add", FAR_NET, "via", R2_LAB)
+            self.lab.run(host, "ip", "route", "add", self.FAR_NET, "via", self.R2_LAB)
             self._routed_hosts.append(host)
         for backend in self.lab.backend_names():
             # No RFC 4821 probing: it would hide the black hole (module docstring).
@@ -121,7 +133,7 @@ class RoutedClient:
 
     def remove(self) -> None:
         for host in self._routed_hosts:
-            self.lab.run(host, "ip", "route", "del", FAR_NET, check=False)
+            self.lab.run(host, "ip", "route", "del", self.FAR_NET, check=False)
         self._routed_hosts.clear()
         present = labtool.list_namespaces()
         for ns in self.names.values():
@@ -133,19 +145,20 @@ class RoutedClient:
     def forget_path_mtus(self) -> None:
         """Drop what the backends learnt about the path, so each download starts from 1500."""
         for backend in self.lab.backend_names():
-            self.lab.run(backend, "ip", "route", "flush", "cache")
+            self.lab.run(backend, "ip", "-4" if ":" not in self.FAR else "-6", "route", "flush", "cache")
             assert "mtu" not in self.path_to_far(backend), f"{backend} still holds a path MTU"
 
     def path_to_far(self, backend: str) -> str:
         """What the backend's routing says about replies from the VIP to the far client."""
-        return self.lab.run(backend, "ip", "route", "get", FAR, "from", self.lab.vip).stdout
+        return self.lab.run(backend, "ip", "route", "get", self.FAR, "from", self.vip()).stdout
 
 
     def download(self, size: int, deadline: float) -> tuple[int, float, str]:
         """curl http://VIP/bytes?n=size from the far client: (bytes received, seconds, curl's exit)."""
-        url = f"http://{self.lab.vip}:{WEB_PORT}/bytes?n={size}"
+        vip = self.vip()
+        url = f"http://{f'[{vip}]' if ':' in vip else vip}:{WEB_PORT}/bytes?n={size}"
         started = time.monotonic()
-        proc = self.run("far", "curl", "-s", "-o", "/dev/null", "--max-time", deadline,
+        proc = self.run("far", "curl", "-g", "-s", "-o", "/dev/null", "--max-time", deadline,
                         "-w", "%{size_download}", url, check=False, timeout=deadline + 10)
         elapsed = time.monotonic() - started
         received = int(proc.stdout.strip() or 0)

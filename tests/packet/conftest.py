@@ -83,6 +83,7 @@ class Harness:
         self.dp.apply(result.ops)
         self.applied = plan.Applied()
         self.dp.map("flows").clear()
+        self.dp.map("flows6").clear()
 
     def run(self, packet) -> Verdict:
         result = bpfsys.prog_test_run(self.dp.prog_fd, bytes(packet))
@@ -97,9 +98,9 @@ class Harness:
     def predict(self, service_name, src, sport, dport, proto="tcp") -> str:
         """Address of the backend the live Maglev table gives this flow."""
         svc = self.applied.services[service_name]
-        persistence = next(s.persistence for s in self.desired.services if s.name == service_name)
-        slot = flowhash.slot_for(self.settings.hash_seed, self.settings.maglev_size, persistence,
-                                 src, VIP, sport, dport, structs.IPPROTO[proto])
+        want = next(s for s in self.desired.services if s.name == service_name)
+        slot = flowhash.slot_for(self.settings.hash_seed, self.settings.maglev_size, want.persistence,
+                                 src, want.vip, sport, dport, structs.IPPROTO[proto], want.client_prefix)
         bid = svc.table[slot]
         for (name, address), be in self.applied.backends.items():
             if name == service_name and be.id == bid:

@@ -40,6 +40,16 @@ namespace decides, the oracle cannot), or sent (XDP_TX or XDP_REDIRECT)
 with exactly its source address and port changed to the service's VIP and
 port and the checksums kept by the same invariant; the MACs are the route's.
 
+IPv6 (issue 15), judged by the same rules where they apply, and these:
+  - a chain of more than IPV6_EXT_MAX (4) hop-by-hop, destination options
+    and routing headers, a routing header with Segments Left > 0, and a
+    hop-by-hop header anywhere but first pass to the stack: never DROP or TX;
+  - a fragment (a fragment header) to a VIP is dropped unless the fragment
+    header says ICMPv6 follows: that one passes (never DROP or TX);
+  - ICMPv6 to a VIP passes, except a Packet Too Big (type 2) quoting a
+    TCP/UDP packet from a configured (VIP, port, protocol), which may go to
+    a backend of that service by the rules of point 4.
+
 "Well-formed IPv4" means the header itself: version 4, IHL >= 5, the whole
 IHL present in the frame and tot_len >= IHL * 4, after at most two 802.1Q or
 802.1ad tags. Checksums are not part of it (the specification never asks the
@@ -58,6 +68,10 @@ ABORTED, DROP, PASS, TX, REDIRECT = range(5)
 ACTION_NAMES = {ABORTED: "XDP_ABORTED", DROP: "XDP_DROP", PASS: "XDP_PASS", TX: "XDP_TX", REDIRECT: "XDP_REDIRECT"}
 
 ETH_P_IP = 0x0800
+ETH_P_IPV6 = 0x86DD
+ICMPV6 = 58
+IPV6_EXT = (0, 43, 60)  # hop-by-hop, routing, destination options (walked); 44 fragment ends the walk
+IPV6_EXT_MAX = 4        # the documented limit (bpf/parse_ipv6.h)
 VLAN_TYPES = (0x8100, 0x88A8)
 MAX_TAGS = 2            # may be balanced under up to two tags; must be (point 7, ICMP) under at most one,
                         # as the README documents
@@ -75,10 +89,12 @@ class Ip:
     saddr: bytes
     daddr: bytes
     fragment: bool
+    family: int = 4
+    chain: str = ""     # IPv6: "" (walked), "limit", "routing" or "malformed": only XDP_PASS is allowed
 
 
-def ipv4(raw: bytes) -> Ip | None:
-    """The frame's IPv4 header if it is well-formed (see the module doc)."""
+def _l3(raw: bytes) -> tuple[int, int, int] | None:
+    """(tags, ethertype, offset of the L3 header) after at most MAX_TAGS tags."""
     n = len(raw)
     off = 12
     for tags in range(MAX_TAGS + 1):
@@ -88,12 +104,17 @@ def ipv4(raw: bytes) -> Ip | None:
         if ethertype in VLAN_TYPES:
             off += 4
             continue
-        break
-    else:
+        return tags, ethertype, off + 2
+    return None
+
+
+def ipv4(raw: bytes) -> Ip | None:
+    """The frame's IPv4 header if it is well-formed (see the module doc)."""
+    n = len(raw)
+    found = _l3(raw)
+    if found is None or found[1] != ETH_P_IP:
         return None
-    if ethertype != ETH_P_IP:
-        return None
-    l3 = off + 2
+    tags, _, l3 = found
     if l3 + 20 > n:
         return None
     vihl = raw[l3]
@@ -140,6 +161,47 @@ class Model:
         for key, mac in self.placed.items():
             if mac in down and key not in self.held:
                 self.held[key] = Held(mac, "grace", until, loose=True)
+
+
+def ipv6_chain(raw: bytes, off: int, nexthdr: int) -> tuple[str, int, int, bool]:
+    """Walk an IPv6 extension-header chain from `off`: (verdict, upper-layer
+    protocol, its offset, fragment) with verdict "", "limit", "routing" or
+    "malformed"; after a fragment header the walk stops."""
+    n = len(raw)
+    for count in range(IPV6_EXT_MAX + 1):
+        if nexthdr not in IPV6_EXT + (44,):
+            return "", nexthdr, off, False
+        if count == IPV6_EXT_MAX:
+            return "limit", nexthdr, off, False
+        if nexthdr == 44:
+            if off + 8 > n:
+                return "malformed", nexthdr, off, False
+            return "", raw[off], off + 8, True
+        if off + 4 > n or (nexthdr == 0 and count > 0):
+            return "malformed", nexthdr, off, False
+        if nexthdr == 43 and raw[off + 3]:
+            return "routing", nexthdr, off, False
+        length = (raw[off + 1] + 1) * 8
+        if off + length > n:
+            return "malformed", nexthdr, off, False
+        nexthdr, off = raw[off], off + length
+    raise AssertionError("unreachable")
+
+
+def ipv6(raw: bytes) -> Ip | None:
+    """The frame's IPv6 header if its fixed 40 bytes are valid, with its chain judged."""
+    found = _l3(raw)
+    if found is None or found[1] != ETH_P_IPV6:
+        return None
+    tags, _, l3 = found
+    if l3 + 40 > len(raw) or raw[l3] >> 4 != 6:
+        return None
+    chain, proto, l4, fragment = ipv6_chain(raw, l3 + 40, raw[l3 + 6])
+    return Ip(tags, l3, l4, proto, raw[l3 + 8:l3 + 24], raw[l3 + 24:l3 + 40], fragment, 6, chain)
+
+
+def any_ip(raw: bytes) -> Ip | None:
+    return ipv4(raw) or ipv6(raw)
 
 
 def flow_key(client: bytes, vip: bytes, cport: int, vport: int, proto: int) -> bytes:
@@ -202,23 +264,34 @@ class Oracle:
             if out != raw:
                 return "XDP_PASS changed the frame"
             if raw[0:6] in m.gateway_macs:
-                ip = ipv4(raw)
-                if ip is not None and ip.tags <= 1 and ip.fragment and ip.proto in (TCP, UDP) and ip.daddr in m.vips:
+                ip = any_ip(raw)
+                if (ip is not None and ip.family == 4 and ip.tags <= 1 and ip.fragment and ip.proto in (TCP, UDP)
+                        and ip.daddr in m.vips):
                     return "XDP_PASS of a TCP/UDP fragment to a VIP (point 7: they stay dropped)"
+                if (ip is not None and ip.family == 6 and ip.tags <= 1 and ip.fragment and not ip.chain
+                        and ip.proto != ICMPV6 and ip.daddr in m.vips):
+                    return "XDP_PASS of an IPv6 fragment to a VIP that is not ICMPv6 (issue 15: dropped)"
             self.seen["pass"] += 1
+            ip = ipv6(raw)
+            if ip is not None and raw[0:6] in m.gateway_macs and ip.daddr in m.vips:
+                self.seen[f"pass ipv6 {ip.chain}" if ip.chain else "pass ipv6"] += 1
             return None
 
         if raw[0:6] not in m.gateway_macs:
             return f"{ACTION_NAMES[action]} of a frame not addressed to the gateway (point 5: it must pass untouched)"
-        ip = ipv4(raw)
-        target = self._nat_reply_target(raw, ip)
+        ip = any_ip(raw)
+        target = self._nat_reply_target(raw, ip) if ip is not None and ip.family == 4 else None
         if target is not None:
             return self._nat_reply(raw, out, ip, action, target)
         if action == REDIRECT:
             return "XDP_REDIRECT of a frame that is not a NAT reply"
         if ip is None or ip.daddr not in m.vips:
-            return f"{ACTION_NAMES[action]} of a frame that is not well-formed IPv4 to a VIP"
-        if ip.fragment:
+            return f"{ACTION_NAMES[action]} of a frame that is not well-formed IPv4 or IPv6 to a VIP"
+        if ip.family == 6:
+            problem = self._ipv6_not_tx(ip, action, raw)
+            if problem is not None or action == DROP:
+                return problem
+        elif ip.fragment:
             if action == TX:
                 return "XDP_TX of an IPv4 fragment"
             if ip.proto not in (TCP, UDP) and ip.tags <= 1:
@@ -247,10 +320,53 @@ class Oracle:
         if len(out) != len(raw) or out[12:] != raw[12:]:
             return "XDP_TX changed more than the MAC addresses"
         if ip.proto in (TCP, UDP):
-            return self._tx_l4(raw, ip, dst)
-        if ip.proto == ICMP:
+            problem = self._tx_l4(raw, ip, dst)
+            if problem is None and ip.family == 6:
+                self.seen["tx ipv6"] += 1
+            return problem
+        if ip.proto == ICMP and ip.family == 4:
             return self._tx_icmp(raw, ip, dst)
+        if ip.proto == ICMPV6 and ip.family == 6:
+            return self._tx_icmp6(raw, ip, dst)
         return f"XDP_TX of IP protocol {ip.proto}"
+
+    def _ipv6_not_tx(self, ip: Ip, action: int, raw: bytes) -> str | None:
+        """The IPv6 rules for a DROP or TX to a VIP, short of where a TX goes."""
+        if ip.chain:
+            return f"{ACTION_NAMES[action]} of IPv6 whose chain is {ip.chain} (it goes to the stack)"
+        if ip.fragment:
+            if action == TX:
+                return "XDP_TX of an IPv6 fragment"
+            if ip.proto == ICMPV6 and ip.tags <= 1:
+                return "XDP_DROP of an ICMPv6 fragment to a VIP (issue 15: it goes to the stack)"
+            self.seen["drop fragment6"] += 1
+            return None
+        if action == DROP:
+            if ip.proto == ICMPV6 and ip.tags <= 1 and not self._too_big6(raw, ip):
+                return "XDP_DROP of ICMPv6 to a VIP that is not Packet Too Big (it goes to the stack)"
+            self.seen["drop6"] += 1
+        return None
+
+    def _too_big6(self, raw: bytes, ip: Ip) -> bool:
+        return ip.l4 + 1 <= len(raw) and raw[ip.l4] == 2
+
+    def _tx_icmp6(self, raw: bytes, ip: Ip, dst: bytes) -> str | None:
+        """ICMPv6 Packet Too Big: the quoted packet went from a VIP's service to a client."""
+        if not self._too_big6(raw, ip):
+            return "XDP_TX of ICMPv6 other than Packet Too Big"
+        inner = ip.l4 + 8
+        if inner + 40 > len(raw) or raw[inner] >> 4 != 6:
+            return "XDP_TX of a Packet Too Big quoting no whole IPv6 header"
+        chain, proto, l4, fragment = ipv6_chain(raw, inner + 40, raw[inner + 6])
+        if chain or proto not in (TCP, UDP) or l4 + 4 > len(raw):
+            return "XDP_TX of a Packet Too Big quoting no TCP/UDP ports after a chain the path takes"
+        vip, client = raw[inner + 8:inner + 24], raw[inner + 24:inner + 40]
+        vport = (raw[l4] << 8) | raw[l4 + 1]
+        cport = (raw[l4 + 2] << 8) | raw[l4 + 3]
+        live = self.model.services.get((vip, vport, proto))
+        if live is None:
+            return "XDP_TX of a Packet Too Big quoting no configured service"
+        return self._follow(self.model.held.get(flow_key(client, vip, cport, vport, proto)), live, dst, " of ICMPv6")
 
     def _tx_l4(self, raw: bytes, ip: Ip, dst: bytes) -> str | None:
         m = self.model

@@ -12,6 +12,13 @@ are exactly the ones this test saw placed there. Half-way through the run a
 down backend comes back and another goes down, taking with it (loosely: the
 flood guard may have placed them without an entry) the flows seen sent to it.
 
+IPv6 (issue 15) runs beside it: three services on an IPv6 VIP (flow and
+client persistence, UDP), one backend going down with flows on it; seeds
+with extension-header chains of every kind (within and over the limit,
+routing with segments left), fragments, Packet Too Big quoting flows, echo
+and Neighbour Solicitation; mutations of the Next Header, the chain's bytes
+and the IPv6 destination.
+
 Frames start from valid seeds (TCP/UDP to VIPs and other addresses, VLAN
 tags, IPv4 options, fragments, ICMP "fragmentation needed" quoting flows,
 pings, ARP, IPv6, broadcast, multicast and foreign destination MACs) and are
@@ -33,7 +40,8 @@ from dataclasses import dataclass
 
 import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP
-from scapy.layers.inet6 import IPv6, ICMPv6PacketTooBig
+from scapy.layers.inet6 import (ICMPv6EchoRequest, ICMPv6ND_NS, ICMPv6PacketTooBig, IPv6, IPv6ExtHdrDestOpt,
+                                IPv6ExtHdrFragment, IPv6ExtHdrHopByHop, IPv6ExtHdrRouting)
 from scapy.layers.l2 import ARP, Dot1AD, Dot1Q, Ether
 from scapy.packet import Raw
 
@@ -52,6 +60,10 @@ GATEWAY_IP = "10.10.0.10"
 CLIENTS = ("10.10.0.2", "198.51.100.7")
 CLIENT_MAC = "02:00:0a:0a:00:02"
 ROUTER = "192.0.2.1"       # sends "fragmentation needed" towards a VIP
+VIP6 = "2001:db8::100"
+GATEWAY6 = "2001:db8::10"
+CLIENTS6 = ("2001:db8:c::2", "2001:db8:d::7")
+ROUTER6 = "2001:db8:ff::1"
 
 
 def _mac(raw: bytes) -> str:
@@ -79,9 +91,9 @@ def _be(octet, weight=1, healthy=True, mac=True, port=0):
                              mac_of(octet) if mac else None, healthy, port)
 
 
-def _svc(name, vip, port, protocol, persistence, backends, forwarding="dsr"):
-    return plan.ServiceState(name, ipaddress.IPv4Address(vip), port, protocol, persistence, tuple(backends),
-                             forwarding)
+def _svc(name, vip, port, protocol, persistence, backends, forwarding="dsr", client_prefix=128):
+    return plan.ServiceState(name, ipaddress.ip_address(vip), port, protocol, persistence, tuple(backends),
+                             forwarding, client_prefix)
 
 
 # NAT services (issue 13): PACS on 4242 behind VIP1:106, a UDP one on 6001 behind VIP1:5001.
@@ -96,6 +108,19 @@ def nat_services(down=()):
     )
 
 
+def _be6(n, weight=1, healthy=True):
+    return plan.BackendState(f"be6-{n}", ipaddress.IPv6Address(f"2001:db8::{n}"), weight, mac_of(100 + n), healthy)
+
+
+def services6(down: bool):
+    """The IPv6 services: 63 goes down with the IPv4 change."""
+    return (
+        _svc("dicom6", VIP6, 104, "tcp", "flow", [_be6(61), _be6(62), _be6(63, healthy=not down)]),
+        _svc("web6", VIP6, 80, "tcp", "client", [_be6(71), _be6(72)], client_prefix=64),
+        _svc("udp6", VIP6, 5000, "udp", "flow", [_be6(81), _be6(82)]),
+    )
+
+
 def before_services():
     """Every backend that will later be drained, down or removed is up here."""
     return (
@@ -104,7 +129,7 @@ def before_services():
         _svc("udp-echo", VIP1, 5000, "udp", "flow", [_be(31), _be(32), _be(33)]),
         _svc("dicom-tls", VIP2, 11112, "tcp", "flow", [_be(41), _be(42, healthy=False)]),
         _svc("syslog", VIP2, 104, "udp", "flow", [_be(51)]),
-    ) + nat_services()
+    ) + nat_services() + services6(down=False)
 
 
 def after_services():
@@ -116,7 +141,7 @@ def after_services():
         _svc("udp-echo", VIP1, 5000, "udp", "flow", [_be(31), _be(32), _be(33, healthy=False)]),
         _svc("dicom-tls", VIP2, 11112, "tcp", "flow", [_be(41, healthy=False), _be(42, healthy=False)]),
         _svc("syslog", VIP2, 104, "udp", "flow", [_be(51)]),
-    ) + nat_services(down=(62,))
+    ) + nat_services(down=(62,)) + services6(down=True)
 
 
 def midway_services():
@@ -163,7 +188,7 @@ class Seed:
 
 def seed(name, frame) -> Seed:
     raw = bytes(frame)
-    ip = O.ipv4(raw)
+    ip = O.any_ip(raw)
     l3, l4 = (ip.l3, ip.l4) if ip else (14, 34)
     return Seed(name, raw, l3, l4, l4 + 8)
 
@@ -186,8 +211,20 @@ def udp_to(dst, dport, sport=40000, src=CLIENTS[0], payload=b"ping", mac=GW, tag
     return eth(mac, tag) / IP(src=src, dst=dst, **ip) / UDP(sport=sport, dport=dport) / Raw(payload)
 
 
+def to6(dst, dport, kind, sport=40000, flags="S", src=CLIENTS6[0], payload=b"", mac=GW, tag=None, chain=()):
+    """to() for IPv6, with extension headers `chain` before the upper layer."""
+    pkt = eth(mac, tag) / IPv6(src=src, dst=dst)
+    for ext in chain:
+        pkt = pkt / ext
+    if kind == "tcp":
+        return pkt / TCP(sport=sport, dport=dport, flags=flags, seq=7, ack=1 if "A" in flags else 0) / Raw(payload)
+    return pkt / UDP(sport=sport, dport=dport) / Raw(payload or b"ping")
+
+
 def to(dst, dport, kind, **kw):
     """A first packet (TCP SYN unless flags say otherwise, or UDP) to dst:dport."""
+    if ipaddress.ip_address(dst).version == 6:
+        return to6(dst, dport, kind, **kw)
     if kind == "tcp":
         return tcp_to(dst, dport, **kw)
     kw.pop("flags", None)
@@ -214,10 +251,27 @@ def nat_reply(octet, sport, kind, client, cport, tag=None, chksum=None, **ip):
     return l2 / IP(src=f"10.10.0.{octet}", dst=client, **ip) / l4
 
 
+def too_big6(client, vip, cport, vport, proto, chain=()):
+    """ICMPv6 Packet Too Big from a router, quoting the backend's reply (VIP -> client)."""
+    l4 = TCP(sport=vport, dport=cport, flags="PA", seq=99) if proto == O.TCP else UDP(sport=vport, dport=cport)
+    quoted = IPv6(src=vip, dst=client)
+    for ext in chain:
+        quoted = quoted / ext
+    quoted = bytes(quoted / l4 / Raw(b"z" * 1400))[:1232]
+    return eth() / IPv6(src=ROUTER6, dst=vip) / ICMPv6PacketTooBig(mtu=1280) / Raw(quoted)
+
+
+def too_big_any(client, vip, cport, vport, proto):
+    if ipaddress.ip_address(vip).version == 6:
+        return too_big6(client, vip, cport, vport, proto)
+    return too_big(client, vip, cport, vport, proto)
+
+
 def unkey(key: bytes):
-    """(client, vip, cport, vport, proto) of an oracle flow key."""
-    return (str(ipaddress.IPv4Address(key[0:4])), str(ipaddress.IPv4Address(key[4:8])),
-            int.from_bytes(key[8:10], "big"), int.from_bytes(key[10:12], "big"), key[12])
+    """(client, vip, cport, vport, proto) of an oracle flow key (IPv4 or IPv6)."""
+    n = (len(key) - 5) // 2
+    return (str(ipaddress.ip_address(key[0:n])), str(ipaddress.ip_address(key[n:2 * n])),
+            int.from_bytes(key[2 * n:2 * n + 2], "big"), int.from_bytes(key[2 * n + 2:2 * n + 4], "big"), key[-1])
 
 
 def held_frame(key: bytes, flags="PA"):
@@ -231,6 +285,55 @@ SERVICES = [(VIP1, 104, "tcp"), (VIP1, 80, "tcp"), (VIP1, 5000, "udp"), (VIP2, 1
 NOT_SERVICES = [(VIP1, 22, "tcp"), (VIP1, 104, "udp"), (VIP2, 104, "tcp"), (VIP2, 5000, "udp"),
                 (GATEWAY_IP, 104, "tcp"), (GATEWAY_IP, 5000, "udp"), ("203.0.113.9", 80, "tcp")]
 RECORD_ROUTE = b"\x07\x0b\x04" + b"\x00" * 8 + b"\x01"      # record route + NOP: IHL 8
+SERVICES6 = [(VIP6, 104, "tcp"), (VIP6, 80, "tcp"), (VIP6, 5000, "udp")]
+NOT_SERVICES6 = [(VIP6, 22, "tcp"), (VIP6, 104, "udp"), (GATEWAY6, 104, "tcp"), ("2001:db8:99::9", 80, "tcp")]
+
+
+def chains6():
+    """Extension-header chains of every kind walked, the longest, one over the
+    limit, routing with segments left, hop-by-hop out of place."""
+    hbh, dst = IPv6ExtHdrHopByHop, IPv6ExtHdrDestOpt
+    return {
+        "hop-by-hop": (hbh(),), "dest opts": (dst(),), "routing 0": (IPv6ExtHdrRouting(segleft=0),),
+        "longest": (hbh(), dst(), IPv6ExtHdrRouting(segleft=0), dst()),
+        "over the limit": (hbh(), dst(), IPv6ExtHdrRouting(segleft=0), dst(), dst()),
+        "routing 1": (IPv6ExtHdrRouting(segleft=1, addresses=["2001:db8::99"]),),
+        "hop-by-hop second": (dst(), hbh()),
+    }
+
+
+def seeds6(held: dict) -> list:
+    """(weight, seeds) of IPv6 frames."""
+    S, C = SERVICES6, CLIENTS6
+    return [
+        (6, [seed(f"first packet [{d}]:{p}/{k}", to6(d, p, k, sport=51000 + i, src=C[i % 2]))
+             for i, (d, p, k) in enumerate(S)]),
+        (3, [seed(f"data [{d}]:{p}/{k}", to6(d, p, k, sport=52000 + i, flags="PA", payload=b"P-DATA" * 8))
+             for i, (d, p, k) in enumerate(S)]),
+        (3, [seed(f"not a service [{d}]:{p}/{k}", to6(d, p, k, sport=53000 + i))
+             for i, (d, p, k) in enumerate(NOT_SERVICES6)]),
+        (5, [seed(f"chain {name} to [{d}]:{p}", to6(d, p, k, sport=54000 + i, chain=chain))
+             for name, chain in chains6().items() for i, (d, p, k) in enumerate(S[:1] + S[2:])]),
+        (3, [seed("ipv6 tcp first fragment", eth() / IPv6(src=C[0], dst=VIP6) / IPv6ExtHdrFragment(m=1, id=1)
+                  / TCP(sport=55000, dport=104) / Raw(b"x" * 32)),
+             seed("ipv6 tcp later fragment", eth() / IPv6(src=C[0], dst=VIP6) / IPv6ExtHdrFragment(offset=4, nh=6)
+                  / Raw(b"y" * 32)),
+             seed("ipv6 icmp first fragment", eth() / IPv6(src=C[0], dst=VIP6) / IPv6ExtHdrFragment(m=1, id=2)
+                  / ICMPv6EchoRequest(data=b"p" * 64)),
+             seed("ipv6 icmp later fragment", eth() / IPv6(src=C[0], dst=VIP6) / IPv6ExtHdrFragment(offset=9, nh=58)
+                  / Raw(b"p" * 64))]),
+        (3, [seed("ipv6 echo", eth() / IPv6(src=C[0], dst=VIP6) / ICMPv6EchoRequest(data=b"ping")),
+             seed("ipv6 neighbour solicitation", eth() / IPv6(src=C[0], dst=VIP6, hlim=255) / ICMPv6ND_NS(tgt=VIP6)),
+             seed("ipv6 solicitation multicast", eth("33:33:ff:00:01:00") / IPv6(src=C[0], dst="ff02::1:ff00:100")
+                  / ICMPv6ND_NS(tgt=VIP6))]),
+        (4, [seed(f"too big for [{d}]:{p}/{k}", too_big6(C[0], d, 56000 + i, p, PROTO[k]))
+             for i, (d, p, k) in enumerate(S)]
+         + [seed(f"too big for [{d}]:{p}/{k}", too_big6(C[1], d, 56100 + i, p, PROTO[k]))
+            for i, (d, p, k) in enumerate(NOT_SERVICES6[:2])]
+         + [seed("too big, a chain in the quote", too_big6(C[0], VIP6, 56200, 104, O.TCP,
+                                                            chain=(IPv6ExtHdrDestOpt(),)))]),
+        (2, [seed(f"ipv6 to {_mac(m)}", to6(VIP6, 104, "tcp", sport=57000, mac=_mac(m))) for m in FOREIGN_MACS]),
+    ]
 
 
 def build_seeds(held: dict) -> list[tuple[float, list[Seed]]]:
@@ -288,11 +391,12 @@ def build_seeds(held: dict) -> list[tuple[float, list[Seed]]]:
          + [seed(f"to {_mac(m)}, too big", m + bytes(too_big(C[0], VIP1, 48000, 104, O.TCP))[6:])
             for m in FOREIGN_MACS]),
     ]
+    kinds += seeds6(held)
     # Flows held by a drained or down backend (they must stay there), and their ICMP.
     keys = sorted(held)
     kinds += [
         (8, [seed(f"held flow ({held[k].why})", held_frame(k)) for k in keys]),
-        (3, [seed(f"too big for a held flow ({held[k].why})", too_big(*unkey(k))) for k in keys]),
+        (3, [seed(f"too big for a held flow ({held[k].why})", too_big_any(*unkey(k))) for k in keys]),
         (0.1, [seed("new connection on a held tuple", held_frame(k, flags="S")) for k in keys]),
     ]
     return kinds
@@ -422,7 +526,24 @@ def m_quoted(rng, buf, s):
     return "quoted header"
 
 
+def m_next_header(rng, buf, s):
+    """IPv6 Next Header, or a byte of its extension-header chain."""
+    if s.l4 > s.l3 + 40 and rng.random() < 0.6:
+        off = rng.randrange(s.l3 + 40, s.l4)
+        _put(buf, off, bytes([rng.choice((0, 1, 2, 3, 4, 6, 17, 43, 44, 58, 59, 60, rng.randrange(256)))]))
+        return f"chain byte {off}"
+    _put(buf, s.l3 + 6, bytes([rng.choice((6, 17, 58, 0, 43, 44, 60, 59, 51, rng.randrange(256)))]))
+    return "next header"
+
+
+def m_daddr6(rng, buf, s):
+    a = rng.choice((VIP6, GATEWAY6, CLIENTS6[0], None))
+    _put(buf, s.l3 + 24, ipaddress.IPv6Address(a).packed if a else rng.randbytes(16))
+    return "ipv6 daddr"
+
+
 FIELD_MUTATIONS = (
+    (m_next_header, 2), (m_daddr6, 1),
     (m_byte, 4), (m_bit, 3), (m_dst_mac, 1), (m_ethertype, 1), (m_version_ihl, 2), (m_tot_len, 2), (m_frag, 2),
     (m_proto, 2), (m_saddr, 1), (m_daddr, 2), (m_sport, 3), (m_dport, 2), (m_tcp_flags, 3), (m_doff, 1),
     (m_udp_len, 1), (m_icmp_type, 1), (m_quoted, 2),
@@ -500,7 +621,7 @@ def program(harness, services, flood_guard: bool) -> tuple[float, float]:
 
 
 DRAINED = {mac_of(12)}
-DOWN_OR_REMOVED = {mac_of(13), mac_of(15), mac_of(33), mac_of(41)}
+DOWN_OR_REMOVED = {mac_of(13), mac_of(15), mac_of(33), mac_of(41), mac_of(63)}
 MIDWAY_DOWN = frozenset({mac_of(14)})
 
 
@@ -510,19 +631,21 @@ def establish(harness) -> O.Model:
     Returns the oracle's model of the state after the change, holding exactly
     the flows seen placed on the backends that now take no new flows."""
     harness.dp.map("flows").clear()
+    harness.dp.map("flows6").clear()
     program(harness, before_services(), flood_guard=False)   # every flow placed here gets its entry
     before = O.Oracle(model_of(before_services(), GATEWAY_MACS))
     placed = {}
     firsts = [(c, VIP1, 20000 + i, 104, "tcp") for c in CLIENTS for i in range(150)]
     firsts += [(c, VIP1, 21000 + i, 5000, "udp") for c in CLIENTS for i in range(75)]
     firsts += [(c, VIP2, 22000 + i, 11112, "tcp") for c in CLIENTS for i in range(20)]
+    firsts += [(c, VIP6, 23000 + i, 104, "tcp") for c in CLIENTS6 for i in range(60)]
     for client, vip, cport, vport, kind in firsts:
         raw = bytes(to(vip, vport, kind, sport=cport, src=client))
         verdict = harness.run(raw)
         problem = before.judge(raw, verdict.action, verdict.data)
         assert problem is None and verdict.action == O.TX, (
             f"placing {client}:{cport} -> {vip}:{vport}: {O.ACTION_NAMES.get(verdict.action)}, {problem}")
-        placed[O.flow_key(ipaddress.IPv4Address(client).packed, ipaddress.IPv4Address(vip).packed,
+        placed[O.flow_key(ipaddress.ip_address(client).packed, ipaddress.ip_address(vip).packed,
                           cport, vport, PROTO[kind])] = verdict.data[0:6]
 
     grace_ends = program(harness, after_services(), flood_guard=True)
@@ -633,7 +756,9 @@ def test_mutated_frames_keep_to_the_specification(harness):
     for case, least in (("pass", 10000), ("drop", 200), ("drop fragment", 200), ("tx", 5000),
                         ("tx new connection", 2000), ("tx of ICMP", 500), ("tx held (drained)", 200),
                         ("tx held (grace)", 100), ("tx re-chosen after the grace", 20),
-                        ("tx of ICMP held (grace)", 20), ("tx of ICMP held (drained)", 20)):
+                        ("tx of ICMP held (grace)", 20), ("tx of ICMP held (drained)", 20),
+                        ("tx ipv6", 1000), ("tx of ICMPv6", 100), ("drop fragment6", 50), ("pass ipv6", 1000),
+                        ("pass ipv6 limit", 20), ("pass ipv6 routing", 20)):
         assert oracle.seen[case] >= least, f"only {oracle.seen[case]} frames were '{case}' ({summary})"
 
 
@@ -729,7 +854,7 @@ def test_oracle_rejects_what_the_specification_forbids():
         assert oracle.judge(foreign, O.PASS, foreign) is None
 
     not_vip = bytes(tcp_to(GATEWAY_IP, 104))
-    assert "not well-formed IPv4 to a VIP" in oracle.judge(not_vip, O.DROP, not_vip)
+    assert "not well-formed IPv4 or IPv6 to a VIP" in oracle.judge(not_vip, O.DROP, not_vip)
     unconfigured = bytes(tcp_to(VIP2, 104))
     assert "not configured" in oracle.judge(unconfigured, O.TX, _tx(unconfigured, 51))
     bad_ihl = bytearray(ack)
@@ -759,3 +884,47 @@ def test_oracle_rejects_what_the_specification_forbids():
     assert "other than" in oracle.judge(unreachable, O.TX, _tx(unreachable, 11))
     ping = bytes(eth() / IP(src=CLIENTS[0], dst=VIP1) / ICMP())
     assert "not 'fragmentation needed'" in oracle.judge(ping, O.DROP, ping)
+
+
+def test_oracle_rejects_what_issue_15_forbids_for_ipv6():
+    oracle = _oracle()
+    syn6 = bytes(to6(VIP6, 104, "tcp", sport=23001))
+    assert oracle.judge(syn6, O.TX, _tx(syn6, 61)) is None
+    assert "backend that is not live" in oracle.judge(syn6, O.TX, _tx(syn6, 71))      # web6's backend
+    for name in ("over the limit", "routing 1", "hop-by-hop second"):
+        raw = bytes(to6(VIP6, 104, "tcp", chain=chains6()[name]))
+        assert "whose chain is" in oracle.judge(raw, O.TX, _tx(raw, 61)), name
+        assert "whose chain is" in oracle.judge(raw, O.DROP, raw), name
+        assert oracle.judge(raw, O.PASS, raw) is None
+    longest = bytes(to6(VIP6, 104, "tcp", chain=chains6()["longest"]))
+    assert oracle.judge(longest, O.TX, _tx(longest, 62)) is None
+    frag = bytes(eth() / IPv6(src=CLIENTS6[0], dst=VIP6) / IPv6ExtHdrFragment(m=1) / TCP(dport=104))
+    assert "IPv6 fragment to a VIP that is not ICMPv6" in oracle.judge(frag, O.PASS, frag)
+    assert "XDP_TX of an IPv6 fragment" in oracle.judge(frag, O.TX, _tx(frag, 61))
+    ping_frag = bytes(eth() / IPv6(src=CLIENTS6[0], dst=VIP6) / IPv6ExtHdrFragment(m=1) / ICMPv6EchoRequest())
+    assert "ICMPv6 fragment" in oracle.judge(ping_frag, O.DROP, ping_frag)
+    ns = bytes(eth() / IPv6(src=CLIENTS6[0], dst=VIP6) / ICMPv6ND_NS(tgt=VIP6))
+    assert "not Packet Too Big" in oracle.judge(ns, O.DROP, ns)
+    assert "other than Packet Too Big" in oracle.judge(ns, O.TX, _tx(ns, 61))
+    ptb = bytes(too_big6(CLIENTS6[0], VIP6, 23001, 104, O.TCP))
+    assert oracle.judge(ptb, O.TX, _tx(ptb, 62)) is None
+    assert "not a live backend" in oracle.judge(ptb, O.TX, _tx(ptb, 81))
+    ssh = bytes(too_big6(CLIENTS6[0], VIP6, 23001, 22, O.TCP))
+    assert "quoting no configured service" in oracle.judge(ssh, O.TX, _tx(ssh, 61))
+
+
+def test_oracle_ipv6_parser_agrees_with_scapy_on_every_ipv6_seed():
+    checked = 0
+    for _, seeds in seeds6({}):
+        for s in seeds:
+            frame = Ether(s.raw)
+            ip = O.ipv6(s.raw)
+            assert ip is not None, s.name
+            layer = frame[IPv6]
+            assert (ip.saddr, ip.daddr) == (ipaddress.IPv6Address(layer.src).packed,
+                                            ipaddress.IPv6Address(layer.dst).packed), s.name
+            assert ip.fragment == (IPv6ExtHdrFragment in frame and not ip.chain), s.name
+            if TCP in frame and not ip.chain and not ip.fragment and ICMPv6PacketTooBig not in frame:
+                assert ip.proto == O.TCP and s.raw[ip.l4:ip.l4 + 2] == frame[TCP].sport.to_bytes(2, "big"), s.name
+            checked += 1
+    assert checked > 30

@@ -206,7 +206,9 @@ def test_new_flow_builds_change_exactly_the_insert():
     lower = suite_dataplane.variant_source(text, "no_insert")
     assert upper.count("flows.delete(&pkt->flow);") == 1 and "flows.update(&pkt->flow, &fval);" in upper
     assert suite_dataplane.INSERT_LINE not in lower
-    assert upper.replace(suite_dataplane.VARIANTS["insert_delete"], suite_dataplane.INSERT_LINE) == text
+    assert suite_dataplane.INSERT_LINE6 not in lower and suite_dataplane.INSERT_LINE6 not in upper
+    assert (upper.replace(suite_dataplane.VARIANTS["insert_delete"], suite_dataplane.INSERT_LINE)
+            .replace(suite_dataplane.VARIANTS6["insert_delete"], suite_dataplane.INSERT_LINE6)) == text
     with pytest.raises(suite_dataplane.BenchError, match="0 copies"):
         suite_dataplane.variant_source("int x;", "no_insert")
     with pytest.raises(suite_dataplane.BenchError, match="2 copies"):

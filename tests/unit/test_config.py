@@ -171,13 +171,11 @@ B1 = S0 + 'backend[1] "pacs-b" '
 
 INVALID = [
     ("bad ip", edit('"10.10.0.100"', '"10.10.0.300"'),
-     [S0 + '.vip = "10.10.0.300"', "not a valid IPv4 address"]),
+     [S0 + '.vip = "10.10.0.300"', "not a valid IP address"]),
     ("ip not a string", edit('vip = "10.10.0.100"', "vip = 10"),
      [S0 + ".vip = 10", "must be a string", "got an integer"]),
-    ("ipv6 vip", edit('"10.10.0.100"', '"fd00::100"'),
-     [S0 + '.vip = "fd00::100"', "IPv6 is not supported yet"]),
-    ("ipv6 backend", edit('"10.10.0.12"', '"fd00::12"'),
-     [B1 + '.address = "fd00::12"', "IPv6 is not supported yet"]),
+    ("ipv6 backend of an ipv4 vip", edit('"10.10.0.12"', '"fd00::12"'),
+     [B1 + '.address = "fd00::12" is IPv6 but the service\'s VIP "10.10.0.100" is IPv4', "(no NAT64)"]),
     ("unspecified vip", edit('"10.10.0.100"', '"0.0.0.0"'), [S0 + '.vip = "0.0.0.0"', "unspecified"]),
     ("multicast vip", edit('"10.10.0.100"', '"224.0.0.5"'), [S0 + '.vip = "224.0.0.5"', "multicast"]),
     ("broadcast vip", edit('"10.10.0.100"', '"255.255.255.255"'),
@@ -474,7 +472,7 @@ def test_every_problem_is_reported_with_its_line_in_file_order():
         'pacs.toml: line 15: service[0] "dicom" .health.path is not a known key for check = "dicom"; '
         'it applies only to check = "http" or "https"',
         'pacs.toml: line 19: service[0] "dicom" backend[0] "pacs-a" .address = "10.10.0.300" is not a valid '
-        "IPv4 address",
+        "IP address",
         'pacs.toml: line 24: service[0] "dicom" backend[1] "pacs-b" .weight = 1001 is out of range; '
         "expected an integer from 0 to 1000",
         'pacs.toml: line 29: service[1] "web" .port = 0 is out of range; expected an integer from 1 to 65535',
@@ -500,7 +498,7 @@ def test_every_bad_value_of_one_table_is_reported():
         "1 to 100",
         'p.toml: line 14: service[0] "synapse-dicom" backend[1] .name = "pacs b" must be 1 to 64 characters '
         "from A-Z a-z 0-9 _ . -",
-        'p.toml: line 15: service[0] "synapse-dicom" backend[1] .address = "10.10.0.1200" is not a valid IPv4 '
+        'p.toml: line 15: service[0] "synapse-dicom" backend[1] .address = "10.10.0.1200" is not a valid IP '
         "address",
         'p.toml: line 16: service[0] "synapse-dicom" backend[1] .weight = 1.5 must be an integer from 0 to 1000, '
         "got a float",

@@ -18,7 +18,7 @@ import stat
 import sys
 import tempfile
 import time
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 from types import MappingProxyType
 
@@ -265,7 +265,7 @@ def snapshot(dp: FakeDataplane) -> tuple:
 @pytest.mark.parametrize("breakage, expected", [
     (lambda text: text.replace('name = "web"', 'name = "web'), "TOML syntax error"),
     (lambda text: text.replace('address = "10.10.0.12"', 'address = "10.10.0.312"', 1),
-     'address = "10.10.0.312" is not a valid IPv4 address'),
+     'address = "10.10.0.312" is not a valid IP address'),
     (lambda text: text.replace("maglev_size = 251", "maglev_size = 509"),
      "changing maglev_size 251 -> 509 needs a restart"),
 ], ids=["toml-syntax", "invalid-ip", "maglev-size"])
@@ -1130,3 +1130,39 @@ def test_the_periodic_full_pass_repairs_drift(h, monkeypatch, caplog):
             assert any("drifted" in r.getMessage() for r in caplog.records)
 
     asyncio.run(scenario())
+
+
+VIP6 = IPv6Address("fd00:10:10::100")
+A6, B6 = IPv6Address("fd00:10:10::11"), IPv6Address("fd00:10:10::12")
+
+
+def test_a_dual_stack_pool_adds_both_vips_resolves_both_families_and_removes_both(tmp_path, run_dir):
+    """The same PACS behind an IPv4 and an IPv6 VIP: each family's VIP is
+    added and removed, each backend's MAC comes from its own family's
+    neighbour entry, and an IPv6 backend without one is solicited."""
+    h = Harness(tmp_path)
+    h.pool.write_text(pool_toml([("dicom", VIP1, 104, [("pacs-a", A, 1), ("pacs-b", B, 1)]),
+                                 ("dicom6", VIP6, 104, [("pacs-a", A6, 1), ("pacs-b", B6, 1)])]))
+    h.nl.neighbours[A6] = MACS[A]
+    daemon = h.daemon()
+
+    async def scenario():
+        task = asyncio.create_task(daemon.run())
+        await until(lambda: daemon.ready or task.done(), what="ready")
+        assert not task.done()
+        assert h.nl.vips(INDEX) == {VIP1, VIP6} and daemon.added_vips == {VIP1, VIP6}
+        await until(lambda: B6 in h.nl.solicited, what="pacs-b's IPv6 address solicited")
+        bes = status_backends(daemon.status())
+        assert bes[("dicom6", "pacs-a")]["mac"] == MACS[A].hex(":") and bes[("dicom6", "pacs-a")]["forwarding"]
+        assert not bes[("dicom6", "pacs-b")]["forwarding"]          # no MAC yet: not up
+        h.nl.neighbours[B6] = MACS[B]                               # the solicitation is answered
+        await until(lambda: status_backends(daemon.status())[("dicom6", "pacs-b")]["forwarding"],
+                    what="pacs-b forwarding over IPv6")
+        assert status_backends(daemon.status())[("dicom6", "pacs-b")]["mac"] == MACS[B].hex(":")
+        assert sorted(daemon.status()["vips_added"]) == sorted([str(VIP1), str(VIP6)])
+        os.kill(os.getpid(), signal.SIGTERM)
+        await asyncio.wait_for(task, 5)
+
+    asyncio.run(scenario())
+    assert VIP1 not in h.nl.addresses[INDEX] and VIP6 not in h.nl.addresses[INDEX]
+    assert {c[2] for c in h.nl.calls if c[0] == "del_vip"} == {VIP1, VIP6}

@@ -47,3 +47,15 @@ def test_older_name_files_are_mapped_and_stale_or_broken_entries_dropped(tmp_pat
     assert drains.keys == set()
     assert "no backend 'pacs-z'" in Drains(path).find(pool, "dicom", "pacs-z")
     assert "no service 'web'" in Drains(path).find(pool, "web", "pacs-a")
+
+
+def test_an_ipv6_backend_drained_stays_drained_across_a_restart(tmp_path):
+    pool = parse_pool(POOL.replace('"10.10.0.100"', '"2001:db8::100"').replace('"10.10.0.11"', '"2001:db8::11"')
+                      .replace('"10.10.0.12"', '"2001:db8::12"'), "t.toml")
+    drains = Drains(tmp_path / "eth0.drained.json")
+    key, _ = drains.find(pool, "dicom", "pacs-b")
+    assert drains.find(pool, "dicom", "2001:DB8:0::12") == (key, "pacs-b")   # any spelling of its address
+    drains.set(key, True)
+    again = Drains(drains.path)
+    again.load(pool)
+    assert again.keys == {("dicom", ipaddress.IPv6Address("2001:db8::12"))}

@@ -391,3 +391,90 @@ def test_node_metrics_show_announcements_fingerprints_and_up_backends(src):
     # dicom: pacs-a and pacs-c up, pacs-b down; web: pacs-c not probed yet.
     assert value(reg, "xdplb_backends_up_info", service="dicom", vip=vip, up=f"{A},{C}") == 1
     assert value(reg, "xdplb_backends_up_info", service="web", vip=vip, up=str(A)) == 1
+
+
+IPV6_POOL = """
+[[service]]
+name = "dicom6"
+vip = "FD00:10:10:0:0::0100"
+port = 104
+  [[service.backend]]
+  name = "pacs-a"
+  address = "fd00:10:10::0011"
+  [[service.backend]]
+  name = "pacs-b"
+  address = "FD00:10:10:0000:0000:0000:0000:0012"
+"""
+
+
+def _registry(pool_text: str, health: dict, macs: dict):
+    pool = parse_pool(pool_text, "/etc/xdplb/t.toml")
+    applied = plan.plan(plan.Applied(), desired_state(pool, health, macs, b"\x02\0\0\0\0\1")).applied
+    return registry_for(SimpleNamespace(pool=pool, applied=applied, health=health, telemetry=Telemetry(),
+                                        mode="generic", ifname="eth7", dp=FakeMaps(), drained=set()))
+
+
+A6, B6 = ipaddress.IPv6Address("fd00:10:10::11"), ipaddress.IPv6Address("fd00:10:10::12")
+
+
+def test_labels_carry_ipv6_addresses_as_rfc_5952_writes_them():
+    """The pool spells the IPv6 addresses three ways; the labels as `ip` and
+    every other node print them."""
+    reg = _registry(IPV6_POOL, {("dicom6", A6): Health(State.UP, since=1.0),
+                                ("dicom6", B6): Health(State.DOWN, since=2.0)},
+                    {A6: b"\x02\0\0\0\0\x0b", B6: b"\x02\0\0\0\0\x0c"})
+    assert value(reg, "xdplb_service_info", service="dicom6", vip="fd00:10:10::100", port="104",
+                 protocol="tcp") == 1
+    assert value(reg, "xdplb_backend_info", service="dicom6", backend="pacs-a", address="fd00:10:10::11") == 1
+    assert value(reg, "xdplb_backend_info", service="dicom6", backend="pacs-b", address="fd00:10:10::12") == 1
+    assert value(reg, "xdplb_backend_up", service="dicom6", backend="pacs-b") == 0
+
+
+def test_ipv4_services_and_backends_carry_their_addresses_too(src):
+    reg = registry_for(src)
+    assert value(reg, "xdplb_service_info", service="dicom", vip="10.10.0.100", port="104", protocol="tcp") == 1
+    assert value(reg, "xdplb_service_info", service="web", vip="10.10.0.100", port="80", protocol="tcp") == 1
+    assert value(reg, "xdplb_backend_info", service="web", backend="pacs-c", address="10.10.0.13") == 1
+
+
+DUAL_STACK = """
+[[service]]
+name = "dicom"
+vip = "10.10.0.100"
+port = 104
+  [[service.backend]]
+  name = "pacs-a"
+  address = "10.10.0.11"
+  [[service.backend]]
+  name = "pacs-b"
+  address = "10.10.0.12"
+
+[[service]]
+name = "dicom6"
+vip = "FD00:10:10:0:0::0100"
+port = 104
+  [[service.backend]]
+  name = "pacs-a"
+  address = "fd00:10:10::0011"
+  [[service.backend]]
+  name = "pacs-b"
+  address = "FD00:10:10:0000:0000:0000:0000:0012"
+"""
+
+
+def test_labels_carry_addresses_as_rfc_5952_writes_them_for_a_dual_stack_pool():
+    """The same PACS behind an IPv4 and an IPv6 VIP; the pool spells the IPv6
+    addresses three ways, the labels as `ip` and every other node print them."""
+    health = {("dicom", A): Health(State.UP, since=1.0), ("dicom", B): Health(State.UP, since=1.0),
+              ("dicom6", A6): Health(State.UP, since=1.0), ("dicom6", B6): Health(State.DOWN, since=2.0)}
+    macs = {A: b"\x02\0\0\0\0\x0b", B: b"\x02\0\0\0\0\x0c", A6: b"\x02\0\0\0\0\x0b", B6: b"\x02\0\0\0\0\x0c"}
+    reg = _registry(DUAL_STACK, health, macs)
+    assert value(reg, "xdplb_service_info", service="dicom6", vip="fd00:10:10::100", port="104",
+                 protocol="tcp") == 1
+    assert value(reg, "xdplb_service_info", service="dicom", vip="10.10.0.100", port="104", protocol="tcp") == 1
+    assert value(reg, "xdplb_backend_info", service="dicom6", backend="pacs-a", address="fd00:10:10::11") == 1
+    assert value(reg, "xdplb_backend_info", service="dicom6", backend="pacs-b", address="fd00:10:10::12") == 1
+    assert value(reg, "xdplb_backend_info", service="dicom", backend="pacs-b", address="10.10.0.12") == 1
+    # The two families' verdicts are their own: pacs-b is down on IPv6 only.
+    assert value(reg, "xdplb_backend_up", service="dicom6", backend="pacs-b") == 0
+    assert value(reg, "xdplb_backend_up", service="dicom", backend="pacs-b") == 1

@@ -1,7 +1,8 @@
 """Health probes against real peers on 127.0.0.1: an HTTP server, a TLS
 server with a CA and certificates made by the openssl CLI, pynetdicom SCPs
 that accept, reject, abort or answer C-ECHO with an error, a refused port
-and a listener that never answers."""
+and a listener that never answers. The IPv6 section runs every check kind
+against peers on ::1."""
 from __future__ import annotations
 
 import asyncio
@@ -20,14 +21,15 @@ from xdplb.config import HealthCheck
 from xdplb.probes import probe, run_probe
 
 LOCAL = "127.0.0.1"
+LOCAL6 = "::1"
 
 
 def check(kind: str, port: int, timeout: float = 2.0, **extra) -> HealthCheck:
     return HealthCheck(kind, port, max(timeout, 1.0), timeout, 2, 2, **extra)
 
 
-def probe_now(health: HealthCheck):
-    return asyncio.run(run_probe(health, LOCAL))
+def probe_now(health: HealthCheck, address: str = LOCAL):
+    return asyncio.run(run_probe(health, address))
 
 
 # ---- peers -------------------------------------------------------------------
@@ -73,8 +75,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def _serve(tls: ssl.SSLContext | None = None):
-    server = http.server.ThreadingHTTPServer((LOCAL, 0), _Handler)
+class _HTTPServer6(http.server.ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+
+
+def _serve(tls: ssl.SSLContext | None = None, host: str = LOCAL):
+    server = (_HTTPServer6 if ":" in host else http.server.ThreadingHTTPServer)((host, 0), _Handler)
     server.hosts = []
     if tls is not None:
         server.socket = tls.wrap_socket(server.socket, server_side=True)
@@ -98,11 +104,11 @@ def _openssl(*args, cwd):
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory):
     """A CA and two server certificates it signed: one naming
-    pacs.example.test and 127.0.0.1, one naming only pacs.example.test."""
+    pacs.example.test, 127.0.0.1 and ::1, one naming only pacs.example.test."""
     d = tmp_path_factory.mktemp("pki")
     _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
              "-days", "2", "-subj", "/CN=xdplb test CA", cwd=d)
-    for name, san in [("with-ip", "DNS:pacs.example.test,IP:127.0.0.1"), ("dns-only", "DNS:pacs.example.test")]:
+    for name, san in [("with-ip", "DNS:pacs.example.test,IP:127.0.0.1,IP:::1"), ("dns-only", "DNS:pacs.example.test")]:
         _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
                  "-subj", "/CN=pacs.example.test", cwd=d)
         (d / f"{name}.ext").write_text(f"subjectAltName={san}\n")
@@ -111,10 +117,10 @@ def pki(tmp_path_factory):
     return d
 
 
-def _tls_server(pki, name):
+def _tls_server(pki, name, host: str = LOCAL):
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(pki / f"{name}.pem", pki / f"{name}.key")
-    return _serve(ctx)
+    return _serve(ctx, host)
 
 
 @pytest.fixture
@@ -125,19 +131,19 @@ def https_server(pki):
     server.server_close()
 
 
-def _scp(handlers=(), require_called_aet=False):
+def _scp(handlers=(), require_called_aet=False, host: str = LOCAL):
     ae = AE(ae_title="PACS-A")
     ae.add_supported_context(Verification)
     ae.require_called_aet = require_called_aet
-    return ae.start_server((LOCAL, 0), block=False, evt_handlers=list(handlers))
+    return ae.start_server((host, 0), block=False, evt_handlers=list(handlers))
 
 
 @pytest.fixture
 def scp_factory():
     servers = []
 
-    def make(handlers=(), require_called_aet=False):
-        server = _scp(handlers, require_called_aet)
+    def make(handlers=(), require_called_aet=False, host: str = LOCAL):
+        server = _scp(handlers, require_called_aet, host)
         servers.append(server)
         return server.server_address[1]
 
@@ -490,3 +496,84 @@ def test_hung_backends_never_delay_healthy_ones(hung_port, http_server, https_se
     for result, finished in hung_out:
         assert result.kind == "timeout", result.reason
         assert finished < 0.5 + 0.3, (result.reason, finished)
+
+
+# ---- every check over IPv6 (peers on ::1) ------------------------------------
+
+@pytest.fixture
+def http_server6():
+    server = _serve(host=LOCAL6)
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def _refused_port6() -> int:
+    s = socket.socket(socket.AF_INET6)
+    s.bind((LOCAL6, 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def test_tcp_over_ipv6(http_server6):
+    port = http_server6.server_address[1]
+    result = probe_now(check("tcp", port), LOCAL6)
+    assert result.ok and result.reason == f"connect to [::1]:{port} succeeded"
+    refused = probe_now(check("tcp", _refused_port6()), LOCAL6)
+    assert refused.kind == "refused" and "[::1]:" in refused.reason
+
+
+def test_http_over_ipv6_sends_a_bracketed_host_header(http_server6):
+    port = http_server6.server_address[1]
+    result = probe_now(check("http", port, path=f"/host-is/[::1]:{port}"), LOCAL6)
+    assert result.ok, result.reason
+    assert result.reason == f"GET http://[::1]:{port}/host-is/[::1]:{port} returned 200"
+    assert http_server6.hosts == [f"[::1]:{port}"]
+    down = probe_now(check("http", port, path="/down"), LOCAL6)
+    assert (down.ok, down.kind) == (False, "http_status")
+
+
+def test_http_host_header_over_ipv6_leaves_out_the_default_port():
+    from xdplb.probes import _host_header
+    assert _host_header(check("http", 80), "fd00::11") == "[fd00::11]"
+    assert _host_header(check("https", 443), "fd00::11") == "[fd00::11]"
+    assert _host_header(check("http", 8042), "fd00::11") == "[fd00::11]:8042"
+    assert _host_header(check("http", 8042), "10.0.0.1") == "10.0.0.1:8042"
+
+
+def test_https_over_ipv6_verifies_the_backend_ipv6_address(pki):
+    server = _tls_server(pki, "with-ip", LOCAL6)
+    try:
+        port = server.server_address[1]
+        result = probe_now(check("https", port, path="/ok", ca_file=str(pki / "ca.pem")), LOCAL6)
+        assert result.ok, result.reason
+        assert result.reason == f"GET https://[::1]:{port}/ok returned 200"
+    finally:
+        server.shutdown()
+        server.server_close()
+    server = _tls_server(pki, "dns-only", LOCAL6)
+    try:
+        result = probe_now(check("https", server.server_address[1], path="/ok", ca_file=str(pki / "ca.pem")),
+                           LOCAL6)
+        assert (result.ok, result.kind) == (False, "tls")
+        assert "IP address mismatch" in result.reason
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_dicom_echo_over_ipv6(scp_factory):
+    calling = []
+    port = scp_factory([(evt.EVT_C_ECHO, lambda e: calling.append(e.assoc.requestor.address) or 0)],
+                       require_called_aet=True, host=LOCAL6)
+    result = probe_now(check("dicom", port, called_ae="PACS-A"), LOCAL6)
+    assert result.ok, result.reason
+    assert result.reason == f"C-ECHO to PACS-A@[::1]:{port} succeeded (status 0x0000)"
+    assert calling == [LOCAL6]
+    rejected = probe_now(check("dicom", port, called_ae="WRONG-AE"), LOCAL6)
+    assert (rejected.ok, rejected.kind) == (False, "rejected")
+    closed = _refused_port6()
+    refused = probe_now(check("dicom", closed), LOCAL6)
+    assert (refused.ok, refused.kind) == (False, "refused")
+    assert refused.reason == f"C-ECHO to ANY-SCP@[::1]:{closed}: connection refused"

@@ -47,7 +47,11 @@ def _program() -> str:
     for i, stat in enumerate(structs.NAT_STATS):
         lines.append(f'printf("NAT_STAT_{stat.upper()} %d {i}\\n", NAT_STAT_{stat.upper()});')
     lines.append(f'printf("NAT_STAT_MAX %d {len(structs.NAT_STATS)}\\n", NAT_STAT_MAX);')
-    for flag in ("F_SVC_CLIENT_PERSIST", "F_SVC_NAT", "SVC_STATE_HALF", "F_BACKEND_UP", "F_BACKEND_READY",
+    for i, event in enumerate(structs.EVENTS6):
+        name = "EVENT6_" + event.upper().removeprefix("IPV6_")
+        lines.append(f'printf("{name} %d {i}\\n", {name});')
+    lines.append(f'printf("EVENT6_MAX %d {len(structs.EVENTS6)}\\n", EVENT6_MAX);')
+    for flag in ("F_SVC_CLIENT_PERSIST", "F_SVC_NAT", "F_SVC_IPV6", "SVC_STATE_HALF", "F_BACKEND_UP", "F_BACKEND_READY",
                  "F_CFG_NO_BACKEND_DROP", "TABLES_PER_SERVICE", "PORT_WORDS", "LAYOUT_ENTRIES", "EXTRA_MACS"):
         lines.append(f'printf("{flag} %u {getattr(structs, flag)}\\n", (unsigned){flag});')
     lines.append(f'printf("ACTION_MAX %d {len(structs.ACTIONS)}\\n", ACTION_MAX);')
@@ -71,8 +75,8 @@ def test_struct_sizes_and_offsets_match(c_layout):
     mismatches = []
     for line in c_layout:
         name, *values = line.split()
-        if name.endswith(("_MAX",)) or name.startswith(("REASON_", "EVENT_", "F_", "SVC_", "TABLES_", "PORT_",
-                                                         "LAYOUT_", "EXTRA_", "NAT_STAT_")):
+        if name.endswith(("_MAX",)) or name.startswith(("REASON_", "EVENT_", "EVENT6_", "F_", "SVC_", "TABLES_",
+                                                         "PORT_", "LAYOUT_", "EXTRA_", "NAT_STAT_")):
             continue
         if values[0] == "size":
             cls = structs.SHARED_STRUCTS[name]
@@ -98,7 +102,8 @@ def test_shared_constants_match(c_layout):
     wrong = []
     for line in c_layout:
         name, *values = line.split()
-        if name.startswith(("REASON_", "EVENT_", "F_", "SVC_", "TABLES_", "ACTION_", "PORT_", "LAYOUT_", "EXTRA_", "NAT_STAT_")):
+        if name.startswith(("REASON_", "EVENT_", "EVENT6_", "F_", "SVC_", "TABLES_", "ACTION_", "PORT_", "LAYOUT_",
+                            "EXTRA_", "NAT_STAT_")):
             c_value, py_value = values
             if c_value != py_value:
                 wrong.append(f"{name}: C {c_value}, Python {py_value}")
@@ -111,7 +116,7 @@ def test_maglev_table_type_size():
 
 def test_keys_have_no_hidden_padding():
     # The kernel hashes keys as raw bytes: every byte must belong to a named field.
-    for cls in (structs.ServiceKey, structs.FlowKey, structs.LbAddr):
+    for cls in (structs.ServiceKey, structs.FlowKey, structs.LbAddr, structs.ServiceKey6, structs.FlowKey6):
         covered = sum(getattr(cls, name).size for name, _ in cls._fields_)
         assert covered == ctypes.sizeof(cls), cls.__name__
 

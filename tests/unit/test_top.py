@@ -93,6 +93,23 @@ def test_render_shows_every_column():
     assert "not forwarded/s: no_backend 2.0" in text
 
 
+def test_an_ipv6_service_shows_its_vip_in_brackets_and_its_addresses_in_one_column():
+    def six(step: int) -> dict:
+        st = status(step)
+        svc = st["services"][0]
+        svc["vip"] = "fd00:10:10::100"
+        for be, address in zip(svc["backends"], ("fd00:10:10::11", "fd00:10:10:ffff:ffff:ffff:ffff:12", "10.9.9.9")):
+            be["address"] = address
+        return st
+    text = top.render(top.view(six(3), six(5), 2.0))
+    assert "dicom [fd00:10:10::100]:104/tcp  1.0k pps" in text
+    rows = [line for line in text.splitlines() if line.strip().startswith(("backend", "pacs-"))]
+    columns = {line.index("health") if "health" in line else line.index(" up ") + 1 if " up " in line
+               else line.index(" down ") + 1 for line in rows}
+    assert len(columns) == 1, "\n".join(rows)   # the long address does not push its row's health out of line
+    assert next(r for r in rows if "pacs-b" in r).split()[1] == "fd00:10:10:ffff:ffff:ffff:ffff:12"
+
+
 def test_run_once_json_uses_the_time_between_the_two_requests():
     snapshots = iter([status(1), status(4)])
     now = iter([10.0, 10.0, 11.5, 11.5])     # each request is timed at both ends

@@ -11,6 +11,7 @@ import socket
 import struct
 
 ETH_P_IP = 0x0800
+ETH_P_IPV6 = 0x86DD
 TCP_SYN, TCP_ACK = 0x02, 0x10
 FLOW_KEY_SIZE = 16      # struct flow_key in bpf/lb_structs.h
 
@@ -34,6 +35,17 @@ def tcp_frame(src_mac: bytes, dst_mac: bytes, src_ip: str, dst_ip: str, sport: i
     ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 1, 0, 64, socket.IPPROTO_TCP, 0, src, dst)
     ip = ip[:10] + struct.pack("!H", _checksum(ip)) + ip[12:]
     return dst_mac + src_mac + struct.pack("!H", ETH_P_IP) + ip + tcp
+
+
+def tcp_frame6(src_mac: bytes, dst_mac: bytes, src_ip: str, dst_ip: str, sport: int, dport: int,
+               flags: int, payload: bytes = b"", seq: int = 1000, ack: int = 0) -> bytes:
+    """Ethernet / IPv6 (no extension header) / TCP (no options) with a valid checksum."""
+    src, dst = ipaddress.IPv6Address(src_ip).packed, ipaddress.IPv6Address(dst_ip).packed
+    tcp = struct.pack("!HHIIBBHHH", sport, dport, seq, ack, 5 << 4, flags, 65535, 0, 0) + payload
+    pseudo = src + dst + struct.pack("!I3xB", len(tcp), socket.IPPROTO_TCP)
+    tcp = tcp[:16] + struct.pack("!H", _checksum(pseudo + tcp)) + tcp[18:]
+    ip = struct.pack("!IHBB16s16s", 6 << 28, len(tcp), socket.IPPROTO_TCP, 64, src, dst)
+    return dst_mac + src_mac + struct.pack("!H", ETH_P_IPV6) + ip + tcp
 
 
 def flow_key(src_ip: int | str, dst_ip: str, sport: int, dport: int, proto: int = socket.IPPROTO_TCP) -> bytes:

@@ -17,6 +17,10 @@ builds of the same source bracket the cost instead: "insert + delete"
 inserts the entry and deletes it again (an upper bound: it adds a delete),
 "no insert" skips the insert (a lower bound). Only these rows use a changed
 program; the change is made to the assembled text here, bpf/ is untouched.
+IPv6 runs in the same paths group: a service on an IPv6 VIP beside the IPv4
+one, its pass, new-flow (both builds bracket the IPv6 insert too) and
+established cases, and the floor on an IPv6 frame (bench_floor.c swaps the
+MACs of a valid IPv6 header as it does for IPv4).
 The unmodified program is also timed one run per call (repeat 1) on
 thousands of distinct SYNs, then on their ACKs: real misses, real inserts,
 real hits. Those figures include cache misses and the kernel timer's
@@ -57,7 +61,7 @@ import random
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 
 from xdplb.pinning import cpu_list_count as cpu_count_in  # noqa: F401 (tests call it here)
@@ -85,6 +89,14 @@ VARIANTS = {
     "insert_delete": "flows.update(&pkt->flow, &fval); flows.delete(&pkt->flow); if (0) /* bench: upper bound */",
     "no_insert": "if (0) /* bench: no insert, lower bound */",
 }
+# The same for the IPv6 flow table (bpf/xdplb.c, remember_flow).
+INSERT_LINE6 = "if (flows6.update((struct flow_key6 *)k6, &fval) != 0)"
+VARIANTS6 = {
+    "insert_delete": "flows6.update((struct flow_key6 *)k6, &fval); flows6.delete((struct flow_key6 *)k6); if (0)",
+    "no_insert": "if (0)",
+}
+VIP6 = "2001:db8::100"
+CLIENT6 = "2001:db8:c::2"
 
 
 class BenchError(RuntimeError):
@@ -111,11 +123,12 @@ def variant_source(text: str, variant: str) -> str:
     """The program text with its flow insert replaced for a new-flow build."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown new-flow variant {variant!r}; use one of {', '.join(VARIANTS)}")
-    found = text.count(INSERT_LINE)
-    if found != 1:
-        raise BenchError(f"bpf/xdplb.c has {found} copies of `{INSERT_LINE}` where the bench expects 1; "
-                         f"update INSERT_LINE in tools/bench/suite_dataplane.py")
-    return text.replace(INSERT_LINE, VARIANTS[variant])
+    for line, name in ((INSERT_LINE, "INSERT_LINE"), (INSERT_LINE6, "INSERT_LINE6")):
+        found = text.count(line)
+        if found != 1:
+            raise BenchError(f"bpf/xdplb.c has {found} copies of `{line}` where the bench expects 1; "
+                             f"update {name} in tools/bench/suite_dataplane.py")
+    return text.replace(INSERT_LINE, VARIANTS[variant]).replace(INSERT_LINE6, VARIANTS6[variant])
 
 
 def flow_table_size(max_fill: int, possible_cpus: int, fill_cpus: int, headroom: int = 4096) -> int:
@@ -306,6 +319,23 @@ def reply_network(say):
             yield net.ifindex("b0")
     finally:
         net.close()
+
+
+def service6(name: str, port: int, count: int):
+    """An IPv6 service with `count` backends (the gateway's MAC, as backends() says why)."""
+    from xdplb.plan import BackendState, ServiceState
+
+    return ServiceState(name, IPv6Address(VIP6), port, "tcp", "flow", tuple(
+        BackendState(f"be6-{i}", IPv6Address(f"2001:db8:20::{i + 1:x}"), 1 + i % 3, GW_MAC, True)
+        for i in range(count)))
+
+
+def syn6(port: int, src: str = CLIENT6, sport: int = 40000) -> bytes:
+    return frames.tcp_frame6(CLIENT_MAC, GW_MAC, src, VIP6, sport, port, frames.TCP_SYN)
+
+
+def ack6(port: int, src: str = CLIENT6, sport: int = 40000) -> bytes:
+    return frames.tcp_frame6(CLIENT_MAC, GW_MAC, src, VIP6, sport, port, frames.TCP_ACK, b"DICOM P-DATA", 1001, 1)
 
 
 def syn(port: int, src: str = CLIENT, sport: int = 40000) -> bytes:
@@ -508,19 +538,30 @@ def run(opts: Options) -> dict:
     default = _settings()
     main, upper, lower = programs.get(default), programs.get(default, "insert_delete"), programs.get(default, "no_insert")
     base = programs.get(default, baseline=opts.baseline) if opts.baseline else None
-    programs.program([main, upper, lower], [service("dicom", 104, 3), nat_service("nat", NAT_PORT)])
-    if base:   # a baseline revision may predate NAT (its program has no NAT maps)
+    # IPv4, NAT and IPv6 (a dual-stack pool); the baseline may predate NAT and IPv6, so it holds the
+    # IPv4 service only (its program has no NAT or IPv6 maps).
+    programs.program([main, upper, lower], [service("dicom", 104, 3), nat_service("nat", NAT_PORT),
+                                            service6("dicom6", 104, 3)])
+    if base:
         programs.program([base], [service("dicom", 104, 3)])
     first_syn(main, 104)
     first_syn(main, NAT_PORT)
-    g = "paths (default sizes, 1 service, 3 backends)"
+    run_case(Case("setup", "first IPv6 SYN", main.prog_fd, syn6(104), tx), 1)
+    g = "paths (default sizes, 1 service per family and a NAT service, 3 backends)"
     not_vip = frames.tcp_frame(CLIENT_MAC, GW_MAC, CLIENT, GATEWAY_IP, 50000, 22, frames.TCP_ACK)
+    not_vip6 = frames.tcp_frame6(CLIENT_MAC, GW_MAC, CLIENT6, "2001:db8::10", 50000, 22, frames.TCP_ACK)
     cases = [
         floor_case(g, ack(104)),
         Case(g, "pass (not for a VIP)", main.prog_fd, not_vip, passed, main, ("not_forwarded", "not_service")),
         Case(g, "new flow (insert + delete: upper bound)", upper.prog_fd, syn(104), tx, upper, ("events", "flow_new")),
         Case(g, "new flow (no insert: lower bound)", lower.prog_fd, syn(104), tx, lower, ("events", "flow_new")),
         Case(g, "established (flow-table hit)", main.prog_fd, ack(104), tx, main, ("events", "flow_hit")),
+        Case(g, "IPv6 floor (the floor on an IPv6 frame)", floor_fd, ack6(104), tx),
+        Case(g, "IPv6 pass (not for a VIP)", main.prog_fd, not_vip6, passed, main, ("not_forwarded", "not_service")),
+        Case(g, "IPv6 new flow (insert + delete: upper bound)", upper.prog_fd, syn6(104), tx, upper,
+             ("events", "flow_new")),
+        Case(g, "IPv6 new flow (no insert: lower bound)", lower.prog_fd, syn6(104), tx, lower, ("events", "flow_new")),
+        Case(g, "IPv6 established (flow-table hit)", main.prog_fd, ack6(104), tx, main, ("events", "flow_hit")),
     ]
     if base:
         first_syn(base, 104)
@@ -555,7 +596,8 @@ def run(opts: Options) -> dict:
     size = max(default.flow_table_size, flow_table_size(max(opts.scale.fills), possible, len(allowed)))
     loaded = programs.get(_settings(flow_table_size=size))
     programs.drop_others([main, upper, loaded])   # the baseline's program goes here too
-    applied = programs.program([loaded], [service("dicom", 104, 3)])
+    # The paths' services: `loaded` is the paths' program when the sizes agree (--quick).
+    applied = programs.program([loaded], [service("dicom", 104, 3), service6("dicom6", 104, 3)])
     empty_flows(loaded)  # it may be the paths' program, which holds their flows
     bid, sid = live_backend_id(applied, "dicom"), applied.services["dicom"].id
     first_syn(loaded, 104)

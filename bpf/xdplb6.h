@@ -1,0 +1,160 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * xdplb6.h - the IPv6 path: ingress_ipv6, which parse_l3 hands IPv6 frames.
+ *
+ * Part of xdplb.c (its struct packet, struct dest and steps); included after
+ * them. It runs the same steps as IPv4 with the IPv6 flow key (k6), so the
+ * rules of xdplb.c hold, with these IPv6 ones:
+ *   - extension headers (parse_ipv6.h): hop-by-hop, destination options and
+ *     routing headers with Segments Left 0 are walked, up to IPV6_EXT_MAX,
+ *     and the packet goes on (EVENT6_EXT_HEADERS; DSR leaves the IPv6
+ *     header and its chain alone). A longer chain (EVENT6_EXT_LIMIT) and a
+ *     routing header with Segments Left > 0 (EVENT6_ROUTING) pass to the
+ *     stack untouched, counted (and REASON_NOT_SERVICE);
+ *   - a fragment (a fragment header) to a VIP is dropped (REASON_FRAGMENT)
+ *     unless the fragment header says ICMPv6 comes next: that passes to the
+ *     stack, which reassembles it (a large ping to the VIP). Fragments to
+ *     other addresses pass. Only a first fragment carries the ports, so
+ *     fragments cannot be steered consistently; IPv6 routers never
+ *     fragment, and TCP with PMTUD does not;
+ *   - ICMPv6 Packet Too Big (type 2) to a VIP quoting a TCP/UDP packet from
+ *     that VIP:port of a configured service goes to the backend that owns
+ *     the flow, exactly as ICMP "fragmentation needed" does for IPv4
+ *     (handle_icmp.h, send_to_owner): the flow table with the turned-round
+ *     tuple, else Maglev on it; EVENT_ICMP_TOO_BIG. Every other ICMPv6
+ *     message (Neighbour Discovery, echo) passes to the stack;
+ *   - a header cut short: the IPv6 header or the chain: XDP_PASS
+ *     (REASON_MALFORMED); TCP/UDP to a VIP with a truncated L4 header:
+ *     XDP_DROP, as IPv4.
+ */
+#ifndef XDPLB_XDPLB6_H
+#define XDPLB_XDPLB6_H
+
+#include <linux/icmpv6.h>
+#include "parse_ipv6.h"
+#include "stats.h"
+
+static __always_inline void count_event6(__u32 event)
+{
+	count_u64(events6.lookup(&event));
+}
+
+static __always_inline void copy_addr6(__be32 *to, const struct in6_addr *from)
+{
+	to[0] = from->in6_u.u6_addr32[0];
+	to[1] = from->in6_u.u6_addr32[1];
+	to[2] = from->in6_u.u6_addr32[2];
+	to[3] = from->in6_u.u6_addr32[3];
+}
+
+static __always_inline int same_addr6(const struct in6_addr *a, const __be32 *b)
+{
+	return a->in6_u.u6_addr32[0] == b[0] && a->in6_u.u6_addr32[1] == b[1] &&
+	       a->in6_u.u6_addr32[2] == b[2] && a->in6_u.u6_addr32[3] == b[3];
+}
+
+/*
+ * Read an ICMPv6 message to `outer` (the message's own flow key: its
+ * destination) whose header the cursor points at. For a Packet Too Big
+ * quoting a TCP/UDP packet sent from outer->dst, fill `quoted` and `qk6`
+ * with the quoted flow turned round (client -> VIP): ICMP_QUOTE_OK.
+ */
+static __always_inline int read_packet_too_big(struct hdr_cursor *nh, void *data_end,
+					       const struct flow_key6 *outer, struct packet *quoted,
+					       struct flow_key6 *qk6)
+{
+	struct icmp6hdr *icmp6 = nh->pos;
+	struct ipv6_chain chain = {};
+	struct lb_l4_ports *ports;
+	struct ipv6hdr *inner;
+	int inner_proto;
+
+	if ((void *)(icmp6 + 1) > data_end)
+		return ICMP_QUOTE_MALFORMED;
+	if (icmp6->icmp6_type != ICMPV6_PKT_TOOBIG)
+		return ICMP_QUOTE_OTHER;
+	nh->pos = icmp6 + 1;
+	inner_proto = parse_ipv6(nh, data_end, &inner, &chain);
+	if (inner_proto == IPV6_MALFORMED)
+		return ICMP_QUOTE_MALFORMED;
+	if (inner_proto != IPPROTO_TCP && inner_proto != IPPROTO_UDP)
+		return ICMP_QUOTE_OTHER;   /* another protocol, or a chain the forward path would not take */
+	if (chain.later_fragment)
+		return ICMP_QUOTE_OTHER;   /* starts with payload, not ports */
+	if (!same_addr6(&inner->saddr, outer->dst))
+		return ICMP_QUOTE_OTHER;   /* not about a reply from this VIP */
+	ports = nh->pos;
+	if ((void *)(ports + 1) > data_end)
+		return ICMP_QUOTE_MALFORMED;
+
+	copy_addr6(qk6->src, &inner->daddr);
+	copy_addr6(qk6->dst, &inner->saddr);
+	qk6->sport = quoted->flow.sport = ports->dest;
+	qk6->dport = quoted->flow.dport = ports->source;
+	qk6->proto = quoted->flow.proto = inner_proto;
+	quoted->l4_proto = inner_proto;
+	return ICMP_QUOTE_OK;
+}
+
+/* ICMPv6 to the gateway: a Packet Too Big about a VIP's flow goes to the
+ * flow's backend (FORWARD); everything else passes. */
+static __always_inline int handle_icmp6(struct hdr_cursor *nh, void *data_end,
+					const struct flow_key6 *k6, struct dest *dst)
+{
+	struct packet quoted = {};
+	struct flow_key6 qk6 = {};
+	int quote;
+
+	quote = read_packet_too_big(nh, data_end, k6, &quoted, &qk6);
+	return send_to_owner(quote, &quoted, &qk6, dst);
+}
+
+/* Step 1b for IPv6 and every step after it, with the IPv6 flow key:
+ * FORWARD, or the XDP action with its reason counted. */
+static __always_inline int ingress_ipv6(struct hdr_cursor *nh, void *data_end, struct packet *pkt,
+					struct dest *dst)
+{
+	struct ipv6_chain chain = {};
+	struct flow_key6 k6 = {};
+	struct ipv6hdr *ip6h;
+	int l4_proto, action;
+
+	l4_proto = parse_ipv6(nh, data_end, &ip6h, &chain);
+	if (l4_proto == IPV6_MALFORMED)
+		return counted(REASON_MALFORMED, XDP_PASS);
+	if (l4_proto == IPV6_EXT_LIMIT) {
+		count_event6(EVENT6_EXT_LIMIT);
+		return counted(REASON_NOT_SERVICE, XDP_PASS);
+	}
+	if (l4_proto == IPV6_ROUTING) {
+		count_event6(EVENT6_ROUTING);
+		return counted(REASON_NOT_SERVICE, XDP_PASS);
+	}
+	copy_addr6(k6.src, &ip6h->saddr);
+	copy_addr6(k6.dst, &ip6h->daddr);
+	if (chain.fragment) {
+		if (l4_proto != IPPROTO_ICMPV6 && is_vip6(k6.dst))
+			return counted(REASON_FRAGMENT, XDP_DROP);
+		return counted(REASON_NOT_SERVICE, XDP_PASS);
+	}
+	if (chain.ext_headers)
+		count_event6(EVENT6_EXT_HEADERS);
+	if (l4_proto == IPPROTO_ICMPV6)
+		return handle_icmp6(nh, data_end, &k6, dst);
+	pkt->l4_proto = l4_proto;
+	pkt->flow.proto = l4_proto;
+	action = parse_l4(nh, data_end, pkt, &k6);
+	if (action == CONTINUE)
+		action = service_port_gate(pkt);
+	if (action != CONTINUE)
+		return action;
+	k6.sport = pkt->flow.sport;
+	k6.dport = pkt->flow.dport;
+	k6.proto = l4_proto;
+	action = connection_table_lookup(pkt, &k6, dst);
+	if (action == CONTINUE)
+		action = pick_backend(pkt, &k6, dst);
+	return action;
+}
+
+#endif /* XDPLB_XDPLB6_H */
