@@ -401,7 +401,7 @@ static __always_inline int parse_l3(struct hdr_cursor *nh, void *data_end, struc
 
 	/* Marked unlikely so clang lays the IPv6 path out of IPv4's way. */
 	if (__builtin_expect(pkt->eth_proto != bpf_htons(ETH_P_IP), 0)) {
-		if (pkt->eth_proto == bpf_htons(ETH_P_IPV6))
+		if (XDPLB_IPV6_PATH && pkt->eth_proto == bpf_htons(ETH_P_IPV6))
 			return ingress_ipv6(nh, data_end, pkt, dst);
 		return counted(REASON_NOT_SERVICE, XDP_PASS);
 	}

@@ -55,10 +55,12 @@ def test_dataplane_suite(tmp_path):
     result = doc["result"]
     paths = next(g for g in result["groups"] if g["group"].startswith("paths"))
     cases = {r["case"]: r for r in paths["rows"]}
-    assert set(cases) == {"floor", "pass (not for a VIP)", "new flow (insert + delete: upper bound)",
-                          "new flow (no insert: lower bound)", "established (flow-table hit)",
-                          "NAT request, established (flow hit + translation)",
-                          "NAT reply (reverse lookup + fib lookup + translation)"}
+    ipv4 = {"pass (not for a VIP)", "new flow (insert + delete: upper bound)", "new flow (no insert: lower bound)",
+            "established (flow-table hit)"}
+    nat = {"NAT request, established (flow hit + translation)",
+           "NAT reply (reverse lookup + fib lookup + translation)"}
+    assert set(cases) == ({"floor", "IPv6 floor (the floor on an IPv6 frame)"} | ipv4 | {f"IPv6 {c}" for c in ipv4}
+                          | nat)
     assert cases["floor"]["ratio_to_floor"] == 1.0
     for row in cases.values():
         assert row["ns"]["median"] > 0 and row["ns"]["runs"] == 1

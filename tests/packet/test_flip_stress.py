@@ -239,7 +239,7 @@ def _pre_fix_source(tmp: Path) -> Path:
     # down_since, a flow's atime, lb_config's flow settings), the controller
     # writes today's, and the old program reads the fields it knows at the
     # same offsets. The pre-fix scheme is in xdplb.c and lb_maps.h.
-    for header in ("lb_structs.h", "lb_consts.h"):
+    for header in ("lb_structs.h", "lb_structs6.h", "lb_consts.h"):
         (bpf / header).write_text((bpf_source.BPF_DIR / header).read_text())
     (bpf / "race_window.h").write_text((bpf_source.BPF_DIR / "race_window.h").read_text())
     _patch(bpf / "forward.h", [

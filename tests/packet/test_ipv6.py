@@ -296,3 +296,11 @@ def test_adopting_maps_reads_ipv6_services_backends_and_vips_back(harness6):
     assert (Q.VIP6, 104, "tcp") in state.services
     assert Q.VIP6 in state.vips
     assert {str(addr) for _sid, addr, _mac, _up in state.backends.values()} >= set(Q.BACKEND6) - {"2001:db8::14"}
+
+
+def test_the_reconciler_sees_no_drift_in_a_dual_stack_pool(harness6):
+    """What the kernel layer reads back (services6, vips6, IPv6 backends) is
+    what the planner wrote, so the reconciler does not repair it again."""
+    from xdplb.reconciler import drift
+
+    assert drift(harness6.dp.read_state(), harness6.applied) == []
