@@ -141,6 +141,8 @@ static __always_inline int nat_request(const struct packet *pkt, const struct de
 	__be16 *dport;
 	__u32 bid = dst->bid;
 
+	if (!iph)   /* an IPv6 packet: NAT is IPv4 only (the pool refuses an IPv6 NAT service) */
+		return nat_counted(NAT_STAT_UNTRANSLATABLE, XDP_DROP);
 	entry = (union nat_backend_word *)nat_backends.lookup(&bid);
 	if (!entry)
 		return nat_counted(NAT_STAT_NO_TARGET, XDP_DROP);

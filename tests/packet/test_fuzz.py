@@ -109,7 +109,7 @@ def nat_services(down=()):
 
 
 def _be6(n, weight=1, healthy=True):
-    return plan.BackendState(f"be6-{n}", ipaddress.IPv6Address(f"2001:db8::{n}"), weight, mac_of(100 + n), healthy)
+    return plan.BackendState(f"be6-{n}", ipaddress.IPv6Address(f"2001:db8::{n}"), weight, mac_of(n), healthy)
 
 
 def services6(down: bool):

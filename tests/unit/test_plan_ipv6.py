@@ -17,7 +17,7 @@ def _desired(prefix=128):
     return plan.Desired((
         plan.ServiceState("dicom4", VIP4, 104, "tcp", "flow", (_be("10.10.0.11", 11), _be("10.10.0.12", 12))),
         plan.ServiceState("dicom6", VIP6, 104, "tcp", "client", (_be("2001:db8::11", 21), _be("2001:db8::12", 22)),
-                          prefix),
+                          client_prefix=prefix),
     ), MAC, 0, 251, 64, 4096)
 
 
