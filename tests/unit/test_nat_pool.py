@@ -81,6 +81,13 @@ def test_unknown_forwarding_mode_is_refused():
     assert 'forwarding = "masquerade"' in problems(NAT_POOL.replace('"nat"', '"masquerade"'))
 
 
+def test_nat_on_an_ipv6_service_is_refused_in_one_sentence():
+    """NAT is IPv4 only: an IPv6 VIP with forwarding = "nat" is refused, naming the key and the VIP."""
+    text = problems(NAT_POOL.replace('"10.20.0.100"', '"2001:db8::100"')
+                    .replace('"10.30.0.11"', '"2001:db8:30::11"').replace('"10.30.0.12"', '"2001:db8:30::12"'))
+    assert 'forwarding = "nat" is IPv4 only in this version, and the VIP "2001:db8::100" is IPv6' in text
+
+
 def test_a_pacs_behind_both_dsr_and_nat_is_refused_with_why():
     text = problems(NAT_POOL + DSR_SERVICE.format(address="10.30.0.12"))
     assert "a PACS must be behind DSR or NAT services, not both" in text
