@@ -1,0 +1,9 @@
+"""Fixtures of the VM test: ``tools/`` on ``sys.path`` (as for tests/lab)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+TOOLS = Path(__file__).resolve().parents[2] / "tools"
+if str(TOOLS) not in sys.path:
+    sys.path.insert(0, str(TOOLS))
