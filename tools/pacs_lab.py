@@ -357,6 +357,81 @@ def watch(host: str, port: int, seconds: float, files: list[str], send=_dcmtk_st
     return 0
 
 
+def carrier(lab) -> str:
+    """The backend holding the client's (only) established DICOM association."""
+    match = f"( sport = :{DICOM_PORT} and dst {lab.host_ip('client')} )"
+    holders = [name for name in lab.backend_names()
+               if lab.run(name, "ss", "-Htn", "state", "established", match).stdout.strip()]
+    if len(holders) != 1:
+        raise AssertionError(f"the client's association is held by {holders}, not by one backend")
+    return holders[0]
+
+
+def long_transfer(lab, balancer, health, size: int, big: Path, stored: Path,
+                  down_bound: float, up_bound: float) -> str:
+    """One C-STORE of a ``size``-byte instance that must survive another backend's host leaving.
+
+    While storescu sends ``big`` (written here) in one association, another
+    backend's link goes down (no RST: the host vanishes from the segment)
+    until ``balancer`` (anything with ``wait_for(predicate, timeout, what)``
+    over ``xdplb status --json``) shows it down, then comes back until it is
+    up; ``health(status)`` gives {backend: "up"|"down"}.  Then the stored
+    instance is fetched back from the carrier's Orthanc into ``stored`` and
+    its data set must match byte for byte.  AssertionError otherwise,
+    including when the transfer ended before the loss, which proves
+    nothing.  Returns a one-line summary with the timings.
+    """
+    from make_dicom import dataset_digest, make_instance   # pydicom: not for the namespace side
+
+    made = time.monotonic()
+    uid = make_instance(big, size)
+    sent_size, sent_digest = dataset_digest(big)
+    print(f"made a {big.stat().st_size} byte instance in {time.monotonic() - made:.1f}s", flush=True)
+    started = time.monotonic()
+    store = storescu(lab, big, popen=True)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                holder = carrier(lab)
+                break
+            except AssertionError:
+                if time.monotonic() > deadline or store.poll() is not None:
+                    raise
+                time.sleep(0.05)
+        other = next(name for name in lab.backend_names() if name != holder)
+        lab.link(other, False)
+        balancer.wait_for(lambda st: health(st)[other] == "down", down_bound, f"{other} down")
+        down_at = time.monotonic() - started
+        lab.link(other, True)
+        balancer.wait_for(lambda st: health(st)[other] == "up", up_bound, f"{other} up")
+        returned_at = time.monotonic() - started
+        assert store.poll() is None, (f"the transfer ended {returned_at:.1f}s in, before {other} had left "
+                                      f"and returned; send a larger instance")
+        out, _ = store.communicate(timeout=900)
+    finally:
+        if store.poll() is None:
+            store.kill()
+            store.wait()
+    seconds = time.monotonic() - started
+    assert store.returncode == 0, out
+
+    found = find_instance(lab, uid)
+    assert found is not None, f"no Orthanc holds {uid}"
+    where, record = found
+    assert where == holder, f"{uid} landed on {where}, the association was held by {holder}"
+    download_instance(lab, where, record["ID"], stored)
+    got_size, got_digest = dataset_digest(stored)
+    summary = (f"{big.stat().st_size} bytes to {holder} in {seconds:.1f}s "
+               f"({big.stat().st_size / seconds / 1e6:.1f} MB/s); {other} marked down {down_at:.1f}s in "
+               f"and back up {returned_at:.1f}s in; Orthanc reports FileSize {record['FileSize']}, "
+               f"data set {got_size} bytes (sent {sent_size})")
+    print(f"long transfer: {summary}", flush=True)
+    assert (got_size, got_digest) == (sent_size, sent_digest), summary
+    assert abs(record["FileSize"] - big.stat().st_size) < 256, summary   # only the meta header differs
+    return summary
+
+
 # ---- the demo (tools/demo.sh, tools/demo.py) --------------------------------
 
 def demo(prefix: str = labtool.DEFAULT_PREFIX) -> int:

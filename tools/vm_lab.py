@@ -202,9 +202,26 @@ class GuestBalancer:
         self.vm, self.log_path = vm, log
         self.proc: subprocess.Popen | None = None
 
-    def start(self, pool_text: str, mode: str = "auto") -> "GuestBalancer":
+    def write_pool(self, pool_text: str) -> None:
         subprocess.run(self.vm.ssh_argv(f"sudo tee {GUEST_POOL} >/dev/null"), input=pool_text, text=True,
                        check=True, timeout=300)
+
+    def signal(self, name: str) -> None:
+        """Send SIGname (HUP: reload the pool; STOP/CONT: pause the controller) to xdplb in the guest."""
+        self.vm.ssh(f"sudo sh -c 'kill -{name} $(cat {GUEST_PIDFILE})'", timeout=300)
+
+    def reload(self, pool_text: str, timeout: float = 300) -> dict:
+        """Write a new pool and SIGHUP: the maps change, the program is not compiled again."""
+        before = self.status()["last_reload"].get("at", 0)
+        self.write_pool(pool_text)
+        self.signal("HUP")
+        st = self.wait_for(lambda st: st["last_reload"].get("at", 0) > before, timeout, "the reload")
+        if st["last_reload"]["result"] != "applied":
+            raise AssertionError(f"reload: {st['last_reload']}")
+        return st
+
+    def start(self, pool_text: str, mode: str = "auto") -> "GuestBalancer":
+        self.write_pool(pool_text)
         with open(self.log_path, "ab") as log:
             self.proc = self.vm.popen(
                 f"sudo sh -c 'echo $$ >{GUEST_PIDFILE}; exec {GUEST_XDPLB} attach {GUEST_IFACE} "

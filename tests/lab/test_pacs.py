@@ -17,7 +17,7 @@ import pytest
 import lab as labtool
 import pacs_lab
 from lab_xdplb import Balancer, backend_health
-from make_dicom import dataset_digest, make_instance, make_study
+from make_dicom import make_study
 
 pytestmark = [pytest.mark.root, pytest.mark.lab]
 
@@ -150,73 +150,14 @@ def test_failover_when_an_orthanc_is_killed(pacs, balancer, dicom_files):
     assert landed["be2"] > 0 and sum(landed.values()) == 30, landed
 
 
-def _carrier(pacs) -> str:
-    """The backend holding the client's (only) established DICOM association."""
-    match = f"( sport = :{pacs_lab.DICOM_PORT} and dst {pacs.host_ip('client')} )"
-    holders = [name for name in pacs.backend_names()
-               if pacs.run(name, "ss", "-Htn", "state", "established", match).stdout.strip()]
-    assert len(holders) == 1, holders
-    return holders[0]
-
-
 def test_long_transfer_survives_another_pacs_host_leaving_and_returning(pacs, balancer, tmp_path):
     big, stored = tmp_path / "long.dcm", tmp_path / "stored.dcm"
     try:
-        _long_transfer(pacs, balancer, big, stored)
+        pacs_lab.long_transfer(pacs, balancer, lambda st: backend_health(st, SERVICE), LONG_TRANSFER_BYTES,
+                               big, stored, DETECT_BOUND + 1, RETURN_BOUND)
     finally:  # half a gigabyte each: do not leave them to pytest's kept temp dirs
         big.unlink(missing_ok=True)
         stored.unlink(missing_ok=True)
-
-
-def _long_transfer(pacs, balancer, big: Path, stored: Path) -> None:
-    made = time.monotonic()
-    uid = make_instance(big, LONG_TRANSFER_BYTES)
-    sent_size, sent_digest = dataset_digest(big)
-    print(f"made a {big.stat().st_size} byte instance in {time.monotonic() - made:.1f}s")
-
-    started = time.monotonic()
-    store = pacs_lab.storescu(pacs, big, popen=True)
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                carrier = _carrier(pacs)
-                break
-            except AssertionError:
-                if time.monotonic() > deadline or store.poll() is not None:
-                    raise
-                time.sleep(0.05)
-        other = next(name for name in pacs.backend_names() if name != carrier)
-
-        # The other PACS's host vanishes from the segment (no RST), then returns.
-        pacs.link(other, False)
-        balancer.wait_for(lambda st: backend_health(st, SERVICE)[other] == "down", DETECT_BOUND + 1,
-                          f"{other} down")
-        pacs.link(other, True)
-        balancer.wait_for(lambda st: backend_health(st, SERVICE)[other] == "up", RETURN_BOUND, f"{other} up")
-        returned_at = time.monotonic() - started
-        assert store.poll() is None, (
-            f"the transfer ended {returned_at:.1f}s in, before {other} had left and returned; "
-            f"make LONG_TRANSFER_BYTES larger")
-        out, _ = store.communicate(timeout=600)
-    finally:
-        if store.poll() is None:
-            store.kill()
-            store.wait()
-    seconds = time.monotonic() - started
-    assert store.returncode == 0, out
-
-    found = pacs_lab.find_instance(pacs, uid)
-    assert found is not None, f"no Orthanc holds {uid}"
-    holder, record = found
-    assert holder == carrier
-    pacs_lab.download_instance(pacs, holder, record["ID"], stored)
-    got_size, got_digest = dataset_digest(stored)
-    print(f"long transfer: {big.stat().st_size} bytes to {carrier} in {seconds:.1f}s "
-          f"({big.stat().st_size / seconds / 1e6:.1f} MB/s); {other} left and was back {returned_at:.1f}s in; "
-          f"Orthanc reports FileSize {record['FileSize']}, data set {got_size} bytes (sent {sent_size})")
-    assert (got_size, got_digest) == (sent_size, sent_digest)
-    assert abs(record["FileSize"] - big.stat().st_size) < 256   # only the meta header differs
 
 
 def test_host_loss_is_detected_in_the_configured_time(pacs, balancer, dicom_files):
