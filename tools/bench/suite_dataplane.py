@@ -581,8 +581,9 @@ def run(opts: Options) -> dict:
         ]
         add_group(g, cases, "new flow: the unmodified program cannot miss twice on one packet; see the suite's "
                             "method. NAT: an identity translation, see the suite's method")
-    # Back to the DSR service alone: later groups may reuse these programs and program them together.
-    programs.program([main, upper, lower], [service("dicom", 104, 3)])
+    # Back to the DSR services alone (both families, without NAT): later groups may reuse these
+    # programs and program them together with the same services.
+    programs.program([main, upper, lower], [service("dicom", 104, 3), service6("dicom6", 104, 3)])
     # The unmodified program, one distinct flow per call: real misses and inserts.
     sources = [str(IPv4Address("12.0.0.0") + i) for i in range(opts.scale.single_shot_calls)]
     acks = [ack(104, src) for src in sources]
