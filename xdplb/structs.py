@@ -39,7 +39,7 @@ EVENTS = ("ip_options", "vlan", "flow_hit", "flow_new", "flow_reselect", "icmp_t
           "flood_no_entry", "down_grace", "udp_expired")
 # Indices of the nat_stats counters (NAT_STAT_*).
 NAT_STATS = ("request", "reply_tx", "reply_redirect", "no_route", "no_neigh", "icmp", "untranslatable",
-             "no_target", "stack")
+             "no_target", "stack", "fragment", "truncated")
 # XDP actions, by value.
 ACTIONS = ("aborted", "drop", "pass", "tx", "redirect")
 XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX, XDP_REDIRECT = range(5)
