@@ -297,3 +297,28 @@ def test_cli_up_status_down_round_trip(spare_prefix):
     cli("down", "--prefix", spare_prefix)
     st = json.loads(cli("status", "--prefix", spare_prefix, "--json").stdout)
     assert not st["up"] and not st["servers"]["be1"]["alive"]
+
+
+def test_cli_down_removes_the_orthanc_storage_of_a_crashed_nat_or_pacs_run(spare_prefix):
+    """A NAT (or PACS) run that crashed before its own down() leaves its Orthanc
+    running and its storage under the state dir; `lab.py down` (which has no
+    --pacs) stops it and removes the storage. A real Orthanc, on be4 of a
+    four-backend lab, cleaned by a `down` that knows the default three only."""
+    import pacs_lab
+
+    lab = labtool.Lab(prefix=spare_prefix, backends=4)
+    lab.up()
+    pacs_lab.start_orthanc(lab, "be4", dicom_port=4242)   # as the NAT lab; the plain lab serves 104
+    pid = pacs_lab.orthanc_pid(lab, "be4")
+    storage = pacs_lab.orthanc_dir(lab, "be4") / "storage"
+    assert pid is not None and storage.is_dir()
+    proc = pacs_lab._PROCS.pop((str(lab.state_dir), "be4"))   # as after a crash: only the pid file knows it
+    try:
+        cli("down", "--prefix", spare_prefix)
+        assert not (Path(lab.state_dir) / "orthanc").exists()
+        assert proc.wait(timeout=10) is not None
+        assert lab.namespaces() == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
