@@ -25,6 +25,8 @@
  * Counted as EVENT_ICMP_TOO_BIG. No flow entry is created or changed.
  * For a NAT service the quote names the VIP, which the backend does not
  * hold: such a message is dropped and counted (NAT_STAT_ICMP; nat.h).
+ * Before all of this, nat_backend_icmp drops and counts the errors a NAT
+ * backend sends to a client about a NAT flow (nat.h).
  *
  * Everything else passes to the gateway's stack untouched (XDP_PASS):
  *   - any other ICMP message (echo requests: pinging the VIP keeps working);
@@ -162,6 +164,9 @@ static __always_inline int handle_icmp(struct hdr_cursor *nh, void *data_end,
 	struct packet quoted = {};
 	int quote;
 
+	quote = nat_backend_icmp(pkt, nh->pos, data_end);
+	if (quote != CONTINUE)
+		return quote;
 	quote = read_frag_needed(nh, data_end, pkt->iph, &quoted.flow);
 	return send_to_owner(quote, &quoted, NULL, dst);
 }

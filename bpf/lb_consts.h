@@ -111,7 +111,11 @@
 #define NAT_STAT_STACK 8         /* reply of a NAT pair the stack would not forward either (to the
                                   * gateway itself: health checks, its own connections; or no route
                                   * at all): passed untouched */
-#define NAT_STAT_MAX 9
+#define NAT_STAT_FRAGMENT 9      /* TCP/UDP fragment from a NAT backend's address, routed on (not to the
+                                  * gateway): its ports cannot be read, so it cannot be translated: dropped */
+#define NAT_STAT_TRUNCATED 10    /* TCP/UDP from a NAT backend's address with its L4 header cut short,
+                                  * routed on (not to the gateway): dropped */
+#define NAT_STAT_MAX 11
 
 /* The flood guard's rate window (bpf_ktime_get_ns is in ns). */
 #define XDPLB_NSEC_PER_SEC 1000000000ULL

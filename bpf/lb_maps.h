@@ -213,6 +213,15 @@ LB_MAP("hash", struct nat_rev_key, struct nat_rev_value, nat_reverse, MAX_BACKEN
  */
 LB_MAP("array", int, __u32, nat_ports, PORT_WORDS);
 
+/*
+ * NAT backend address (network order) -> 1: the addresses in nat_reverse's
+ * keys; written by the controller with them (inserted before the first
+ * nat_reverse entry of the address, deleted after its last), read for
+ * TCP/UDP fragments and truncated L4 headers not to a VIP, whose ports
+ * cannot be read (nat.h, nat_unreadable).
+ */
+LB_MAP("hash", __be32, __u32, nat_addrs, MAX_BACKENDS);
+
 /* NAT_STAT_* -> per-CPU count; written per NAT packet, read by the controller. */
 LB_MAP("percpu_array", int, __u64, nat_stats, NAT_STAT_MAX);
 

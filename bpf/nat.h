@@ -35,10 +35,23 @@
  * the stack would send it to the client, whose RST would kill the
  * association.
  *
+ * What a NAT backend sends that cannot be translated is dropped and counted,
+ * never passed (the gateway's own traffic, bpf_fib_lookup NOT_FWDED, passes):
+ *   - a TCP/UDP IPv4 fragment (NAT_STAT_FRAGMENT) or a TCP/UDP packet whose
+ *     L4 header is cut short (NAT_STAT_TRUNCATED): no ports to look up, so
+ *     the decision is the SOURCE ADDRESS alone (nat_addrs): every such packet
+ *     from a NAT backend's address is dropped, whatever its port;
+ *   - nat_unreadable (xdplb.c calls it from parse_l3 and truncated_l4).
+ *
  * ICMP errors about NAT flows are dropped and counted (NAT_STAT_ICMP), not
- * translated: a frag-needed to the VIP quoting a NAT service's reply
- * (handle_icmp.h). Path MTU changes on the client side therefore need the
- * usual MSS clamping; README says so.
+ * translated, in both directions:
+ *   - a frag-needed to the VIP quoting a NAT service's reply (handle_icmp.h).
+ *     Path MTU changes on the client side therefore need the usual MSS
+ *     clamping; README says so;
+ *   - an error a NAT backend sends to a client quoting client -> backend:port
+ *     (a destination/port unreachable, frag needed, time exceeded, parameter
+ *     problem, source quench: nat_backend_icmp). The client's TCP recovers
+ *     by its own timeouts, as when an error is lost on the way.
  *
  * Part of xdplb.c (its struct packet, struct dest and steps).
  */
@@ -46,7 +59,9 @@
 #define XDPLB_NAT_H
 
 #include <linux/bpf.h>
+#include <linux/icmp.h>
 #include "csum.h"
+#include "parsing_helpers.h"
 #include "stats.h"
 
 #ifndef AF_INET
@@ -109,6 +124,99 @@ static __always_inline int nat_l4_fields(const struct packet *pkt, int source,
 	*check = &udph->check;
 	*port = source ? &udph->source : &udph->dest;
 	return 1;
+}
+
+/* bpf_fib_lookup for a packet from `iph` leaving with source `saddr` (the
+ * VIP for a translated reply, else the packet's own) and these ports. */
+static __always_inline int nat_fib_lookup(struct xdp_md *ctx, const struct iphdr *iph, __u8 proto,
+					  __be32 saddr, __be16 sport, __be16 dport,
+					  struct bpf_fib_lookup *fib)
+{
+	fib->family = AF_INET;
+	fib->tos = iph->tos;
+	fib->l4_protocol = proto;
+	fib->sport = sport;
+	fib->dport = dport;
+	fib->tot_len = bpf_ntohs(iph->tot_len);
+	fib->ipv4_src = saddr;
+	fib->ipv4_dst = iph->daddr;
+	fib->ifindex = ctx->ingress_ifindex;
+	return bpf_fib_lookup(ctx, fib, sizeof(*fib), 0);
+}
+
+/* Whether the gateway would route `iph` on rather than take it itself:
+ * anything but BPF_FIB_LKUP_RET_NOT_FWDED (to the gateway, or no route). */
+static __always_inline int nat_routed_on(struct xdp_md *ctx, const struct iphdr *iph, __u8 proto)
+{
+	struct bpf_fib_lookup fib = {};
+
+	return nat_fib_lookup(ctx, iph, proto, iph->saddr, 0, 0, &fib) != BPF_FIB_LKUP_RET_NOT_FWDED;
+}
+
+/* Whether `addr` is some NAT backend's address (nat_addrs, lb_maps.h). */
+static __always_inline int nat_backend_addr(__be32 addr)
+{
+	return nat_addrs.lookup(&addr) != NULL;
+}
+
+/*
+ * A TCP/UDP packet whose ports nat_reply cannot read (an IPv4 fragment: only
+ * the first carries them; or an L4 header cut short), not to a VIP. From a
+ * NAT backend's address and routed on (not to the gateway itself), it could
+ * be a reply the stack would forward untranslated: dropped and counted as
+ * `stat`. Decided by the source address alone, so any such packet of a NAT
+ * backend is dropped, not only its NAT services' replies. Everything else
+ * passes to the stack as before.
+ */
+static __always_inline int nat_unreadable(const struct packet *pkt, const struct iphdr *iph,
+					  __u8 proto, __u32 stat)
+{
+	if (nat_backend_addr(iph->saddr) && nat_routed_on(pkt->ctx, iph, proto))
+		return nat_counted(stat, XDP_DROP);
+	return counted(REASON_NOT_SERVICE, XDP_PASS);
+}
+
+/*
+ * ICMP errors a NAT backend sends to a client about a NAT flow (its kernel's
+ * port unreachable, frag needed, parameter problem...). They quote what the
+ * backend received: client -> backend:port, its translated request, and would
+ * reach the client untranslated, naming an address and port the client never
+ * used. Dropped and counted (NAT_STAT_ICMP), not translated. Not to the
+ * gateway itself (errors about its health checks pass to its stack).
+ * `pos` is the ICMP header; CONTINUE for anything else.
+ */
+static __always_inline int nat_backend_icmp(const struct packet *pkt, void *pos, void *data_end)
+{
+	struct hdr_cursor nh = { .pos = pos };
+	struct icmphdr *icmph = pos;
+	struct nat_rev_key key = {};
+	struct iphdr *inner;
+	__be16 *ports;
+	int proto;
+
+	if ((void *)(icmph + 1) > data_end)
+		return CONTINUE;
+	if (icmph->type != ICMP_DEST_UNREACH && icmph->type != ICMP_SOURCE_QUENCH &&
+	    icmph->type != ICMP_TIME_EXCEEDED && icmph->type != ICMP_PARAMETERPROB)
+		return CONTINUE;
+	nh.pos = icmph + 1;
+	proto = parse_iphdr(&nh, data_end, &inner);
+	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
+		return CONTINUE;
+	/* From the backend about a packet to it; a later fragment has no ports. */
+	if (inner->daddr != pkt->iph->saddr || (inner->frag_off & bpf_htons(IP_OFFSET)))
+		return CONTINUE;
+	ports = nh.pos;
+	if ((void *)(ports + 2) > data_end)
+		return CONTINUE;
+	if (!nat_port_in_use(ports[1]))
+		return CONTINUE;
+	key.addr = inner->daddr;
+	key.port = ports[1];
+	key.proto = proto;
+	if (!nat_reverse.lookup(&key) || !nat_routed_on(pkt->ctx, pkt->iph, IPPROTO_ICMP))
+		return CONTINUE;
+	return nat_counted(NAT_STAT_ICMP, XDP_DROP);
 }
 
 /* Rewrite the address `*addr` (in the IPv4 header) and the port `*port`
@@ -181,16 +289,7 @@ static __always_inline int nat_reply(struct xdp_md *ctx, const struct packet *pk
 	if (rev.rev.bport != key.port)   /* an element recycled under us (lb_maps.h) */
 		return nat_counted(NAT_STAT_UNTRANSLATABLE, XDP_DROP);
 
-	fib.family = AF_INET;
-	fib.tos = iph->tos;
-	fib.l4_protocol = pkt->l4_proto;
-	fib.sport = rev.rev.vport;
-	fib.dport = pkt->flow.dport;
-	fib.tot_len = bpf_ntohs(iph->tot_len);
-	fib.ipv4_src = rev.rev.vip;
-	fib.ipv4_dst = iph->daddr;
-	fib.ifindex = ctx->ingress_ifindex;
-	rc = bpf_fib_lookup(ctx, &fib, sizeof(fib), 0);
+	rc = nat_fib_lookup(ctx, iph, pkt->l4_proto, rev.rev.vip, rev.rev.vport, pkt->flow.dport, &fib);
 	if (rc == BPF_FIB_LKUP_RET_NOT_FWDED)   /* to the gateway itself, or no route */
 		return nat_counted(NAT_STAT_STACK, XDP_PASS);
 	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH)

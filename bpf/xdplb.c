@@ -37,11 +37,13 @@
  *     first fragment carries ports, so fragments cannot be steered
  *     consistently; TCP with path-MTU discovery does not fragment. Other
  *     fragments to a VIP (ICMP: a large ping) and all fragments to other
- *     addresses pass to the stack, which reassembles them;
+ *     addresses pass to the stack, which reassembles them, except TCP/UDP
+ *     fragments a NAT backend sends on through the gateway (nat.h: dropped);
  *   - ICMP "fragmentation needed" to a VIP about a reply of one of its flows:
  *     XDP_TX to the flow's backend (EVENT_ICMP_TOO_BIG), so path-MTU
  *     discovery works with DSR; any other ICMP passes (handle_icmp.h);
  *   - TCP/UDP to a VIP with a truncated L4 header: XDP_DROP (REASON_MALFORMED);
+ *     from a NAT backend, sent on through the gateway: XDP_DROP (nat.h);
  *   - IPv4 options: forwarded as usual (DSR leaves the IP header alone),
  *     counted as EVENT_IP_OPTIONS;
  *   - service with no backend in its table (slot 0): XDP_PASS to the gateway's
@@ -98,6 +100,7 @@ struct packet {
 	__u8 l4_proto;         /* IPPROTO_* of the IPv4 header */
 	__u8 tcp_flags;        /* TCP_FLAGS_* of a TCP segment (byte 13 of its header), 0 otherwise */
 	void *data_end;        /* the frame's end (for NAT, which finds the L4 header again) */
+	struct xdp_md *ctx;    /* for NAT's bpf_fib_lookup */
 	struct flow_key flow;  /* the 5-tuple, as the flow table keys it (pad zero); IPv6: ports and proto */
 };
 
@@ -388,11 +391,14 @@ static __always_inline int config_missing(const struct packet *pkt, const struct
 	return counted(REASON_NO_CONFIG, to_vip(pkt, k6) ? XDP_DROP : XDP_PASS);
 }
 
+#include "nat.h"
+
 static __always_inline int ingress_ipv6(struct hdr_cursor *nh, void *data_end, struct packet *pkt,
 					struct dest *dst);
 
 /* Step 1b, IPv4: IPv6 goes its own way, anything else passes; TCP/UDP
- * fragments to a VIP are dropped. */
+ * fragments to a VIP are dropped, and those a NAT backend's address sends
+ * on through the gateway (nat.h). */
 static __always_inline int parse_l3(struct hdr_cursor *nh, void *data_end, struct packet *pkt,
 				    struct dest *dst)
 {
@@ -409,9 +415,11 @@ static __always_inline int parse_l3(struct hdr_cursor *nh, void *data_end, struc
 	if (l4_proto < 0)
 		return counted(REASON_MALFORMED, XDP_PASS);
 	if (ipv4_is_fragment(iph)) {
-		if ((l4_proto == IPPROTO_TCP || l4_proto == IPPROTO_UDP) && is_vip(iph->daddr))
+		if (l4_proto != IPPROTO_TCP && l4_proto != IPPROTO_UDP)
+			return counted(REASON_NOT_SERVICE, XDP_PASS);
+		if (is_vip(iph->daddr))
 			return counted(REASON_FRAGMENT, XDP_DROP);
-		return counted(REASON_NOT_SERVICE, XDP_PASS);
+		return nat_unreadable(pkt, iph, l4_proto, NAT_STAT_FRAGMENT);
 	}
 	if (iph->ihl > 5)
 		count_event(EVENT_IP_OPTIONS);
@@ -423,12 +431,15 @@ static __always_inline int parse_l3(struct hdr_cursor *nh, void *data_end, struc
 	return CONTINUE;
 }
 
-/* A TCP/UDP header cut short: dropped when it is addressed to a VIP. */
+/* A TCP/UDP header cut short: dropped when it is addressed to a VIP, or sent
+ * on from a NAT backend's address (nat.h, IPv4 only). */
 static __always_inline int truncated_l4(const struct packet *pkt, const struct flow_key6 *k6)
 {
 	if (to_vip(pkt, k6))
 		return counted(REASON_MALFORMED, XDP_DROP);
-	return counted(REASON_NOT_SERVICE, XDP_PASS);
+	if (k6 || !pkt->iph)   /* NAT is IPv4 only */
+		return counted(REASON_NOT_SERVICE, XDP_PASS);
+	return nat_unreadable(pkt, pkt->iph, pkt->l4_proto, NAT_STAT_TRUNCATED);
 }
 
 /* Step 1c, TCP or UDP ports (and TCP flags); only ports some service uses go on. */
@@ -684,8 +695,6 @@ static __always_inline int pick_backend(struct packet *pkt, const struct flow_ke
 	return place_new_flow(pkt, k6, state, dst);
 }
 
-#include "nat.h"
-
 /* Step 4, count the traffic and send the frame to its backend. */
 static __always_inline int forward(const struct packet *pkt, const struct dest *dst)
 {
@@ -711,6 +720,7 @@ int xdplb_ingress(struct xdp_md *ctx)
 
 	pkt.frame_len = data_end - nh.pos;
 	pkt.data_end = data_end;
+	pkt.ctx = ctx;
 	action = parse_l2(&nh, data_end, &pkt);
 	if (action == CONTINUE)
 		action = for_us(&pkt, &dst);

@@ -260,6 +260,7 @@ class FakeNetlink:
         self.failing: Counter = Counter()    # method name -> calls still to fail
         self.delay = 0.0                     # seconds each neighbour read blocks its caller
         self.routes: dict[int, set] = {}     # table -> VIPs announced there (xdplb's routes only)
+        self.forwarding = True               # net.ipv4.ip_forward (ipv4_forwarding)
 
     def fail(self, method: str, times: int = 1) -> None:
         """Make the next `times` calls of `method` raise NetlinkProblem."""
@@ -281,6 +282,11 @@ class FakeNetlink:
     def active_features(self, name: str) -> frozenset:
         self.calls.append(("active_features", name))
         return frozenset(self.features.get(name, ()))
+
+    def ipv4_forwarding(self) -> bool:
+        self.calls.append(("ipv4_forwarding",))
+        self._maybe_fail("ipv4_forwarding")
+        return self.forwarding
 
     def vips(self, index: int) -> set:
         return set(self.ours.get(index, ()))

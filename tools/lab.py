@@ -502,11 +502,13 @@ class Lab:
         """
         _require_root()
         errors: list[str] = []
-        if self.pacs:
-            _pacs_lab().stop_all(self)
-            if self.dual_stack:
-                _pacs6_lab().stop_all(self)
         state = Path(self.state_dir)
+        # Orthanc storage is left by any PACS or NAT run that did not reach its
+        # own down(), whatever this Lab was built with (`lab.py down` has no --pacs).
+        if self.pacs or (state / "orthanc").exists():
+            _pacs_lab().stop_all(self)
+        if self.pacs and self.dual_stack:
+            _pacs6_lab().stop_all(self)
         for pidfile in sorted(state.glob("*.pid")) if state.is_dir() else []:
             self._stop_backend(pidfile.stem, graceful=True)
         for ns in self.namespaces():

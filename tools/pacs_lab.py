@@ -210,8 +210,13 @@ def start_all(lab) -> None:
 
 
 def stop_all(lab) -> None:
-    """Stop every Orthanc of the lab and delete their storage (called by Lab.down)."""
-    for name in lab.backend_names():
+    """Stop every Orthanc of the lab and delete their storage (called by Lab.down).
+
+    Every backend directory found counts, not only this Lab's backends: a
+    crashed run may have had more than the Lab that cleans up after it."""
+    root = Path(lab.state_dir) / "orthanc"
+    found = {d.name for d in root.iterdir() if d.is_dir()} if root.is_dir() else set()
+    for name in sorted(found | set(lab.backend_names())):
         stop_orthanc(lab, name)
     shutil.rmtree(Path(lab.state_dir) / "orthanc", ignore_errors=True)
 

@@ -1188,7 +1188,8 @@ def warnings(pool: Pool) -> list[str]:
 
 NAT_ROUTING_SENTENCE = ("  routing: NAT services need the backends' route to the clients to go through this "
                         "gateway (its address on their subnet as their default route), with IP forwarding on "
-                        "here; replies that bypass it reach the clients untranslated and are reset")
+                        "here (net.ipv4.ip_forward = 1, which attach and reload require and never set); replies "
+                        "that bypass it reach the clients untranslated and are reset")
 
 _PERSISTENCE_TEXT = {"flow": "flow (5-tuple)", "client": "client (source IP)"}
 

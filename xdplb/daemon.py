@@ -245,6 +245,9 @@ class Daemon:
             from .dataplane import BccDataplane as factory
         from . import pinning
 
+        problem = await self._nat_forwarding_refusal(self.pool)   # before anything changes
+        if problem:
+            raise AttachError(problem)
         try:
             tls_config = await self.tls.prepare(self.pool)  # haproxy -c, before anything changes
         except TlsTierError as exc:
@@ -337,6 +340,14 @@ class Daemon:
             log.info("attached to %s in %s mode (%s)", self.ifname, mode, why)
             return mode
         raise AttachError(f"could not attach to {self.ifname}: " + "; ".join(errors))
+
+    async def _nat_forwarding_refusal(self, pool: Pool) -> str | None:
+        """Why `pool` must not run with this namespace's IP forwarding, or None
+        (read only for a pool with NAT services)."""
+        nat = [s.name for s in pool.services if s.forwarding == "nat"]
+        if not nat:
+            return None
+        return modes.nat_forwarding_refusal(nat, await asyncio.to_thread(self.netlink.ipv4_forwarding))
 
     def _vlan_strip_refusal(self, mode: str) -> str | None:
         if mode != "native":
@@ -569,6 +580,9 @@ class Daemon:
             blocked = restart_needed(self.pool, new)
             if blocked:
                 raise PoolError(f"{self.pool_path}: changing {', '.join(blocked)} needs a restart of xdplb")
+            problem = await self._nat_forwarding_refusal(new)
+            if problem:
+                raise PoolError(problem)
             certificates = usable_certificates(new, time.time()).certificates
             tls_config = await self.tls.prepare(new)
             # MACs first, so the dry run plans with them and is the plan applied.

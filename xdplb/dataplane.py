@@ -486,16 +486,22 @@ class BccDataplane:
     def _nat_reverse_write(self, op, w: "_Writes") -> None:
         table = self.map("nat_reverse")
         key = structs.NatRevKey.of(op.address, op.port, op.protocol)
+        addrs = self.map("nat_addrs")   # nat_reverse's addresses (lb_maps.h)
+        addr = addrs.Key.from_buffer_copy(bytes(key.addr))
         if isinstance(op, plan.PutNatReverse):
             value = structs.NatRevValue.of(op.vip, op.vport, op.port)
             w.content.append(lambda: self._set_bit("nat_ports", op.port, True))
+            w.content.append(lambda: addrs.__setitem__(addr, addrs.Leaf(1)))
             w.content.append(lambda: table.__setitem__(key, value))
             return
 
         def remove():
             self._delete(table, key)
-            if not any(socket.ntohs(k.port) == op.port for k in table.keys()):
+            keys = list(table.keys())
+            if not any(socket.ntohs(k.port) == op.port for k in keys):
                 self._set_bit("nat_ports", op.port, False)
+            if not any(bytes(k.addr) == bytes(key.addr) for k in keys):
+                self._delete(addrs, addr)
 
         w.late.append(remove)
 

@@ -226,7 +226,8 @@ class XdplbCollector:
         nat.update(getattr(stats, "nat", {}))
         yield self._by_label("xdplb_nat_packets",
                              "NAT services' packets by outcome: request, reply_tx, reply_redirect sent; no_route, "
-                             "no_neigh, icmp, untranslatable, no_target dropped; stack passed (bpf/nat.h).",
+                             "no_neigh, icmp, untranslatable, no_target, fragment, truncated dropped; stack passed "
+                             "(bpf/nat.h).",
                              "outcome", nat)
         misses = CounterMetricFamily(
             "xdplb_flow_misses",

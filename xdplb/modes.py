@@ -57,3 +57,18 @@ def vlan_strip_refusal(ifname: str, link_kind: str | None, active_features) -> s
     return (f"{ifname} strips VLAN tags before native XDP sees a frame ({', '.join(on)} is on), so balanced "
             f"frames would leave untagged: turn it off with `ethtool -K {ifname} {fix}` before attaching "
             f"(it can reset the link, so xdplb does not do it for you)")
+
+
+def nat_forwarding_refusal(nat_services, forwarding: bool) -> str | None:
+    """Why a pool with these NAT services (names) must not run here, or None.
+
+    The NAT reply path routes with bpf_fib_lookup, which answers
+    BPF_FIB_LKUP_RET_FWD_DISABLED while IPv4 forwarding is off: every reply
+    would be dropped (nat_stats no_route). xdplb does not turn it on itself:
+    forwarding makes the host a router, which is the operator's decision.
+    """
+    if forwarding or not nat_services:
+        return None
+    return (f"NAT service(s) {', '.join(nat_services)} need IP forwarding, but net.ipv4.ip_forward is 0 in this "
+            f"network namespace, so every reply would be dropped: turn it on with "
+            f"`sysctl -w net.ipv4.ip_forward=1` (xdplb does not change it for you)")

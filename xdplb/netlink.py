@@ -93,6 +93,14 @@ def _set_bit_names(bitset) -> frozenset[str]:
                      if nomask or b.get_attr("ETHTOOL_A_BITSET_BIT_VALUE"))
 
 
+IP_FORWARD = "/proc/sys/net/ipv4/ip_forward"   # per network namespace: the reader's
+
+
+def _read_ip_forward() -> bool:
+    with open(IP_FORWARD) as f:
+        return f.read().strip() != "0"
+
+
 def _active_features(ifname: str) -> frozenset[str]:
     sock = GenericNetlinkSocket()
     try:
@@ -163,6 +171,14 @@ class Netlink:
         except NetlinkError as exc:
             raise NetlinkProblem(f"cannot read the offload features of {name} through ethtool netlink: "
                                  f"{exc}") from exc
+
+    def ipv4_forwarding(self) -> bool:
+        """Whether this network namespace forwards IPv4 (net.ipv4.ip_forward),
+        read in the worker thread, the namespace of the netlink socket."""
+        try:
+            return self._call(_read_ip_forward)
+        except OSError as exc:
+            raise NetlinkProblem(f"cannot read {IP_FORWARD}: {exc}") from exc
 
     # ---- VIP addresses ----------------------------------------------------
 

@@ -154,6 +154,7 @@ def nat_map_specs(settings: Settings) -> dict[str, MapSpec]:
         "nat_backends": MapSpec("array", ctypes.c_int, structs.NatBackend, settings.max_backends),
         "nat_reverse": MapSpec("hash", structs.NatRevKey, structs.NatRevValue, settings.max_backends),
         "nat_ports": MapSpec("array", ctypes.c_int, ctypes.c_uint32, structs.PORT_WORDS),
+        "nat_addrs": MapSpec("hash", ctypes.c_uint32, ctypes.c_uint32, settings.max_backends),
         "nat_stats": MapSpec("percpu_array", ctypes.c_int, ctypes.c_uint64, len(structs.NAT_STATS)),
     }
 

@@ -41,7 +41,7 @@ EVENTS = ("ip_options", "vlan", "flow_hit", "flow_new", "flow_reselect", "icmp_t
           "flood_no_entry", "down_grace", "udp_expired")
 # Indices of the nat_stats counters (NAT_STAT_*).
 NAT_STATS = ("request", "reply_tx", "reply_redirect", "no_route", "no_neigh", "icmp", "untranslatable",
-             "no_target", "stack")
+             "no_target", "stack", "fragment", "truncated")
 # Indices of the events6 counters (EVENT6_* in lb_structs6.h); exported with the events.
 EVENTS6 = ("ipv6_ext_headers", "ipv6_ext_limit", "ipv6_routing")
 # XDP actions, by value.

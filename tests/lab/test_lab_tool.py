@@ -317,3 +317,28 @@ def test_dual_stack_lab_gives_every_host_ipv6_and_the_backends_both_vips(spare_p
         assert py(lab, "client", HTTP_GET, f"http://[{six}]/") == f"200 {name} 4 {name}"
         assert py(lab, "client", HTTP_GET, f"http://{lab.backend_ip(name)}/") == f"200 {name} 4 {name}"
         assert py(lab, name, HTTP_GET, f"http://[{lab.vip6}]/") == f"200 {name} 4 {name}"
+
+
+def test_cli_down_removes_the_orthanc_storage_of_a_crashed_nat_or_pacs_run(spare_prefix):
+    """A NAT (or PACS) run that crashed before its own down() leaves its Orthanc
+    running and its storage under the state dir; `lab.py down` (which has no
+    --pacs) stops it and removes the storage. A real Orthanc, on be4 of a
+    four-backend lab, cleaned by a `down` that knows the default three only."""
+    import pacs_lab
+
+    lab = labtool.Lab(prefix=spare_prefix, backends=4)
+    lab.up()
+    pacs_lab.start_orthanc(lab, "be4", dicom_port=4242)   # as the NAT lab; the plain lab serves 104
+    pid = pacs_lab.orthanc_pid(lab, "be4")
+    storage = pacs_lab.orthanc_dir(lab, "be4") / "storage"
+    assert pid is not None and storage.is_dir()
+    proc = pacs_lab._PROCS.pop((str(lab.state_dir), "be4"))   # as after a crash: only the pid file knows it
+    try:
+        cli("down", "--prefix", spare_prefix)
+        assert not (Path(lab.state_dir) / "orthanc").exists()
+        assert proc.wait(timeout=10) is not None
+        assert lab.namespaces() == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -39,6 +39,9 @@ passing untouched, it may be dropped (no route, no neighbour: the test's
 namespace decides, the oracle cannot), or sent (XDP_TX or XDP_REDIRECT)
 with exactly its source address and port changed to the service's VIP and
 port and the checksums kept by the same invariant; the MACs are the route's.
+What a NAT backend's ADDRESS sends that cannot be translated (a TCP/UDP
+fragment or cut-short header, an ICMP error), not to a VIP, may be dropped
+(nat.h: unless it is to the gateway itself, which the namespace decides).
 
 IPv6 (issue 15), judged by the same rules where they apply, and these:
   - a chain of more than IPV6_EXT_MAX (4) hop-by-hop, destination options
@@ -246,6 +249,19 @@ def translation_problem(raw: bytes, out: bytes, ip: Ip, addr_off: int, port_off:
     return None
 
 
+ICMP_ERRORS = (3, 4, 11, 12)   # destination unreachable, source quench, time exceeded, parameter problem
+
+
+def l4_whole(raw: bytes, ip: Ip) -> bool:
+    """Whether the TCP/UDP header is whole, as the program's parser takes it
+    (fixed part present, TCP data offset >= 5, UDP length >= 8)."""
+    if ip.l4 + (20 if ip.proto == TCP else 8) > len(raw):
+        return False
+    if ip.proto == TCP:
+        return raw[ip.l4 + 12] >> 4 >= 5
+    return _word(raw, ip.l4 + 4) >= 8
+
+
 class Oracle:
     """Judges one (frame, verdict) at a time; keeps counts of what it saw."""
 
@@ -285,6 +301,9 @@ class Oracle:
             return self._nat_reply(raw, out, ip, action, target)
         if action == REDIRECT:
             return "XDP_REDIRECT of a frame that is not a NAT reply"
+        if action == DROP and self._nat_untranslatable(raw, ip) and ip.daddr not in m.vips:
+            self.seen["drop untranslatable from a nat backend"] += 1
+            return None
         if ip is None or ip.daddr not in m.vips:
             return f"{ACTION_NAMES[action]} of a frame that is not well-formed IPv4 or IPv6 to a VIP"
         if ip.family == 6:
@@ -416,13 +435,19 @@ class Oracle:
         frame is not one (at most one tag, whole TCP/UDP header, no fragment)."""
         if ip is None or ip.tags > 1 or ip.fragment or ip.proto not in (TCP, UDP):
             return None
-        if ip.l4 + (20 if ip.proto == TCP else 8) > len(raw):
-            return None
-        if ip.proto == TCP and raw[ip.l4 + 12] >> 4 < 5:
-            return None
-        if ip.proto == UDP and _word(raw, ip.l4 + 4) < 8:
+        if not l4_whole(raw, ip):
             return None
         return self.model.reverse.get((ip.saddr, _word(raw, ip.l4), ip.proto))
+
+    def _nat_untranslatable(self, raw: bytes, ip: Ip | None) -> bool:
+        """Whether the frame comes from a NAT backend's address and cannot be
+        translated: a TCP/UDP fragment or cut-short header, or an ICMP error
+        (its dropping is allowed; to the gateway itself the namespace decides)."""
+        if ip is None or ip.tags > 1 or ip.saddr not in {key[0] for key in self.model.reverse}:
+            return False
+        if ip.proto in (TCP, UDP):
+            return ip.fragment or not l4_whole(raw, ip)
+        return ip.proto == ICMP and not ip.fragment and ip.l4 < len(raw) and raw[ip.l4] in ICMP_ERRORS
 
     def _nat_reply(self, raw: bytes, out: bytes, ip: Ip, action: int, target: tuple) -> str | None:
         if action == DROP:

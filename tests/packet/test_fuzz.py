@@ -871,6 +871,16 @@ def test_oracle_rejects_what_the_specification_forbids():
     ping_frag = bytes(eth() / IP(src=CLIENTS[0], dst=VIP1, flags="MF") / ICMP() / Raw(b"x" * 8))
     assert "non-TCP/UDP fragment" in oracle.judge(ping_frag, O.DROP, ping_frag)
 
+    # NAT: what a NAT backend's address sends that cannot be translated may be dropped; from others not.
+    backend_frag = bytes(nat_reply(61, PACS_PORT, "tcp", CLIENTS[0], 50200, flags="MF"))
+    stranger_frag = bytes(nat_reply(63, PACS_PORT, "tcp", CLIENTS[0], 50200, flags="MF"))
+    cut = bytes(nat_reply(61, PACS_PORT, "tcp", CLIENTS[0], 50201))[:14 + 20 + 6]
+    error = bytes(Ether(src=_mac(mac_of(61)), dst=GW) / IP(src="10.10.0.61", dst=CLIENTS[0]) / ICMP(type=3, code=3)
+                  / bytes(IP(src=CLIENTS[0], dst="10.10.0.61") / TCP(sport=50202, dport=PACS_PORT))[:28])
+    for frame in (backend_frag, cut, error):
+        assert oracle.judge(frame, O.DROP, frame) is None
+    assert "not well-formed IPv4 or IPv6 to a VIP" in oracle.judge(stranger_frag, O.DROP, stranger_frag)
+
     # Point 4: "fragmentation needed" goes to the quoted flow's service; other ICMP to the stack.
     icmp = bytes(too_big(CLIENTS[0], VIP1, 20001, 104, O.TCP))
     assert oracle.judge(icmp, O.TX, _tx(icmp, 14)) is None

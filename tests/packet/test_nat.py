@@ -406,3 +406,125 @@ def test_nat_flows_survive_a_restart_that_adopts_the_pinned_maps(bpffs, loaded, 
     reply = reply_run(second, net, from_pacs(tcp_reply(dport=40600), src=owner))
     assert reply.action == TX and Ether(reply.data)[IP].src == str(VIP)
     assert_checksums(reply.data)
+
+
+# ---- what cannot be translated from a NAT backend: dropped, never passed ------
+#
+# Decided by the source address (nat_addrs): a later fragment carries no ports.
+
+def fragments(packet) -> list:
+    """`packet` (from_pacs) cut into IPv4 fragments of 24 payload bytes."""
+    from scapy.layers.inet import fragment
+
+    eth = Ether(bytes(packet))
+    return [Ether(src=eth.src, dst=eth.dst) / piece for piece in fragment(eth[IP], fragsize=24)]
+
+
+BACKEND_FRAGMENTS = [
+    ("first TCP fragment", 0, TCP(sport=PACS_PORT, dport=40000, flags="PA") / Raw(b"P" * 60)),
+    ("later TCP fragment", -1, TCP(sport=PACS_PORT, dport=40000, flags="PA") / Raw(b"P" * 60)),
+    ("later UDP fragment", -1, UDP(sport=UDP_BACKEND_PORT, dport=40000) / Raw(b"U" * 60)),
+    ("TCP fragment from another port", -1, TCP(sport=22, dport=40000, flags="PA") / Raw(b"S" * 60)),
+]
+
+
+@pytest.mark.parametrize("what,index,l4", BACKEND_FRAGMENTS, ids=[f[0] for f in BACKEND_FRAGMENTS])
+@pytest.mark.parametrize("dst", [CLIENT, REMOTE_CLIENT])
+def test_fragment_from_a_nat_backend_to_a_client_is_dropped_and_counted(nat, net, what, index, l4, dst):
+    packet = fragments(from_pacs(l4, dst=dst))[index]
+    before = nat_count(nat, "fragment")
+    verdict = reply_run(nat, net, packet)
+    assert verdict.action == DROP, verdict.action_name
+    assert nat_count(nat, "fragment") == before + 1
+
+
+@pytest.mark.parametrize("what,packet", [
+    ("to the gateway itself", fragments(from_pacs(tcp_reply() / Raw(b"H" * 60), dst="10.30.0.1"))[-1]),
+    ("from an address that is no NAT backend",
+     fragments(from_pacs(tcp_reply() / Raw(b"H" * 60), src="10.30.0.99"))[-1]),
+    ("an ICMP fragment from a NAT backend", fragments(from_pacs(ICMP() / Raw(b"I" * 60)))[-1]),
+])
+def test_other_fragments_still_pass_to_the_stack(nat, net, what, packet):
+    assert_passes_uncounted(nat, net, packet, "fragment")
+
+
+def assert_passes_uncounted(h, net, packet, counter: str) -> None:
+    """`packet` passes to the stack byte for byte, and nat_stats[counter] stays."""
+    before = nat_count(h, counter)
+    verdict = reply_run(h, net, packet)
+    assert verdict.action == PASS, verdict.action_name
+    assert verdict.data == bytes(packet)
+    assert nat_count(h, counter) == before
+
+
+def truncated(packet, keep: int) -> Ether:
+    """`packet` cut `keep` bytes into its L4 header, tot_len and checksum
+    made to match (a valid IPv4 header: only the L4 header is short)."""
+    eth = Ether(bytes(packet))
+    ip = eth[IP]
+    raw = bytes(ip)[:ip.ihl * 4 + keep]
+    ip = IP(raw[:ip.ihl * 4])
+    ip.len = len(raw)
+    del ip.chksum
+    return Ether(src=eth.src, dst=eth.dst) / IP(bytes(ip)[:ip.ihl * 4] + raw[ip.ihl * 4:])
+
+
+@pytest.mark.parametrize("l4", [tcp_reply(), UDP(sport=UDP_BACKEND_PORT, dport=40000)], ids=["TCP", "UDP"])
+def test_nat_backend_reply_with_a_truncated_l4_header_is_dropped_and_counted(nat, net, l4):
+    packet = truncated(from_pacs(l4), 6)
+    assert Ether(bytes(packet))[IP].chksum == recomputed(bytes(packet))[IP].chksum
+    before = nat_count(nat, "truncated")
+    verdict = reply_run(nat, net, packet)
+    assert verdict.action == DROP, verdict.action_name
+    assert nat_count(nat, "truncated") == before + 1
+
+
+def test_truncated_l4_header_to_the_gateway_itself_passes(nat, net):
+    packet = truncated(from_pacs(tcp_reply(dport=50123), dst="10.30.0.1"), 6)
+    verdict = reply_run(nat, net, packet)
+    assert verdict.action == PASS and verdict.data == bytes(packet)
+
+
+def test_nat_addrs_follow_the_nat_backends(nat, net):
+    """nat_addrs holds exactly the NAT backends' addresses: a backend that
+    leaves every NAT service leaves it, and its fragments pass again."""
+    packet = fragments(from_pacs(tcp_reply() / Raw(b"H" * 60), src=PACS[2]))[-1]
+    assert reply_run(nat, net, packet).action == DROP
+    nat.program(nat_services(backends=PACS[:2]))
+    addrs = {bytes(k) for k in nat.dp.map("nat_addrs").keys()}
+    assert addrs == {ipaddress.IPv4Address(a).packed for a in PACS[:2]}
+    assert reply_run(nat, net, packet).action == PASS
+
+
+# ---- ICMP errors a NAT backend sends about a NAT flow: dropped and counted ----
+
+def backend_icmp(quoted_l4, icmp=None, dst=CLIENT, backend=PACS[0]):
+    """An ICMP error from `backend` to `dst` quoting what the backend got:
+    dst -> backend:port (a translated request)."""
+    quoted = IP(src=dst, dst=backend) / quoted_l4
+    return from_pacs(icmp or ICMP(type=3, code=3), dst=dst, src=backend) / bytes(quoted)[:28]
+
+
+BACKEND_ICMP = [
+    ("UDP port unreachable", UDP(sport=40000, dport=UDP_BACKEND_PORT), None, CLIENT),
+    ("TCP frag needed", TCP(sport=40000, dport=PACS_PORT), ICMP(type=3, code=4, nexthopmtu=1400), CLIENT),
+    ("TCP parameter problem", TCP(sport=40000, dport=PACS_PORT), ICMP(type=12, code=0), REMOTE_CLIENT),
+    ("TCP time exceeded", TCP(sport=40000, dport=PACS_PORT), ICMP(type=11, code=0), CLIENT),
+]
+
+
+@pytest.mark.parametrize("what,quoted,icmp,dst", BACKEND_ICMP, ids=[b[0] for b in BACKEND_ICMP])
+def test_icmp_error_from_a_nat_backend_about_a_nat_flow_is_dropped_and_counted(nat, net, what, quoted, icmp, dst):
+    before = nat_count(nat, "icmp")
+    verdict = reply_run(nat, net, backend_icmp(quoted, icmp, dst))
+    assert verdict.action == DROP, verdict.action_name
+    assert nat_count(nat, "icmp") == before + 1
+
+
+@pytest.mark.parametrize("what,packet", [
+    ("about a port that is no NAT backend's", backend_icmp(TCP(sport=40000, dport=22))),
+    ("to the gateway itself (a health check)", backend_icmp(TCP(sport=50123, dport=PACS_PORT), dst="10.30.0.1")),
+    ("an echo reply", from_pacs(ICMP(type=0) / Raw(b"ping"))),
+])
+def test_other_icmp_from_a_nat_backend_passes(nat, net, what, packet):
+    assert_passes_uncounted(nat, net, packet, "icmp")

@@ -251,3 +251,72 @@ def test_nat_with_tls_termination_is_refused(tmp_path):
     text = NAT_POOL.replace('forwarding = "nat"\n', 'forwarding = "nat"\n  [service.tls]\n  certificate = "'
                             + str(pem) + '"\n  backend_protocol = "tcp"\n  backend_port = 4242\n')
     assert 'forwarding = "nat" cannot go with [service.tls]' in problems(text)
+
+
+# ---- IP forwarding: required, checked, never set ------------------------------
+
+def _nat_text(text: str) -> str:
+    """test_daemon's pool with every service NAT (a PACS is behind DSR or NAT, not both)."""
+    for name in ("dicom", "web", "store"):
+        text = text.replace(f'name = "{name}"', f'name = "{name}"\nforwarding = "nat"')
+    return text
+
+
+def test_check_names_the_forwarding_sysctl():
+    assert "net.ipv4.ip_forward = 1" in describe(parse_pool(NAT_POOL))
+
+
+def test_attach_with_a_nat_service_is_refused_while_forwarding_is_off(tmp_path, monkeypatch):
+    import tempfile
+
+    from test_daemon import Harness, running
+
+    from xdplb.daemon import AttachError
+
+    monkeypatch.setenv("XDPLB_RUN_DIR", tempfile.mkdtemp(prefix="xdplb-t", dir="/tmp"))
+    h = Harness(tmp_path)
+    h.pool.write_text(_nat_text(h.pool.read_text()))
+    h.nl.forwarding = False
+    with pytest.raises(AttachError, match=r"^NAT service\(s\) dicom, web, store need IP forwarding, but net.ipv4.ip_forward is "
+                                          r"0 .*`sysctl -w net.ipv4.ip_forward=1`"):
+        asyncio.run(asyncio.wait_for(h.daemon().run(), 5))
+    assert h.made == [], "refused before compiling: nothing changed"
+    assert not any(c[0] == "add_vip" for c in h.nl.calls)
+
+    # The same host without NAT services attaches; forwarding on, the NAT pool attaches.
+    for text, forwarding in ((h.pool.read_text().replace('forwarding = "nat"\n', ""), False),
+                             (h.pool.read_text(), True)):
+        ok = Harness(tmp_path)
+        ok.pool.write_text(text)
+        ok.nl.forwarding = forwarding
+
+        async def scenario():
+            async with running(ok.daemon()):
+                assert ok.dp.attached is not None
+
+        asyncio.run(scenario())
+
+
+def test_reload_to_a_nat_service_is_rejected_while_forwarding_is_off(tmp_path, monkeypatch):
+    import tempfile
+
+    from test_daemon import Harness, running, snapshot
+
+    monkeypatch.setenv("XDPLB_RUN_DIR", tempfile.mkdtemp(prefix="xdplb-t", dir="/tmp"))
+    h = Harness(tmp_path)
+    h.nl.forwarding = False
+    daemon = h.daemon()
+
+    async def scenario():
+        async with running(daemon):
+            before, pool = snapshot(h.dp), daemon.pool
+            h.pool.write_text(_nat_text(h.pool.read_text()))
+            result = await daemon.reload("test")
+            assert result["result"] == "rejected"
+            assert "net.ipv4.ip_forward is 0" in result["error"] and "sysctl -w" in result["error"]
+            assert snapshot(h.dp) == before and daemon.pool is pool
+            h.nl.forwarding = True   # the operator turns it on: the same reload applies
+            assert (await daemon.reload("test"))["result"] == "applied"
+
+    asyncio.run(scenario())
+    assert h.nl.forwarding is True, "xdplb never sets it"
