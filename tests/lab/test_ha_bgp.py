@@ -390,12 +390,12 @@ def test_a_health_disagreement_between_nodes(ha, big, small_files, tmp_path):
           f"{len(tries)} new associations, {len(failed)} failed; new flows per node per PACS {placed}; "
           f"down-grace packets on {node}: {grace}; store exit {rc} after {long_store.seconds:.1f}s, "
           f"longest stall {long_store.longest_stall():.2f}s (generic XDP); {long_store.describe()}")
-    assert still_running, "the store ended before the disagreement did: make BIG_BYTES larger"
     assert tries and not failed, tries_out
     assert placed[node][pacs] == 0, f"{node} placed new flows on {pacs}, which it saw down: {placed}"
     # Enough new flows on the disagreeing node that, had it agreed, some
     # would have landed on the PACS: each does with probability 1/3.
     assert sum(placed[node].values()) >= 10, placed
+    assert rc == 0, f"the established store broke during the disagreement:\n{out}"
+    assert still_running, "the store ended before the disagreement did: make BIG_BYTES larger"
     assert grace > 0, f"the store's packets on {node} were not held by the down grace"
-    assert rc == 0, out
     check_stored(ha, big, pacs, tmp_path)
