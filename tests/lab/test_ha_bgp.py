@@ -28,7 +28,7 @@ import pytest
 
 import ha_lab
 import pacs_lab
-from lab_xdplb import XDPLB
+from lab_xdplb import XDPLB, backend_health, backend_in_table
 from make_dicom import dataset_digest, make_instance, make_study
 
 pytestmark = [pytest.mark.root, pytest.mark.lab]
@@ -299,14 +299,16 @@ def test_drain_node_under_continuous_stores(ha, small_files):
     print(f"undrain-node: back in the route after {ha.wait_nexthops(ha.node_names(), 15):.2f}s")
 
 
-def block_probes(ha, node: str, block: bool) -> None:
-    """Make the node's own health probes to every PACS fail (nftables rejects
-    them with a TCP reset in its output hook), or undo it. Only the node's own
-    stack is affected: the XDP program forwards the clients' packets before it."""
+def block_probes(ha, node: str, block: bool, pacs: str | None = None) -> None:
+    """Make the node's own health probes to every PACS (or only to ``pacs``)
+    fail (nftables rejects them with a TCP reset in its output hook), or undo
+    it. Only the node's own stack is affected: the XDP program forwards the
+    clients' packets before it."""
     if block:
+        dst = ha.host_ip(pacs) if pacs else f"{ha.host_ip('be1').rsplit('.', 1)[0]}.0/24"
         ha.run(node, "nft", "-f", "-", input=(
             "table inet lab_block {\n  chain out {\n    type filter hook output priority 0;\n"
-            f"    ip daddr {ha.host_ip('be1').rsplit('.', 1)[0]}.0/24 tcp dport {{ 104, 8042 }} "
+            f"    ip daddr {dst} tcp dport {{ 104, 8042 }} "
             "reject with tcp reset\n  }\n}\n"))
     else:
         ha.run(node, "nft", "delete", "table", "inet", "lab_block", check=False)
@@ -329,3 +331,71 @@ def test_a_node_without_healthy_backends_withdraws(ha):
         block_probes(ha, node, False)
     back = ha.wait_nexthops(ha.node_names(), RISE * INTERVAL + INTERVAL + BGP_UPDATE_BOUND + 3.0)
     print(f"{node} announced again {back:.2f}s after its probes could pass again (rise {RISE} x interval {INTERVAL}s)")
+
+
+# A health disagreement: one node sees one PACS down, the other still sees it
+# up. Held this long while new associations arrive (the long store outlasts it).
+DISAGREE_HOLD = 6.0
+# Until the node with blocked probes has its verdict and the PACS out of its
+# table: fall x interval, up to one interval to the first failing probe, margin.
+VERDICT_BOUND = FALL * INTERVAL + INTERVAL + 3.0
+
+
+def backend_flows(ha, node: str) -> dict[str, int]:
+    """{backend: new flows the node placed on it} for synapse-dicom."""
+    svc = next(s for s in ha.balancer(node).status()["services"] if s["name"] == SERVICE)
+    return {be["name"]: be["new_flows"] for be in svc["backends"]}
+
+
+def test_a_health_disagreement_between_nodes(ha, big, small_files, tmp_path):
+    """The node carrying a long store to PACS P stops reaching P with its
+    probes (nftables in that node only); the other node still sees P up. New
+    associations arrive through the router (ECMP over both nodes) while they
+    disagree; then the block ends. The README ("Several balancers") says what
+    must hold: the established store stays (flow table, down grace), new flows
+    on the disagreeing node avoid P, nothing fails."""
+    long_store = ha_lab.LongStore(ha, big[0])
+    try:
+        pacs = long_store.carried_pacs()
+        node = carrier_node(ha)
+        peer = other(ha, node)
+        blocked = time.monotonic()
+        block_probes(ha, node, True, pacs)
+        try:
+            ha.balancer(node).wait_for(
+                lambda st: backend_health(st, SERVICE)[pacs] == "down" and not backend_in_table(st, SERVICE, pacs),
+                VERDICT_BOUND, f"{node} to see {pacs} down and take it out of its table")
+            verdict = time.monotonic() - blocked
+            assert backend_in_table(ha.balancer(peer).status(), SERVICE, pacs), f"{peer} does not see {pacs} up"
+            before = {n: backend_flows(ha, n) for n in ha.node_names()}
+            grace_before = ha.balancer(node).status()["events"].get("down_grace", 0)
+            watcher = pacs_lab.watch_store(ha, DISAGREE_HOLD, small_files(int(DISAGREE_HOLD * 10)))
+            tries_out, _ = watcher.communicate(timeout=120)
+            after = {n: backend_flows(ha, n) for n in ha.node_names()}
+            grace = ha.balancer(node).status()["events"].get("down_grace", 0) - grace_before
+            # Still disagreeing at the end of the window: the peer never lost P.
+            assert backend_health(ha.balancer(node).status(), SERVICE)[pacs] == "down"
+            assert backend_in_table(ha.balancer(peer).status(), SERVICE, pacs), f"{peer} lost {pacs} during the window"
+            still_running = long_store.running()
+        finally:
+            block_probes(ha, node, False)
+        rc, out = long_store.finish(timeout=600)
+    finally:
+        long_store.close()
+    tries = watch_tries(tries_out)
+    failed = [t for t, r in tries if r == "fail"]
+    placed = {n: {be: after[n][be] - before[n][be] for be in after[n]} for n in ha.node_names()}
+    print(f"health disagreement: {node} (carrying the {BIG_BYTES >> 20} MiB store to {pacs}) saw {pacs} down "
+          f"{verdict:.2f}s after its probes were blocked, {peer} still up; during {DISAGREE_HOLD:.0f}s: "
+          f"{len(tries)} new associations, {len(failed)} failed; new flows per node per PACS {placed}; "
+          f"down-grace packets on {node}: {grace}; store exit {rc} after {long_store.seconds:.1f}s, "
+          f"longest stall {long_store.longest_stall():.2f}s (generic XDP); {long_store.describe()}")
+    assert tries and not failed, tries_out
+    assert placed[node][pacs] == 0, f"{node} placed new flows on {pacs}, which it saw down: {placed}"
+    # Enough new flows on the disagreeing node that, had it agreed, some
+    # would have landed on the PACS: each does with probability 1/3.
+    assert sum(placed[node].values()) >= 10, placed
+    assert rc == 0, f"the established store broke during the disagreement:\n{out}"
+    assert still_running, "the store ended before the disagreement did: make BIG_BYTES larger"
+    assert grace > 0, f"the store's packets on {node} were not held by the down grace"
+    check_stored(ha, big, pacs, tmp_path)
