@@ -448,18 +448,7 @@ port = 104
   [[service.backend]]
   name = "pacs-b"
   address = "10.10.0.12"
-
-[[service]]
-name = "dicom6"
-vip = "FD00:10:10:0:0::0100"
-port = 104
-  [[service.backend]]
-  name = "pacs-a"
-  address = "fd00:10:10::0011"
-  [[service.backend]]
-  name = "pacs-b"
-  address = "FD00:10:10:0000:0000:0000:0000:0012"
-"""
+""" + IPV6_POOL
 
 
 def test_labels_carry_addresses_as_rfc_5952_writes_them_for_a_dual_stack_pool():
