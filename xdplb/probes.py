@@ -20,6 +20,13 @@ A probe never takes longer than its timeout, even against a server that
 accepts the connection and then never answers, so one hung backend never
 delays another's probes (each backend has its own task in the daemon).
 
+Timeouts are asyncio.timeout(), never asyncio.wait_for(): on Python 3.11
+wait_for returns the result, and drops the cancellation, when the task is
+cancelled in the loop turn in which the awaited operation completed
+(CPython gh-86296, fixed in 3.12). A stop that cancels a probe just as its
+connect succeeds then left that probe looping forever, and the daemon's
+stop waiting for it.
+
 DICOM probes run in threads (pynetdicom blocks). At most DICOM_MAX_THREADS
 run at once and each starts after a small random delay, so a pool of 500
 DICOM backends does not start 500 threads in the same instant at start-up
@@ -97,8 +104,9 @@ async def tcp_probe(address: str, port: int, timeout: float) -> ProbeResult:
     clock = _Clock(timeout)
     target = host_port(address, port)
     try:
-        _reader, writer = await asyncio.wait_for(asyncio.open_connection(address, port), timeout)
-    except asyncio.TimeoutError:
+        async with asyncio.timeout(timeout):
+            _reader, writer = await asyncio.open_connection(address, port)
+    except TimeoutError:
         return clock.result(False, f"connect to {target} timed out after {timeout:g}s", "timeout")
     except ConnectionRefusedError:
         return clock.result(False, f"connect to {target} refused", "refused")
@@ -106,8 +114,9 @@ async def tcp_probe(address: str, port: int, timeout: float) -> ProbeResult:
         return clock.result(False, f"connect to {target} failed: {exc.strerror or exc}", "error")
     writer.close()
     try:
-        await asyncio.wait_for(writer.wait_closed(), timeout)
-    except (asyncio.TimeoutError, OSError):
+        async with asyncio.timeout(timeout):
+            await writer.wait_closed()
+    except (TimeoutError, OSError):
         pass
     return clock.result(True, f"connect to {target} succeeded")
 
@@ -192,7 +201,8 @@ async def _close(writer: asyncio.StreamWriter, clock: _Clock) -> None:
     (A TLS close waits for the peer's close_notify, up to 30 s by default.)"""
     writer.close()
     try:
-        await asyncio.wait_for(writer.wait_closed(), clock.left())
+        async with asyncio.timeout(clock.left()):
+            await writer.wait_closed()
     except (TimeoutError, ssl.SSLError, OSError):
         writer.transport.abort()
 
@@ -211,8 +221,8 @@ async def dicom_probe(h: HealthCheck, address: str) -> ProbeResult:
     clock = _Clock(h.timeout)
     progress = {"stage": "connection"}
     try:
-        return await asyncio.wait_for(
-            _in_own_thread(_dicom_echo, h, address, clock, progress, finally_=slots.release), h.timeout)
+        async with asyncio.timeout(h.timeout):
+            return await _in_own_thread(_dicom_echo, h, address, clock, progress, finally_=slots.release)
     except TimeoutError:
         return clock.result(
             False, f"C-ECHO to {h.called_ae}@{host_port(address, h.port)}: no {progress['stage']} "

@@ -18,6 +18,7 @@ log = logging.getLogger("xdplb")
 RESTART_DELAY = 0.2     # seconds before the first restart
 MAX_DELAY = 10.0        # ... doubling up to this while it keeps crashing
 HEALTHY_AFTER = 30.0    # a run this long resets the delay
+STOP_GRACE = 5.0        # seconds a cancelled task has to end before stop_all cancels it again
 
 
 class Supervisor:
@@ -44,11 +45,24 @@ class Supervisor:
             task.cancel()
 
     async def stop_all(self) -> None:
-        tasks = list(self._tasks.values())
+        """Cancel every task and wait until all have ended. A task still running
+        STOP_GRACE seconds after its cancel is named in the log and cancelled
+        again: a cancellation can be lost (Python 3.11's asyncio.wait_for drops
+        one that lands as the awaited operation completes), and the daemon's
+        stop must not wait forever, in silence, on one such task."""
+        names = {task: name for name, task in self._tasks.items()}
         self._tasks.clear()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        pending = set(names)
+        while pending:
+            for task in pending:
+                task.cancel()
+            done, pending = await asyncio.wait(pending, timeout=STOP_GRACE)
+            for task in done:
+                if not task.cancelled():
+                    task.exception()     # retrieved: _keep ends only by a cancel or a return
+            if pending:
+                log.warning("task(s) %s still running %gs after being cancelled; cancelling again",
+                            ", ".join(sorted(_label(names[t]) for t in pending)), STOP_GRACE)
 
     async def _keep(self, name: Hashable, factory: Callable[[], Awaitable]) -> None:
         loop = asyncio.get_running_loop()

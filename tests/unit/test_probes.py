@@ -17,6 +17,7 @@ import pytest
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification
 
+from xdplb import probes
 from xdplb.config import HealthCheck
 from xdplb.probes import probe, run_probe
 
@@ -150,6 +151,56 @@ def scp_factory():
     yield make
     for server in servers:
         server.shutdown()
+
+
+# ---- a stop that cancels a probe as its step completes -------------------------
+# The daemon's stop cancels every probe task and waits for them. On Python
+# 3.11, asyncio.wait_for drops a cancellation that lands in the loop turn in
+# which the operation it waits for completed (CPython gh-86296): the probe
+# went on looping and `xdplb attach` never stopped (SIGTERM in the HA lab,
+# daemon.stop() in test_daemon). These cancel the probe in exactly that turn.
+
+def assert_cancelled_as_it_completes(health: HealthCheck, arm) -> None:
+    """Run the probe as a task; arm(cancel) makes the probed step call cancel() as it
+    completes. The task must end cancelled, not return a result."""
+    async def scenario() -> asyncio.Task:
+        holder = {}
+        arm(lambda: holder["task"].cancel())
+        holder["task"] = task = asyncio.get_running_loop().create_task(run_probe(health, LOCAL))
+        await asyncio.wait({task}, timeout=10)
+        return task
+
+    task = asyncio.run(scenario())
+    assert task.done(), "the probe neither returned nor ended within 10 s"
+    assert task.cancelled(), f"the cancellation was lost: the probe returned {task.result()!r}"
+
+
+def test_a_tcp_probe_cancelled_as_its_connect_completes_ends_cancelled(http_server, monkeypatch):
+    port = http_server.server_address[1]
+    real_open = asyncio.open_connection
+
+    def arm(cancel):
+        async def open_then_cancel(*args, **kwargs):
+            connection = await real_open(*args, **kwargs)   # a real connection to a real listener
+            cancel()                                         # the stop, in the turn the connect completes
+            return connection
+        monkeypatch.setattr(asyncio, "open_connection", open_then_cancel)
+
+    assert_cancelled_as_it_completes(check("tcp", port), arm)
+
+
+def test_a_dicom_probe_cancelled_as_its_thread_answers_ends_cancelled(scp_factory, monkeypatch):
+    port = scp_factory()
+    real_in_own_thread = probes._in_own_thread
+
+    def arm(cancel):
+        def in_own_thread_then_cancel(*args, **kwargs):
+            done = real_in_own_thread(*args, **kwargs)
+            done.add_done_callback(lambda _f: cancel())     # runs before the probe task resumes
+            return done
+        monkeypatch.setattr(probes, "_in_own_thread", in_own_thread_then_cancel)
+
+    assert_cancelled_as_it_completes(check("dicom", port), arm)
 
 
 # ---- tcp ---------------------------------------------------------------------

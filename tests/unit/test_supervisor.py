@@ -40,6 +40,40 @@ def test_a_crashing_task_is_logged_and_restarted_with_a_doubling_pause(monkeypat
     assert all(r.exc_info for r in caplog.records)   # with the traceback
 
 
+def test_stop_all_cancels_again_a_task_that_lost_its_cancellation_and_says_so(monkeypatch, caplog):
+    # A task that swallows its first cancellation, as a coroutine inside
+    # Python 3.11's asyncio.wait_for does when the cancel lands as the awaited
+    # operation completes (CPython gh-86296): stop_all waited for it forever.
+    monkeypatch.setattr(xdplb.supervisor, "STOP_GRACE", 0.05, raising=False)
+    cancels = []
+
+    async def deaf_once():
+        while True:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                cancels.append(asyncio.get_running_loop().time())
+                if len(cancels) > 1:
+                    raise      # the second cancel is heard
+
+    async def quiet():
+        await asyncio.sleep(3600)
+
+    async def scenario():
+        sup = Supervisor()
+        sup.start(("probe", "tcp://10.0.0.1:104"), deaf_once)
+        sup.start("neighbour refresh", quiet)
+        await asyncio.sleep(0.01)
+        await asyncio.wait_for(sup.stop_all(), 5)   # without the second cancel: TimeoutError
+        assert sup.names() == []
+
+    with caplog.at_level(logging.WARNING, logger="xdplb"):
+        asyncio.run(scenario())
+    assert len(cancels) == 2
+    assert [r.getMessage() for r in caplog.records] == [
+        "task(s) probe tcp://10.0.0.1:104 still running 0.05s after being cancelled; cancelling again"]
+
+
 def test_drift_names_what_differs_and_nothing_when_the_maps_agree():
     vip, a = ipaddress.IPv4Address("10.0.0.100"), ipaddress.IPv4Address("10.0.0.11")
     desired = plan.Desired((plan.ServiceState("s", vip, 80, "tcp", "flow",
