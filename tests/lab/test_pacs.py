@@ -215,7 +215,9 @@ def test_dicom_health_takes_out_a_pacs_that_rejects_associations(pacs, balancer,
               f"rejecting associations (bound {DETECT_BOUND:.1f}s): {record['reason']}")
         assert "association rejected" in record["reason"]
         assert record["since"] - refusing <= DETECT_BOUND
-        assert not record["forwarding"] and record["table_slots"] == 0
+        # The verdict reaches the table on the reconciler's next pass.
+        st = b.wait_for(lambda s: not backend_record(s, sick)["forwarding"]
+                        and backend_record(s, sick)["table_slots"] == 0, 3.0, f"{sick} out of the table")
         # It still accepts TCP - a TCP check would call it healthy - but no association.
         assert _tcp_accepts(pacs, pacs.host_ip(sick), pacs_lab.DICOM_PORT)
         assert pacs_lab.echoscu(pacs, host=pacs.host_ip(sick)).returncode != 0
