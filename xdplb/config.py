@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from os import PathLike
 from typing import Any
 
+from xdplb.addrtext import host_port
 from xdplb.maglev import is_prime
 from xdplb.tomllines import BARE_KEY_RE, line_index
 
@@ -1219,11 +1220,6 @@ def _tls_detail(tls: TlsTermination) -> str:
             f"cleartext {tls.backend_protocol} to backend port {tls.backend_port}")
 
 
-def _host_port(addr, port: int) -> str:
-    """ "10.0.0.1:104", "[2001:db8::1]:104" (RFC 5952 section 6)."""
-    return f"[{addr}]:{port}" if addr.version == 6 else f"{addr}:{port}"
-
-
 def describe(pool: Pool) -> str:
     """Return a human-readable, multi-line account of what would be programmed."""
     st = pool.settings
@@ -1252,7 +1248,7 @@ def describe(pool: Pool) -> str:
     for s in pool.services:
         h = s.health
         lines.append(
-            f'service "{s.name}": {_host_port(s.vip, s.port)}/{s.protocol}, '
+            f'service "{s.name}": {host_port(s.vip, s.port)}/{s.protocol}, '
             f"persistence {_PERSISTENCE_TEXT.get(s.persistence, s.persistence)}"
             + (f" (the first {s.client_prefix} bits of its address)"
                if s.vip.version == 6 and s.persistence == "client" else "")
