@@ -260,7 +260,8 @@ class FakeNetlink:
         self.failing: Counter = Counter()    # method name -> calls still to fail
         self.delay = 0.0                     # seconds each neighbour read blocks its caller
         self.routes: dict[int, set] = {}     # table -> VIPs announced there (xdplb's routes only)
-        self.forwarding = True               # net.ipv4.ip_forward (ipv4_forwarding)
+        self.forwarding = True               # net.ipv4.ip_forward (ip_forwarding(4))
+        self.forwarding6 = True              # net.ipv6.conf.all.forwarding (ip_forwarding(6))
 
     def fail(self, method: str, times: int = 1) -> None:
         """Make the next `times` calls of `method` raise NetlinkProblem."""
@@ -283,10 +284,10 @@ class FakeNetlink:
         self.calls.append(("active_features", name))
         return frozenset(self.features.get(name, ()))
 
-    def ipv4_forwarding(self) -> bool:
-        self.calls.append(("ipv4_forwarding",))
-        self._maybe_fail("ipv4_forwarding")
-        return self.forwarding
+    def ip_forwarding(self, version: int) -> bool:
+        self.calls.append(("ip_forwarding", version))
+        self._maybe_fail("ip_forwarding")
+        return self.forwarding if version == 4 else self.forwarding6
 
     def vips(self, index: int) -> set:
         return set(self.ours.get(index, ()))
@@ -333,11 +334,11 @@ class FakeNetlink:
             return self.neighbours[_ip(address)]
         return self.neighbours.get(str(address))
 
-    def solicit(self, address) -> None:
+    def solicit(self, address, index: int = 0) -> None:
         self.solicited.append(_ip(address))
 
-    def route_gateways(self, index: int) -> set:
-        return set(self.gateways)
+    def route_gateways(self, index: int, versions=(4,)) -> set:
+        return {g for g in self.gateways if g.version in versions}
 
 
 class FakeProber:

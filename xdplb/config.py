@@ -36,6 +36,7 @@ from typing import Any
 
 from xdplb.addrtext import host_port
 from xdplb.maglev import is_prime
+from xdplb.modes import FORWARDING_SYSCTLS
 from xdplb.tomllines import BARE_KEY_RE, line_index
 
 HEALTH_CHECK_KINDS = ("tcp", "http", "https", "dicom")
@@ -953,9 +954,6 @@ def _parse_service(r: _Reader, index: int, t: dict, earlier: list[Service]) -> S
         persistence = r.choice(t, "persistence", label, PERSISTENCE_MODES, "persistence mode", "flow")
         forwarding = r.choice(t, "forwarding", label, FORWARDING_MODES, "forwarding mode", "dsr")
         client_prefix = _client_prefix(r, t, label, vip, persistence)
-        if forwarding == "nat" and vip is not None and vip.version == 6 and r.good(t, "vip", "forwarding"):
-            r.bad(f'{label}.forwarding = "nat" is IPv4 only in this version, and the VIP "{vip}" is IPv6; '
-                  f"serve IPv6 PACS with direct server return", t, "forwarding")
     nat = forwarding == "nat"
     with r.section((t.get("tls"), None), (t, "tls")) as checked_tls:
         tls = _parse_tls(r, t, label)
@@ -981,7 +979,7 @@ def _check_forwarding_mix(r: _Reader, raw: list[dict], services: list[Service]) 
     """A PACS is behind DSR services or NAT services, never both; and one
     (backend address, port, protocol) is behind at most one NAT service."""
     table_of = {t.get("name"): t for t in raw if isinstance(t, dict)}
-    mode_of: dict[ipaddress.IPv4Address, Service] = {}
+    mode_of: dict[ipaddress.IPv4Address | ipaddress.IPv6Address, Service] = {}
     nat_targets: dict[tuple, Service] = {}
     for svc in services:
         t = table_of.get(svc.name)
@@ -998,7 +996,7 @@ def _check_forwarding_mix(r: _Reader, raw: list[dict], services: list[Service]) 
             target = (be.address, svc.backend_port(be), svc.protocol)
             first = nat_targets.setdefault(target, svc)
             if first is not svc:
-                r.note(f'backend {be.address}:{target[1]}/{svc.protocol} is behind NAT services "{first.name}" '
+                r.note(f'backend {host_port(be.address, target[1])}/{svc.protocol} is behind NAT services "{first.name}" '
                        f'and "{svc.name}"; its replies are translated back by (address, port, protocol) alone, '
                        f"so they could not tell which VIP to answer from: give each service its own backend port",
                        t, "backend")
@@ -1187,10 +1185,14 @@ def warnings(pool: Pool) -> list[str]:
     return out
 
 
-NAT_ROUTING_SENTENCE = ("  routing: NAT services need the backends' route to the clients to go through this "
-                        "gateway (its address on their subnet as their default route), with IP forwarding on "
-                        "here (net.ipv4.ip_forward = 1, which attach and reload require and never set); replies "
-                        "that bypass it reach the clients untranslated and are reset")
+def nat_routing_sentence(versions) -> str:
+    """What a pool with NAT services of these IP versions needs of the
+    network: one sentence, naming the forwarding sysctl of each family."""
+    sysctls = " and ".join(f"{FORWARDING_SYSCTLS[v]} = 1" for v in sorted(versions))
+    return ("  routing: NAT services need the backends' route to the clients to go through this "
+            "gateway (its address on their subnet as their default route), with IP forwarding on "
+            f"here ({sysctls}, which attach and reload require and never set); replies "
+            "that bypass it reach the clients untranslated and are reset")
 
 _PERSISTENCE_TEXT = {"flow": "flow (5-tuple)", "client": "client (source IP)"}
 
@@ -1243,8 +1245,9 @@ def describe(pool: Pool) -> str:
         lines.append("  announces servable VIPs: " + ", ".join(where) + "; SIGTERM "
                      + (f"withdraws and waits up to {st.stop_drain:g}s for {st.stop_drain_idle:g}s of still counters"
                         if st.stop_drain else "withdraws and detaches at once"))
-    if any(s.forwarding == "nat" for s in pool.services):
-        lines.append(NAT_ROUTING_SENTENCE)
+    nat_versions = {s.vip.version for s in pool.services if s.forwarding == "nat"}
+    if nat_versions:
+        lines.append(nat_routing_sentence(nat_versions))
     for s in pool.services:
         h = s.health
         lines.append(
@@ -1266,6 +1269,6 @@ def describe(pool: Pool) -> str:
             )
         for b in s.backends:
             state = "weight 0 (drained)" if b.weight == 0 else f"weight {b.weight}"
-            where = f"{b.address}:{s.backend_port(b)}" if s.forwarding == "nat" else str(b.address)
+            where = host_port(b.address, s.backend_port(b)) if s.forwarding == "nat" else str(b.address)
             lines.append(f'  backend "{b.name}" {where}: {state}')
     return "\n".join(lines) + "\n"

@@ -343,11 +343,14 @@ class Daemon:
 
     async def _nat_forwarding_refusal(self, pool: Pool) -> str | None:
         """Why `pool` must not run with this namespace's IP forwarding, or None
-        (read only for a pool with NAT services)."""
-        nat = [s.name for s in pool.services if s.forwarding == "nat"]
-        if not nat:
-            return None
-        return modes.nat_forwarding_refusal(nat, await asyncio.to_thread(self.netlink.ipv4_forwarding))
+        (read only for the IP versions of the pool's NAT services)."""
+        problems = []
+        for version in (4, 6):
+            nat = [s.name for s in pool.services if s.forwarding == "nat" and s.vip.version == version]
+            if nat:
+                on = await asyncio.to_thread(self.netlink.ip_forwarding, version)
+                problems.append(modes.nat_forwarding_refusal(nat, on, version))
+        return "; ".join(p for p in problems if p) or None
 
     def _vlan_strip_refusal(self, mode: str) -> str | None:
         if mode != "native":
@@ -506,17 +509,20 @@ class Daemon:
                 mac = known.get(address)
             if mac is not None:
                 macs[address] = mac
-        if any(s.forwarding == "nat" for s in pool.services):
-            self._resolve_next_hops(found)
+        nat_versions = {s.vip.version for s in pool.services if s.forwarding == "nat"}
+        if nat_versions:
+            self._resolve_next_hops(found, nat_versions)
         return macs
 
-    def _resolve_next_hops(self, found: dict) -> None:
+    def _resolve_next_hops(self, found: dict, versions: set[int]) -> None:
         """NAT replies leave through bpf_fib_lookup, which drops a reply whose
-        next hop has no neighbour entry (bpf/nat.h): keep the routers towards
-        the clients resolved, soliciting each that is not."""
-        for gateway in sorted(self.netlink.route_gateways(self.link.index)):
+        next hop has no neighbour entry (bpf/nat.h, bpf/nat6.h): keep the
+        routers towards the clients of each NAT family resolved, soliciting
+        each that is not (an IPv6 router is often a link-local address)."""
+        for gateway in sorted(self.netlink.route_gateways(self.link.index, versions),
+                              key=ipaddress.get_mixed_type_key):
             if gateway not in found:
-                self.netlink.solicit(gateway)
+                self.netlink.solicit(gateway, self.link.index)
 
     def _take_macs(self, macs: dict) -> bool:
         changed = macs != self.macs

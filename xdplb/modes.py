@@ -59,16 +59,31 @@ def vlan_strip_refusal(ifname: str, link_kind: str | None, active_features) -> s
             f"(it can reset the link, so xdplb does not do it for you)")
 
 
-def nat_forwarding_refusal(nat_services, forwarding: bool) -> str | None:
-    """Why a pool with these NAT services (names) must not run here, or None.
+# The sysctl that bpf_fib_lookup reads for each IP version: it answers
+# BPF_FIB_LKUP_RET_FWD_DISABLED while it is 0. For IPv6 it is the "all"
+# setting (net->ipv6.devconf_all), not the interface's own.
+FORWARDING_SYSCTLS = {4: "net.ipv4.ip_forward", 6: "net.ipv6.conf.all.forwarding"}
+_FORWARDING_CAVEATS = {
+    4: "",
+    # A router ignores Router Advertisements unless accept_ra = 2 on the interface.
+    6: "; with it on, this host stops taking its own IPv6 routes from Router Advertisements unless the "
+       "interface has accept_ra = 2",
+}
+
+
+def nat_forwarding_refusal(nat_services, forwarding: bool, version: int = 4) -> str | None:
+    """Why a pool with these NAT services (names) of IP version `version`
+    must not run here, or None.
 
     The NAT reply path routes with bpf_fib_lookup, which answers
-    BPF_FIB_LKUP_RET_FWD_DISABLED while IPv4 forwarding is off: every reply
-    would be dropped (nat_stats no_route). xdplb does not turn it on itself:
-    forwarding makes the host a router, which is the operator's decision.
+    BPF_FIB_LKUP_RET_FWD_DISABLED while the family's forwarding is off
+    (FORWARDING_SYSCTLS): every reply would be dropped (nat_stats no_route).
+    xdplb does not turn it on itself: forwarding makes the host a router,
+    which is the operator's decision.
     """
     if forwarding or not nat_services:
         return None
-    return (f"NAT service(s) {', '.join(nat_services)} need IP forwarding, but net.ipv4.ip_forward is 0 in this "
+    sysctl = FORWARDING_SYSCTLS[version]
+    return (f"NAT service(s) {', '.join(nat_services)} need IP forwarding, but {sysctl} is 0 in this "
             f"network namespace, so every reply would be dropped: turn it on with "
-            f"`sysctl -w net.ipv4.ip_forward=1` (xdplb does not change it for you)")
+            f"`sysctl -w {sysctl}=1` (xdplb does not change it for you{_FORWARDING_CAVEATS[version]})")

@@ -32,6 +32,8 @@ from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.generic import GenericNetlinkSocket
 from pyroute2.netlink.generic.ethtool import ethtoolbitset, ethtoolheader
 
+from .modes import FORWARDING_SYSCTLS
+
 ADDR_PROTO = 0x78  # IFA_PROTO tag on VIP addresses added by xdplb ("x")
 ROUTE_PROTO = 0x78  # rtm_protocol of the VIP routes xdplb announces (free in /etc/iproute2/rt_protos)
 
@@ -93,11 +95,12 @@ def _set_bit_names(bitset) -> frozenset[str]:
                      if nomask or b.get_attr("ETHTOOL_A_BITSET_BIT_VALUE"))
 
 
-IP_FORWARD = "/proc/sys/net/ipv4/ip_forward"   # per network namespace: the reader's
+# Per network namespace (the reader's): the files behind modes.FORWARDING_SYSCTLS.
+IP_FORWARD = {version: "/proc/sys/" + name.replace(".", "/") for version, name in FORWARDING_SYSCTLS.items()}
 
 
-def _read_ip_forward() -> bool:
-    with open(IP_FORWARD) as f:
+def _read_flag(path: str) -> bool:
+    with open(path) as f:
         return f.read().strip() != "0"
 
 
@@ -172,13 +175,15 @@ class Netlink:
             raise NetlinkProblem(f"cannot read the offload features of {name} through ethtool netlink: "
                                  f"{exc}") from exc
 
-    def ipv4_forwarding(self) -> bool:
-        """Whether this network namespace forwards IPv4 (net.ipv4.ip_forward),
-        read in the worker thread, the namespace of the netlink socket."""
+    def ip_forwarding(self, version: int) -> bool:
+        """Whether this network namespace forwards IP `version` (4 or 6; the
+        sysctl bpf_fib_lookup reads, modes.FORWARDING_SYSCTLS), read in the
+        worker thread, the namespace of the netlink socket."""
+        path = IP_FORWARD[version]
         try:
-            return self._call(_read_ip_forward)
+            return self._call(_read_flag, path)
         except OSError as exc:
-            raise NetlinkProblem(f"cannot read {IP_FORWARD}: {exc}") from exc
+            raise NetlinkProblem(f"cannot read {path}: {exc}") from exc
 
     # ---- VIP addresses ----------------------------------------------------
 
@@ -273,26 +278,36 @@ class Netlink:
                 return _mac(lladdr)
         return None
 
-    def route_gateways(self, index: int) -> set[ipaddress.IPv4Address]:
-        """The next hops (gateways) of the IPv4 routes out of the link, multipath
-        ones included: where NAT replies to clients behind a router go."""
+    def route_gateways(self, index: int, versions=(4,)) -> set:
+        """The next hops (gateways) of the main table's routes out of the link,
+        multipath ones included, for each IP version in `versions`: where NAT
+        replies to clients behind a router go. An IPv6 gateway is often the
+        router's link-local address (fe80::/10): it is returned as it is, to
+        be solicited on this link."""
         out = set()
-        for msg in self._call(self._ipr.get_routes, family=socket.AF_INET, table=254):
-            hops = [msg] if msg.get_attr("RTA_OIF") == index else []
-            hops += [hop for hop in msg.get_attr("RTA_MULTIPATH") or () if hop["oif"] == index]
-            for hop in hops:
-                gateway = hop.get_attr("RTA_GATEWAY")
-                if gateway:
-                    out.add(ipaddress.IPv4Address(gateway))
+        for version in versions:
+            family = socket.AF_INET6 if version == 6 else socket.AF_INET
+            for msg in self._call(self._ipr.get_routes, family=family, table=254):
+                hops = [msg] if msg.get_attr("RTA_OIF") == index else []
+                hops += [hop for hop in msg.get_attr("RTA_MULTIPATH") or () if hop["oif"] == index]
+                for hop in hops:
+                    gateway = hop.get_attr("RTA_GATEWAY")
+                    if gateway:
+                        out.add(ipaddress.ip_address(gateway))
         return out
 
     @staticmethod
-    def solicit(address) -> None:
+    def solicit(address, index: int = 0) -> None:
         """Make the kernel resolve `address`: one empty UDP datagram to the
         discard port (9). The kernel sends an ARP request or a Neighbour
-        Solicitation for it; the datagram itself is dropped by the backend."""
+        Solicitation for it; the datagram itself is dropped by the backend.
+        A link-local IPv6 address needs the link it is on (`index`, its scope)."""
+        address = ipaddress.ip_address(address)
+        target = (str(address), 9)
+        if address.version == 6:
+            target = (str(address), 9, 0, index if address.is_link_local else 0)
         with socket.socket(_family(address), socket.SOCK_DGRAM) as sock:
             try:
-                sock.sendto(b"", (str(address), 9))
+                sock.sendto(b"", target)
             except OSError:
                 pass

@@ -1,5 +1,6 @@
-"""NAT needs IPv4 forwarding: `xdplb attach` refuses a NAT pool while
-net.ipv4.ip_forward is 0 in its network namespace, and never turns it on.
+"""NAT needs IP forwarding: `xdplb attach` refuses a NAT pool while
+net.ipv4.ip_forward (IPv4 NAT services) or net.ipv6.conf.all.forwarding
+(IPv6 NAT services) is 0 in its network namespace, and never turns it on.
 
 The real `xdplb attach` in a network namespace of its own (forwarding set
 off there: a new namespace may inherit the host's setting), on a veth; the refusal comes before the program
@@ -20,7 +21,10 @@ XDPLB = os.path.join(os.path.dirname(sys.executable), "xdplb")
 # One NAT service, one backend on another port (the refusal comes before any probe).
 POOL = ('[[service]]\nname = "pacs-dicom"\nvip = "10.20.0.100"\nport = 104\nforwarding = "nat"\n'
         '[[service.backend]]\nname = "orthanc1"\naddress = "10.30.0.11"\nport = 4242\n')
-READ = "from xdplb.netlink import Netlink\nnl = Netlink()\nprint(nl.ipv4_forwarding())\nnl.close()\n"
+POOL6 = ('[[service]]\nname = "pacs-dicom6"\nvip = "fd00:20::100"\nport = 104\nforwarding = "nat"\n'
+         '[[service.backend]]\nname = "scp1"\naddress = "fd00:30::11"\nport = 4242\n')
+READ = "from xdplb.netlink import Netlink\nnl = Netlink()\nprint(nl.ip_forwarding({version}))\nnl.close()\n"
+SYSCTL = {4: "net.ipv4.ip_forward", 6: "net.ipv6.conf.all.forwarding"}
 
 
 @pytest.fixture
@@ -33,7 +37,9 @@ def netns():
         subprocess.run(["ip", "-n", name, "link", "add", "nf0", "type", "veth", "peer", "name", "nf1"], check=True)
         subprocess.run(["ip", "-n", name, "link", "set", "nf0", "up"], check=True)
         subprocess.run(["ip", "-n", name, "addr", "add", "10.30.0.1/24", "dev", "nf0"], check=True)
-        subprocess.run(["ip", "netns", "exec", name, "sysctl", "-qw", "net.ipv4.ip_forward=0"], check=True)
+        subprocess.run(["ip", "-n", name, "addr", "add", "fd00:30::1/64", "dev", "nf0", "nodad"], check=True)
+        for sysctl in SYSCTL.values():
+            subprocess.run(["ip", "netns", "exec", name, "sysctl", "-qw", f"{sysctl}=0"], check=True)
         yield name
     finally:
         subprocess.run(["ip", "netns", "del", name], check=False)
@@ -44,24 +50,29 @@ def in_ns(netns: str, *argv, env=None, timeout=120) -> subprocess.CompletedProce
                           timeout=timeout)
 
 
-def ip_forward(netns: str) -> str:
-    return in_ns(netns, "sysctl", "-n", "net.ipv4.ip_forward").stdout.strip()
+def ip_forward(netns: str, version: int = 4) -> str:
+    return in_ns(netns, "sysctl", "-n", SYSCTL[version]).stdout.strip()
 
 
-def test_attach_with_a_nat_pool_is_refused_while_forwarding_is_off(netns, tmp_path):
-    assert ip_forward(netns) == "0"
-    assert in_ns(netns, sys.executable, "-c", READ).stdout.strip() == "False"
+@pytest.mark.parametrize("version, service, text", [(4, "pacs-dicom", POOL), (6, "pacs-dicom6", POOL6)])
+def test_attach_with_a_nat_pool_is_refused_while_forwarding_is_off(netns, tmp_path, version, service, text):
+    sysctl, other = SYSCTL[version], 10 - version
+    in_ns(netns, "sysctl", "-qw", f"{SYSCTL[other]}=1")   # the other family's forwarding does not help
+    assert ip_forward(netns, version) == "0"
+    read = READ.format(version=version)
+    assert in_ns(netns, sys.executable, "-c", read).stdout.strip() == "False"
     pool = tmp_path / "pool.toml"
-    pool.write_text(POOL)
+    pool.write_text(text)
     env = dict(os.environ, XDPLB_RUN_DIR=str(tmp_path / "run"))
     done = in_ns(netns, XDPLB, "attach", "nf0", "--pool", str(pool), env=env)
+    print(done.stderr)
     assert done.returncode != 0, done.stderr
-    assert "NAT service(s) pacs-dicom need IP forwarding, but net.ipv4.ip_forward is 0" in done.stderr
-    assert "`sysctl -w net.ipv4.ip_forward=1`" in done.stderr
+    assert f"NAT service(s) {service} need IP forwarding, but {sysctl} is 0" in done.stderr
+    assert f"`sysctl -w {sysctl}=1`" in done.stderr
     assert "compiling" not in done.stderr, "refused before anything changed"
     assert "xdp" not in in_ns(netns, "ip", "link", "show", "nf0").stdout
-    assert ip_forward(netns) == "0", "xdplb never turns forwarding on"
+    assert ip_forward(netns, version) == "0", "xdplb never turns forwarding on"
 
     # Turned on by the operator, the same read says so.
-    in_ns(netns, "sysctl", "-qw", "net.ipv4.ip_forward=1")
-    assert in_ns(netns, sys.executable, "-c", READ).stdout.strip() == "True"
+    in_ns(netns, "sysctl", "-qw", f"{sysctl}=1")
+    assert in_ns(netns, sys.executable, "-c", read).stdout.strip() == "True"

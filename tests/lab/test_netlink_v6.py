@@ -37,7 +37,7 @@ nl = Netlink()
 method, args = sys.argv[1], json.loads(sys.argv[2])
 try:
     index = nl.link("eth0").index
-    out = getattr(nl, method)(index, *args) if method != "solicit" else nl.solicit(*args)
+    out = getattr(nl, method)(index, *args) if method != "solicit" else nl.solicit(*args, index)
     if isinstance(out, dict):
         out = {str(k): v.hex(":") for k, v in out.items()}
     elif isinstance(out, set):
@@ -223,3 +223,32 @@ def test_an_ipv6_vip_on_an_interface_without_ipv6_is_one_sentence(pair):
     assert out == {"problem": f"cannot add VIP {VIP6}: IPv6 is disabled on the interface "
                               f"(net.ipv6.conf.<interface>.disable_ipv6=1)"}
     assert VIP6 not in pair.addresses(pair.gw)
+
+
+ROUTER_LL = "fe80::77"          # a router's link-local address, as IPv6 routes usually name their next hop
+CLIENTS6, CLIENTS4 = "fd00:99::/64", "10.99.0.0/24"
+
+
+def test_an_ipv6_router_on_a_link_local_address_is_listed_and_resolved_for_nat(pair):
+    """IPv6 NAT replies to clients behind a router leave through bpf_fib_lookup,
+    which needs the router's neighbour entry: route_gateways lists the
+    IPv6 next hops out of the link (only for the versions asked), and
+    solicit reaches a link-local one on that link (it needs the link's
+    index as its scope)."""
+    pair.ip(pair.be, "addr", "add", f"{ROUTER_LL}/64", "dev", "eth0", "nodad")
+    # A second link whose fe80::/64 route is preferred (metric 1), so only the scope picks eth0.
+    pair.ip(pair.gw, "link", "add", "other0", "type", "veth", "peer", "name", "other1")
+    pair.ip(pair.gw, "addr", "add", "fe80::2/64", "dev", "other0", "nodad")
+    pair.ip(pair.gw, "link", "set", "other1", "up")
+    pair.ip(pair.gw, "link", "set", "other0", "up")
+    pair.ip(pair.gw, "-6", "route", "add", "fe80::/64", "dev", "other0", "metric", 1)
+    pair.ip(pair.gw, "-6", "route", "add", CLIENTS6, "via", ROUTER_LL, "dev", "eth0")
+    pair.ip(pair.gw, "route", "add", CLIENTS4, "via", BE4, "dev", "eth0")
+    assert pair.call("route_gateways", [6]) == {"ok": [ROUTER_LL]}
+    assert pair.call("route_gateways", [4]) == {"ok": [BE4]}
+    assert pair.call("route_gateways", [4, 6]) == {"ok": sorted([BE4, ROUTER_LL])}
+    assert pair.neighbour(pair.gw, ROUTER_LL) is None
+    found, seconds = _resolve(pair, ROUTER_LL)
+    print(f"{ROUTER_LL} resolved in {seconds:.2f}s")
+    assert found.get(ROUTER_LL) == BE_MAC
+    assert pair.neighbour(pair.gw, ROUTER_LL)["lladdr"] == BE_MAC

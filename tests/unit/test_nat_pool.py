@@ -81,11 +81,56 @@ def test_unknown_forwarding_mode_is_refused():
     assert 'forwarding = "masquerade"' in problems(NAT_POOL.replace('"nat"', '"masquerade"'))
 
 
-def test_nat_on_an_ipv6_service_is_refused_in_one_sentence():
-    """NAT is IPv4 only: an IPv6 VIP with forwarding = "nat" is refused, naming the key and the VIP."""
-    text = problems(NAT_POOL.replace('"10.20.0.100"', '"2001:db8::100"')
-                    .replace('"10.30.0.11"', '"2001:db8:30::11"').replace('"10.30.0.12"', '"2001:db8:30::12"'))
-    assert 'forwarding = "nat" is IPv4 only in this version, and the VIP "2001:db8::100" is IPv6' in text
+# ---- IPv6 NAT services: the same pool keys and checks ------------------------
+
+# NAT_POOL over IPv6, spelled loosely: the pool canonicalises (RFC 5952).
+NAT6_POOL = (NAT_POOL.replace('"10.20.0.100"', '"2001:DB8:0:0::100"')
+             .replace('"10.30.0.11"', '"2001:db8:30:0:0:0:0:11"').replace('"10.30.0.12"', '"2001:0db8:30::12"'))
+DSR6_SERVICE = DSR_SERVICE.replace('"10.20.0.100"', '"2001:db8::200"')
+
+
+def test_an_ipv6_nat_service_parses_with_canonical_addresses_and_backend_ports():
+    (svc,) = parse_pool(NAT6_POOL).services
+    assert svc.forwarding == "nat"
+    assert str(svc.vip) == "2001:db8::100"
+    assert [str(b.address) for b in svc.backends] == ["2001:db8:30::11", "2001:db8:30::12"]
+    assert [svc.backend_port(b) for b in svc.backends] == [4242, 104]
+    assert [svc.health_of(b).port for b in svc.backends] == [4242, 104]
+
+
+def test_an_ipv6_nat_service_keeps_to_one_family():
+    text = problems(NAT6_POOL.replace('"2001:db8:30:0:0:0:0:11"', '"10.30.0.11"'))
+    assert ('backend[0] "orthanc1" .address = "10.30.0.11" is IPv4 but the service\'s VIP "2001:db8::100" is IPv6; '
+            "a service and its backends share a family (no NAT64)") in text
+
+
+def test_an_ipv6_pacs_behind_both_dsr_and_nat_is_refused_however_spelled():
+    text = problems(NAT6_POOL + DSR6_SERVICE.format(address="2001:db8:30::0:12"))
+    assert 'backend 2001:db8:30::12 is behind service "pacs-dicom" (nat) and service "viewer" (dsr)' in text
+    assert "dropped there as martians" in text
+    parse_pool(NAT6_POOL + DSR6_SERVICE.format(address="2001:db8:40::5"))   # other backends: fine
+
+
+def test_one_ipv6_backend_port_behind_two_nat_services_is_refused_in_bracketed_form():
+    second = NAT6_POOL.replace('"pacs-dicom"', '"pacs-2"').replace("2001:DB8:0:0::100", "2001:db8::101")
+    text = problems(NAT6_POOL + second.replace('"2001:db8:30:0:0:0:0:11"', '"2001:DB8:30::11"'))
+    assert 'backend [2001:db8:30::11]:4242/tcp is behind NAT services "pacs-dicom" and "pacs-2"' in text
+    # The same address and port over UDP is another reply key: fine.
+    parse_pool(NAT6_POOL + second.replace('port = 104', 'port = 104\nprotocol = "udp"', 1))
+
+
+def test_check_describes_an_ipv6_nat_service_with_bracketed_backends_and_the_ipv6_sysctl():
+    text = describe(parse_pool(NAT6_POOL))
+    assert 'service "pacs-dicom": [2001:db8::100]:104/tcp' in text
+    assert "forwarding nat (destination and port translated, client address kept)" in text
+    assert 'backend "orthanc1" [2001:db8:30::11]:4242: weight 1' in text
+    assert 'backend "orthanc2" [2001:db8:30::12]:104: weight 1' in text
+    assert text.count("to go through this gateway") == 1
+    assert "(net.ipv6.conf.all.forwarding = 1, which attach and reload require and never set)" in text
+    assert "net.ipv4.ip_forward" not in text   # no IPv4 NAT service: nothing to ask of IPv4
+    both = describe(parse_pool(NAT_POOL + NAT6_POOL.replace('"pacs-dicom"', '"pacs-dicom6"')))
+    assert "(net.ipv4.ip_forward = 1 and net.ipv6.conf.all.forwarding = 1, which" in both
+    assert both.count("to go through this gateway") == 1
 
 
 def test_a_pacs_behind_both_dsr_and_nat_is_refused_with_why():
@@ -320,3 +365,120 @@ def test_reload_to_a_nat_service_is_rejected_while_forwarding_is_off(tmp_path, m
 
     asyncio.run(scenario())
     assert h.nl.forwarding is True, "xdplb never sets it"
+
+
+# ---- IPv6 NAT on the host: forwarding and next hops, per family ------------------
+
+def _nat6_harness(tmp_path, monkeypatch, dual: bool = False):
+    """test_daemon's Harness with an IPv6 NAT service (and, `dual`, an IPv4 one)."""
+    import tempfile
+    from ipaddress import IPv6Address
+
+    from test_daemon import A, B, MACS, VIP1, Harness, pool_toml
+
+    monkeypatch.setenv("XDPLB_RUN_DIR", tempfile.mkdtemp(prefix="xdplb-t", dir="/tmp"))
+    a6, b6 = IPv6Address("fd00:10:10::11"), IPv6Address("fd00:10:10::12")
+    services = [("dicom6", IPv6Address("fd00:10:10::100"), 104, [("pacs-a", a6, 1), ("pacs-b", b6, 1)])]
+    if dual:
+        services.append(("dicom", VIP1, 104, [("pacs-a", A, 1), ("pacs-b", B, 1)]))
+    h = Harness(tmp_path)
+    h.pool.write_text(_nat_text(pool_toml(services)).replace('name = "dicom6"', 'name = "dicom6"\nforwarding = "nat"'))
+    h.nl.neighbours.update({a6: MACS[A], b6: MACS[B]})
+    return h
+
+
+def test_attach_with_an_ipv6_nat_service_is_refused_while_ipv6_forwarding_is_off(tmp_path, monkeypatch):
+    from test_daemon import running
+
+    from xdplb.daemon import AttachError
+
+    h = _nat6_harness(tmp_path, monkeypatch)
+    h.nl.forwarding6 = False
+    with pytest.raises(AttachError, match=r"^NAT service\(s\) dicom6 need IP forwarding, but "
+                                          r"net.ipv6.conf.all.forwarding is 0 .*"
+                                          r"`sysctl -w net.ipv6.conf.all.forwarding=1` \(xdplb does not change it "
+                                          r"for you; .*accept_ra = 2\)$"):
+        asyncio.run(asyncio.wait_for(h.daemon().run(), 5))
+    assert h.made == [], "refused before compiling: nothing changed"
+    assert ("ip_forwarding", 4) not in h.nl.calls, "no IPv4 NAT service: IPv4 forwarding is not asked"
+
+    # IPv4 forwarding off does not concern an IPv6-only NAT pool; IPv6 forwarding on, it attaches.
+    ok = _nat6_harness(tmp_path, monkeypatch)
+    ok.nl.forwarding = False
+
+    async def scenario():
+        async with running(ok.daemon()):
+            assert ok.dp.attached is not None
+
+    asyncio.run(scenario())
+    assert ok.nl.forwarding6 is True and ok.nl.forwarding is False, "xdplb never sets either"
+
+
+def test_a_dual_stack_nat_pool_names_each_family_whose_forwarding_is_off(tmp_path, monkeypatch):
+    from xdplb.daemon import AttachError
+
+    h = _nat6_harness(tmp_path, monkeypatch, dual=True)
+    h.nl.forwarding = h.nl.forwarding6 = False
+    with pytest.raises(AttachError) as info:
+        asyncio.run(asyncio.wait_for(h.daemon().run(), 5))
+    text = str(info.value)
+    assert "NAT service(s) dicom need IP forwarding, but net.ipv4.ip_forward is 0" in text
+    assert "NAT service(s) dicom6 need IP forwarding, but net.ipv6.conf.all.forwarding is 0" in text
+
+
+def test_reload_to_an_ipv6_nat_service_is_rejected_while_ipv6_forwarding_is_off(tmp_path, monkeypatch):
+    from test_daemon import Harness, pool_toml, running, snapshot
+
+    h6 = _nat6_harness(tmp_path, monkeypatch)
+    nat6_text = h6.pool.read_text()
+    h = Harness(tmp_path)
+    h.pool.write_text(pool_toml())
+    h.nl.neighbours.update(h6.nl.neighbours)
+    h.nl.forwarding6 = False
+    daemon = h.daemon()
+
+    async def scenario():
+        async with running(daemon):
+            before, pool = snapshot(h.dp), daemon.pool
+            h.pool.write_text(nat6_text)
+            result = await daemon.reload("test")
+            assert result["result"] == "rejected"
+            assert "net.ipv6.conf.all.forwarding is 0" in result["error"], result
+            assert snapshot(h.dp) == before and daemon.pool is pool
+            h.nl.forwarding6 = True   # the operator turns it on: the same reload applies
+            assert (await daemon.reload("test"))["result"] == "applied"
+
+    asyncio.run(scenario())
+
+
+def test_daemon_keeps_the_ipv6_routers_resolved_for_an_ipv6_nat_pool_only(tmp_path, monkeypatch):
+    """The routers towards IPv6 clients are solicited on the attached link
+    (a link-local one included) for a pool with an IPv6 NAT service; an
+    IPv4-only NAT pool solicits only IPv4 routers, a DSR pool none."""
+    from ipaddress import IPv6Address
+
+    from test_daemon import INDEX, Harness, running
+
+    router6, router4 = IPv6Address("fe80::1"), IPv4Address("10.10.0.1")
+    dirs = {name: tmp_path / name for name in ("nat6", "nat4", "dsr")}
+    for d in dirs.values():
+        d.mkdir()
+    cases = {"nat6": _nat6_harness(dirs["nat6"], monkeypatch), "nat4": Harness(dirs["nat4"]),
+             "dsr": Harness(dirs["dsr"])}
+    cases["nat4"].pool.write_text(_nat_text(cases["nat4"].pool.read_text()))
+    solicited = {}
+    for name, h in cases.items():
+        h.nl.gateways = {router6, router4}
+        h.nl.solicits = []
+        record = h.nl.solicit
+        h.nl.solicit = lambda address, index=0, h=h, record=record: (h.nl.solicits.append((address, index)),
+                                                                      record(address, index))
+
+        async def scenario(h=h):
+            async with running(h.daemon()):
+                pass
+
+        asyncio.run(scenario())
+        solicited[name] = {a for a, _ in h.nl.solicits if a in (router6, router4)}
+        assert all(i == INDEX for a, i in h.nl.solicits if a == router6), "a link-local router needs its link"
+    assert solicited == {"nat6": {router6}, "nat4": {router4}, "dsr": set()}
