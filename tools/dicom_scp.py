@@ -14,6 +14,11 @@ them with what it sent (make_dicom.dataset_digest). Large instances are
 written to disk while they arrive (pynetdicom's chunked receive) and then
 renamed into place, so a file in DIR is always complete.
 
+It logs (stdout) the peer of every association, as its socket sees it:
+``association from ADDRESS port PORT AE "TITLE"`` when it is accepted, and
+``stored UID from ADDRESS`` for each instance, so a test behind a NAT
+balancer can tell whose address the PACS saw (``pacs6_lab.peers`` reads them).
+
 ``--bind ::`` (the default) listens on IPv6 only (IPV6_V6ONLY), so an
 Orthanc on 0.0.0.0 can hold the same port for IPv4 on the same host.
 Once listening it creates ``--ready-file``; SIGTERM stops it. Needs the
@@ -53,8 +58,14 @@ def _store_handler(store: Path):
         if not uid or "/" in uid or uid.startswith("."):
             return 0xA900  # Error: data set does not match SOP class (no usable UID)
         os.replace(event.dataset_path, store / f"{uid}.dcm")  # pynetdicom's own unlink then finds nothing
+        print(f"stored {uid} from {event.assoc.requestor.address}", flush=True)
         return 0x0000
     return handle
+
+
+def _log_association(event) -> None:
+    peer = event.assoc.requestor
+    print(f'association from {peer.address} port {peer.port} AE "{peer.ae_title}"', flush=True)
 
 
 def serve(store: Path, bind: str, port: int, aet: str) -> ThreadedAssociationServer:
@@ -67,7 +78,8 @@ def serve(store: Path, bind: str, port: int, aet: str) -> ThreadedAssociationSer
     ae.add_supported_context(Verification)
     for context in AllStoragePresentationContexts:
         ae.add_supported_context(context.abstract_syntax)
-    return ae.make_server((bind, port), evt_handlers=[(evt.EVT_C_STORE, _store_handler(store))],
+    return ae.make_server((bind, port), evt_handlers=[(evt.EVT_C_STORE, _store_handler(store)),
+                                                     (evt.EVT_ACCEPTED, _log_association)],
                           server_class=_V6OnlyServer)
 
 

@@ -10,11 +10,16 @@ to the VIP on ``lo`` is accepted as well; ``--bind ::`` serves IPv6 and,
 through mapped addresses, IPv4 on the same sockets, for the dual-stack lab):
 
 * HTTP on 80 and 8080: ``GET /bytes?n=N`` returns N bytes of payload,
+  ``GET /random?n=N&seed=S`` N pseudo-random bytes that ``pattern(S, N)``
+  reproduces (a transfer checked byte for byte), ``GET /peer`` the
+  connection's source address as this server sees it (``"<name> <address>\\n"``),
   ``GET /headers`` the request's headers as received (what a proxy added),
   any other GET returns ``"<name>\\n"``; every response carries
   ``X-Backend: <name>``.
 * sink on TCP 9000: reads until EOF, then writes ``"<name> <count>\\n"``.
 * UDP echo on 5000: answers each datagram with ``"<name> <len>\\n"``.
+* UDP mirror on 5001: answers each datagram with ``"<name> <source address>\\n"``
+  followed by the datagram itself, byte for byte.
 * hello on TCP 104 and 11112: writes ``"<name>\\n"`` on connect, reads until
   EOF, closes (a stand-in for DICOM).
 
@@ -27,6 +32,7 @@ from __future__ import annotations
 import argparse
 import http.server
 import os
+import random
 import signal
 import socket
 import socketserver
@@ -67,7 +73,21 @@ def make_http_handler(name: str) -> type[http.server.BaseHTTPRequestHandler]:
 
         def do_GET(self) -> None:  # noqa: N802 (http.server naming)
             url = urllib.parse.urlsplit(self.path)
-            if url.path == "/bytes":
+            if url.path == "/random":
+                query = urllib.parse.parse_qs(url.query)
+                try:
+                    size, seed = int(query.get("n", ["0"])[0]), int(query.get("seed", ["0"])[0])
+                except ValueError:
+                    size = seed = -1
+                if not 0 <= size <= MAX_BYTES or seed < 0:
+                    self._reply(400, b"bad n or seed\n")
+                    return
+                self._headers(200, size)
+                for part in pattern(seed, size):
+                    self.wfile.write(part)
+            elif url.path == "/peer":
+                self._reply(200, f"{name} {self.client_address[0]}\n".encode())
+            elif url.path == "/bytes":
                 query = urllib.parse.parse_qs(url.query)
                 try:
                     size = int(query.get("n", ["0"])[0])
@@ -161,6 +181,30 @@ def make_udp_handler(name: str) -> type[socketserver.BaseRequestHandler]:
     return Handler
 
 
+def make_mirror_handler(name: str) -> type[socketserver.BaseRequestHandler]:
+    """Build the UDP handler that answers ``"<name> <source address>\\n"`` and the datagram."""
+
+    class Handler(socketserver.BaseRequestHandler):
+        def handle(self) -> None:
+            data, sock = self.request
+            try:
+                sock.sendto(f"{name} {self.client_address[0]}\n".encode() + data, self.client_address)
+            except OSError:
+                pass
+
+    return Handler
+
+
+def pattern(seed: int, size: int):
+    """``size`` pseudo-random bytes determined by ``seed``, in CHUNK-sized parts."""
+    rng = random.Random(seed)
+    left = size
+    while left > 0:
+        part = rng.randbytes(min(CHUNK, left))
+        left -= len(part)
+        yield part
+
+
 class _UDPServer(socketserver.UDPServer):
     """UDP server that rebinds quickly."""
 
@@ -181,6 +225,7 @@ def build_servers(args: argparse.Namespace) -> list[socketserver.BaseServer]:
         servers.append(_server(_HTTPServer, args.bind, port, make_http_handler(args.name)))
     servers.append(_server(_TCPServer, args.bind, args.sink_port, make_sink_handler(args.name)))
     servers.append(_server(_UDPServer, args.bind, args.udp_port, make_udp_handler(args.name)))
+    servers.append(_server(_UDPServer, args.bind, args.mirror_port, make_mirror_handler(args.name)))
     for port in _ports(args.hello_ports):
         servers.append(_server(_TCPServer, args.bind, port, make_hello_handler(args.name)))
     return servers
@@ -195,6 +240,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--http-ports", default="80,8080")
     p.add_argument("--sink-port", type=int, default=9000)
     p.add_argument("--udp-port", type=int, default=5000)
+    p.add_argument("--mirror-port", type=int, default=5001)
     p.add_argument("--hello-ports", default="104,11112")
     return p.parse_args(argv)
 

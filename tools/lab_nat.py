@@ -33,6 +33,30 @@ veth (what ``--mode auto`` picks there); native mode on veth needs the same
 sender settings (the bench's native row adds the pass-through program on the
 gateway's switch port, ``Lab(native_peer=True)``).
 
+IPv6 (a dual-stack base lab, ``Lab(vip6=...)``: ``temporary_nat_lab(vip6=VIP6)``)
+adds the same shape over IPv6, every address without DAD (and DAD off in
+the new namespaces) so nothing waits::
+
+    client   fd00:10:20::2 ─┐                            ┌─ P-lb  fd00:10:10::10, VIP fd00:10:10::100,
+    stranger fd00:10:20::3 ─┤ P-nr (router)              │        net.ipv6.conf.all.forwarding = 1,
+                            └ br fd00:10:20::1           │        fd00:10:20::/64 via fe80::1 dev eth0
+                              eth0 fd00:10:10::1, fe80::1┤
+                                                         └─ P-be1..3 fd00:10:10::11+, default via the gateway
+
+The gateway's route to the clients names the router by its link-local
+address, as IPv6 routes usually do, so the controller's next-hop
+pre-resolution must solicit it on the attached link. The router holds a
+permanent neighbour entry for the IPv6 VIP: it never solicits the gateway,
+so the gateway never learns the router from the router's own Neighbour
+Solicitations, and its entry for fe80::1 comes only from xdplb
+(a stricter lab than a real router, on purpose: without pre-resolution every
+IPv6 reply is dropped as no_neigh). The backends lose the base lab's IPv6
+VIP on ``lo`` and ignore redirects. Their servers: tools/lab_backend.py on
+``::`` (HTTP on 8080, the UDP mirror on 5001, ...), and, with
+``start_scps()``, a pynetdicom storage SCP on IPv6 port 4242
+(tools/pacs6_lab.py; Orthanc has no IPv6). ``NatLab(base, orthanc=False)``
+skips the IPv4 Orthancs when only IPv6 is tested.
+
 Python use (tests put ``tools/`` on ``sys.path``)::
 
     with lab_nat.temporary_nat_lab("xn") as nat:
@@ -60,6 +84,7 @@ if str(TOOLS_DIR) not in sys.path:
     sys.path.insert(0, str(TOOLS_DIR))
 
 import lab as labtool  # noqa: E402
+import pacs6_lab  # noqa: E402
 import pacs_lab  # noqa: E402
 
 ROUTER_LAB_IP = "10.10.0.1"
@@ -73,12 +98,22 @@ SERVICE = "pacs-nat"
 PYTHON = "/usr/bin/python3"
 THIS = str(Path(__file__).resolve())
 
+# The IPv6 side (module docstring).
+ROUTER_LAB_IP6 = "fd00:10:10::1"
+ROUTER_LINK_LOCAL = "fe80::1"            # the gateway's next hop to the IPv6 clients
+CLIENT_NET6 = "fd00:10:20::/64"
+ROUTER_CLIENT_IP6 = "fd00:10:20::1"
+CLIENT_HOSTS6 = {"client": "fd00:10:20::2", "stranger": "fd00:10:20::3"}
+VIP6 = "fd00:10:10::100"
+SCP_PORT = ORTHANC_PORT                  # the IPv6 PACS (pynetdicom) listen where Orthanc would
+
 
 class NatLab:
     """The NAT topology above, around a base ``lab.Lab``; see the module docstring."""
 
-    def __init__(self, base: "labtool.Lab"):
+    def __init__(self, base: "labtool.Lab", orthanc: bool = True):
         self.base = base
+        self.orthanc = orthanc   # IPv4 Orthanc on 4242 in every backend
         self.names = {"router": f"{base.prefix}-nr", "client": f"{base.prefix}-nc1",
                       "stranger": f"{base.prefix}-nc2"}
 
@@ -94,6 +129,20 @@ class NatLab:
 
     def backend_ip(self, i) -> str:
         return self.base.backend_ip(i)
+
+    vip6 = property(lambda self: self.base.vip6)
+    python6 = property(lambda self: self.base.python6)
+    dual_stack = property(lambda self: self.base.dual_stack)
+
+    def backend_ip6(self, i) -> str:
+        return self.base.backend_ip6(i)
+
+    def host_ip6(self, host: str) -> str:
+        if host in CLIENT_HOSTS6:
+            return CLIENT_HOSTS6[host]
+        if host == "router":
+            return ROUTER_LAB_IP6
+        return self.base.host_ip6(host)
 
     def ns(self, host: str) -> str:
         return self.names[host] if host in self.names else self.base.ns(host)
@@ -143,14 +192,18 @@ class NatLab:
         self.run(host, "ethtool", "-K", ifname, "tx", "off", "tso", "off", "gso", "off")
 
     def _build(self) -> None:
-        for ns in self.names.values():
+        for host, ns in self.names.items():
             labtool._execute(["ip", "netns", "add", ns])
             labtool._execute(["ip", "-n", ns, "link", "set", "lo", "up"])
+            if self.dual_stack:   # before any link exists: their addresses skip DAD too
+                self._sysctl(host, net__ipv6__conf__all__disable_ipv6=0, net__ipv6__conf__default__disable_ipv6=0,
+                             net__ipv6__conf__all__accept_dad=0, net__ipv6__conf__default__accept_dad=0)
         sw_port = self.names["router"]
         # Router: eth0 on the lab's switch, a bridge for the two clients.
         self._ip("sw", "link", "add", sw_port, "type", "veth", "peer", "name", "eth0", "netns", self.ns("router"))
         self._ip("router", "addr", "add", f"{ROUTER_LAB_IP}/{labtool.NETMASK_BITS}", "dev", "eth0")
-        self._ip("router", "link", "add", ROUTER_BRIDGE, "type", "bridge", "stp_state", 0, "forward_delay", 0)
+        self._ip("router", "link", "add", ROUTER_BRIDGE, "type", "bridge", "stp_state", 0, "forward_delay", 0,
+                 *(("mcast_snooping", 0) if self.dual_stack else ()))
         self._ip("router", "addr", "add", f"{ROUTER_CLIENT_IP}/24", "dev", ROUTER_BRIDGE)
         self._ip("router", "link", "set", ROUTER_BRIDGE, "up")
         for host, address in CLIENT_HOSTS.items():
@@ -181,9 +234,38 @@ class NatLab:
             self._ip(name, "route", "add", "default", "via", self.base.host_ip("lb"))
             self._sysctl(name, net__ipv4__conf__all__accept_redirects=0,
                          net__ipv4__conf__eth0__accept_redirects=0)
-        pacs_lab.check_packages()
+        if self.dual_stack:
+            self._build_ipv6()
+        if self.orthanc:
+            pacs_lab.check_packages()
+            for name in self.backend_names():
+                self.start_orthanc(name)
+
+    def _build_ipv6(self) -> None:
+        """The IPv6 side of the same topology (module docstring)."""
+        self._ip("router", "addr", "add", f"{ROUTER_LAB_IP6}/64", "dev", "eth0", "nodad")
+        self._ip("router", "addr", "add", f"{ROUTER_LINK_LOCAL}/64", "dev", "eth0", "nodad")
+        self._ip("router", "addr", "add", f"{ROUTER_CLIENT_IP6}/64", "dev", ROUTER_BRIDGE, "nodad")
+        self._sysctl("router", net__ipv6__conf__all__forwarding=1)
+        # Never solicit the gateway (module docstring): it learns the router only from xdplb.
+        self._ip("router", "neigh", "replace", self.vip6, "lladdr", self.base.mac("lb"), "dev", "eth0",
+                 "nud", "permanent")
+        for host, address in CLIENT_HOSTS6.items():
+            self._ip(host, "addr", "add", f"{address}/64", "dev", "eth0", "nodad")
+            self._ip(host, "-6", "route", "add", "default", "via", ROUTER_CLIENT_IP6)
+        self._sysctl("lb", net__ipv6__conf__all__forwarding=1)
+        self._ip("lb", "-6", "route", "add", CLIENT_NET6, "via", ROUTER_LINK_LOCAL, "dev", "eth0")
         for name in self.backend_names():
-            self.start_orthanc(name)
+            self._ip(name, "addr", "del", f"{self.vip6}/128", "dev", "lo")
+            self._ip(name, "-6", "route", "add", "default", "via", self.base.host_ip6("lb"))
+            self._sysctl(name, net__ipv6__conf__all__accept_redirects=0, net__ipv6__conf__eth0__accept_redirects=0)
+
+    def start_scps(self) -> None:
+        """A pynetdicom storage SCP on IPv6 port 4242 in every backend (tools/pacs6_lab.py)."""
+        pacs6_lab.start_all(self, SCP_PORT)
+
+    def start_scp(self, name: str) -> None:
+        pacs6_lab.start_scp(self, name, SCP_PORT)
 
     def modalities(self) -> dict[str, str]:
         """The callers every Orthanc knows: {AE title: address}."""
@@ -202,6 +284,7 @@ class NatLab:
 
     def down(self) -> None:
         pacs_lab.stop_all(self)
+        pacs6_lab.stop_all(self)
         self._remove_own()
         self.base.down()
 
@@ -217,9 +300,11 @@ class NatLab:
 
 
 @contextlib.contextmanager
-def temporary_nat_lab(base: str = "xn", backends: int = 3):
-    """A NAT lab under an unused prefix for the ``with`` block, then removed."""
-    the_lab = NatLab(labtool.Lab(prefix=labtool.unused_prefix(base), backends=backends))
+def temporary_nat_lab(base: str = "xn", backends: int = 3, vip6: str | None = None, orthanc: bool = True):
+    """A NAT lab under an unused prefix for the ``with`` block, then removed;
+    ``vip6`` adds the IPv6 side (the SCPs and SCUs run on this python)."""
+    the_lab = NatLab(labtool.Lab(prefix=labtool.unused_prefix(base), backends=backends, vip6=vip6,
+                                 python6=sys.executable), orthanc=orthanc)
     the_lab.up()
     try:
         yield the_lab
@@ -245,6 +330,43 @@ def pool_text(nat: NatLab, check: str = "tcp", interval: float = 1.0, timeout: f
         lines += ["  [[service.backend]]", f'  name = "{name}"', f'  address = "{nat.backend_ip(name)}"',
                   f"  port = {ORTHANC_PORT}"]
     return "\n".join(lines) + "\n"
+
+
+# The IPv6 NAT services: (name, VIP port, protocol, backend port, health check, health port or
+# None for each backend's own port). Every backend port differs from its VIP port.
+NAT6_SERVICES = (
+    ("web6", 80, "tcp", 8080, "http", None),          # tools/lab_backend.py's HTTP
+    ("mirror6", 7, "udp", 5001, "http", 8080),        # its UDP mirror; UDP has no probe of its own
+    ("dicom6", SERVICE_PORT, "tcp", SCP_PORT, "dicom", None),   # the pynetdicom SCPs
+)
+
+
+def pool6_text(nat: NatLab, interval: float = 1.0, timeout: float = 0.5, rise: int = 2, fall: int = 2,
+               metrics: str = "") -> str:
+    """NAT6_SERVICES on the IPv6 VIP over every backend's IPv6 address."""
+    lines = ["[xdplb]", f'metrics = "{metrics}"', ""]
+    for name, port, protocol, backend_port, check, health_port in NAT6_SERVICES:
+        lines += ["[[service]]", f'name = "{name}"', f'vip = "{nat.vip6}"', f"port = {port}",
+                  f'protocol = "{protocol}"', 'forwarding = "nat"', "  [service.health]", f'  check = "{check}"',
+                  f"  interval = {interval}", f"  timeout = {timeout}", f"  rise = {rise}", f"  fall = {fall}"]
+        if health_port:
+            lines.append(f"  port = {health_port}")
+        if check == "dicom":
+            lines += [f'  calling_ae = "{pacs_lab.PROBE_AET}"', f'  called_ae = "{pacs_lab.AET}"']
+        for backend in nat.backend_names():
+            lines += ["  [[service.backend]]", f'  name = "{backend}"', f'  address = "{nat.backend_ip6(backend)}"',
+                      f"  port = {backend_port}"]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def nat_outcomes(nat: NatLab, metrics: str) -> dict[str, float]:
+    """xdplb_nat_packets_total by outcome, scraped from the exporter at
+    ``metrics`` in the gateway's namespace."""
+    from prometheus_client.parser import text_string_to_metric_families
+    body = nat.run("lb", "curl", "-sS", "--max-time", "5", f"http://{metrics}/metrics").stdout
+    return {s.labels["outcome"]: s.value for family in text_string_to_metric_families(body)
+            for s in family.samples if s.name == "xdplb_nat_packets_total"}
 
 
 # ---- nftables DNAT: the same job done by the kernel's NAT (the baseline) ---

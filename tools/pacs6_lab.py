@@ -17,6 +17,7 @@ python running it).
 """
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -58,8 +59,8 @@ def scp_pid(lab, name: str) -> int | None:
     return pid
 
 
-def start_scp(lab, name: str) -> None:
-    """(Re)start ``name``'s IPv6 SCP, keeping what it stored; wait until it listens."""
+def start_scp(lab, name: str, port: int = pacs_lab.DICOM_PORT) -> None:
+    """(Re)start ``name``'s IPv6 SCP on ``port``, keeping what it stored; wait until it listens."""
     stop_scp(lab, name)
     base = scp_dir(lab, name)
     store_dir(lab, name).mkdir(parents=True, exist_ok=True)
@@ -67,7 +68,7 @@ def start_scp(lab, name: str) -> None:
     ready.unlink(missing_ok=True)
     with open(base / "log", "ab") as log:
         proc = lab.popen(name, lab.python6, SCP, "--store", store_dir(lab, name), "--bind", "::",
-                         "--port", pacs_lab.DICOM_PORT, "--aet", pacs_lab.AET, "--ready-file", ready,
+                         "--port", port, "--aet", pacs_lab.AET, "--ready-file", ready,
                          stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     _PROCS[(str(lab.state_dir), name)] = proc
     (base / "pid").write_text(f"{proc.pid}\n")
@@ -89,9 +90,9 @@ def kill_scp(lab, name: str) -> None:
     stop_scp(lab, name, graceful=False)
 
 
-def start_all(lab) -> None:
+def start_all(lab, port: int = pacs_lab.DICOM_PORT) -> None:
     for name in lab.backend_names():
-        start_scp(lab, name)
+        start_scp(lab, name, port)
 
 
 def stop_all(lab) -> None:
@@ -105,6 +106,19 @@ def stop_all(lab) -> None:
 def counts(lab) -> dict[str, int]:
     """{backend: instances its IPv6 SCP stored}."""
     return {name: len(list(store_dir(lab, name).glob("*.dcm"))) for name in lab.backend_names()}
+
+
+_STORED_LINE = re.compile(r"^stored (\S+) from (\S+)$", re.MULTILINE)
+
+
+def peers(lab, name: str) -> dict[str, str]:
+    """{SOP Instance UID: the peer address that stored it}, as ``name``'s SCP
+    logged it (the association's source address as its socket saw it)."""
+    try:
+        text = (scp_dir(lab, name) / "log").read_text(errors="replace")
+    except FileNotFoundError:
+        return {}
+    return dict(_STORED_LINE.findall(text))
 
 
 def find_instance(lab, sop_instance_uid: str) -> tuple[str, Path] | None:

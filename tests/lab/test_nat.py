@@ -23,7 +23,6 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import Ether
 from scapy.utils import PcapReader, checksum
@@ -344,10 +343,7 @@ def test_hitless_restart_kill_9_then_attach_during_a_nat_transfer(nat, gateway, 
 
 
 def nat_outcomes(nat) -> dict[str, float]:
-    """xdplb_nat_packets_total by outcome, scraped in the gateway's namespace."""
-    body = nat.run("lb", "curl", "-sS", "--max-time", "5", f"http://{METRICS}/metrics").stdout
-    return {s.labels["outcome"]: s.value for family in text_string_to_metric_families(body)
-            for s in family.samples if s.name == "xdplb_nat_packets_total"}
+    return lab_nat.nat_outcomes(nat, METRICS)
 
 
 def router_neighbour(nat) -> str:
