@@ -374,22 +374,29 @@ def nat_outcomes(nat: NatLab, metrics: str) -> dict[str, float]:
 NFT_TABLE = "xdplb_nat_baseline"
 
 
-def nft_dnat_ruleset(vip: str, rules: list[tuple[int, list[tuple[str, int]], str]],
-                     masquerade: bool = False) -> str:
+def _nft_family(vip: str) -> str:
+    """nftables' family (and address keyword) for the VIP: "ip" or "ip6"."""
+    return "ip6" if ":" in vip else "ip"
+
+
+def nft_dnat_ruleset(vip: str, rules: list[tuple], masquerade: bool = False) -> str:
     """DNAT in prerouting, the client's address kept; conntrack undoes it on the replies.
 
     ``rules``: (service port, [(backend address, backend port)...], "jhash" or
-    "numgen") - by client address, or round robin. ``masquerade`` adds full
-    NAT (the source becomes the gateway's address), the answer the issue
-    rules out: it hides the client from a PACS that checks addresses.
+    "numgen"[, "tcp" or "udp"]) - by client address, or round robin; TCP
+    unless said. The VIP's family picks the table's (ip or ip6).
+    ``masquerade`` adds full NAT (the source becomes the gateway's address),
+    the answer the issue rules out: it hides the client from a PACS that
+    checks addresses.
     """
-    lines = [f"table ip {NFT_TABLE} {{", "  chain prerouting {",
+    family = _nft_family(vip)
+    lines = [f"table {family} {NFT_TABLE} {{", "  chain prerouting {",
              "    type nat hook prerouting priority dstnat; policy accept;"]
-    for port, targets, how in rules:
-        pick = "jhash ip saddr" if how == "jhash" else "numgen inc"
+    for port, targets, how, *protocol in rules:
+        pick = f"jhash {family} saddr" if how == "jhash" else "numgen inc"
         entries = ", ".join(f"{i} : {a} . {p}" for i, (a, p) in enumerate(targets))
-        lines.append(f"    ip daddr {vip} tcp dport {port} counter dnat ip addr . port to "
-                     f"{pick} mod {len(targets)} map {{ {entries} }}")
+        lines.append(f"    {family} daddr {vip} {protocol[0] if protocol else 'tcp'} dport {port} counter "
+                     f"dnat {family} addr . port to {pick} mod {len(targets)} map {{ {entries} }}")
     lines.append("  }")
     if masquerade:
         lines += ["  chain postrouting {", "    type nat hook postrouting priority srcnat; policy accept;",
@@ -399,22 +406,26 @@ def nft_dnat_ruleset(vip: str, rules: list[tuple[int, list[tuple[str, int]], str
 
 
 @contextlib.contextmanager
-def nftables_dnat(nat: NatLab, rules: list[tuple[int, list[tuple[str, int]], str]], masquerade: bool = False):
-    """The gateway as an nftables DNAT router (xdplb not attached): the VIP on
-    its eth0, the ruleset loaded; yields the rules' packet counters reader."""
-    nat.run("lb", "ip", "addr", "add", f"{nat.vip}/32", "dev", "eth0")
+def nftables_dnat(nat: NatLab, rules: list[tuple], masquerade: bool = False, vip: str | None = None):
+    """The gateway as an nftables DNAT router (xdplb not attached): the VIP
+    (``vip``, default the lab's IPv4 one) on its eth0, the ruleset loaded;
+    yields the rules' packet counters reader."""
+    vip = vip or nat.vip
+    family = _nft_family(vip)
+    host = f"{vip}/128" if family == "ip6" else f"{vip}/32"
+    nat.run("lb", "ip", "addr", "add", host, "dev", "eth0", *(("nodad",) if family == "ip6" else ()))
     try:
-        nat.run("lb", "nft", "-f", "-", input=nft_dnat_ruleset(nat.vip, rules, masquerade))
-        yield lambda: nft_counters(nat)
+        nat.run("lb", "nft", "-f", "-", input=nft_dnat_ruleset(vip, rules, masquerade))
+        yield lambda: nft_counters(nat, family)
     finally:
-        nat.run("lb", "nft", "delete", "table", "ip", NFT_TABLE, check=False)
-        nat.run("lb", "ip", "addr", "del", f"{nat.vip}/32", "dev", "eth0", check=False)
+        nat.run("lb", "nft", "delete", "table", family, NFT_TABLE, check=False)
+        nat.run("lb", "ip", "addr", "del", host, "dev", "eth0", check=False)
 
 
-def nft_counters(nat: NatLab) -> list[int]:
+def nft_counters(nat: NatLab, family: str = "ip") -> list[int]:
     """Packets counted by each DNAT rule, in ruleset order."""
     from bench import parse
-    return parse.nft_counter_packets(nat.run("lb", "nft", "-j", "list", "table", "ip", NFT_TABLE).stdout)
+    return parse.nft_counter_packets(nat.run("lb", "nft", "-j", "list", "table", family, NFT_TABLE).stdout)
 
 
 # ---- capture (tcpdump is not installed): a pcap of the frames a namespace receives --

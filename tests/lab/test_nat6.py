@@ -132,11 +132,50 @@ def test_the_ipv6_topology_routes_clients_through_the_router_and_backends_throug
     assert nat6.run("lb", "ip", "neigh", "show", lab_nat.ROUTER_LINK_LOCAL, "dev", "eth0").stdout.strip() == ""
 
 
+def peer_answers(nat6, count: int) -> list[list[str]]:
+    """[backend name, the peer address it saw] for ``count`` HTTP requests to VIP:80."""
+    return [curl(nat6, url("/peer")).split() for _ in range(count)]
+
+
+def forget_the_router(nat6) -> None:
+    """Flush the gateway's neighbour entry for the router, which the kernel's
+    own forwarding in a baseline made: xdplb must find it on its own."""
+    nat6.run("lb", "ip", "neigh", "flush", "to", lab_nat.ROUTER_LINK_LOCAL, "dev", "eth0", check=False)
+
+
+def test_nftables_dnat6_baseline_keeps_the_clients_address(nat6):
+    """The same job done by the kernel's DNAT (xdplb not attached): the
+    checks below see what they should see through a known-good NAT."""
+    web = [(nat6.backend_ip6(n), 8080) for n in nat6.backend_names()]
+    try:
+        with lab_nat.nftables_dnat(nat6, [(WEB_PORT, web, "numgen")], vip=lab_nat.VIP6) as counters:
+            answers = peer_answers(nat6, 6)
+            packets = counters()
+    finally:
+        forget_the_router(nat6)
+    assert {peer for _, peer in answers} == {CLIENT6}
+    assert {name for name, _ in answers} == set(nat6.backend_names())   # round robin
+    assert packets[0] >= 6
+
+
+def test_full_nat6_hides_the_client_so_the_address_check_can_fail(nat6):
+    """Negative control for every "the backend saw the client" check here:
+    with masquerade (the source becomes the gateway's), /peer says so."""
+    web = [(nat6.backend_ip6(n), 8080) for n in nat6.backend_names()]
+    try:
+        with lab_nat.nftables_dnat(nat6, [(WEB_PORT, web, "numgen")], masquerade=True, vip=lab_nat.VIP6):
+            answers = peer_answers(nat6, 3)
+    finally:
+        forget_the_router(nat6)
+    # One of the gateway's own addresses (the kernel picks the VIP, the longer common prefix).
+    assert {peer for _, peer in answers} <= {nat6.host_ip6("lb"), lab_nat.VIP6}, answers
+
+
 # ---- through xdplb in NAT mode over IPv6 --------------------------------------------------
 
 def test_http_requests_spread_over_the_backends_and_each_sees_the_clients_ipv6_address(nat6, gateway):
     before = nat_outcomes(nat6)
-    answers = [curl(nat6, url("/peer")).split() for _ in range(24)]
+    answers = peer_answers(nat6, 24)
     after = nat_outcomes(nat6)
     names = {name for name, _ in answers}
     peers = {peer for _, peer in answers}
