@@ -109,8 +109,38 @@ static __always_inline int handle_icmp6(struct hdr_cursor *nh, void *data_end,
 	return send_to_owner(quote, &quoted, &qk6, dst);
 }
 
-/* Step 1b for IPv6 and every step after it, with the IPv6 flow key:
- * FORWARD, or the XDP action with its reason counted. */
+/* The steps after the IPv6 header for TCP/UDP (its header at the cursor),
+ * with the IPv6 flow key: FORWARD, or the XDP action with its reason
+ * counted. NAT replies are taken between the ports and the service-port
+ * gate, as for IPv4 (nat6.h). */
+static __always_inline int ingress_l4_6(struct hdr_cursor *nh, void *data_end, struct packet *pkt,
+					struct flow_key6 *k6, int l4_proto, struct dest *dst)
+{
+	int action;
+
+	pkt->l4_proto = l4_proto;
+	pkt->flow.proto = l4_proto;
+	pkt->l4_off = nh->pos - (void *)pkt->eth;
+	action = parse_l4(nh, data_end, pkt, k6);
+	if (action != CONTINUE)
+		return action;
+	k6->sport = pkt->flow.sport;
+	k6->dport = pkt->flow.dport;
+	k6->proto = l4_proto;
+	if (nat_port_in_use(pkt->flow.sport))
+		action = nat_reply6(pkt->ctx, pkt, k6);
+	if (action == CONTINUE)
+		action = service_port_gate(pkt);
+	if (action == CONTINUE)
+		action = connection_table_lookup(pkt, k6, dst);
+	if (action == CONTINUE)
+		action = pick_backend(pkt, k6, dst);
+	return action;
+}
+
+/* Step 1b for IPv6 and every step after it, with the IPv6 flow key: the
+ * final XDP action with its reason counted (it forwards its own, forward()
+ * with its key). */
 static __always_inline int ingress_ipv6(struct hdr_cursor *nh, void *data_end, struct packet *pkt,
 					struct dest *dst)
 {
@@ -135,25 +165,21 @@ static __always_inline int ingress_ipv6(struct hdr_cursor *nh, void *data_end, s
 	if (chain.fragment) {
 		if (l4_proto != IPPROTO_ICMPV6 && is_vip6(k6.dst))
 			return counted(REASON_FRAGMENT, XDP_DROP);
+		if (l4_proto == IPPROTO_TCP || l4_proto == IPPROTO_UDP)   /* from a NAT backend: nat6.h */
+			return nat_unreadable6(pkt, &k6, l4_proto, NAT_STAT_FRAGMENT);
 		return counted(REASON_NOT_SERVICE, XDP_PASS);
 	}
 	if (chain.ext_headers)
 		count_event6(EVENT6_EXT_HEADERS);
-	if (l4_proto == IPPROTO_ICMPV6)
-		return handle_icmp6(nh, data_end, &k6, dst);
-	pkt->l4_proto = l4_proto;
-	pkt->flow.proto = l4_proto;
-	action = parse_l4(nh, data_end, pkt, &k6);
-	if (action == CONTINUE)
-		action = service_port_gate(pkt);
-	if (action != CONTINUE)
-		return action;
-	k6.sport = pkt->flow.sport;
-	k6.dport = pkt->flow.dport;
-	k6.proto = l4_proto;
-	action = connection_table_lookup(pkt, &k6, dst);
-	if (action == CONTINUE)
-		action = pick_backend(pkt, &k6, dst);
+	if (l4_proto == IPPROTO_ICMPV6) {
+		action = nat_backend_icmp6(pkt, &k6, nh->pos, data_end);
+		if (action == CONTINUE)
+			action = handle_icmp6(nh, data_end, &k6, dst);
+	} else {
+		action = ingress_l4_6(nh, data_end, pkt, &k6, l4_proto, dst);
+	}
+	if (action == FORWARD)
+		action = forward(pkt, dst, &k6);
 	return action;
 }
 
