@@ -30,7 +30,7 @@ import pytest
 import lab_backend
 import lab_nat
 import pacs6_lab
-from lab_xdplb import Balancer, backend_health
+from lab_xdplb import Balancer, backend_health, xdp_attached
 from make_dicom import dataset_digest, make_instance, make_study
 
 pytestmark = [pytest.mark.root, pytest.mark.lab]
@@ -44,6 +44,8 @@ WEB_PORT, MIRROR_PORT = 80, 7
 DOWNLOAD = 64 * 1024 * 1024
 UPLOAD = 32 * 1024 * 1024
 SLOW = "40mbit"                            # the client's pace while the next hop is forgotten
+CRAWL, FAST = "8mbit", "2gbit"             # while a restarted daemon compiles (1 MB/s), and after
+RESTART_STORE = 128 * 1024 * 1024          # at 1 MB/s it outlasts the new daemon's compile
 CLIENT6 = lab_nat.CLIENT_HOSTS6["client"]
 
 
@@ -59,20 +61,27 @@ def work(tmp_path_factory):
     return tmp_path_factory.mktemp("nat6")
 
 
+class Holder:
+    """The module's running balancer (the restart test replaces it) and its pool."""
+    balancer: Balancer
+    pool: Path
+
+
 @pytest.fixture(scope="module")
 def gateway(nat6, work):
-    pool = work / "pool.toml"
-    pool.write_text(lab_nat.pool6_text(nat6, INTERVAL, TIMEOUT, RISE, FALL, metrics=METRICS))
-    b = Balancer(nat6, pool, work / "run", work / "xdplb.log").start()
+    holder = Holder()
+    holder.pool = work / "pool.toml"
+    holder.pool.write_text(lab_nat.pool6_text(nat6, INTERVAL, TIMEOUT, RISE, FALL, metrics=METRICS))
+    holder.balancer = Balancer(nat6, holder.pool, work / "run", work / "xdplb.log").start()
     try:
-        st = b.wait_ready(timeout=240)   # bcc compiles at attach
+        st = holder.balancer.wait_ready(timeout=240)   # bcc compiles at attach
         assert st["mode"] == "generic", st["mode"]
-        wait_all_up(b)
-        yield b
+        wait_all_up(holder.balancer)
+        yield holder
     finally:
-        b.stop()
-        b.release()
-        print(b.log())
+        holder.balancer.stop()
+        holder.balancer.release()
+        print(holder.balancer.log())
 
 
 def wait_all_up(b: Balancer, timeout: float = 30.0) -> dict:
@@ -268,7 +277,7 @@ def test_failover_when_an_ipv6_nat_backend_dies(nat6, gateway, work):
     after = [(t, r) for t, r in tries if t >= killed_at]
     failures = [t for t, r in after if r == "fail"]
     failover = (max(failures) - killed_at) if failures else 0.0
-    st = gateway.status()
+    st = gateway.balancer.status()
     be2 = next(b for s in st["services"] if s["name"] == DICOM for b in s["backends"] if b["name"] == "be2")
     print(f"IPv6 NAT failover: last failed C-STORE {failover:.2f}s after the kill, be2 marked down "
           f"{be2['since'] - killed_wall:.2f}s after it (bound {DETECT_BOUND:.1f}s); "
@@ -280,7 +289,7 @@ def test_failover_when_an_ipv6_nat_backend_dies(nat6, gateway, work):
     assert len(late) >= 10 and set(late) == {"ok"}, out
     assert be2["health"] == "down" and be2["since"] - killed_wall <= DETECT_BOUND
     nat6.start_scp("be2")
-    gateway.wait_for(lambda s: backend_health(s, DICOM)["be2"] == "up", RETURN_BOUND, "be2 up again")
+    gateway.balancer.wait_for(lambda s: backend_health(s, DICOM)["be2"] == "up", RETURN_BOUND, "be2 up again")
 
 
 def router_neighbour(nat6) -> str:
@@ -321,3 +330,42 @@ def test_a_forgotten_ipv6_next_hop_is_solicited_again_and_the_store_survives(nat
     assert after["no_neigh"] > before["no_neigh"]
     assert after["reply_tx"] > before["reply_tx"]
 
+
+
+def test_hitless_restart_kill_9_then_attach_during_an_ipv6_nat_store(nat6, gateway, work):
+    """kill -9 leaves the program attached and the maps (nat_backends6,
+    nat_reverse6, nat_addrs6 with the rest) pinned; a new daemon adopts them
+    and replaces the program while a 128 MB C-STORE runs over IPv6 NAT, held
+    at 1 MB/s until the new daemon is ready. The stored data set is
+    byte-exact and its SCP saw the client."""
+    path = work / "restart.dcm"
+    uid = make_instance(path, RESTART_STORE)
+    nat6.pace(CRAWL)
+    store = pacs6_lab.storescu(nat6, path, popen=True)
+    try:
+        time.sleep(1.0)
+        gateway.balancer.kill()
+        killed = time.monotonic()
+        assert xdp_attached(nat6)
+        second = Balancer(nat6, gateway.pool, work / "run", work / "xdplb-2.log")
+        gateway.balancer = second.start()
+        st = second.wait_ready(timeout=240)
+        assert st["mode"] == "generic", st["mode"]
+        assert "adopted pinned maps" in second.log()
+        assert "replaced the running xdplb program" in second.log()
+        wait_all_up(second)
+        ready = time.monotonic() - killed
+        assert store.poll() is None, "the store ended before the new daemon was ready: make it larger"
+        nat6.pace(FAST)
+        out, _ = store.communicate(timeout=300)
+    finally:
+        nat6.pace(None)
+        if store.poll() is None:
+            store.kill()
+    print(f"restart: the new daemon was ready {ready:.1f}s after the kill -9, the IPv6 NAT store still running")
+    assert store.returncode == 0, out
+    holder, stored = pacs6_lab.find_instance(nat6, uid)
+    assert dataset_digest(stored) == dataset_digest(path)
+    assert pacs6_lab.peers(nat6, holder)[uid] == CLIENT6
+    path.unlink()
+    stored.unlink()
