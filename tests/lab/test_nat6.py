@@ -22,10 +22,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import socket
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
+from scapy.layers.inet import TCP, UDP
+from scapy.layers.inet6 import IPv6
+from scapy.layers.l2 import Ether
+from scapy.utils import PcapReader, checksum
 
 import lab_backend
 import lab_nat
@@ -255,6 +261,75 @@ def test_udp_over_ipv6_nat_request_and_reply_are_byte_exact(nat6, gateway):
     assert {t["head"].split()[0] for t in answered} == set(nat6.backend_names())
     gained = {k: after[k] - before.get(k, 0) for k in after}
     assert gained["request"] >= 24 and gained["reply_tx"] >= 24, gained
+
+
+def l4_checksum_ok6(ip6) -> bool:
+    """The TCP or UDP checksum over the IPv6 pseudo-header (RFC 8200 8.1);
+    a UDP checksum of 0 is wrong over IPv6."""
+    segment = bytes(ip6.payload)[: ip6.plen]
+    if ip6.nh == socket.IPPROTO_UDP and segment[6:8] == b"\0\0":
+        return False
+    pseudo = (socket.inet_pton(socket.AF_INET6, ip6.src) + socket.inet_pton(socket.AF_INET6, ip6.dst)
+              + len(segment).to_bytes(4, "big") + bytes([0, 0, 0, ip6.nh]))
+    return checksum(pseudo + segment) == 0
+
+
+def judge6(pcap: Path, wanted) -> tuple[int, list[str], set]:
+    """(frames ``wanted`` selects, descriptions of those with a bad checksum
+    or super-packet size, their (source MAC, destination MAC) pairs)."""
+    seen, bad, macs = 0, [], set()
+    with PcapReader(str(pcap)) as frames:
+        for frame in frames:
+            if IPv6 not in frame or not (TCP in frame or UDP in frame) or not wanted(frame):
+                continue
+            seen += 1
+            ip6 = frame[IPv6]
+            macs.add((frame[Ether].src, frame[Ether].dst))
+            if ip6.plen + 40 > 1500:
+                bad.append(f"a {ip6.plen + 40}-byte IPv6 packet: a super-packet, not a wire frame")
+            elif not l4_checksum_ok6(ip6):
+                l4 = ip6[TCP] if TCP in frame else ip6[UDP]
+                bad.append(f"[{ip6.src}]:{l4.sport} > [{ip6.dst}]:{l4.dport} {l4.name} plen {ip6.plen}")
+    return seen, bad, macs
+
+
+def test_every_translated_ipv6_frame_carries_correct_checksums(nat6, gateway, work):
+    """Capture at the backends (requests, translated to :8080 and :5001) and
+    at the router (replies, translated back to VIP:80 and VIP:7) during six
+    1 MB downloads and twelve UDP datagrams; scapy recomputes every TCP and
+    UDP checksum over the IPv6 pseudo-header."""
+    pcaps = {host: work / f"capture6-{host}.pcap" for host in [*nat6.backend_names(), "router"]}
+    backends6 = {nat6.backend_ip6(n) for n in nat6.backend_names()}
+    with ExitStack() as stack:
+        for host, pcap in pcaps.items():
+            stack.enter_context(lab_nat.capturing(nat6, host, pcap))
+        downloads = [nat6.run("client", "curl", "-sS", "-g", "--max-time", 10, "--limit-rate", "4M",   # 4 MB/s:
+                              "-o", "/dev/null", url(f"/random?n={1 << 20}&seed={i}"),    # the capture keeps up
+                              check=False, timeout=30).returncode for i in range(6)]
+        udp = nat6.run("client", nat6.python6, "-c", _UDP_TRIES, lab_nat.VIP6, MIRROR_PORT, 1400, 12,
+                       timeout=60).stdout
+
+    def request(f, name):
+        l4 = f[TCP] if TCP in f else f[UDP]
+        return (f[IPv6].src == CLIENT6 and f[IPv6].dst == nat6.backend_ip6(name)
+                and l4.dport in (8080, lab_nat.NAT6_SERVICES[1][3]))
+
+    requests = 0   # checksums first: with a broken rewrite they say why the transfers failed
+    for name in nat6.backend_names():
+        seen, bad, _ = judge6(pcaps[name], lambda f, n=name: request(f, n))
+        assert not bad, f"{name}: {len(bad)} of {seen} translated requests with a bad checksum: {bad[:5]}"
+        requests += seen
+    replies, bad, macs = judge6(pcaps["router"], lambda f: f[IPv6].src == lab_nat.VIP6 and f[IPv6].dst == CLIENT6
+                                and (f[TCP] if TCP in f else f[UDP]).sport in (WEB_PORT, MIRROR_PORT))
+    assert not bad, f"{len(bad)} of {replies} translated replies with a bad checksum: {bad[:5]}"
+    untranslated, _, _ = judge6(pcaps["router"], lambda f: f[IPv6].src in backends6 and f[IPv6].dst == CLIENT6)
+    print(json.dumps({"translated_ipv6_requests_checked": requests, "translated_ipv6_replies_checked": replies}))
+    assert downloads == [0] * 6, downloads
+    assert all(json.loads(line).get("exact") for line in udp.splitlines()), udp
+    # 6 MB of replies is about 4,300 full-size frames; the requests are mostly ACKs.
+    assert requests >= 300 and replies >= 4000, (requests, replies)
+    assert untranslated == 0, "replies left the gateway untranslated"
+    assert macs == {(nat6.mac("lb"), nat6.mac("router"))}, macs   # to the router: bpf_fib_lookup's next hop
 
 
 def watch_tries(out: str) -> list[tuple[float, str]]:
