@@ -139,9 +139,10 @@ def store_each(lab, files: list[Path], host: str | None = None) -> list[tuple[st
     return [(f, int(rc)) for rc, f in (line.split(" ", 1) for line in out.splitlines())]
 
 
-def storescu(lab, *files: Path, host: str | None = None, popen: bool = False, timeout: float = 900):
-    """One process storing ``files`` (an association each) through the IPv6 VIP."""
-    argv = [lab.python6, SCU, "store", host or lab.vip6, pacs_lab.DICOM_PORT, *map(str, files)]
+def storescu(lab, *files: Path, host: str | None = None, popen: bool = False, timeout: float = 900,
+             port: int = pacs_lab.DICOM_PORT):
+    """One process storing ``files`` (an association each) through the IPv6 VIP (or ``host``:``port``)."""
+    argv = [lab.python6, SCU, "store", host or lab.vip6, port, *map(str, files)]
     if popen:
         return lab.popen("client", *argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     return lab.run("client", *argv, check=False, timeout=timeout)

@@ -132,9 +132,13 @@ def test_nat_suite(tmp_path):
         assert row["store_mb_per_s"]["median"] > 0, mode
         assert any(name.startswith("be") for name in row["responders_seen"]), (mode, row["responders_seen"])
     assert rows["xdplb NAT generic"]["xdp_mode"] == "generic" and rows["xdplb NAT native"]["xdp_mode"] == "native"
+    assert rows["xdplb NAT6 generic"]["xdp_mode"] == "generic"
     assert [m for m, r in rows.items() if r["native_peer"]] == ["xdplb NAT native"]
-    for mode in ("xdplb NAT generic", "xdplb NAT native"):
+    for mode in ("xdplb NAT generic", "xdplb NAT native", "xdplb NAT6 generic"):
         assert min(svc["packets"] for svc in rows[mode]["facts"]["forwarded"].values()) > 0, mode
-    assert min(rows["nftables DNAT"]["facts"]["dnat_rule_packets"].values()) > 0
+    for mode in ("nftables DNAT", "nftables DNAT6"):
+        assert min(rows[mode]["facts"]["dnat_rule_packets"].values()) > 0, mode
+    assert all(":" in rows[m]["target"] for m in ("routed6 (no balancer)", "xdplb NAT6 generic", "nftables DNAT6"))
     assert "| nftables DNAT" in stdout and "xdplb NAT generic vs nftables DNAT" in stdout
+    assert "xdplb NAT6 generic vs nftables DNAT6" in stdout and "xdplb NAT6 generic vs xdplb NAT generic" in stdout
     assert_charts(tmp_path, "nat", 3)

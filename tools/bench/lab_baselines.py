@@ -82,12 +82,13 @@ def haproxy_lb_cfg(vip: str, backends: dict[str, str]) -> str:
     )
 
 
-def responder_cfg(name: str) -> str:
+def responder_cfg(name: str, ipv6: bool = False) -> str:
     """A backend's HTTP server for the connection-rate test: answers every request with its name.
 
     HAProxy answering by itself (`http-request return`) is a C server that
     keeps up with a client on the same machine; the lab's Python server
     would cap every balancer at its own rate and hide their differences.
+    ``ipv6`` also binds it on IPv6 (the NAT suite's IPv6 rows).
     """
     if not name.isalnum():
         raise ValueError(f"backend name {name!r}: only letters and digits go into the responder config")
@@ -103,7 +104,8 @@ def responder_cfg(name: str) -> str:
         "    timeout server 10s\n"
         "frontend responder\n"
         f"    bind 0.0.0.0:{HTTP_PORT}\n"
-        f'    http-request return status 200 content-type text/plain string "{name}"\n'
+        + (f"    bind [::]:{HTTP_PORT} v6only\n" if ipv6 else "")
+        +        f'    http-request return status 200 content-type text/plain string "{name}"\n'
     )
 
 

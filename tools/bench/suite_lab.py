@@ -47,6 +47,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from xdplb.addrtext import host_port
+
 from . import lab_baselines as cfg
 from . import parse, stats
 from .tables import fmt, fmt_ratio, markdown, targets_table
@@ -94,10 +96,12 @@ class LabBench:
         return proc
 
     def start_servers(self) -> None:
+        ipv6 = getattr(self.lab, "dual_stack", False)   # iperf3 without -4 listens on both families
         for name in self.backends:
-            self._spawn(name, "iperf3", "-s", "-4", "-p", cfg.IPERF_PORT, log=f"iperf3-{name}.log")
+            self._spawn(name, "iperf3", "-s", *(() if ipv6 else ("-4",)), "-p", cfg.IPERF_PORT,
+                        log=f"iperf3-{name}.log")
             conf = self.work / f"responder-{name}.cfg"
-            conf.write_text(cfg.responder_cfg(name))
+            conf.write_text(cfg.responder_cfg(name, ipv6))
             self._spawn(name, "haproxy", "-db", "-f", conf, log=f"responder-{name}.log")
         for address in self.backends.values():
             for port in (cfg.IPERF_PORT, cfg.HTTP_PORT):
@@ -157,7 +161,7 @@ class LabBench:
     def wrk(self, target: str) -> parse.WrkResult:
         seconds = max(1, round(self.opts.seconds))
         done = self.lab.run("client", "wrk", "-t1", f"-c{WRK_CONNECTIONS}", f"-d{seconds}s", "--timeout", "2s",
-                            "-H", "Connection: close", f"http://{target}:{cfg.HTTP_PORT}/", check=False,
+                            "-H", "Connection: close", f"http://{host_port(target, cfg.HTTP_PORT)}/", check=False,
                             timeout=seconds + 40)
         if done.returncode != 0:
             raise BenchError(f"wrk against {target} failed: {(done.stderr or done.stdout).strip()[-300:]}")
@@ -203,7 +207,8 @@ class LabBench:
         for attempt in range(max_tries):
             if attempt >= tries and len([n for n in seen if n in self.backends]) >= backends_wanted:
                 break
-            done = self.lab.run("client", "curl", "-s", "-m", "3", f"http://{target}:{cfg.HTTP_PORT}/", check=False)
+            done = self.lab.run("client", "curl", "-s", "-g", "-m", "3", f"http://{host_port(target, cfg.HTTP_PORT)}/",
+                                check=False)
             name = done.stdout.strip() if done.returncode == 0 else f"error {done.returncode}"
             seen[name] = seen.get(name, 0) + 1
         return seen

@@ -17,6 +17,11 @@ what the gateway does changes between rows:
   nftables DNAT         client -> VIP -> DNAT in the gateway's prerouting hook (xdplb not
                         attached), conntrack undoing it on the replies: the same job, the client's
                         address kept, done by the kernel
+  routed6, xdplb NAT6 generic, nftables DNAT6
+                        the same three over IPv6, in the first lab built dual-stack (the NAT lab's
+                        IPv6 side: the gateway's next hop to the clients is the router's fe80::1);
+                        the C-STORE goes from pynetdicom's SCU to a pynetdicom SCP on 4242 (Orthanc
+                        has no IPv6), so it compares with the IPv6 rows only, not with Orthanc's
 
 Figures, each the median of `runs` runs:
   stream Gbit/s   one TCP stream, iperf3, VIP:5201 to the backends' 5201 (receiver's goodput);
@@ -32,6 +37,7 @@ Every process shares the machine's CPUs (2 on the reference machine).
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +47,9 @@ from . import stats
 from .suite_lab import BenchError, LabBench, _median, _summary, check_path_used, draw_medians, traffic_figures
 from .tables import fmt, fmt_ratio, markdown
 
-MODES = ("routed (no balancer)", "xdplb NAT generic", "xdplb NAT native", "nftables DNAT")
+MODES = ("routed (no balancer)", "xdplb NAT generic", "xdplb NAT native", "nftables DNAT",
+         "routed6 (no balancer)", "xdplb NAT6 generic", "nftables DNAT6")
+IPV6_MODES = MODES[4:]
 STORE_BYTES, QUICK_STORE_BYTES = 100 * 1024 * 1024, 16 * 1024 * 1024
 
 
@@ -62,11 +70,14 @@ class NatBench(LabBench):
         self.instance = instance
 
     def store(self, target: str, port: int) -> float:
-        """MB/s of one C-STORE of the instance to target:port."""
+        """MB/s of one C-STORE of the instance to target:port (dcmtk's storescu,
+        or pynetdicom's SCU to an IPv6 target)."""
+        import pacs6_lab
         import pacs_lab
 
+        tool = pacs6_lab if ":" in target else pacs_lab
         started = time.monotonic()
-        done = pacs_lab.storescu(self.lab, self.instance, host=target, port=port, timeout=600)
+        done = tool.storescu(self.lab, self.instance, host=target, port=port, timeout=600)
         elapsed = time.monotonic() - started
         if done.returncode != 0:
             raise BenchError(f"storescu to {target}:{port} failed: {(done.stderr or done.stdout).strip()[-300:]}")
@@ -77,30 +88,36 @@ class NatBench(LabBench):
         """Set up one path; yield (target, DICOM port, facts); undo it afterwards."""
         import lab_nat
 
+        ipv6 = mode in IPV6_MODES
+        vip = self.lab.vip6 if ipv6 else self.lab.vip
         if mode.startswith("routed"):
-            yield self.lab.backend_ip(1), lab_nat.ORTHANC_PORT, {}
+            yield (self.lab.backend_ip6(1) if ipv6 else self.lab.backend_ip(1)), lab_nat.ORTHANC_PORT, {}
         elif mode.startswith("xdplb"):
-            with self._xdplb_nat(mode.split()[-1]) as facts:
-                yield self.lab.vip, lab_nat.SERVICE_PORT, facts
+            with self._xdplb_nat(mode.split()[-1], ipv6) as facts:
+                yield vip, lab_nat.SERVICE_PORT, facts
         elif mode.startswith("nftables"):
-            addresses = list(self.backends.values())
+            addresses = list(self.backends6().values() if ipv6 else self.backends.values())
             rules = [(cfg.IPERF_PORT, [(a, cfg.IPERF_PORT) for a in addresses], "jhash"),
                      (cfg.HTTP_PORT, [(a, cfg.HTTP_PORT) for a in addresses], "numgen"),
                      (lab_nat.SERVICE_PORT, [(a, lab_nat.ORTHANC_PORT) for a in addresses], "numgen")]
             facts: dict = {}
-            with lab_nat.nftables_dnat(self.lab, rules) as counters:
-                yield self.lab.vip, lab_nat.SERVICE_PORT, facts
+            with lab_nat.nftables_dnat(self.lab, rules, vip=vip) as counters:
+                yield vip, lab_nat.SERVICE_PORT, facts
                 facts["dnat_rule_packets"] = dict(zip(("stream", "http", "dicom"), counters()))
         else:
             raise ValueError(f"unknown path {mode!r}")
 
+    def backends6(self) -> dict[str, str]:
+        return {name: self.lab.backend_ip6(name) for name in self.backends}
+
     @contextlib.contextmanager
-    def _xdplb_nat(self, xdp_mode: str):
+    def _xdplb_nat(self, xdp_mode: str, ipv6: bool = False):
         import lab_nat
         from lab_xdplb import Balancer
 
         pool = self.work / "xdplb-nat-pool.toml"
-        pool.write_text(cfg.xdplb_nat_pool(self.lab.vip, self.backends, lab_nat.SERVICE_PORT, lab_nat.ORTHANC_PORT))
+        vip, backends = (self.lab.vip6, self.backends6()) if ipv6 else (self.lab.vip, self.backends)
+        pool.write_text(cfg.xdplb_nat_pool(vip, backends, lab_nat.SERVICE_PORT, lab_nat.ORTHANC_PORT))
         log = self.work / f"xdplb-nat-{xdp_mode}.log"
         log.unlink(missing_ok=True)
         balancer = Balancer(self.lab, pool, self.work / f"run-nat-{xdp_mode}", log, mode=xdp_mode).start()
@@ -162,12 +179,16 @@ def run(opts: Options) -> dict:
     try:
         for native_peer, modes in ((False, [m for m in MODES if m != "xdplb NAT native"]),
                                    (True, ["xdplb NAT native"])):
-            nat = lab_nat.NatLab(labtool.Lab(prefix=labtool.unused_prefix("xnb"), backends=3, native_peer=native_peer))
+            # The first lab is dual-stack for the IPv6 rows (SCPs on IPv6 4242 beside Orthanc on IPv4).
+            nat = lab_nat.NatLab(labtool.Lab(prefix=labtool.unused_prefix("xnb"), backends=3, native_peer=native_peer,
+                                             vip6=None if native_peer else lab_nat.VIP6, python6=sys.executable))
             say(f"nat: building NAT lab {nat.prefix}{' with the pass-through XDP on the gateway port' if native_peer else ''}")
             nat.up()
             bench = NatBench(nat, work, opts, instance)
             try:
                 bench.start_servers()
+                if nat.dual_stack:
+                    nat.start_scps()
                 for mode in modes:
                     say(f"nat: {mode}")
                     row = measure_path(bench, mode)
@@ -189,10 +210,15 @@ KEYS = (("stream_gbits", "stream"), ("conn_per_s", "conn"), ("store_mb_per_s", "
 def comparisons(rows: list[dict]) -> dict:
     by = {r["mode"]: r for r in rows}
     out = {}
-    for x in ("xdplb NAT generic", "xdplb NAT native"):
-        for other in ("nftables DNAT", "routed (no balancer)"):
-            out[f"{x} vs {other}"] = {name: stats.ratio(_median(by.get(x), key), _median(by.get(other), key))
-                                      for key, name in KEYS}
+    pairs = [(x, other) for x in ("xdplb NAT generic", "xdplb NAT native")
+             for other in ("nftables DNAT", "routed (no balancer)")]
+    pairs += [("xdplb NAT6 generic", "nftables DNAT6"), ("xdplb NAT6 generic", "routed6 (no balancer)"),
+              ("xdplb NAT6 generic", "xdplb NAT generic")]   # the last: IPv6's cost next to IPv4's
+    for x, other in pairs:
+        out[f"{x} vs {other}"] = {name: stats.ratio(_median(by.get(x), key), _median(by.get(other), key))
+                                  for key, name in KEYS}
+        if x.startswith("xdplb NAT6") and other == "xdplb NAT generic":
+            out[f"{x} vs {other}"]["store"] = None   # pynetdicom to an SCP against storescu to Orthanc
     return out
 
 
@@ -209,7 +235,8 @@ def render(result: dict) -> str:
         rows.append([r["mode"], fmt(_median(r, "stream_gbits"), 2), fmt(_median(r, "conn_per_s"), 0),
                      fmt(_median(r, "store_mb_per_s"), 1), "; ".join(notes)])
     text = [markdown(["path", "stream Gbit/s", "conn/s", "C-STORE MB/s", "notes"], rows, "lrrrl"),
-            f"\nC-STORE: one instance of {result['store_bytes'] / 2**20:.0f} MiB per run, VIP:104 to Orthanc's 4242."]
+            f"\nC-STORE: one instance of {result['store_bytes'] / 2**20:.0f} MiB per run, VIP:104 to Orthanc's 4242 "
+            "(IPv6 rows: pynetdicom's SCU to a pynetdicom SCP on 4242; Orthanc has no IPv6)."]
     pairs = [[k, fmt_ratio(v["stream"]), fmt_ratio(v["conn"]), fmt_ratio(v["store"])]
              for k, v in result["comparisons"].items()]
     text.append("")
