@@ -74,6 +74,7 @@ class KernelState:
     down_since: dict = field(default_factory=dict)   # backend id -> monotonic ns it went down (0: up)
     nat_backends: dict = field(default_factory=dict) # backend id -> the port it listens on (NAT backends only)
     nat_reverse: dict = field(default_factory=dict)  # (address, port, protocol) -> (vip, service port)
+    refs6: dict = field(default_factory=dict)        # IPv6 service id -> (vip, client_prefix) in its live half
 
 
 MEMBARRIER_CMD_QUERY = 0
@@ -577,7 +578,9 @@ class BccDataplane:
     # content pass, into the half the flip goes to, which no packet reads.
 
     def _ref6(self, sid: int, state: int):
-        half = 1 if state & structs.SVC_STATE_HALF else 0
+        return self._ref6_of_half(sid, 1 if state & structs.SVC_STATE_HALF else 0)
+
+    def _ref6_of_half(self, sid: int, half: int):
         raw = self.map("service_ids6")[sid * structs.TABLES_PER_SERVICE + half]
         return structs.ServiceRef6.from_buffer_copy(bytes(raw))   # bcc's own type reads vip as 4 words
 
@@ -682,10 +685,13 @@ class BccDataplane:
                 addr = raw.ip(family.get(be.service_id, 6 if any(raw.raw[4:]) else 4))
                 backends[bid] = (be.service_id, addr, bytes(be.mac), bool(be.flags & structs.F_BACKEND_UP))
                 down_since[bid] = be.down_since
-        tables = {}
+        tables, refs6 = {}, {}
         maglev = self.map("maglev_tables")
-        for sid, _flags, half in services.values():
+        for (vip, _port, _proto), (sid, _flags, half) in services.items():
             tables[(sid, half)] = tuple(maglev[sid * structs.TABLES_PER_SERVICE + half].slots)
+            if vip.version == 6:
+                ref6 = self._ref6_of_half(sid, half)
+                refs6[sid] = (ipaddress.IPv6Address(bytes(ref6.vip)), ref6.client_prefix)
         vips = {structs.LbAddr.from_buffer_copy(bytes(k)).ip(version)
                 for version, name in _VIPS.items() for k in self.map(name).keys()}
         cfg = self.map("lb_config")[0]
@@ -699,7 +705,8 @@ class BccDataplane:
             proto = {v: k for k, v in structs.IPPROTO.items()}.get(key.proto, str(key.proto))
             nat_reverse[(ipaddress.IPv4Address(bytes(key.addr)), socket.ntohs(key.port), proto)] = (
                 ipaddress.IPv4Address(bytes(rev.vip)), socket.ntohs(rev.vport))
-        return KernelState(services, backends, tables, vips, config, down_since, nat_backends, nat_reverse)
+        return KernelState(services, backends, tables, vips, config, down_since, nat_backends, nat_reverse,
+                           refs6)
 
     def flows(self, limit: int = 100000) -> dict:
         """(client, client port, VIP, port, proto) -> backend id, at most `limit`

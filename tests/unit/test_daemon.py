@@ -1136,6 +1136,33 @@ VIP6 = IPv6Address("fd00:10:10::100")
 A6, B6 = IPv6Address("fd00:10:10::11"), IPv6Address("fd00:10:10::12")
 
 
+def test_the_periodic_full_pass_repairs_an_ipv6_services_client_prefix(h, monkeypatch, caplog):
+    # service_ids6 (the VIP and client prefix an IPv6 service's live half
+    # hashes with) is compared and repaired like the other maps.
+    caplog.set_level(logging.INFO, logger="xdplb")
+    monkeypatch.setattr(xdplb.reconciler, "FULL_RECONCILE_SECONDS", 0.1, raising=False)
+    text = pool_toml([("dicom6", VIP6, 104, [("pacs-a", A6, 1), ("pacs-b", B6, 1)])])
+    h.pool.write_text(text.replace(f'vip = "{VIP6}"', f'vip = "{VIP6}"\npersistence = "client"\nclient_prefix = 56'))
+    h.nl.neighbours.update({A6: MACS[A], B6: MACS[B]})
+    daemon = h.daemon()
+    key = (VIP6, 104, "tcp")
+
+    def live_ref6():
+        sid, _flags, half = h.dp.services[key]
+        return h.dp.refs6.get((sid, half))
+
+    async def scenario():
+        async with running(daemon):
+            await until(lambda: key in h.dp.services, what="the IPv6 service written")
+            assert live_ref6() == (VIP6, 56)
+            sid, _flags, half = h.dp.services[key]
+            h.dp.refs6[(sid, half)] = (VIP6, 128)     # someone rewrote the live half's client prefix
+            await until(lambda: live_ref6() == (VIP6, 56), what="the client prefix repaired")
+            assert any("drifted" in r.getMessage() and "service_ids6" in r.getMessage() for r in caplog.records)
+
+    asyncio.run(scenario())
+
+
 def test_a_dual_stack_pool_adds_both_vips_resolves_both_families_and_removes_both(tmp_path, run_dir):
     """The same PACS behind an IPv4 and an IPv6 VIP: each family's VIP is
     added and removed, each backend's MAC comes from its own family's
