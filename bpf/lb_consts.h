@@ -33,6 +33,11 @@
 #ifndef FLOW_TABLE_SIZE
 #define FLOW_TABLE_SIZE 262144
 #endif
+/* flows6's entries: the pool's flow_table_size6 (xdplb/config.py resolves it:
+ * flow_table_size when an IPv6 service is balanced, else 1024). */
+#ifndef FLOW_TABLE_SIZE6
+#define FLOW_TABLE_SIZE6 FLOW_TABLE_SIZE
+#endif
 
 /* Distinct VIP addresses (used to recognise fragments addressed to us). */
 #ifndef MAX_VIPS

@@ -55,6 +55,7 @@ def defines(settings: Settings) -> dict[str, int]:
         "MAX_SERVICES": settings.max_services,
         "MAX_BACKENDS": settings.max_backends,
         "FLOW_TABLE_SIZE": settings.flow_table_size,
+        "FLOW_TABLE_SIZE6": settings.flows6_entries,
     }
 
 

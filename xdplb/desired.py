@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Mapping
 
-from .config import Pool
+from .config import FLOW_TABLE_SIZE_RANGE, Pool
 from .health_fsm import Health, State
 from .plan import BackendState, Desired, ServiceState
 
@@ -52,13 +52,23 @@ def _ns(seconds: float) -> int:
 
 
 # Settings baked into the compiled program: changing them needs a restart.
-COMPILED_SETTINGS = ("maglev_size", "max_services", "max_backends", "flow_table_size")
+# flow_table_size6 follows the pool's services when it is not set (config.py),
+# so a reload that adds the first IPv6 service, or removes the last, changes it.
+COMPILED_SETTINGS = ("maglev_size", "max_services", "max_backends", "flow_table_size", "flow_table_size6")
 
 
 def restart_needed(old: Pool, new: Pool) -> list[str]:
-    """Compiled-in settings that differ between two pools, as 'key old -> new'."""
-    return [
-        f"{key} {getattr(old.settings, key)} -> {getattr(new.settings, key)}"
-        for key in COMPILED_SETTINGS
-        if getattr(old.settings, key) != getattr(new.settings, key)
-    ]
+    """Compiled-in settings that differ between two pools, as 'key old -> new'
+    (flow_table_size6 says why it changed and what to do)."""
+    changed = []
+    for key in COMPILED_SETTINGS:
+        before, after = getattr(old.settings, key), getattr(new.settings, key)
+        if before == after:
+            continue
+        text = f"{key} {before} -> {after}"
+        if key == "flow_table_size6":
+            text += (f" (the IPv6 flow table, flow_table_size while the pool balances an IPv6 service and "
+                     f"{FLOW_TABLE_SIZE_RANGE[0]} without one: set flow_table_size6 = {before} to keep it, or "
+                     f"restart xdplb, which keeps every flow when no IPv6 service runs before the restart)")
+        changed.append(text)
+    return changed

@@ -167,7 +167,7 @@ def map_specs6(settings: Settings) -> dict[str, MapSpec]:
         "services6": MapSpec("hash", structs.ServiceKey6, structs.ServiceInfo, settings.max_services),
         "service_ids6": MapSpec("array", index, structs.ServiceRef6,
                                 settings.max_services * structs.TABLES_PER_SERVICE),
-        "flows6": MapSpec("lru_hash", structs.FlowKey6, structs.FlowValue, settings.flow_table_size),
+        "flows6": MapSpec("lru_hash", structs.FlowKey6, structs.FlowValue, settings.flows6_entries),
         "vips6": MapSpec("hash", structs.LbAddr, ctypes.c_uint32, settings.max_services),
         "events6": MapSpec("percpu_array", index, ctypes.c_uint64, len(structs.EVENTS6)),
     }
@@ -247,14 +247,14 @@ def flow_capacity(entries: int, flags: int, cpus: int) -> FlowCapacity:
     return FlowCapacity(created, usable, usable, True)
 
 
-def describe_flow_capacity(entries: int, flags: int, cpus: int) -> str:
+def describe_flow_capacity(entries: int, flags: int, cpus: int, table: str = "flow table") -> str:
     """One line for `xdplb check` and the attach log."""
     cap = flow_capacity(entries, flags, cpus)
     if cap.shared:
-        return (f"flow table: {cap.entries} entries in one LRU shared by all {cpus} possible CPUs; "
+        return (f"{table}: {cap.entries} entries in one LRU shared by all {cpus} possible CPUs; "
                 f"per-CPU capacity {cap.per_cpu} flows: any one CPU may fill the table, less "
                 f"{LRU_LOCAL_FREE_TARGET} free entries cached per CPU, however RSS spreads the flows")
-    return (f"flow table: {cap.entries} entries in {cpus} per-CPU LRU lists; per-CPU capacity "
+    return (f"{table}: {cap.entries} entries in {cpus} per-CPU LRU lists; per-CPU capacity "
             f"{cap.per_cpu} flows: a CPU that inserts more evicts its own flows")
 
 
@@ -287,6 +287,45 @@ def check_compatible(directory: Path, settings: Settings, cpus: int | None = Non
         if have != want:
             problems.append(f"{name}: pinned type/key/value/entries/flags {have}, this pool needs {want}")
     return problems
+
+
+def resize_idle_flows6(directory: Path, settings: Settings, cpus: int | None = None) -> str | None:
+    """Unpin a pinned flows6 whose size is not the one `settings` need while
+    no IPv6 service is programmed (the pinned services6 is empty), so that
+    bcc creates it anew at the new size; a note saying so, or None.
+
+    With no IPv6 service no packet is forwarded by flows6, so replacing it
+    breaks no flow: this is how a pool that gains its first IPv6 service
+    (flows6 grows from the minimum to flow_table_size) restarts hitlessly.
+    With IPv6 services programmed the map is left for check_compatible,
+    which refuses a size change as it does for every compiled-in size.
+    """
+    from .bpfsys import map_items, open_pinned, pinned_map_info
+
+    path, services6 = directory / "flows6", directory / "services6"
+    if not path.exists():
+        return None
+    spec = map_specs6(settings)["flows6"]
+    info = pinned_map_info(str(path))
+    want = kernel_entries(spec.kind, spec.entries, spec.flags, cpus or possible_cpus())
+    if info.max_entries == want or (info.type, info.key_size, info.value_size, info.flags) != (
+            BPF_MAP_TYPE[spec.kind], ctypes.sizeof(spec.key), ctypes.sizeof(spec.value), spec.flags):
+        return None
+    if services6.exists():
+        fd = open_pinned(str(services6))
+        try:
+            if map_items(fd, ctypes.sizeof(structs.ServiceKey6), ctypes.sizeof(structs.ServiceInfo)):
+                return None
+        finally:
+            os.close(fd)
+    path.unlink()
+    return (f"flows6 (the IPv6 flow table) is created anew with {want} entries instead of the pinned "
+            f"{info.max_entries}: no IPv6 service was programmed, so no flow used it")
+
+
+FLOWS6_RESIZE_HINT = ("flows6 (the IPv6 flow table, flow_table_size6) changes size across a restart only while no "
+                      "IPv6 service is programmed: keep flow_table_size6 at the pinned size, or first reload a pool "
+                      "without IPv6 services")
 
 
 def restart_note(directory: Path, reopen_denied: str | None) -> str:
@@ -415,11 +454,15 @@ def prepare(directory: Path, settings: Settings, attached_prog_id: int | None = 
                            f"maps: run `xdplb detach {directory.name}` first (established flows will break)")
         pins.notes.append(f"no maps were pinned at {directory}: took {len(taken)} from the attached program "
                           f"(id {attached_prog_id}) and pinned them there")
+    note = resize_idle_flows6(directory, settings)
+    if note:
+        pins.notes.append(note)
     problems = check_compatible(directory, settings)
     if problems:
+        hint = f" ({FLOWS6_RESIZE_HINT})" if any(p.startswith("flows6:") for p in problems) else ""
         raise PinError(
             f"the maps pinned at {directory} do not fit this pool ({'; '.join(problems)}); "
-            f"compiled-in sizes cannot change across a hitless restart: restore the old sizes, "
+            f"compiled-in sizes cannot change across a hitless restart: restore the old sizes{hint}, "
             f"or run `xdplb detach` first (established flows will break)"
         )
     problems, unrecorded = check_layout(directory, settings)

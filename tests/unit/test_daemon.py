@@ -268,7 +268,12 @@ def snapshot(dp: FakeDataplane) -> tuple:
      'address = "10.10.0.312" is not a valid IP address'),
     (lambda text: text.replace("maglev_size = 251", "maglev_size = 509"),
      "changing maglev_size 251 -> 509 needs a restart"),
-], ids=["toml-syntax", "invalid-ip", "maglev-size"])
+    # The first IPv6 service grows flows6 from the minimum to flow_table_size (compiled in).
+    (lambda text: text + ('\n[[service]]\nname = "dicom6"\nvip = "fd00:10:10::100"\nport = 104\n'
+                          '  [[service.backend]]\n  name = "pacs-a"\n  address = "fd00:10:10::11"\n'),
+     "changing flow_table_size6 1024 -> 262144 (the IPv6 flow table, flow_table_size while the pool balances "
+     "an IPv6 service and 1024 without one: set flow_table_size6 = 1024 to keep it, or restart xdplb"),
+], ids=["toml-syntax", "invalid-ip", "maglev-size", "first-ipv6-service"])
 def test_rejected_reload_changes_nothing(h, caplog, breakage, expected):
     caplog.set_level(logging.INFO, logger="xdplb")
     daemon = h.daemon()
