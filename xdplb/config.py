@@ -1255,6 +1255,7 @@ def describe(pool: Pool) -> str:
         f"pool {pool.source}: {len(pool.services)} service(s), {total} backend(s)",
         f"  metrics: {st.metrics or 'disabled'}; manage VIPs: {'yes' if st.manage_vips else 'no'}",
         f"  maglev_size {st.maglev_size}, flow_table_size {st.flow_table_size}, "
+        f"flow_table_size6 {st.flows6_entries}, "
         f"max_services {st.max_services}, max_backends {st.max_backends}, hash_seed {st.hash_seed}, "
         f"no healthy backend: {st.no_backend}",
         f"  UDP flows expire after {st.udp_idle_timeout:g}s idle; established flows stay on a down backend "
