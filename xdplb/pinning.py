@@ -289,38 +289,34 @@ def check_compatible(directory: Path, settings: Settings, cpus: int | None = Non
     return problems
 
 
-def resize_idle_flows6(directory: Path, settings: Settings, cpus: int | None = None) -> str | None:
-    """Unpin a pinned flows6 whose size is not the one `settings` need while
-    no IPv6 service is programmed (the pinned services6 is empty), so that
-    bcc creates it anew at the new size; a note saying so, or None.
+def flows6_idle(directory: Path) -> bool:
+    """Whether no IPv6 service is programmed in the maps pinned at
+    `directory` (their services6 is empty or absent): then no packet is
+    forwarded by flows6, and replacing it breaks no flow."""
+    from .bpfsys import map_items, open_pinned
 
-    With no IPv6 service no packet is forwarded by flows6, so replacing it
-    breaks no flow: this is how a pool that gains its first IPv6 service
-    (flows6 grows from the minimum to flow_table_size) restarts hitlessly.
-    With IPv6 services programmed the map is left for check_compatible,
-    which refuses a size change as it does for every compiled-in size.
-    """
-    from .bpfsys import map_items, open_pinned, pinned_map_info
+    services6 = directory / "services6"
+    if not services6.exists():
+        return True
+    fd = open_pinned(str(services6))
+    try:
+        return not map_items(fd, ctypes.sizeof(structs.ServiceKey6), ctypes.sizeof(structs.ServiceInfo))
+    finally:
+        os.close(fd)
 
-    path, services6 = directory / "flows6", directory / "services6"
-    if not path.exists():
-        return None
-    spec = map_specs6(settings)["flows6"]
-    info = pinned_map_info(str(path))
-    want = kernel_entries(spec.kind, spec.entries, spec.flags, cpus or possible_cpus())
-    if info.max_entries == want or (info.type, info.key_size, info.value_size, info.flags) != (
-            BPF_MAP_TYPE[spec.kind], ctypes.sizeof(spec.key), ctypes.sizeof(spec.value), spec.flags):
-        return None
-    if services6.exists():
-        fd = open_pinned(str(services6))
-        try:
-            if map_items(fd, ctypes.sizeof(structs.ServiceKey6), ctypes.sizeof(structs.ServiceInfo)):
-                return None
-        finally:
-            os.close(fd)
+
+def replace_flows6(directory: Path, settings: Settings) -> str:
+    """Unpin flows6, so that bcc creates it anew at the size `settings` need
+    (only while flows6_idle); the note saying so. This is how a pool that
+    gains its first IPv6 service (flows6 grows from the minimum to
+    flow_table_size) restarts hitlessly."""
+    from .bpfsys import pinned_map_info
+
+    path = directory / "flows6"
+    pinned = pinned_map_info(str(path)).max_entries
     path.unlink()
-    return (f"flows6 (the IPv6 flow table) is created anew with {want} entries instead of the pinned "
-            f"{info.max_entries}: no IPv6 service was programmed, so no flow used it")
+    return (f"flows6 (the IPv6 flow table) is created anew with {map_specs6(settings)['flows6'].entries} entries "
+            f"instead of the pinned {pinned}: no IPv6 service was programmed, so no flow used it")
 
 
 FLOWS6_RESIZE_HINT = ("flows6 (the IPv6 flow table, flow_table_size6) changes size across a restart only while no "
@@ -454,11 +450,11 @@ def prepare(directory: Path, settings: Settings, attached_prog_id: int | None = 
                            f"maps: run `xdplb detach {directory.name}` first (established flows will break)")
         pins.notes.append(f"no maps were pinned at {directory}: took {len(taken)} from the attached program "
                           f"(id {attached_prog_id}) and pinned them there")
-    note = resize_idle_flows6(directory, settings)
-    if note:
-        pins.notes.append(note)
     problems = check_compatible(directory, settings)
-    if problems:
+    # flows6 alone of another size, and no IPv6 service programmed: replaced
+    # below, once every other check has passed (a refused start changes nothing).
+    flows6_only = bool(problems) and all(p.startswith("flows6:") for p in problems) and flows6_idle(directory)
+    if problems and not flows6_only:
         hint = f" ({FLOWS6_RESIZE_HINT})" if any(p.startswith("flows6:") for p in problems) else ""
         raise PinError(
             f"the maps pinned at {directory} do not fit this pool ({'; '.join(problems)}); "
@@ -472,6 +468,8 @@ def prepare(directory: Path, settings: Settings, attached_prog_id: int | None = 
             f"and would be misread: run `xdplb detach {directory.name}` first (established flows will break), "
             f"then attach again"
         )
+    if flows6_only:
+        pins.notes.append(replace_flows6(directory, settings))
     pins.adopted = bool(pinned_maps(directory))
     if pins.adopted and unrecorded:
         pins.notes.append(f"the maps pinned at {directory} carry no layout record (pinned by an earlier "

@@ -199,3 +199,14 @@ def test_a_restart_refuses_to_resize_flows6_while_an_ipv6_service_is_programmed(
     message = str(refused.value)
     assert "flows6: pinned type/key/value/entries/flags" in message and pinning.FLOWS6_RESIZE_HINT in message
     assert bpfsys.pinned_map_info(str(bpffs / "eth0" / "flows6")).max_entries == 4096   # left as it was
+
+
+def test_a_refused_restart_leaves_an_idle_flows6_pinned_as_it_was(bpffs, loaded):
+    # flows6 could be replaced, but maglev_size changed too: the start is
+    # refused, and a refused start changes nothing.
+    from xdplb.dataplane import LoadError
+
+    loaded(Settings(maglev_size=251, flow_table_size=4096, flow_table_size6=1024), bpffs / "eth0").bpf.cleanup()
+    with pytest.raises(LoadError, match=r"maglev_tables: pinned"):
+        loaded(Settings(maglev_size=509, flow_table_size=4096, flow_table_size6=4096), bpffs / "eth0")
+    assert bpfsys.pinned_map_info(str(bpffs / "eth0" / "flows6")).max_entries == 1024
