@@ -67,8 +67,11 @@ def restart_needed(old: Pool, new: Pool) -> list[str]:
             continue
         text = f"{key} {before} -> {after}"
         if key == "flow_table_size6":
-            text += (f" (the IPv6 flow table, flow_table_size while the pool balances an IPv6 service and "
-                     f"{FLOW_TABLE_SIZE_RANGE[0]} without one: set flow_table_size6 = {before} to keep it, or "
-                     f"restart xdplb, which keeps every flow when no IPv6 service runs before the restart)")
+            # Keeping a smaller table for IPv6 services would leave them few
+            # flows per CPU: only a shrink is offered the setting.
+            keep = f", or set flow_table_size6 = {before} to keep it" if before > after else ""
+            text += (f" (the IPv6 flow table: unset, it is flow_table_size while the pool balances an IPv6 "
+                     f"service and {FLOW_TABLE_SIZE_RANGE[0]} without one; restart xdplb to resize it, which "
+                     f"keeps every flow while no IPv6 service is programmed{keep})")
         changed.append(text)
     return changed

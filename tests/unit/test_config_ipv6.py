@@ -182,11 +182,14 @@ def test_a_bad_flow_table_size6_is_one_sentence_naming_key_and_value(value, word
 def test_a_reload_that_adds_the_first_ipv6_service_says_flows6_needs_a_restart_and_why():
     before, after = parse_pool(POOL4), parse_pool(POOL4 + pool6().replace('"pacs6"', '"pacs6b"'))
     (text,) = restart_needed(before, after)
-    assert text == ("flow_table_size6 1024 -> 262144 (the IPv6 flow table, flow_table_size while the pool "
-                    "balances an IPv6 service and 1024 without one: set flow_table_size6 = 1024 to keep it, "
-                    "or restart xdplb, which keeps every flow when no IPv6 service runs before the restart)")
-    # Removing the last one too; and a pool that sets flow_table_size6 reloads either way.
-    assert restart_needed(after, before)[0].startswith("flow_table_size6 262144 -> 1024 (")
+    assert text == ("flow_table_size6 1024 -> 262144 (the IPv6 flow table: unset, it is flow_table_size while "
+                    "the pool balances an IPv6 service and 1024 without one; restart xdplb to resize it, which "
+                    "keeps every flow while no IPv6 service is programmed)")
+    # Removing the last one too, where keeping the size is offered; and a
+    # pool that sets flow_table_size6 reloads either way.
+    (text,) = restart_needed(after, before)
+    assert text.startswith("flow_table_size6 262144 -> 1024 (the IPv6 flow table: ")
+    assert text.endswith("while no IPv6 service is programmed, or set flow_table_size6 = 262144 to keep it)")
     pinned = "[xdplb]\nflow_table_size6 = 1024\n"
     assert restart_needed(parse_pool(pinned + POOL4),
                           parse_pool(pinned + POOL4 + pool6().replace('"pacs6"', '"pacs6b"'))) == []

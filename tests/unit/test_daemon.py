@@ -271,8 +271,9 @@ def snapshot(dp: FakeDataplane) -> tuple:
     # The first IPv6 service grows flows6 from the minimum to flow_table_size (compiled in).
     (lambda text: text + ('\n[[service]]\nname = "dicom6"\nvip = "fd00:10:10::100"\nport = 104\n'
                           '  [[service.backend]]\n  name = "pacs-a"\n  address = "fd00:10:10::11"\n'),
-     "changing flow_table_size6 1024 -> 262144 (the IPv6 flow table, flow_table_size while the pool balances "
-     "an IPv6 service and 1024 without one: set flow_table_size6 = 1024 to keep it, or restart xdplb"),
+     "changing flow_table_size6 1024 -> 262144 (the IPv6 flow table: unset, it is flow_table_size while the "
+     "pool balances an IPv6 service and 1024 without one; restart xdplb to resize it, which keeps every flow "
+     "while no IPv6 service is programmed) needs a restart of xdplb"),
 ], ids=["toml-syntax", "invalid-ip", "maglev-size", "first-ipv6-service"])
 def test_rejected_reload_changes_nothing(h, caplog, breakage, expected):
     caplog.set_level(logging.INFO, logger="xdplb")
