@@ -25,7 +25,12 @@
  *     message (Neighbour Discovery, echo) passes to the stack;
  *   - a header cut short: the IPv6 header or the chain: XDP_PASS
  *     (REASON_MALFORMED); TCP/UDP to a VIP with a truncated L4 header:
- *     XDP_DROP, as IPv4.
+ *     XDP_DROP, as IPv4;
+ *   - NAT services (nat6.h): the request is translated by forward(), which
+ *     ingress_ipv6 calls itself with its key; replies of IPv6 NAT backends
+ *     are taken after the ports (nat_reply6), and what such a backend sends
+ *     that cannot be translated (a TCP/UDP fragment, a cut-short header, an
+ *     ICMPv6 error about a NAT flow) is dropped and counted, as for IPv4.
  */
 #ifndef XDPLB_XDPLB6_H
 #define XDPLB_XDPLB6_H

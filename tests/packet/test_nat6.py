@@ -560,6 +560,9 @@ def test_icmp6_error_from_a_nat6_backend_about_a_nat_flow_is_dropped_and_counted
     ("about a port that is no NAT backend's", backend_icmp6(TCP(sport=41000, dport=22))),
     ("to the gateway itself (a health check)", backend_icmp6(TCP(sport=50123, dport=PACS_PORT), dst=GW_PACS6)),
     ("an echo reply", from_pacs6(ICMPv6EchoReply(data=b"ping"))),
+    ("sent elsewhere than the quoted packet's source",
+     from_pacs6(ICMPv6DestUnreach(code=4) / bytes(IPv6(src=CLIENT6, dst=PACS6[0])
+                                                  / UDP(sport=41000, dport=UDP_BACKEND_PORT)), dst=REMOTE6)),
 ])
 def test_other_icmp6_from_a_nat6_backend_passes(nat6, net6, what, packet):
     assert_passes_uncounted(nat6, net6, packet, "icmp")
