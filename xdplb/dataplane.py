@@ -727,7 +727,7 @@ class BccDataplane:
         of both families, as KernelState holds them."""
         nat_backends, nat_reverse = {}, {}
         names = {v: k for k, v in structs.IPPROTO.items()}
-        for version, name in _NAT_BACKENDS.items():
+        for name in _NAT_BACKENDS.values():
             if name in self.absent:
                 continue
             table = self.map(name)
