@@ -12,7 +12,7 @@
  *   3. pick_backend: the services lookup, then the flow's backend if still
  *      live, or Maglev (place_new_flow);
  *   4. forward: counters and the DSR rewrite, or for a NAT service the
- *      destination and port translation (nat.h).
+ *      destination and port translation (nat.h; nat6.h for IPv6).
  * Between 1 and 2, nat_reply takes the replies of NAT backends (their
  * source port gated by nat_ports, then one nat_reverse lookup; nat.h, and
  * nat6.h for IPv6).
