@@ -10,7 +10,8 @@
  * The result is never 0x0000 turned into 0xffff or back by mistake: the
  * folded sum of non-zero words is never 0, so HC' lies in 0x0000..0xfffe,
  * as a checksum computed from scratch does (scapy's, in the packet tests).
- * UDP's "no checksum" (0) is the caller's business (nat.h).
+ * UDP's "no checksum" (0) is the caller's business (nat.h; IPv6 has no
+ * such thing, nat6.h).
  *
  * Valid only on a complete checksum. A CHECKSUM_PARTIAL skb (a local sender
  * with TX checksum offload, seen by generic XDP) holds the pseudo-header sum
@@ -40,6 +41,23 @@ static __always_inline void lb_csum_replace4(__sum16 *check, __be32 from, __be32
 
 	sum += (nfrom & 0xffff) + (nfrom >> 16);
 	sum += ((__u32)to & 0xffff) + ((__u32)to >> 16);
+	*check = (__sum16)~csum_fold64(sum);
+}
+
+/* *check covers a 128-bit field (an IPv6 address, four 32-bit words in
+ * network order) that changes from `from` to `to`: one sum, one fold. */
+static __always_inline void lb_csum_replace16(__sum16 *check, const __be32 *from, const __be32 *to)
+{
+	__u64 sum = (__u16)~*check;
+	int i;
+
+#pragma unroll
+	for (i = 0; i < 4; i++) {
+		__u32 nfrom = ~(__u32)from[i];
+
+		sum += (nfrom & 0xffff) + (nfrom >> 16);
+		sum += ((__u32)to[i] & 0xffff) + ((__u32)to[i] >> 16);
+	}
 	*check = (__sum16)~csum_fold64(sum);
 }
 

@@ -176,8 +176,8 @@ LB_MAP("percpu_array", int, __u64, not_forwarded, REASON_MAX);
 LB_MAP("percpu_array", int, __u64, events, EVENT_MAX);
 
 /*
- * NAT forwarding (bpf/nat.h). IPv6 adds nat_backends6 / nat_reverse6 keyed
- * by struct lb_addr, next to these, and the same bitmap serves both.
+ * NAT forwarding (bpf/nat.h). IPv6 has its own nat_backends6, nat_reverse6
+ * and nat_addrs6 (lb_maps6.h, bpf/nat6.h); nat_ports and nat_stats serve both.
  *
  * backend id -> nat_backend: the address and port a NAT service's backend
  * listens on; written by the controller with the backend (rule 1, its own

@@ -128,8 +128,8 @@ struct layout_key {
 
 /* ---- NAT forwarding (bpf/nat.h; maps in lb_maps.h) ----
  * IPv4 only, with 4-byte addresses, for the reason service_key gives. IPv6
- * adds its own nat_backend6 / nat_rev_key6 with struct lb_addr (16 bytes)
- * in separate maps, so the IPv4 keys stay 8 bytes to hash. */
+ * has its own nat_backend6 / nat_rev_key6 / nat_rev_value6 with 16-byte
+ * addresses (lb_structs6.h) in separate maps, so the IPv4 keys stay 8 bytes. */
 
 /* nat_backends map value, indexed by backend id: where a NAT service's
  * backend really listens. Read in one 64-bit load. */

@@ -53,4 +53,35 @@ struct flow_key6 {
 #define EVENT6_ROUTING 2         /* routing header with segments left > 0: passed to the stack */
 #define EVENT6_MAX 3
 
+/* ---- NAT over IPv6 (bpf/nat6.h; maps in lb_maps6.h) ----
+ * As the IPv4 nat_backend / nat_rev_key / nat_rev_value, with 16-byte
+ * addresses. Too big for the one 64-bit load IPv4 reads them with; lb_maps6.h
+ * says why each is still read consistently. */
+
+/* nat_backends6 map value, indexed by backend id: where an IPv6 NAT
+ * service's backend really listens. */
+struct nat_backend6 {
+	__be32 addr[4];        /* network order: the backend's address (the new destination) */
+	__be16 port;           /* network order: the port it listens on (the new destination port) */
+	__u8 ready;            /* 1 publishes addr and port (lb_maps.h rule 1), read before them;
+	                        * 0 = not an IPv6 NAT backend */
+	__u8 pad;              /* zero */
+};
+
+/* nat_reverse6 map key: the source of an IPv6 NAT backend's replies. */
+struct nat_rev_key6 {
+	__be32 addr[4];        /* network order: backend address */
+	__be16 port;           /* network order: backend port */
+	__u8 proto;            /* IPPROTO_TCP or IPPROTO_UDP */
+	__u8 pad;              /* zero */
+};
+
+/* nat_reverse6 map value: what the reply's source becomes. bport repeats
+ * the key's port as a check, as in nat_rev_value. */
+struct nat_rev_value6 {
+	__be32 vip[4];         /* network order: the service's IPv6 VIP */
+	__be16 vport;          /* network order: the service port */
+	__be16 bport;          /* network order: the key's backend port, checked by the reader */
+};
+
 #endif /* XDPLB_STRUCTS6_H */

@@ -101,14 +101,11 @@ static __always_inline int nat_port_in_use(__be16 sport)
 }
 
 /* The L4 checksum and the port to rewrite (source or destination) of the
- * TCP/UDP header parse_l4 accepted, found again from the IPv4 header: a
- * pointer kept in struct packet would split the verifier's states on every
- * path after parse_l4 (TCP and UDP ranges), which the race-window test
- * build cannot afford. 0 when the header is not there (never, in practice). */
-static __always_inline int nat_l4_fields(const struct packet *pkt, int source,
-					 __sum16 **check, __be16 **port)
+ * TCP/UDP header at `l4`, which parse_l4 accepted. 0 when the header is not
+ * there (never, in practice). */
+static __always_inline int l4_fields_at(const struct packet *pkt, void *l4, int source,
+					__sum16 **check, __be16 **port)
 {
-	void *l4 = (void *)pkt->iph + pkt->iph->ihl * 4;
 	struct tcphdr *tcph = l4;
 	struct udphdr *udph = l4;
 
@@ -124,6 +121,15 @@ static __always_inline int nat_l4_fields(const struct packet *pkt, int source,
 	*check = &udph->check;
 	*port = source ? &udph->source : &udph->dest;
 	return 1;
+}
+
+/* The same, found again from the IPv4 header: a pointer kept in struct
+ * packet would split the verifier's states on every path after parse_l4
+ * (TCP and UDP ranges), which the race-window test build cannot afford. */
+static __always_inline int nat_l4_fields(const struct packet *pkt, int source,
+					 __sum16 **check, __be16 **port)
+{
+	return l4_fields_at(pkt, (void *)pkt->iph + pkt->iph->ihl * 4, source, check, port);
 }
 
 /* bpf_fib_lookup for a packet from `iph` leaving with source `saddr` (the
@@ -249,8 +255,6 @@ static __always_inline int nat_request(const struct packet *pkt, const struct de
 	__be16 *dport;
 	__u32 bid = dst->bid;
 
-	if (!iph)   /* an IPv6 packet: NAT is IPv4 only (the pool refuses an IPv6 NAT service) */
-		return nat_counted(NAT_STAT_UNTRANSLATABLE, XDP_DROP);
 	entry = (union nat_backend_word *)nat_backends.lookup(&bid);
 	if (!entry)
 		return nat_counted(NAT_STAT_NO_TARGET, XDP_DROP);
@@ -262,6 +266,38 @@ static __always_inline int nat_request(const struct packet *pkt, const struct de
 	nat_rewrite(iph, pkt->l4_proto, check, &iph->daddr, target.nb.addr, dport, target.nb.port);
 	count_nat(NAT_STAT_REQUEST);
 	return XDP_TX;
+}
+
+/* What a reply's bpf_fib_lookup result `rc` means (see the top of this
+ * file): CONTINUE when it may be translated and sent by `fib`, else the
+ * final action, counted. Shared by both families (nat6.h). */
+static __always_inline int nat_fib_verdict(struct xdp_md *ctx, const struct packet *pkt, int rc,
+					   const struct bpf_fib_lookup *fib)
+{
+	if (rc == BPF_FIB_LKUP_RET_NOT_FWDED)   /* to the gateway itself, or no route */
+		return nat_counted(NAT_STAT_STACK, XDP_PASS);
+	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH)
+		return nat_counted(NAT_STAT_NO_NEIGH, XDP_DROP);
+	if (rc != BPF_FIB_LKUP_RET_SUCCESS)
+		return nat_counted(NAT_STAT_NO_ROUTE, XDP_DROP);
+	if (fib->ifindex != ctx->ingress_ifindex && is_vlan_proto(pkt->eth->h_proto))
+		return nat_counted(NAT_STAT_UNTRANSLATABLE, XDP_DROP);
+	return CONTINUE;
+}
+
+/* A translated reply leaves with the MACs of the lookup: XDP_TX when the
+ * next hop is on the ingress interface, else XDP_REDIRECT. */
+static __always_inline int nat_reply_send(struct xdp_md *ctx, const struct packet *pkt,
+					  const struct bpf_fib_lookup *fib)
+{
+	/* The MACs come from the stack (fib), not from a map: no race to test. */
+	__builtin_memcpy(pkt->eth->h_dest, fib->dmac, ETH_ALEN);
+	__builtin_memcpy(pkt->eth->h_source, fib->smac, ETH_ALEN);
+	if (fib->ifindex == ctx->ingress_ifindex)
+		return nat_counted(NAT_STAT_REPLY_TX, XDP_TX);
+	count_nat(NAT_STAT_REPLY_REDIRECT);
+	/* A constant action, so the verifier knows the steps after are skipped. */
+	return bpf_redirect(fib->ifindex, 0) == XDP_REDIRECT ? XDP_REDIRECT : XDP_ABORTED;
 }
 
 /*
@@ -290,26 +326,13 @@ static __always_inline int nat_reply(struct xdp_md *ctx, const struct packet *pk
 		return nat_counted(NAT_STAT_UNTRANSLATABLE, XDP_DROP);
 
 	rc = nat_fib_lookup(ctx, iph, pkt->l4_proto, rev.rev.vip, rev.rev.vport, pkt->flow.dport, &fib);
-	if (rc == BPF_FIB_LKUP_RET_NOT_FWDED)   /* to the gateway itself, or no route */
-		return nat_counted(NAT_STAT_STACK, XDP_PASS);
-	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH)
-		return nat_counted(NAT_STAT_NO_NEIGH, XDP_DROP);
-	if (rc != BPF_FIB_LKUP_RET_SUCCESS)
-		return nat_counted(NAT_STAT_NO_ROUTE, XDP_DROP);
-	if (fib.ifindex != ctx->ingress_ifindex && is_vlan_proto(pkt->eth->h_proto))
-		return nat_counted(NAT_STAT_UNTRANSLATABLE, XDP_DROP);
-
+	rc = nat_fib_verdict(ctx, pkt, rc, &fib);
+	if (rc != CONTINUE)
+		return rc;
 	if (!nat_l4_fields(pkt, 1, &check, &sport))
 		return nat_counted(NAT_STAT_UNTRANSLATABLE, XDP_DROP);
 	nat_rewrite(iph, pkt->l4_proto, check, &iph->saddr, rev.rev.vip, sport, rev.rev.vport);
-	/* The MACs come from the stack (fib), not from a map: no race to test. */
-	__builtin_memcpy(pkt->eth->h_dest, fib.dmac, ETH_ALEN);
-	__builtin_memcpy(pkt->eth->h_source, fib.smac, ETH_ALEN);
-	if (fib.ifindex == ctx->ingress_ifindex)
-		return nat_counted(NAT_STAT_REPLY_TX, XDP_TX);
-	count_nat(NAT_STAT_REPLY_REDIRECT);
-	/* A constant action, so the verifier knows the steps after are skipped. */
-	return bpf_redirect(fib.ifindex, 0) == XDP_REDIRECT ? XDP_REDIRECT : XDP_ABORTED;
+	return nat_reply_send(ctx, pkt, &fib);
 }
 
 #endif /* XDPLB_NAT_H */

@@ -12,9 +12,10 @@
  *   3. pick_backend: the services lookup, then the flow's backend if still
  *      live, or Maglev (place_new_flow);
  *   4. forward: counters and the DSR rewrite, or for a NAT service the
- *      destination and port translation (nat.h).
+ *      destination and port translation (nat.h; nat6.h for IPv6).
  * Between 1 and 2, nat_reply takes the replies of NAT backends (their
- * source port gated by nat_ports, then one nat_reverse lookup; nat.h).
+ * source port gated by nat_ports, then one nat_reverse lookup; nat.h, and
+ * nat6.h for IPv6).
  * Every packet leaves through record_action, which counts the action.
  *
  * Cost: a hash map lookup is several kernel calls, an array lookup is inlined
@@ -99,6 +100,8 @@ struct packet {
 	__be16 eth_proto;      /* network order: EtherType after at most one VLAN tag */
 	__u8 l4_proto;         /* IPPROTO_* of the IPv4 header */
 	__u8 tcp_flags;        /* TCP_FLAGS_* of a TCP segment (byte 13 of its header), 0 otherwise */
+	__u16 l4_off;          /* IPv6 only: bytes from the frame's start to the TCP/UDP header, after the
+	                        * extension headers (for NAT, nat6.h); in what was padding, so IPv4 pays nothing */
 	void *data_end;        /* the frame's end (for NAT, which finds the L4 header again) */
 	struct xdp_md *ctx;    /* for NAT's bpf_fib_lookup */
 	struct flow_key flow;  /* the 5-tuple, as the flow table keys it (pad zero); IPv6: ports and proto */
@@ -392,6 +395,7 @@ static __always_inline int config_missing(const struct packet *pkt, const struct
 }
 
 #include "nat.h"
+#include "nat6.h"
 
 static __always_inline int ingress_ipv6(struct hdr_cursor *nh, void *data_end, struct packet *pkt,
 					struct dest *dst);
@@ -432,13 +436,13 @@ static __always_inline int parse_l3(struct hdr_cursor *nh, void *data_end, struc
 }
 
 /* A TCP/UDP header cut short: dropped when it is addressed to a VIP, or sent
- * on from a NAT backend's address (nat.h, IPv4 only). */
+ * on from a NAT backend's address (nat.h, nat6.h). */
 static __always_inline int truncated_l4(const struct packet *pkt, const struct flow_key6 *k6)
 {
 	if (to_vip(pkt, k6))
 		return counted(REASON_MALFORMED, XDP_DROP);
-	if (k6 || !pkt->iph)   /* NAT is IPv4 only */
-		return counted(REASON_NOT_SERVICE, XDP_PASS);
+	if (k6)
+		return nat_unreadable6(pkt, k6, pkt->l4_proto, NAT_STAT_TRUNCATED);
 	return nat_unreadable(pkt, pkt->iph, pkt->l4_proto, NAT_STAT_TRUNCATED);
 }
 
@@ -695,15 +699,17 @@ static __always_inline int pick_backend(struct packet *pkt, const struct flow_ke
 	return place_new_flow(pkt, k6, state, dst);
 }
 
-/* Step 4, count the traffic and send the frame to its backend. */
-static __always_inline int forward(const struct packet *pkt, const struct dest *dst)
+/* Step 4, count the traffic and send the frame to its backend. `k6` as in
+ * the other steps: ingress_ipv6 calls this with its key, xdplb_ingress with
+ * NULL (IPv4 only). */
+static __always_inline int forward(const struct packet *pkt, const struct dest *dst, const struct flow_key6 *k6)
 {
 	count_traffic(service_stats.lookup((__u32 *)&dst->sid), pkt->frame_len, dst->new_flow);
 	count_traffic(backend_stats.lookup((__u32 *)&dst->bid), pkt->frame_len, dst->new_flow);
 	race_window();
 	dsr_rewrite(pkt->eth, dst->be, dst->cfg);
 	if (dst->state & F_SVC_NAT)
-		return nat_request(pkt, dst);
+		return k6 ? nat_request6(pkt, dst) : nat_request(pkt, dst);
 	return XDP_TX;
 }
 
@@ -739,6 +745,6 @@ int xdplb_ingress(struct xdp_md *ctx)
 	if (action == CONTINUE)
 		action = pick_backend(&pkt, NULL, &dst);
 	if (action == FORWARD)
-		action = forward(&pkt, &dst);
+		action = forward(&pkt, &dst, NULL);   /* IPv4: ingress_ipv6 forwards its own */
 	return record_action(action);
 }

@@ -25,7 +25,12 @@
  *     message (Neighbour Discovery, echo) passes to the stack;
  *   - a header cut short: the IPv6 header or the chain: XDP_PASS
  *     (REASON_MALFORMED); TCP/UDP to a VIP with a truncated L4 header:
- *     XDP_DROP, as IPv4.
+ *     XDP_DROP, as IPv4;
+ *   - NAT services (nat6.h): the request is translated by forward(), which
+ *     ingress_ipv6 calls itself with its key; replies of IPv6 NAT backends
+ *     are taken after the ports (nat_reply6), and what such a backend sends
+ *     that cannot be translated (a TCP/UDP fragment, a cut-short header, an
+ *     ICMPv6 error about a NAT flow) is dropped and counted, as for IPv4.
  */
 #ifndef XDPLB_XDPLB6_H
 #define XDPLB_XDPLB6_H
@@ -109,8 +114,38 @@ static __always_inline int handle_icmp6(struct hdr_cursor *nh, void *data_end,
 	return send_to_owner(quote, &quoted, &qk6, dst);
 }
 
-/* Step 1b for IPv6 and every step after it, with the IPv6 flow key:
- * FORWARD, or the XDP action with its reason counted. */
+/* The steps after the IPv6 header for TCP/UDP (its header at the cursor),
+ * with the IPv6 flow key: FORWARD, or the XDP action with its reason
+ * counted. NAT replies are taken between the ports and the service-port
+ * gate, as for IPv4 (nat6.h). */
+static __always_inline int ingress_l4_6(struct hdr_cursor *nh, void *data_end, struct packet *pkt,
+					struct flow_key6 *k6, int l4_proto, struct dest *dst)
+{
+	int action;
+
+	pkt->l4_proto = l4_proto;
+	pkt->flow.proto = l4_proto;
+	pkt->l4_off = nh->pos - (void *)pkt->eth;
+	action = parse_l4(nh, data_end, pkt, k6);
+	if (action != CONTINUE)
+		return action;
+	k6->sport = pkt->flow.sport;
+	k6->dport = pkt->flow.dport;
+	k6->proto = l4_proto;
+	if (nat_port_in_use(pkt->flow.sport))
+		action = nat_reply6(pkt->ctx, pkt, k6);
+	if (action == CONTINUE)
+		action = service_port_gate(pkt);
+	if (action == CONTINUE)
+		action = connection_table_lookup(pkt, k6, dst);
+	if (action == CONTINUE)
+		action = pick_backend(pkt, k6, dst);
+	return action;
+}
+
+/* Step 1b for IPv6 and every step after it, with the IPv6 flow key: the
+ * final XDP action with its reason counted (it forwards its own, forward()
+ * with its key). */
 static __always_inline int ingress_ipv6(struct hdr_cursor *nh, void *data_end, struct packet *pkt,
 					struct dest *dst)
 {
@@ -135,25 +170,21 @@ static __always_inline int ingress_ipv6(struct hdr_cursor *nh, void *data_end, s
 	if (chain.fragment) {
 		if (l4_proto != IPPROTO_ICMPV6 && is_vip6(k6.dst))
 			return counted(REASON_FRAGMENT, XDP_DROP);
+		if (l4_proto == IPPROTO_TCP || l4_proto == IPPROTO_UDP)   /* from a NAT backend: nat6.h */
+			return nat_unreadable6(pkt, &k6, l4_proto, NAT_STAT_FRAGMENT);
 		return counted(REASON_NOT_SERVICE, XDP_PASS);
 	}
 	if (chain.ext_headers)
 		count_event6(EVENT6_EXT_HEADERS);
-	if (l4_proto == IPPROTO_ICMPV6)
-		return handle_icmp6(nh, data_end, &k6, dst);
-	pkt->l4_proto = l4_proto;
-	pkt->flow.proto = l4_proto;
-	action = parse_l4(nh, data_end, pkt, &k6);
-	if (action == CONTINUE)
-		action = service_port_gate(pkt);
-	if (action != CONTINUE)
-		return action;
-	k6.sport = pkt->flow.sport;
-	k6.dport = pkt->flow.dport;
-	k6.proto = l4_proto;
-	action = connection_table_lookup(pkt, &k6, dst);
-	if (action == CONTINUE)
-		action = pick_backend(pkt, &k6, dst);
+	if (l4_proto == IPPROTO_ICMPV6) {
+		action = nat_backend_icmp6(pkt, &k6, nh->pos, data_end);
+		if (action == CONTINUE)
+			action = handle_icmp6(nh, data_end, &k6, dst);
+	} else {
+		action = ingress_l4_6(nh, data_end, pkt, &k6, l4_proto, dst);
+	}
+	if (action == FORWARD)
+		action = forward(pkt, dst, &k6);
 	return action;
 }
 

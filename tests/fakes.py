@@ -173,6 +173,8 @@ class FakeDataplane:
         elif isinstance(op, plan.DelService):
             self.services.pop(_key(op.vip, op.port, op.protocol), None)
         elif isinstance(op, plan.PutNatReverse):
+            if _ip(op.address).version != _ip(op.vip).version:   # the real maps are per family (nat_reverse6)
+                raise ValueError(f"NAT backend {op.address} and VIP {op.vip} are of different families")
             self.nat_reverse[(_ip(op.address), op.port, op.protocol)] = (_ip(op.vip), op.vport)
         elif isinstance(op, plan.DelNatReverse):
             self.nat_reverse.pop((_ip(op.address), op.port, op.protocol), None)

@@ -134,6 +134,10 @@ _VIPS = {4: "vips", 6: "vips6"}       # the VIP map of each family
 _CONFIG = _Marker("ready")
 _SERVICE_REF = _Marker("proto")
 _NAT_BACKEND = _Marker("ready")
+# The NAT maps of each family (bpf/lb_maps.h, bpf/lb_maps6.h).
+_NAT_BACKENDS = {4: "nat_backends", 6: "nat_backends6"}
+_NAT_REVERSE = {4: "nat_reverse", 6: "nat_reverse6"}
+_NAT_ADDRS = {4: "nat_addrs", 6: "nat_addrs6"}
 
 
 def _bytes_differing(a, b) -> int:
@@ -470,42 +474,67 @@ class BccDataplane:
             w.late.append(lambda: table.__setitem__(bid, off))
         w.scrub.append(lambda: table.__setitem__(bid, structs.BackendInfo()))
 
-    # ---- NAT (bpf/nat.h, maps in bpf/lb_maps.h) ------------------------------
+    # ---- NAT (bpf/nat.h, bpf/nat6.h; maps in bpf/lb_maps.h, lb_maps6.h) ---
     #
-    # nat_backends[id] follows rule 1 with its own `ready` byte, staged with
-    # the backend. nat_reverse entries are inserted in the content pass (before
-    # the backend they translate for is published or chosen) and deleted late;
-    # nat_ports is a superset of their ports at every step, as service_ports
-    # is of the services' ports.
+    # nat_backends[id] (nat_backends6[id] for an IPv6 backend) follows rule 1
+    # with its own `ready` byte, staged with the backend. nat_reverse entries
+    # are inserted in the content pass (before the backend they translate for
+    # is published or chosen) and deleted late; nat_ports, shared by both
+    # families, is a superset of their ports at every step, as service_ports
+    # is of the services' ports. nat_reverse6 also keeps its elements from
+    # being reused under a reader (bpf/lb_maps6.h): deletions only in the late
+    # pass (the next content pass starts after a grace period), and a grace
+    # period after each value replaced in place.
 
     def _stage_nat_backend(self, w: "_Writes", bid: int, address, port: int) -> None:
-        if not port and self._other_source and not self._has_map("nat_backends"):
-            return    # an older build's program, without NAT (benches compare with one)
-        new = structs.NatBackend.of(address, port) if port else structs.NatBackend()
-        if port or any(bytes(self.map("nat_backends")[bid])):
-            self._stage(w, "nat_backends", bid, new, _NAT_BACKEND)
+        version = address.version if port else None
+        for family, name in _NAT_BACKENDS.items():
+            if family != version and self._other_source and not self._has_map(name):
+                continue    # an older build's program, without this map (benches compare with one)
+            entry = structs.NAT_STRUCTS[family][0]
+            new = entry.of(address, port) if family == version else entry()
+            if family == version or any(bytes(self.map(name)[bid])):
+                self._stage(w, name, bid, new, _NAT_BACKEND)
 
     def _nat_reverse_write(self, op, w: "_Writes") -> None:
-        table = self.map("nat_reverse")
-        key = structs.NatRevKey.of(op.address, op.port, op.protocol)
-        addrs = self.map("nat_addrs")   # nat_reverse's addresses (lb_maps.h)
-        addr = addrs.Key.from_buffer_copy(bytes(key.addr))
+        version = op.address.version
+        table = self.map(_NAT_REVERSE[version])
+        _entry, key_type, value_type = structs.NAT_STRUCTS[version]
+        key = key_type.of(op.address, op.port, op.protocol)
+        addrs = self.map(_NAT_ADDRS[version])   # nat_reverse's addresses (lb_maps.h)
+        addr = addrs.Key.from_buffer_copy(bytes(key.addr)) if version == 4 else structs.LbAddr.of(op.address)
         if isinstance(op, plan.PutNatReverse):
-            value = structs.NatRevValue.of(op.vip, op.vport, op.port)
+            if op.vip.version != version:
+                raise ValueError(f"NAT backend {op.address} and VIP {op.vip} are of different families")
+            value = value_type.of(op.vip, op.vport, op.port)
             w.content.append(lambda: self._set_bit("nat_ports", op.port, True))
             w.content.append(lambda: addrs.__setitem__(addr, addrs.Leaf(1)))
-            w.content.append(lambda: table.__setitem__(key, value))
+            if version == 6 and table.get(key) is not None:
+                w.content.append(lambda: self._replace_spaced(table, key, value))
+            else:
+                w.content.append(lambda: table.__setitem__(key, value))
             return
 
         def remove():
             self._delete(table, key)
-            keys = list(table.keys())
-            if not any(socket.ntohs(k.port) == op.port for k in keys):
+            if not any(socket.ntohs(k.port) == op.port for name in self._nat_reverse_maps()
+                       for k in self.map(name).keys()):
                 self._set_bit("nat_ports", op.port, False)
-            if not any(bytes(k.addr) == bytes(key.addr) for k in keys):
+            if not any(bytes(k.addr) == bytes(key.addr) for k in table.keys()):
                 self._delete(addrs, addr)
 
         w.late.append(remove)
+
+    def _replace_spaced(self, table, key, value) -> None:
+        """table[key] = value for a key it holds, then a grace period: the
+        replaced element is the CPU's spare, which the next replacement takes
+        (bpf/lb_maps6.h), and no packet may still be reading it by then."""
+        table[key] = value
+        self.grace_period()
+
+    def _nat_reverse_maps(self) -> tuple[str, ...]:
+        """The nat_reverse maps this program declares (an older build's lacks nat_reverse6)."""
+        return tuple(name for name in _NAT_REVERSE.values() if self._has_map(name))
 
     @staticmethod
     def _delete(table, key) -> None:
@@ -697,17 +726,32 @@ class BccDataplane:
                 for version, name in _VIPS.items() for k in self.map(name).keys()}
         cfg = self.map("lb_config")[0]
         config = _config_tuple(structs.LbConfig.from_buffer_copy(bytes(cfg))) if cfg.ready else None
-        nat_backends = {bid: socket.ntohs(self.map("nat_backends")[bid].port) for bid in backends
-                        if self.map("nat_backends")[bid].ready}
-        nat_reverse = {}
-        for raw, value in self.map("nat_reverse").items():
-            key = structs.NatRevKey.from_buffer_copy(bytes(raw))
-            rev = structs.NatRevValue.from_buffer_copy(bytes(value))
-            proto = {v: k for k, v in structs.IPPROTO.items()}.get(key.proto, str(key.proto))
-            nat_reverse[(ipaddress.IPv4Address(bytes(key.addr)), socket.ntohs(key.port), proto)] = (
-                ipaddress.IPv4Address(bytes(rev.vip)), socket.ntohs(rev.vport))
+        nat_backends, nat_reverse = self._read_nat(backends)
         return KernelState(services, backends, tables, vips, config, down_since, nat_backends, nat_reverse,
                            refs6)
+
+    def _read_nat(self, backends) -> tuple[dict, dict]:
+        """(backend id -> NAT port, (address, port, protocol) -> (vip, service port)),
+        of both families, as KernelState holds them."""
+        nat_backends, nat_reverse = {}, {}
+        names = {v: k for k, v in structs.IPPROTO.items()}
+        for name in _NAT_BACKENDS.values():
+            if name in self.absent:
+                continue
+            table = self.map(name)
+            nat_backends |= {bid: socket.ntohs(table[bid].port) for bid in backends if table[bid].ready}
+        for version, name in _NAT_REVERSE.items():
+            if name in self.absent:
+                continue
+            _entry, key_type, value_type = structs.NAT_STRUCTS[version]
+            address = ipaddress.IPv4Address if version == 4 else ipaddress.IPv6Address
+            for raw, value in self.map(name).items():
+                key = key_type.from_buffer_copy(bytes(raw))   # bcc's own types read __be32 as host-order ints
+                rev = value_type.from_buffer_copy(bytes(value))
+                proto = names.get(key.proto, str(key.proto))
+                nat_reverse[(address(bytes(key.addr)), socket.ntohs(key.port), proto)] = (
+                    address(bytes(rev.vip)), socket.ntohs(rev.vport))
+        return nat_backends, nat_reverse
 
     def flows(self, limit: int = 100000) -> dict:
         """(client, client port, VIP, port, proto) -> backend id, at most `limit`

@@ -170,6 +170,9 @@ def map_specs6(settings: Settings) -> dict[str, MapSpec]:
         "flows6": MapSpec("lru_hash", structs.FlowKey6, structs.FlowValue, settings.flows6_entries),
         "vips6": MapSpec("hash", structs.LbAddr, ctypes.c_uint32, settings.max_services),
         "events6": MapSpec("percpu_array", index, ctypes.c_uint64, len(structs.EVENTS6)),
+        "nat_backends6": MapSpec("array", index, structs.NatBackend6, settings.max_backends),
+        "nat_reverse6": MapSpec("hash", structs.NatRevKey6, structs.NatRevValue6, settings.max_backends),
+        "nat_addrs6": MapSpec("hash", structs.LbAddr, ctypes.c_uint32, settings.max_backends),
     }
 
 

@@ -33,7 +33,7 @@ Identity: a service is its name plus (VIP, port, protocol); a backend is its
 address within a service. Renaming a backend moves nothing.
 
 IPv6: the same writes; the kernel layer picks the IPv6 maps by the VIP's
-family. An IPv6 service's client prefix goes with its Maglev half (service_ids6
+family (NAT: nat_backends6, nat_reverse6 and nat_addrs6 by the backend's). An IPv6 service's client prefix goes with its Maglev half (service_ids6
 in bpf/lb_maps6.h), so a change of it is written like a new table: into the
 idle half, then flipped.
 """
@@ -177,7 +177,8 @@ class PutBackend:
     mac: bytes
     up: bool
     down_since: int = 0        # monotonic ns (bpf_ktime_get_ns's clock) when it went down; 0 while up
-    port: int = 0              # NAT: the port it listens on (nat_backends[id]); 0: DSR (nat_backends cleared)
+    port: int = 0              # NAT: the port it listens on (nat_backends[id], nat_backends6[id] for IPv6);
+                               # 0: DSR (both cleared)
 
 
 @dataclass(frozen=True)
@@ -212,18 +213,20 @@ class DelService:
 
 @dataclass(frozen=True)
 class PutNatReverse:
-    """nat_reverse[(address, port, protocol)] = (vip, vport)."""
+    """nat_reverse[(address, port, protocol)] = (vip, vport); nat_reverse6 for
+    an IPv6 address (the kernel layer picks the map, and nat_addrs or
+    nat_addrs6, by the family; address and VIP share it)."""
 
-    address: ipaddress.IPv4Address
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address
     port: int
     protocol: str
-    vip: ipaddress.IPv4Address
+    vip: ipaddress.IPv4Address | ipaddress.IPv6Address
     vport: int
 
 
 @dataclass(frozen=True)
 class DelNatReverse:
-    address: ipaddress.IPv4Address
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address
     port: int
     protocol: str
 

@@ -324,6 +324,56 @@ class FlowKey6(ctypes.Structure):
     ]
 
 
+class NatBackend6(ctypes.Structure):
+    """struct nat_backend6: nat_backends6 value, where an IPv6 NAT service's backend listens."""
+
+    _fields_ = [
+        ("addr", ctypes.c_uint8 * 16),  # network order (C: __be32[4])
+        ("port", ctypes.c_uint16),      # network order (store with socket.htons)
+        ("ready", ctypes.c_uint8),      # 1 publishes addr and port (bpf/lb_maps.h rule 1)
+        ("pad", ctypes.c_uint8),        # zero
+    ]
+
+    @classmethod
+    def of(cls, address, port: int) -> "NatBackend6":
+        return cls((ctypes.c_uint8 * 16)(*ipaddress.IPv6Address(address).packed), socket.htons(port), 1, 0)
+
+
+class NatRevKey6(ctypes.Structure):
+    """struct nat_rev_key6: nat_reverse6 key, the source of an IPv6 NAT backend's replies."""
+
+    _fields_ = [
+        ("addr", ctypes.c_uint8 * 16),  # network order (C: __be32[4])
+        ("port", ctypes.c_uint16),      # network order
+        ("proto", ctypes.c_uint8),      # IPPROTO_TCP / IPPROTO_UDP
+        ("pad", ctypes.c_uint8),        # zero
+    ]
+
+    @classmethod
+    def of(cls, address, port: int, protocol: str) -> "NatRevKey6":
+        return cls((ctypes.c_uint8 * 16)(*ipaddress.IPv6Address(address).packed), socket.htons(port),
+                   IPPROTO[protocol], 0)
+
+
+class NatRevValue6(ctypes.Structure):
+    """struct nat_rev_value6: what an IPv6 NAT reply's source becomes."""
+
+    _fields_ = [
+        ("vip", ctypes.c_uint8 * 16),  # network order (C: __be32[4])
+        ("vport", ctypes.c_uint16),    # network order
+        ("bport", ctypes.c_uint16),    # network order: the key's port again, checked by the program
+    ]
+
+    @classmethod
+    def of(cls, vip, vport: int, bport: int) -> "NatRevValue6":
+        return cls((ctypes.c_uint8 * 16)(*ipaddress.IPv6Address(vip).packed), socket.htons(vport),
+                   socket.htons(bport))
+
+
+# The NAT structs of each address family (IP version -> (nat_backend, nat_rev_key, nat_rev_value)).
+NAT_STRUCTS = {4: (NatBackend, NatRevKey, NatRevValue), 6: (NatBackend6, NatRevKey6, NatRevValue6)}
+
+
 def service_ref(vip, port: int, protocol: str, flags: int, half: int) -> "ServiceRef":
     """The service_ids entry of a service of either family (an IPv6 one has
     vip 0 and F_SVC_IPV6; its address is in service_ids6)."""
@@ -352,4 +402,7 @@ SHARED_STRUCTS = {
     "service_key6": ServiceKey6,
     "service_ref6": ServiceRef6,
     "flow_key6": FlowKey6,
+    "nat_backend6": NatBackend6,
+    "nat_rev_key6": NatRevKey6,
+    "nat_rev_value6": NatRevValue6,
 }
