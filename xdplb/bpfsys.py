@@ -265,12 +265,17 @@ BPF_LD_IMM64 = 0x18                       # BPF_LD | BPF_IMM | BPF_DW: a 64-bit 
 BPF_PSEUDO_MAP_FD, BPF_PSEUDO_MAP_VALUE = 1, 2
 
 
+def prog_insn_count(prog_fd: int) -> int:
+    """Instructions of a loaded program as the verifier left them (translated)."""
+    return int.from_bytes(obj_info(prog_fd)[_PROG_XLATED_LEN:_PROG_XLATED_LEN + 4], "little") // 8
+
+
 def prog_insn_map_ids(prog_fd: int) -> set[int]:
     """Ids of the maps a loaded program's instructions load (a lookup, an
     update, a tail call's program array), from its translated instructions:
     the kernel writes each map reference there as the map's id (with root's
     rights). Maps only bound to the program (bind_map) are not among them."""
-    length = int.from_bytes(obj_info(prog_fd)[_PROG_XLATED_LEN:_PROG_XLATED_LEN + 4], "little")
+    length = prog_insn_count(prog_fd) * 8
     insns = ctypes.create_string_buffer(max(length, 8))
     request = bytearray(_PROG_XLATED_INSNS + 8)
     request[_PROG_XLATED_LEN:_PROG_XLATED_LEN + 4] = length.to_bytes(4, "little")
