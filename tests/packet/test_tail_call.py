@@ -151,3 +151,18 @@ def test_the_attached_program_keeps_its_ipv6_path_after_the_controller_exits(bpf
         for dp in loads:
             dp.bpf.cleanup()
         net.close()
+
+
+def test_a_tagged_ipv6_frame_counts_its_tag_and_its_action_once_across_both_programs(harness):
+    from scapy.layers.l2 import Dot1Q, Ether
+
+    harness.program(Q.dual_stack_services())
+    plain = Q.syn6()
+    tagged = bytes(Ether(src=plain[Ether].src, dst=plain[Ether].dst) / Dot1Q(vlan=42) / plain[Ether].payload)
+    before = harness.stats()
+    assert harness.run(tagged).action_name == "tx"
+    after = harness.stats()
+    assert after.events["vlan"] - before.events["vlan"] == 1
+    assert after.events["flow_new"] - before.events["flow_new"] == 1
+    assert {a: after.actions[a] - before.actions[a] for a in after.actions if after.actions[a] != before.actions[a]} \
+        == {"tx": 1}
