@@ -122,6 +122,12 @@
                                   * routed on (not to the gateway): dropped */
 #define NAT_STAT_MAX 11
 
+/* Slots of the tail_calls program array (xdplb.c), and of the tail_misses
+ * counters: the IPv4 program hands every IPv6 frame to the program in
+ * PROG_IPV6 (xdplb6.h's xdplb_ingress6). */
+#define PROG_IPV6 0
+#define PROG_MAX 1
+
 /* The flood guard's rate window (bpf_ktime_get_ns is in ns). */
 #define XDPLB_NSEC_PER_SEC 1000000000ULL
 

@@ -19,7 +19,7 @@ from xdplb import plan
 from xdplb.dataplane import Counters, KernelState, Stats
 from xdplb.netlink import Link, NetlinkProblem
 from xdplb.probes import ProbeResult
-from xdplb.structs import ACTIONS, EVENTS, REASONS
+from xdplb.structs import ACTIONS, EVENTS, REASONS, TAIL_MISSES
 
 
 def _ip(address) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
@@ -192,7 +192,7 @@ class FakeDataplane:
             services={i: Counters() for i in service_ids},
             backends={i: Counters() for i in backend_ids},
             actions={a: self.action_counts[a] for a in ACTIONS},
-            not_forwarded={r: 0 for r in REASONS},
+            not_forwarded={r: 0 for r in REASONS + TAIL_MISSES},
             events={e: 0 for e in EVENTS},
         )
 

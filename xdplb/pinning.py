@@ -142,6 +142,8 @@ def map_specs(settings: Settings) -> dict[str, MapSpec]:
         "service_ids": MapSpec("array", index, structs.ServiceRef, settings.max_services),
         "service_ports": MapSpec("array", index, u32, structs.PORT_WORDS),
         "layout": MapSpec("hash", structs.LayoutKey, u64, structs.LAYOUT_ENTRIES),
+        # New with the IPv6 program's tail call: pins without it are adopted and bcc creates it.
+        "tail_misses": MapSpec(*counted, len(structs.TAIL_MISSES)),
         **nat_map_specs(settings),
         **map_specs6(settings),
     }
@@ -337,7 +339,11 @@ def restart_note(directory: Path, reopen_denied: str | None) -> str:
     """
     if reopen_denied is None:
         return (f"the pins at {directory} last as long as this mount namespace; where that ends with this "
-                f"process (ip netns exec, a container), a restart takes the maps from the attached program")
+                f"process (ip netns exec, a container), a restart takes the maps from the attached program, "
+                f"but IPv6 frames pass to the stack from this process's exit until the restart attaches "
+                f"(counted, reason no_ipv6_program: the kernel empties the IPv6 program's tail_calls array "
+                f"with its last pin); for IPv6 too to be hitless, mount a bpffs that outlives this process "
+                f"(`mount -t bpf bpf /sys/fs/bpf` on the host) and set XDPLB_BPFFS to a directory on it")
     return (f"a restart will not be hitless if this mount namespace ends with this process (ip netns exec, "
             f"a container): the pins at {directory} go with it, and this process may not reopen the "
             f"program's maps by id ({reopen_denied}; that needs CAP_SYS_ADMIN); mount a bpffs that outlives "

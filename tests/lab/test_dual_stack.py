@@ -22,7 +22,7 @@ import pytest
 import lab as labtool
 import pacs6_lab
 import pacs_lab
-from lab_xdplb import Balancer, backend_health
+from lab_xdplb import Balancer, backend_health, xdp_attached
 from make_dicom import dataset_digest, make_instance, make_study
 
 pytestmark = [pytest.mark.root, pytest.mark.lab]
@@ -293,3 +293,30 @@ def _long_transfer(dual, balancer, big: Path) -> None:
     balancer.wait_for(lambda st: backend_health(st, SERVICE6)[other] == "up"
                       and record(st, SERVICE6, carrier)["table_slots"] > 0, RETURN_BOUND + 2,
                       f"{other} back and {carrier} undrained")
+
+
+def test_ipv6_is_forwarded_while_no_controller_runs_and_a_restart_takes_over(dual, balancer, dicom_files, tmp_path):
+    # Last in the module: it kills the module's balancer. IPv6 runs in a
+    # program of its own behind a tail call (bpf/xdplb6.h); the kernel empties
+    # the program array with its last pin or descriptor, so this shows the
+    # pinned array keeping IPv6 on the wire through a kill -9 and a restart.
+    balancer.kill()
+    assert xdp_attached(dual)
+    files = dicom_files(12)
+    before = pacs6_lab.counts(dual)
+    results = pacs6_lab.store_each(dual, files)
+    landed = delta(before, pacs6_lab.counts(dual))
+    print(f"12 C-STOREs through [{VIP6}]:104 with no controller running landed: {landed}")
+    assert all(rc == 0 for _, rc in results) and sum(landed.values()) == 12, (results, landed)
+
+    second = Balancer(dual, balancer.pool, balancer.run_dir, tmp_path / "second.log", bpffs=balancer.bpffs).start()
+    try:
+        st = second.wait_ready(timeout=240)
+        assert "adopted pinned maps" in second.log() and "replaced the running xdplb program" in second.log()
+        before = pacs6_lab.counts(dual)
+        results = pacs6_lab.store_each(dual, dicom_files(12))
+        assert all(rc == 0 for _, rc in results) and sum(delta(before, pacs6_lab.counts(dual)).values()) == 12
+        assert second.status()["not_forwarded"]["no_ipv6_program"] == 0, st
+    finally:
+        assert second.stop() == 0
+        print(second.log())
