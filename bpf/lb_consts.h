@@ -33,6 +33,11 @@
 #ifndef FLOW_TABLE_SIZE
 #define FLOW_TABLE_SIZE 262144
 #endif
+/* flows6's entries: the pool's flow_table_size6 (xdplb/config.py resolves it:
+ * flow_table_size when an IPv6 service is balanced, else 1024). */
+#ifndef FLOW_TABLE_SIZE6
+#define FLOW_TABLE_SIZE6 FLOW_TABLE_SIZE
+#endif
 
 /* Distinct VIP addresses (used to recognise fragments addressed to us). */
 #ifndef MAX_VIPS
@@ -116,6 +121,12 @@
 #define NAT_STAT_TRUNCATED 10    /* TCP/UDP from a NAT backend's address with its L4 header cut short,
                                   * routed on (not to the gateway): dropped */
 #define NAT_STAT_MAX 11
+
+/* Slots of the tail_calls program array (xdplb.c), and of the tail_misses
+ * counters: the IPv4 program hands every IPv6 frame to the program in
+ * PROG_IPV6 (xdplb6.h's xdplb_ingress6). */
+#define PROG_IPV6 0
+#define PROG_MAX 1
 
 /* The flood guard's rate window (bpf_ktime_get_ns is in ns). */
 #define XDPLB_NSEC_PER_SEC 1000000000ULL

@@ -226,6 +226,15 @@ LB_MAP("hash", __be32, __u32, nat_addrs, MAX_BACKENDS);
 LB_MAP("percpu_array", int, __u64, nat_stats, NAT_STAT_MAX);
 
 /*
+ * PROG_* slot -> per-CPU count of frames whose tail call into that slot's
+ * program failed (the slot empty: xdplb.c, to_ipv6_program); written per
+ * such frame, read by the controller, which reports them as not forwarded
+ * (reason no_ipv6_program). A map of its own, so not_forwarded keeps its
+ * shape across a restart onto this build.
+ */
+LB_MAP("percpu_array", int, __u64, tail_misses, PROG_MAX);
+
+/*
  * map name -> 64-bit digest of that map's key and value layout (every
  * field's name, offset and size); written by the controller after each
  * load, never read by the program. Pinned with the others so the next

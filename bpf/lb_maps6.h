@@ -21,8 +21,10 @@ LB_MAP("hash", struct service_key6, struct service_info, services6, MAX_SERVICES
  * the idle half with its Maglev table (rule 3), read per IPv6 packet. */
 LB_MAP("array", int, struct service_ref6, service_ids6, MAX_SERVICES * TABLES_PER_SERVICE);
 
-/* flow_key6 -> flow_value; as `flows` (one LRU shared by all CPUs), for IPv6. */
-LB_MAP("lru_hash", struct flow_key6, struct flow_value, flows6, FLOW_TABLE_SIZE);
+/* flow_key6 -> flow_value; as `flows` (one LRU shared by all CPUs), for IPv6.
+ * Sized on its own (FLOW_TABLE_SIZE6): a pool without an IPv6 service keeps
+ * it at the minimum instead of locking as much memory as `flows`. */
+LB_MAP("lru_hash", struct flow_key6, struct flow_value, flows6, FLOW_TABLE_SIZE6);
 
 /* IPv6 VIP -> 1; written by the controller, read for fragments and cut-short
  * headers to a VIP (as `vips` for IPv4). */

@@ -180,8 +180,9 @@ static __always_inline int nat_backend_icmp6(const struct packet *pkt, const str
 	proto = parse_ipv6(&nh, data_end, &inner, &chain);
 	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
 		return CONTINUE;
-	/* From the backend about a packet to it; a later fragment has no ports. */
-	if (chain.later_fragment || !same_addr6(&inner->daddr, k6->src))
+	/* From the backend about a packet to it, sent back to that packet's
+	 * source (a client, not a VIP); a later fragment has no ports. */
+	if (chain.later_fragment || !same_addr6(&inner->daddr, k6->src) || !same_addr6(&inner->saddr, k6->dst))
 		return CONTINUE;
 	ports = nh.pos;
 	if ((void *)(ports + 2) > data_end)

@@ -6,13 +6,15 @@
  * decides (counts why and returns the XDP action) or hands on to the next:
  *   1. parse_l2 / for_us / parse_l3 / parse_l4: Ethernet (only unicast to
  *      the gateway is balanced), IPv4, TCP/UDP ports, into a struct packet
- *      (EtherType and L4 protocol kept apart); IPv6 leaves parse_l3 for
- *      ingress_ipv6 (xdplb6.h), which runs the same steps on its own keys;
+ *      (EtherType and L4 protocol kept apart); an IPv6 frame leaves right
+ *      after parse_l2 by a tail call to xdplb_ingress6 (xdplb6.h), a program
+ *      of its own that runs the same steps on its own keys, so this one
+ *      holds no IPv6 code (to_ipv6_program);
  *   2. connection_table_lookup: the established fast path;
  *   3. pick_backend: the services lookup, then the flow's backend if still
  *      live, or Maglev (place_new_flow);
  *   4. forward: counters and the DSR rewrite, or for a NAT service the
- *      destination and port translation (nat.h).
+ *      destination and port translation (nat.h; nat6.h for IPv6).
  * Between 1 and 2, nat_reply takes the replies of NAT backends (their
  * source port gated by nat_ports, then one nat_reverse lookup; nat.h, and
  * nat6.h for IPv6).
@@ -32,6 +34,9 @@
  *   - neither IPv4 nor IPv6, not TCP/UDP, or not a configured (VIP, port, protocol):
  *     XDP_PASS, byte for byte unchanged (the gateway's SSH, ARP, routing,
  *     and pings to the VIP all go to its own stack);
+ *   - IPv6 while the IPv6 program's slot is empty (tail_calls, filled by the
+ *     controller before it attaches this program): XDP_PASS unchanged,
+ *     counted in tail_misses (reported as reason no_ipv6_program);
  *   - Ethernet or IPv4 header truncated or invalid: XDP_PASS unchanged, the
  *     kernel stack validates and drops it (REASON_MALFORMED);
  *   - TCP/UDP IPv4 fragment to a VIP: XDP_DROP (REASON_FRAGMENT). Only the
@@ -81,6 +86,14 @@
 #include "race_window.h"
 #include "forward.h"
 #include "stats.h"
+
+/* 1: the IPv6 program (xdplb6.h) is built and IPv6 frames go to it; 0:
+ * compiled out, IPv6 frames pass to the stack as not addressed to a service
+ * (the bench compares the IPv4 program with and without it; race_window.h
+ * sets 0 for the widened test build). */
+#ifndef XDPLB_IPV6_PATH
+#define XDPLB_IPV6_PATH 1
+#endif
 
 /* A step returns CONTINUE when the next step decides, FORWARD when the packet
  * has its backend, or the final XDP action (after counting why).
@@ -340,8 +353,10 @@ static __always_inline struct lb_config *ready_config(void)
 	return cfg && cfg->ready ? cfg : NULL;
 }
 
-/* Step 1a, Ethernet and at most one VLAN tag. */
-static __always_inline int parse_l2(struct hdr_cursor *nh, void *data_end, struct packet *pkt)
+/* Step 1a, Ethernet and at most one VLAN tag. `first`: 1 in the program the
+ * frame arrives at, which counts the tag; 0 in the IPv6 program, which
+ * walks the same headers again after the tail call. */
+static __always_inline int parse_l2(struct hdr_cursor *nh, void *data_end, struct packet *pkt, int first)
 {
 	struct lb_vlan_hdr *vlh;
 	int eth_proto;
@@ -353,10 +368,24 @@ static __always_inline int parse_l2(struct hdr_cursor *nh, void *data_end, struc
 		eth_proto = parse_vlanhdr(nh, data_end, &vlh);
 		if (eth_proto < 0)
 			return counted(REASON_MALFORMED, XDP_PASS);
-		count_event(EVENT_VLAN);
+		if (first)
+			count_event(EVENT_VLAN);
 	}
 	pkt->eth_proto = eth_proto;
 	return CONTINUE;
+}
+
+/* A program's start: the frame's packet and cursor, then step 1a. */
+static __always_inline int start_packet(struct xdp_md *ctx, struct hdr_cursor *nh, struct packet *pkt,
+					int first)
+{
+	void *data_end = (void *)(long)ctx->data_end;
+
+	nh->pos = (void *)(long)ctx->data;
+	pkt->frame_len = data_end - nh->pos;
+	pkt->data_end = data_end;
+	pkt->ctx = ctx;
+	return parse_l2(nh, data_end, pkt, first);
 }
 
 /* Step 1a', only unicast frames to the interface's MAC or an extra MAC the
@@ -397,24 +426,48 @@ static __always_inline int config_missing(const struct packet *pkt, const struct
 #include "nat.h"
 #include "nat6.h"
 
-static __always_inline int ingress_ipv6(struct hdr_cursor *nh, void *data_end, struct packet *pkt,
-					struct dest *dst);
+#if XDPLB_IPV6_PATH
+/*
+ * PROG_* slot -> program: PROG_IPV6 holds xdplb_ingress6 (xdplb6.h). The
+ * controller fills it after each load, before it attaches this program
+ * (xdplb/dataplane.py). Not an LB_MAP: a new load must never reuse the
+ * array an earlier load filled, which holds the earlier IPv6 program, so
+ * bcc creates it afresh every time; the controller pins it (replacing the
+ * earlier one) once this program is attached, because the kernel empties a
+ * program array when the last file descriptor or pin of it goes, and the
+ * attached program must keep its IPv6 path after the controller exits.
+ */
+BPF_PROG_ARRAY(tail_calls, PROG_MAX);
 
-/* Step 1b, IPv4: IPv6 goes its own way, anything else passes; TCP/UDP
- * fragments to a VIP are dropped, and those a NAT backend's address sends
- * on through the gateway (nat.h). */
+/* Step 1a'', an IPv6 frame goes to the IPv6 program, which decides it and
+ * never returns here. Only a failed tail call (the slot empty) comes back:
+ * the frame passes to the stack, counted. */
+static __always_inline int to_ipv6_program(struct xdp_md *ctx)
+{
+	__u32 slot = PROG_IPV6;
+
+	tail_calls.call(ctx, PROG_IPV6);
+	count_u64(tail_misses.lookup(&slot));
+	return XDP_PASS;
+}
+#else
+static __always_inline int to_ipv6_program(struct xdp_md *ctx)
+{
+	return counted(REASON_NOT_SERVICE, XDP_PASS);
+}
+#endif
+
+/* Step 1b, IPv4: anything else passes; TCP/UDP fragments to a VIP are
+ * dropped, and those a NAT backend's address sends on through the gateway
+ * (nat.h). */
 static __always_inline int parse_l3(struct hdr_cursor *nh, void *data_end, struct packet *pkt,
 				    struct dest *dst)
 {
 	struct iphdr *iph;
 	int l4_proto;
 
-	/* Marked unlikely so clang lays the IPv6 path out of IPv4's way. */
-	if (__builtin_expect(pkt->eth_proto != bpf_htons(ETH_P_IP), 0)) {
-		if (XDPLB_IPV6_PATH && pkt->eth_proto == bpf_htons(ETH_P_IPV6))
-			return ingress_ipv6(nh, data_end, pkt, dst);
+	if (pkt->eth_proto != bpf_htons(ETH_P_IP))
 		return counted(REASON_NOT_SERVICE, XDP_PASS);
-	}
 	l4_proto = parse_iphdr(nh, data_end, &iph);
 	if (l4_proto < 0)
 		return counted(REASON_MALFORMED, XDP_PASS);
@@ -714,24 +767,25 @@ static __always_inline int forward(const struct packet *pkt, const struct dest *
 }
 
 #include "handle_icmp.h"
+#if XDPLB_IPV6_PATH
 #include "xdplb6.h"
+#endif
 
 int xdplb_ingress(struct xdp_md *ctx)
 {
 	void *data_end = (void *)(long)ctx->data_end;
-	struct hdr_cursor nh = { .pos = (void *)(long)ctx->data };
+	struct hdr_cursor nh;
 	struct packet pkt = {};
 	struct dest dst = {};
 	int action;
 
-	pkt.frame_len = data_end - nh.pos;
-	pkt.data_end = data_end;
-	pkt.ctx = ctx;
-	action = parse_l2(&nh, data_end, &pkt);
+	action = start_packet(ctx, &nh, &pkt, 1);
+	if (action == CONTINUE && pkt.eth_proto == bpf_htons(ETH_P_IPV6))
+		action = to_ipv6_program(ctx);   /* XDP_PASS only when the tail call failed */
 	if (action == CONTINUE)
 		action = for_us(&pkt, &dst);
 	if (action == CONTINUE)
-		action = parse_l3(&nh, data_end, &pkt, &dst);   /* IPv6: decided there (xdplb6.h) */
+		action = parse_l3(&nh, data_end, &pkt, &dst);
 	if (action == CONTINUE && pkt.l4_proto == IPPROTO_ICMP)
 		action = handle_icmp(&nh, data_end, &pkt, &dst);
 	if (action == CONTINUE)
@@ -745,6 +799,6 @@ int xdplb_ingress(struct xdp_md *ctx)
 	if (action == CONTINUE)
 		action = pick_backend(&pkt, NULL, &dst);
 	if (action == FORWARD)
-		action = forward(&pkt, &dst, NULL);   /* IPv4: ingress_ipv6 forwards its own */
+		action = forward(&pkt, &dst, NULL);   /* IPv4 only: IPv6 runs in xdplb_ingress6 */
 	return record_action(action);
 }

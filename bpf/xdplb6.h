@@ -1,10 +1,16 @@
 /* SPDX-License-Identifier: GPL-2.0 */
 /*
- * xdplb6.h - the IPv6 path: ingress_ipv6, which parse_l3 hands IPv6 frames.
+ * xdplb6.h - the IPv6 program: xdplb_ingress6, which the IPv4 program
+ * (xdplb.c, xdplb_ingress) hands every IPv6 frame by a tail call after its
+ * Ethernet step (tail_calls[PROG_IPV6]). A program of its own, verified and
+ * run on its own, so the IPv4 program holds no IPv6 code and IPv4 pays for
+ * IPv6 only the EtherType check and the tail call's instructions, which
+ * IPv4 frames never reach (bench figures: README "Performance").
  *
  * Part of xdplb.c (its struct packet, struct dest and steps); included after
- * them. It runs the same steps as IPv4 with the IPv6 flow key (k6), so the
- * rules of xdplb.c hold, with these IPv6 ones:
+ * them, and only when XDPLB_IPV6_PATH is 1. ingress_ipv6 runs the same steps
+ * as IPv4 with the IPv6 flow key (k6), so the rules of xdplb.c hold, with
+ * these IPv6 ones:
  *   - extension headers (parse_ipv6.h): hop-by-hop, destination options and
  *     routing headers with Segments Left 0 are walked, up to IPV6_EXT_MAX,
  *     and the packet goes on (EVENT6_EXT_HEADERS; DSR leaves the IPv6
@@ -25,7 +31,12 @@
  *     message (Neighbour Discovery, echo) passes to the stack;
  *   - a header cut short: the IPv6 header or the chain: XDP_PASS
  *     (REASON_MALFORMED); TCP/UDP to a VIP with a truncated L4 header:
- *     XDP_DROP, as IPv4.
+ *     XDP_DROP, as IPv4;
+ *   - NAT services (nat6.h): the request is translated by forward(), which
+ *     ingress_ipv6 calls itself with its key; replies of IPv6 NAT backends
+ *     are taken after the ports (nat_reply6), and what such a backend sends
+ *     that cannot be translated (a TCP/UDP fragment, a cut-short header, an
+ *     ICMPv6 error about a NAT flow) is dropped and counted, as for IPv4.
  */
 #ifndef XDPLB_XDPLB6_H
 #define XDPLB_XDPLB6_H
@@ -181,6 +192,27 @@ static __always_inline int ingress_ipv6(struct hdr_cursor *nh, void *data_end, s
 	if (action == FORWARD)
 		action = forward(pkt, dst, &k6);
 	return action;
+}
+
+/* The IPv6 program, reached only by the tail call from xdplb_ingress: the
+ * Ethernet step again (the IPv4 program counted the VLAN tag), then the
+ * IPv4 program's steps with IPv6's own. Every frame leaves through
+ * record_action here: the IPv4 program never sees it again. */
+int xdplb_ingress6(struct xdp_md *ctx)
+{
+	struct packet pkt = {};
+	struct dest dst = {};
+	struct hdr_cursor nh;
+	int action;
+
+	action = start_packet(ctx, &nh, &pkt, 0);
+	if (action == CONTINUE && pkt.eth_proto != bpf_htons(ETH_P_IPV6))
+		action = counted(REASON_NOT_SERVICE, XDP_PASS);   /* not from the tail call */
+	if (action == CONTINUE)
+		action = for_us(&pkt, &dst);
+	if (action == CONTINUE)
+		action = ingress_ipv6(&nh, pkt.data_end, &pkt, &dst);   /* forwards its own */
+	return record_action(action);
 }
 
 #endif /* XDPLB_XDPLB6_H */

@@ -19,7 +19,7 @@ from xdplb import plan
 from xdplb.dataplane import Counters, KernelState, Stats
 from xdplb.netlink import Link, NetlinkProblem
 from xdplb.probes import ProbeResult
-from xdplb.structs import ACTIONS, EVENTS, REASONS
+from xdplb.structs import ACTIONS, EVENTS, REASONS, TAIL_MISSES
 
 
 def _ip(address) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
@@ -65,6 +65,7 @@ class FakeDataplane:
         self.down_since: dict[int, int] = {}
         self.nat_backends: dict[int, int] = {}      # backend id -> NAT port
         self.nat_reverse: dict[tuple, tuple] = {}   # (address, port, protocol) -> (vip, vport)
+        self.refs6: dict[tuple, tuple] = {}         # IPv6 (service id, half) -> (vip, client_prefix): service_ids6
         self.counters: dict[tuple, Counters] = {}
         self.attached: tuple[str, str] | None = None
         self.attach_calls: list[tuple] = []   # (ifname, mode) or (ifname, mode, "replace")
@@ -167,6 +168,8 @@ class FakeDataplane:
             if op.half not in (0, 1):
                 raise ValueError(f"table half {op.half}")
             self.services[_key(op.vip, op.port, op.protocol)] = (op.id, op.flags, op.half)
+            if _ip(op.vip).version == 6:
+                self.refs6[(op.id, op.half)] = (_ip(op.vip), op.client_prefix)
         elif isinstance(op, plan.DelService):
             self.services.pop(_key(op.vip, op.port, op.protocol), None)
         elif isinstance(op, plan.PutNatReverse):
@@ -189,7 +192,7 @@ class FakeDataplane:
             services={i: Counters() for i in service_ids},
             backends={i: Counters() for i in backend_ids},
             actions={a: self.action_counts[a] for a in ACTIONS},
-            not_forwarded={r: 0 for r in REASONS},
+            not_forwarded={r: 0 for r in REASONS + TAIL_MISSES},
             events={e: 0 for e in EVENTS},
         )
 
@@ -199,8 +202,10 @@ class FakeDataplane:
         for sid, _flags, half in self.services.values():
             if (sid, half) in self.tables:
                 tables[(sid, half)] = self.tables[(sid, half)]
+        refs6 = {sid: self.refs6[(sid, half)] for (vip, _p, _pr), (sid, _f, half) in self.services.items()
+                 if vip.version == 6 and (sid, half) in self.refs6}
         return KernelState(dict(self.services), dict(self.backends), tables, set(self.vips), self.config,
-                           dict(self.down_since), dict(self.nat_backends), dict(self.nat_reverse))
+                           dict(self.down_since), dict(self.nat_backends), dict(self.nat_reverse), refs6)
 
     def flows(self, limit: int = 100000) -> dict:
         return {}

@@ -11,6 +11,9 @@
   map) before bcc loads anything.
 - BPF_PROG_BIND_MAP: make a loaded program hold a map it does not use, so
   the map lives, and is found, with the program.
+- BPF_OBJ_GET_INFO_BY_FD's translated instructions: the maps a program's
+  own code refers to (bound maps aside), so a test can tell that the IPv4
+  program holds no IPv6 code.
 
 Layouts follow union bpf_attr and struct bpf_prog_info in the kernel's
 include/uapi/linux/bpf.h.
@@ -99,6 +102,8 @@ class _MapInfo(ctypes.Structure):
 
 
 _PROG_INFO_NAME_OFFSET = 64  # struct bpf_prog_info: name[16] follows map_ids
+_PROG_XLATED_LEN = 20        # __u32 xlated_prog_len
+_PROG_XLATED_INSNS = 32      # __aligned_u64 xlated_prog_insns
 _PROG_NR_MAP_IDS = 52        # struct bpf_prog_info: __u32 nr_map_ids
 _PROG_MAP_IDS = 56           # __aligned_u64 map_ids
 _PROG_INFO_SIZE = 256
@@ -254,6 +259,33 @@ def prog_map_ids(prog_fd: int) -> list[int]:
     request[_PROG_MAP_IDS:_PROG_MAP_IDS + 8] = ctypes.addressof(ids).to_bytes(8, "little")
     obj_info(prog_fd, request=bytes(request))
     return list(ids)[:count]
+
+
+BPF_LD_IMM64 = 0x18                       # BPF_LD | BPF_IMM | BPF_DW: a 64-bit constant, two slots
+BPF_PSEUDO_MAP_FD, BPF_PSEUDO_MAP_VALUE = 1, 2
+
+
+def prog_insn_count(prog_fd: int) -> int:
+    """Instructions of a loaded program as the verifier left them (translated)."""
+    return int.from_bytes(obj_info(prog_fd)[_PROG_XLATED_LEN:_PROG_XLATED_LEN + 4], "little") // 8
+
+
+def prog_insn_map_ids(prog_fd: int) -> set[int]:
+    """Ids of the maps a loaded program's instructions load (a lookup, an
+    update, a tail call's program array), from its translated instructions:
+    the kernel writes each map reference there as the map's id (with root's
+    rights). Maps only bound to the program (bind_map) are not among them."""
+    length = prog_insn_count(prog_fd) * 8
+    insns = ctypes.create_string_buffer(max(length, 8))
+    request = bytearray(_PROG_XLATED_INSNS + 8)
+    request[_PROG_XLATED_LEN:_PROG_XLATED_LEN + 4] = length.to_bytes(4, "little")
+    request[_PROG_XLATED_INSNS:_PROG_XLATED_INSNS + 8] = ctypes.addressof(insns).to_bytes(8, "little")
+    obj_info(prog_fd, request=bytes(request))
+    raw, ids = insns.raw[:length], set()
+    for at in range(0, len(raw) - 8, 8):   # struct bpf_insn: code, dst:4 src:4, off, imm
+        if raw[at] == BPF_LD_IMM64 and raw[at + 1] >> 4 in (BPF_PSEUDO_MAP_FD, BPF_PSEUDO_MAP_VALUE):
+            ids.add(int.from_bytes(raw[at + 4:at + 8], "little"))
+    return ids
 
 
 def bind_map(prog_fd: int, map_fd: int) -> None:

@@ -129,7 +129,7 @@ def check(pool_argument: str | None, pool_option: str | None) -> None:
     except PoolError as exc:
         raise PoolProblems(exc) from None
     click.echo(describe(pool), nl=False)
-    click.echo(_flow_capacity_line(pool.settings))
+    click.echo(_flow_capacity_lines(pool))
     for text in warnings(pool) + list(certificates.warnings):
         click.echo(f"warning: {text}")
     # Assume every backend healthy and reachable: the table it would start with.
@@ -163,11 +163,24 @@ def _fingerprint_lines(pool) -> str:
     return "\n".join(lines)
 
 
-def _flow_capacity_line(settings) -> str:
+def _flow_capacity_lines(pool) -> str:
+    """The flow tables' sizes: flows, and flows6 with where its size comes from."""
     from . import pinning
+    from .config import FLOW_TABLE_SIZE_RANGE, balances_ipv6
 
-    flows = pinning.map_specs(settings)["flows"]
-    return pinning.describe_flow_capacity(flows.entries, flows.flags, pinning.possible_cpus())
+    st, specs, cpus = pool.settings, pinning.map_specs(pool.settings), pinning.possible_cpus()
+    flows, flows6 = specs["flows"], specs["flows6"]
+    if balances_ipv6(pool.services) and st.flows6_entries == st.flow_table_size:
+        why = "as flow_table_size: the pool balances an IPv6 service"
+    elif not balances_ipv6(pool.services) and st.flows6_entries == FLOW_TABLE_SIZE_RANGE[0]:
+        why = ("the minimum: the pool balances no IPv6 service; the first one makes it flow_table_size, "
+               "which needs a restart")
+    else:
+        why = "flow_table_size6"
+    return "\n".join([
+        pinning.describe_flow_capacity(flows.entries, flows.flags, cpus),
+        pinning.describe_flow_capacity(flows6.entries, flows6.flags, cpus, table="IPv6 flow table") + f" ({why})",
+    ])
 
 
 def _instances(interface: str | None) -> list[str]:

@@ -62,7 +62,7 @@ FORWARDING_MODES = ("dsr", "nat")
 
 _TOP_KEYS = ("xdplb", "service")
 _SETTINGS_KEYS = (
-    "metrics", "manage_vips", "maglev_size", "flow_table_size",
+    "metrics", "manage_vips", "maglev_size", "flow_table_size", "flow_table_size6",
     "max_services", "max_backends", "hash_seed", "no_backend",
     "udp_idle_timeout", "down_grace", "flood_guard_rate", "extra_macs",
     "announce_table", "ready_file", "stop_drain", "stop_drain_idle",
@@ -201,6 +201,11 @@ class Settings:
     manage_vips: bool = True
     maglev_size: int = 65537
     flow_table_size: int = 262144
+    # flows6's entries. A parsed pool always holds a number: the pool's own, else
+    # flow_table_size when the program balances an IPv6 service, else the minimum
+    # (flows6 is then never written, and would cost as much locked memory as flows).
+    # None (settings built in code): as flow_table_size.
+    flow_table_size6: int | None = None
     max_services: int = 64
     max_backends: int = 4096
     hash_seed: int = 0
@@ -213,6 +218,11 @@ class Settings:
     ready_file: str = ""              # keepalived track_file: 0 when every VIP would be announced; "": none
     stop_drain: float = 0.0           # seconds SIGTERM spends withdrawing and waiting before it detaches; 0: off
     stop_drain_idle: float = 2.0      # ... counters still this long end that wait early
+
+    @property
+    def flows6_entries(self) -> int:
+        """max_entries of flows6 (the IPv6 flow table)."""
+        return self.flow_table_size if self.flow_table_size6 is None else self.flow_table_size6
 
 
 @dataclass(frozen=True)
@@ -616,6 +626,8 @@ def _parse_settings(r: _Reader, doc: dict) -> Settings:
         manage_vips=manage_vips,
         maglev_size=maglev_size,
         flow_table_size=r.integer(t, "flow_table_size", label, *FLOW_TABLE_SIZE_RANGE, d.flow_table_size),
+        flow_table_size6=(r.integer(t, "flow_table_size6", label, *FLOW_TABLE_SIZE_RANGE)
+                          if "flow_table_size6" in t else None),
         max_services=r.integer(t, "max_services", label, *MAX_SERVICES_RANGE, d.max_services),
         max_backends=r.integer(t, "max_backends", label, *MAX_BACKENDS_RANGE, d.max_backends),
         hash_seed=r.integer(t, "hash_seed", label, *HASH_SEED_RANGE, d.hash_seed),
@@ -1081,8 +1093,23 @@ def _validate(r: _Reader, doc: dict) -> Pool | None:
                 doc.get("xdplb"), "max_backends",
             )
         if not r.found:
-            return Pool(settings, tuple(services), r.source)
+            return Pool(_with_flows6_size(settings, services), tuple(services), r.source)
     return None
+
+
+def balances_ipv6(services) -> bool:
+    """Whether the XDP program balances an IPv6 service of these (a TLS
+    service's packets go to HAProxy on the gateway's stack instead)."""
+    return any(s.vip.version == 6 and s.tls is None for s in services)
+
+
+def _with_flows6_size(settings: Settings, services) -> Settings:
+    """flow_table_size6 resolved: the pool's, else flow_table_size when the
+    program balances an IPv6 service, else the minimum."""
+    if settings.flow_table_size6 is not None:
+        return settings
+    size = settings.flow_table_size if balances_ipv6(services) else FLOW_TABLE_SIZE_RANGE[0]
+    return dataclasses.replace(settings, flow_table_size6=size)
 
 
 def _report(r: _Reader, text: str, doc: dict) -> PoolError:
@@ -1230,6 +1257,7 @@ def describe(pool: Pool) -> str:
         f"pool {pool.source}: {len(pool.services)} service(s), {total} backend(s)",
         f"  metrics: {st.metrics or 'disabled'}; manage VIPs: {'yes' if st.manage_vips else 'no'}",
         f"  maglev_size {st.maglev_size}, flow_table_size {st.flow_table_size}, "
+        f"flow_table_size6 {st.flows6_entries}, "
         f"max_services {st.max_services}, max_backends {st.max_backends}, hash_seed {st.hash_seed}, "
         f"no healthy backend: {st.no_backend}",
         f"  UDP flows expire after {st.udp_idle_timeout:g}s idle; established flows stay on a down backend "

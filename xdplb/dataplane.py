@@ -19,6 +19,8 @@ from . import bpf_source, plan, structs
 from .config import Settings
 
 PROG_NAME = "xdplb_ingress"
+PROG6_NAME = "xdplb_ingress6"   # the IPv6 program, reached from PROG_NAME by a tail call
+TAIL_CALLS_PIN = "tail_calls"   # the program array's pin, beside the maps (see _pin_tail_calls)
 
 XDP_FLAGS_UPDATE_IF_NOEXIST = 1 << 0
 XDP_FLAGS_SKB_MODE = 1 << 1
@@ -55,6 +57,7 @@ def defines(settings: Settings) -> dict[str, int]:
         "MAX_SERVICES": settings.max_services,
         "MAX_BACKENDS": settings.max_backends,
         "FLOW_TABLE_SIZE": settings.flow_table_size,
+        "FLOW_TABLE_SIZE6": settings.flows6_entries,
     }
 
 
@@ -74,6 +77,7 @@ class KernelState:
     down_since: dict = field(default_factory=dict)   # backend id -> monotonic ns it went down (0: up)
     nat_backends: dict = field(default_factory=dict) # backend id -> the port it listens on (NAT backends only)
     nat_reverse: dict = field(default_factory=dict)  # (address, port, protocol) -> (vip, service port)
+    refs6: dict = field(default_factory=dict)        # IPv6 service id -> (vip, client_prefix) in its live half
 
 
 MEMBARRIER_CMD_QUERY = 0
@@ -196,16 +200,17 @@ class BccDataplane:
             flags["PIN_DIR"] = str(pin_dir)
         self._other_source = bpf_dir is not None
         self.compile_seconds = 0.0
+        self._maps: dict = {}
         started = time.monotonic()
         try:
             text = bpf_source.assemble() if bpf_dir is None else bpf_source.assemble(bpf_dir=Path(bpf_dir))
             self.bpf = BPF(text=text.encode(), cflags=bpf_source.cflags(flags))
             self.fn = self.bpf.load_func(PROG_NAME.encode(), BPF.XDP)
+            self.fn6 = self._load_ipv6_program()
         except Exception as exc:  # bcc raises bare Exception for compile and verifier errors
             raise LoadError(f"the XDP program did not load: {exc}") from exc
         self.compile_seconds = time.monotonic() - started
         self._table_type = structs.maglev_table_type(settings.maglev_size)
-        self._maps: dict = {}
         # An older build (bpf_dir: benches and tests only) may predate the IPv6 maps.
         self.absent = self._absent_maps() if bpf_dir is not None else frozenset()
         self._unsettled = False     # something was published or removed since the last grace period
@@ -217,6 +222,20 @@ class BccDataplane:
         if self.adopted:
             self._rebuild_service_index()
         self.attached: tuple[str, str] | None = None  # (ifname, mode)
+
+    def _load_ipv6_program(self):
+        """Load the IPv6 program and put it in its tail_calls slot (bpf/xdplb.c),
+        before the IPv4 program is ever attached, so no IPv6 frame finds the
+        slot empty. None where the build has none (XDPLB_IPV6_PATH=0, or an
+        older build): IPv6 frames then pass to the stack."""
+        from bcc.libbcc import lib
+
+        if not lib.bpf_function_start(self.bpf.module, PROG6_NAME.encode()):
+            return None
+        fn6 = self.bpf.load_func(PROG6_NAME.encode(), self._BPF.XDP)
+        slots = self.map("tail_calls")
+        slots[slots.Key(structs.PROG_IPV6)] = slots.Leaf(fn6.fd)
+        return fn6
 
     def _bind_and_record_layout(self) -> None:
         """Make the program hold every map (the layout map is not used by it,
@@ -305,11 +324,50 @@ class BccDataplane:
         (an earlier xdplb's) in one netlink call: the kernel switches the
         program pointer, so no packet goes unprocessed."""
         flags = MODE_FLAGS[mode] | (0 if replace else XDP_FLAGS_UPDATE_IF_NOEXIST)
+        staged = self._stage_tail_calls_pin()
         try:
             self._BPF.attach_xdp(ifname.encode(), self.fn, flags)
         except Exception as exc:
+            if staged:
+                staged.unlink(missing_ok=True)
             raise LoadError(f"attaching to {ifname} in {mode} mode failed: {exc}") from exc
         self.attached = (ifname, mode)
+        if staged:
+            self._pin_tail_calls(staged)
+
+    # The kernel empties a program array when its last file descriptor or pin
+    # goes, and the attached program holds its array by neither: without a
+    # pin, IPv6 frames would pass to the stack (no_ipv6_program) from the
+    # moment this controller exits. So the array is pinned beside the maps.
+    # It is still this load's own (bpf/xdplb.c): a new load never adopts an
+    # earlier one, whose slot holds the earlier IPv6 program; its pin takes
+    # the earlier one's place once the new program is attached.
+
+    def _stage_tail_calls_pin(self) -> Path | None:
+        """Pin this load's tail_calls under a staging name (LoadError if it
+        cannot be: nothing is attached yet). None without pins or IPv6 program."""
+        if self.pin_dir is None or self.fn6 is None:
+            return None
+        from . import bpfsys
+
+        staged = Path(self.pin_dir) / f"{TAIL_CALLS_PIN}_new"   # bpffs refuses names with a dot
+        try:
+            staged.unlink(missing_ok=True)
+            bpfsys.pin(self.map("tail_calls").map_fd, str(staged))
+        except OSError as exc:
+            raise LoadError(f"cannot pin the IPv6 program's tail_calls array at {staged}: {exc.strerror}") from exc
+        return staged
+
+    def _pin_tail_calls(self, staged: Path) -> None:
+        """Put this load's tail_calls pin in the place of the earlier one, a
+        grace period after the attach: packets of the replaced program still
+        running by then would find its array emptied."""
+        synchronize_rcu()
+        try:
+            os.replace(staged, Path(self.pin_dir) / TAIL_CALLS_PIN)
+        except OSError as exc:
+            raise LoadError(f"cannot pin the IPv6 program's tail_calls array at {self.pin_dir}: "
+                            f"{exc.strerror}") from exc
 
     def detach(self) -> None:
         if self.attached is None:
@@ -606,7 +664,9 @@ class BccDataplane:
     # content pass, into the half the flip goes to, which no packet reads.
 
     def _ref6(self, sid: int, state: int):
-        half = 1 if state & structs.SVC_STATE_HALF else 0
+        return self._ref6_of_half(sid, 1 if state & structs.SVC_STATE_HALF else 0)
+
+    def _ref6_of_half(self, sid: int, half: int):
         raw = self.map("service_ids6")[sid * structs.TABLES_PER_SERVICE + half]
         return structs.ServiceRef6.from_buffer_copy(bytes(raw))   # bcc's own type reads vip as 4 words
 
@@ -681,7 +741,8 @@ class BccDataplane:
             services={i: self._sum_counters(svc[i]) for i in service_ids},
             backends={i: self._sum_counters(be[i]) for i in backend_ids},
             actions=self._sum_u64("xdp_actions", structs.ACTIONS),
-            not_forwarded=self._sum_u64("not_forwarded", structs.REASONS),
+            not_forwarded=self._sum_u64("not_forwarded", structs.REASONS)
+            | (self._sum_u64("tail_misses", structs.TAIL_MISSES) if self._has_map("tail_misses") else {}),
             events=self._sum_u64("events", structs.EVENTS)
             | ({} if "events6" in self.absent else self._sum_u64("events6", structs.EVENTS6)),
             nat=self._sum_u64("nat_stats", structs.NAT_STATS) if self._has_map("nat_stats") else {},
@@ -711,23 +772,27 @@ class BccDataplane:
                 addr = raw.ip(family.get(be.service_id, 6 if any(raw.raw[4:]) else 4))
                 backends[bid] = (be.service_id, addr, bytes(be.mac), bool(be.flags & structs.F_BACKEND_UP))
                 down_since[bid] = be.down_since
-        tables = {}
+        tables, refs6 = {}, {}
         maglev = self.map("maglev_tables")
-        for sid, _flags, half in services.values():
+        for (vip, _port, _proto), (sid, _flags, half) in services.items():
             tables[(sid, half)] = tuple(maglev[sid * structs.TABLES_PER_SERVICE + half].slots)
+            if vip.version == 6:
+                ref6 = self._ref6_of_half(sid, half)
+                refs6[sid] = (ipaddress.IPv6Address(bytes(ref6.vip)), ref6.client_prefix)
         vips = {structs.LbAddr.from_buffer_copy(bytes(k)).ip(version)
                 for version, name in _VIPS.items() for k in self.map(name).keys()}
         cfg = self.map("lb_config")[0]
         config = _config_tuple(structs.LbConfig.from_buffer_copy(bytes(cfg))) if cfg.ready else None
         nat_backends, nat_reverse = self._read_nat(backends)
-        return KernelState(services, backends, tables, vips, config, down_since, nat_backends, nat_reverse)
+        return KernelState(services, backends, tables, vips, config, down_since, nat_backends, nat_reverse,
+                           refs6)
 
     def _read_nat(self, backends) -> tuple[dict, dict]:
         """(backend id -> NAT port, (address, port, protocol) -> (vip, service port)),
         of both families, as KernelState holds them."""
         nat_backends, nat_reverse = {}, {}
         names = {v: k for k, v in structs.IPPROTO.items()}
-        for version, name in _NAT_BACKENDS.items():
+        for name in _NAT_BACKENDS.values():
             if name in self.absent:
                 continue
             table = self.map(name)

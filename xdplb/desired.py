@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Mapping
 
-from .config import Pool
+from .config import FLOW_TABLE_SIZE_RANGE, Pool
 from .health_fsm import Health, State
 from .plan import BackendState, Desired, ServiceState
 
@@ -52,13 +52,26 @@ def _ns(seconds: float) -> int:
 
 
 # Settings baked into the compiled program: changing them needs a restart.
-COMPILED_SETTINGS = ("maglev_size", "max_services", "max_backends", "flow_table_size")
+# flow_table_size6 follows the pool's services when it is not set (config.py),
+# so a reload that adds the first IPv6 service, or removes the last, changes it.
+COMPILED_SETTINGS = ("maglev_size", "max_services", "max_backends", "flow_table_size", "flow_table_size6")
 
 
 def restart_needed(old: Pool, new: Pool) -> list[str]:
-    """Compiled-in settings that differ between two pools, as 'key old -> new'."""
-    return [
-        f"{key} {getattr(old.settings, key)} -> {getattr(new.settings, key)}"
-        for key in COMPILED_SETTINGS
-        if getattr(old.settings, key) != getattr(new.settings, key)
-    ]
+    """Compiled-in settings that differ between two pools, as 'key old -> new'
+    (flow_table_size6 says why it changed and what to do)."""
+    changed = []
+    for key in COMPILED_SETTINGS:
+        before, after = getattr(old.settings, key), getattr(new.settings, key)
+        if before == after:
+            continue
+        text = f"{key} {before} -> {after}"
+        if key == "flow_table_size6":
+            # Keeping a smaller table for IPv6 services would leave them few
+            # flows per CPU: only a shrink is offered the setting.
+            keep = f", or set flow_table_size6 = {before} to keep it" if before > after else ""
+            text += (f" (the IPv6 flow table: unset, it is flow_table_size while the pool balances an IPv6 "
+                     f"service and {FLOW_TABLE_SIZE_RANGE[0]} without one; restart xdplb to resize it, which "
+                     f"keeps every flow while no IPv6 service is programmed{keep})")
+        changed.append(text)
+    return changed

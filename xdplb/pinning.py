@@ -142,6 +142,8 @@ def map_specs(settings: Settings) -> dict[str, MapSpec]:
         "service_ids": MapSpec("array", index, structs.ServiceRef, settings.max_services),
         "service_ports": MapSpec("array", index, u32, structs.PORT_WORDS),
         "layout": MapSpec("hash", structs.LayoutKey, u64, structs.LAYOUT_ENTRIES),
+        # New with the IPv6 program's tail call: pins without it are adopted and bcc creates it.
+        "tail_misses": MapSpec(*counted, len(structs.TAIL_MISSES)),
         **nat_map_specs(settings),
         **map_specs6(settings),
     }
@@ -167,7 +169,7 @@ def map_specs6(settings: Settings) -> dict[str, MapSpec]:
         "services6": MapSpec("hash", structs.ServiceKey6, structs.ServiceInfo, settings.max_services),
         "service_ids6": MapSpec("array", index, structs.ServiceRef6,
                                 settings.max_services * structs.TABLES_PER_SERVICE),
-        "flows6": MapSpec("lru_hash", structs.FlowKey6, structs.FlowValue, settings.flow_table_size),
+        "flows6": MapSpec("lru_hash", structs.FlowKey6, structs.FlowValue, settings.flows6_entries),
         "vips6": MapSpec("hash", structs.LbAddr, ctypes.c_uint32, settings.max_services),
         "events6": MapSpec("percpu_array", index, ctypes.c_uint64, len(structs.EVENTS6)),
         "nat_backends6": MapSpec("array", index, structs.NatBackend6, settings.max_backends),
@@ -250,14 +252,14 @@ def flow_capacity(entries: int, flags: int, cpus: int) -> FlowCapacity:
     return FlowCapacity(created, usable, usable, True)
 
 
-def describe_flow_capacity(entries: int, flags: int, cpus: int) -> str:
+def describe_flow_capacity(entries: int, flags: int, cpus: int, table: str = "flow table") -> str:
     """One line for `xdplb check` and the attach log."""
     cap = flow_capacity(entries, flags, cpus)
     if cap.shared:
-        return (f"flow table: {cap.entries} entries in one LRU shared by all {cpus} possible CPUs; "
+        return (f"{table}: {cap.entries} entries in one LRU shared by all {cpus} possible CPUs; "
                 f"per-CPU capacity {cap.per_cpu} flows: any one CPU may fill the table, less "
                 f"{LRU_LOCAL_FREE_TARGET} free entries cached per CPU, however RSS spreads the flows")
-    return (f"flow table: {cap.entries} entries in {cpus} per-CPU LRU lists; per-CPU capacity "
+    return (f"{table}: {cap.entries} entries in {cpus} per-CPU LRU lists; per-CPU capacity "
             f"{cap.per_cpu} flows: a CPU that inserts more evicts its own flows")
 
 
@@ -292,6 +294,41 @@ def check_compatible(directory: Path, settings: Settings, cpus: int | None = Non
     return problems
 
 
+def flows6_idle(directory: Path) -> bool:
+    """Whether no IPv6 service is programmed in the maps pinned at
+    `directory` (their services6 is empty or absent): then no packet is
+    forwarded by flows6, and replacing it breaks no flow."""
+    from .bpfsys import map_items, open_pinned
+
+    services6 = directory / "services6"
+    if not services6.exists():
+        return True
+    fd = open_pinned(str(services6))
+    try:
+        return not map_items(fd, ctypes.sizeof(structs.ServiceKey6), ctypes.sizeof(structs.ServiceInfo))
+    finally:
+        os.close(fd)
+
+
+def replace_flows6(directory: Path, settings: Settings) -> str:
+    """Unpin flows6, so that bcc creates it anew at the size `settings` need
+    (only while flows6_idle); the note saying so. This is how a pool that
+    gains its first IPv6 service (flows6 grows from the minimum to
+    flow_table_size) restarts hitlessly."""
+    from .bpfsys import pinned_map_info
+
+    path = directory / "flows6"
+    pinned = pinned_map_info(str(path)).max_entries
+    path.unlink()
+    return (f"flows6 (the IPv6 flow table) is created anew with {map_specs6(settings)['flows6'].entries} entries "
+            f"instead of the pinned {pinned}: no IPv6 service was programmed, so no flow used it")
+
+
+FLOWS6_RESIZE_HINT = ("flows6 (the IPv6 flow table, flow_table_size6) changes size across a restart only while no "
+                      "IPv6 service is programmed: keep flow_table_size6 at the pinned size, or first reload a pool "
+                      "without IPv6 services")
+
+
 def restart_note(directory: Path, reopen_denied: str | None) -> str:
     """What a start that had to mount its own bpffs says about restarts.
 
@@ -302,7 +339,11 @@ def restart_note(directory: Path, reopen_denied: str | None) -> str:
     """
     if reopen_denied is None:
         return (f"the pins at {directory} last as long as this mount namespace; where that ends with this "
-                f"process (ip netns exec, a container), a restart takes the maps from the attached program")
+                f"process (ip netns exec, a container), a restart takes the maps from the attached program, "
+                f"but IPv6 frames pass to the stack from this process's exit until the restart attaches "
+                f"(counted, reason no_ipv6_program: the kernel empties the IPv6 program's tail_calls array "
+                f"with its last pin); for IPv6 too to be hitless, mount a bpffs that outlives this process "
+                f"(`mount -t bpf bpf /sys/fs/bpf` on the host) and set XDPLB_BPFFS to a directory on it")
     return (f"a restart will not be hitless if this mount namespace ends with this process (ip netns exec, "
             f"a container): the pins at {directory} go with it, and this process may not reopen the "
             f"program's maps by id ({reopen_denied}; that needs CAP_SYS_ADMIN); mount a bpffs that outlives "
@@ -419,10 +460,14 @@ def prepare(directory: Path, settings: Settings, attached_prog_id: int | None = 
         pins.notes.append(f"no maps were pinned at {directory}: took {len(taken)} from the attached program "
                           f"(id {attached_prog_id}) and pinned them there")
     problems = check_compatible(directory, settings)
-    if problems:
+    # flows6 alone of another size, and no IPv6 service programmed: replaced
+    # below, once every other check has passed (a refused start changes nothing).
+    flows6_only = bool(problems) and all(p.startswith("flows6:") for p in problems) and flows6_idle(directory)
+    if problems and not flows6_only:
+        hint = f" ({FLOWS6_RESIZE_HINT})" if any(p.startswith("flows6:") for p in problems) else ""
         raise PinError(
             f"the maps pinned at {directory} do not fit this pool ({'; '.join(problems)}); "
-            f"compiled-in sizes cannot change across a hitless restart: restore the old sizes, "
+            f"compiled-in sizes cannot change across a hitless restart: restore the old sizes{hint}, "
             f"or run `xdplb detach` first (established flows will break)"
         )
     problems, unrecorded = check_layout(directory, settings)
@@ -432,6 +477,8 @@ def prepare(directory: Path, settings: Settings, attached_prog_id: int | None = 
             f"and would be misread: run `xdplb detach {directory.name}` first (established flows will break), "
             f"then attach again"
         )
+    if flows6_only:
+        pins.notes.append(replace_flows6(directory, settings))
     pins.adopted = bool(pinned_maps(directory))
     if pins.adopted and unrecorded:
         pins.notes.append(f"the maps pinned at {directory} carry no layout record (pinned by an earlier "

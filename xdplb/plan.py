@@ -456,7 +456,9 @@ def adopt(kernel, service_names: Mapping[tuple, str]) -> Applied:
     for key, (sid, flags, half) in sorted(kernel.services.items(), key=lambda kv: kv[1][0]):
         name = service_names.get(key, f"(adopted service {sid})")
         name_of_id[sid] = name
-        services[name] = AppliedService(sid, key, flags, half, ("(adopted)",), kernel.tables.get((sid, half), ()))
+        prefix = getattr(kernel, "refs6", {}).get(sid, (None, 128))[1]
+        services[name] = AppliedService(sid, key, flags, half, ("(adopted)",), kernel.tables.get((sid, half), ()),
+                                        prefix)
     backends: dict[tuple, AppliedBackend] = {}
     down_since = getattr(kernel, "down_since", {})
     for bid, (sid, address, mac, up) in sorted(kernel.backends.items()):

@@ -51,18 +51,19 @@ class Prepared:
 
 def expected_kernel(applied: Applied) -> tuple:
     """What the maps hold when `applied` is true, in dataplane.KernelState's terms:
-    (services, backends, tables, vips, config)."""
+    (services, backends, tables, vips, config, refs6)."""
     services = {a.key: (a.id, a.flags, a.half) for a in applied.services.values()}
     # Retired backends (removed, within their down grace) stay in the kernel marked down.
     every = [*applied.backends.values(), *(b for b, _until in applied.retired.values())]
     backends = {b.id: (b.service_id, b.address, b.mac, b.up) for b in every if b.mac is not None}
     tables = {(a.id, a.half): tuple(a.table) for a in applied.services.values()}
-    return services, backends, tables, set(applied.vips), applied.config
+    refs6 = {a.id: (a.key[0], a.client_prefix) for a in applied.services.values() if a.key[0].version == 6}
+    return services, backends, tables, set(applied.vips), applied.config, refs6
 
 
 def drift(kernel, applied: Applied) -> list[str]:
     """How the maps (a dataplane.KernelState) differ from `applied`; [] when they agree."""
-    services, backends, tables, vips, config = expected_kernel(applied)
+    services, backends, tables, vips, config, refs6 = expected_kernel(applied)
     found = []
     if dict(kernel.services) != services:
         found.append("services")
@@ -70,6 +71,8 @@ def drift(kernel, applied: Applied) -> list[str]:
         found.append("backends")
     if {k: tuple(v) for k, v in kernel.tables.items()} != tables:
         found.append("Maglev tables")
+    if dict(kernel.refs6) != refs6:
+        found.append("IPv6 VIPs and client prefixes (service_ids6)")
     if set(kernel.vips) != vips:
         found.append("vips")
     if kernel.config != config:

@@ -44,6 +44,11 @@ NAT_STATS = ("request", "reply_tx", "reply_redirect", "no_route", "no_neigh", "i
              "no_target", "stack", "fragment", "truncated")
 # Indices of the events6 counters (EVENT6_* in lb_structs6.h); exported with the events.
 EVENTS6 = ("ipv6_ext_headers", "ipv6_ext_limit", "ipv6_routing")
+# Indices of the tail_misses counters: the slots of the tail_calls program array (PROG_* in
+# lb_consts.h), each named by the reason its failed tail calls are exported as, with the
+# not_forwarded reasons (the frame passed to the stack).
+TAIL_MISSES = ("no_ipv6_program",)
+PROG_IPV6 = 0
 # XDP actions, by value.
 ACTIONS = ("aborted", "drop", "pass", "tx", "redirect")
 XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX, XDP_REDIRECT = range(5)

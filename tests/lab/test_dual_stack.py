@@ -22,7 +22,7 @@ import pytest
 import lab as labtool
 import pacs6_lab
 import pacs_lab
-from lab_xdplb import Balancer, backend_health
+from lab_xdplb import Balancer, backend_health, xdp_attached
 from make_dicom import dataset_digest, make_instance, make_study
 
 pytestmark = [pytest.mark.root, pytest.mark.lab]
@@ -101,6 +101,12 @@ def record(st: dict, service: str, name: str) -> dict:
     return next(b for b in svc["backends"] if b["name"] == name)
 
 
+def new_flows(st: dict, service: str) -> dict:
+    """{backend name: new flows, service name: new flows} from `xdplb status`."""
+    svc = next(s for s in st["services"] if s["name"] == service)
+    return {service: svc["new_flows"], **{b["name"]: b["new_flows"] for b in svc["backends"]}}
+
+
 def delta(before: dict, after: dict) -> dict:
     return {name: after[name] - before.get(name, 0) for name in after}
 
@@ -145,11 +151,16 @@ def test_c_stores_through_the_ipv6_vip_spread_over_three_pacs_and_ipv4_still_rea
         dual, balancer, dicom_files):
     files = dicom_files(60)
     before = pacs6_lab.counts(dual)
+    flows_before = new_flows(balancer.status(), SERVICE6)
     results = pacs6_lab.store_each(dual, files)
     landed = delta(before, pacs6_lab.counts(dual))
-    print(f"60 C-STORE associations through [{VIP6}]:104 landed: {landed}")
+    flows = delta(flows_before, new_flows(balancer.status(), SERVICE6))
+    print(f"60 C-STORE associations through [{VIP6}]:104 landed: {landed}; new flows in xdplb status: {flows}")
     assert len(results) == 60 and all(rc == 0 for _, rc in results), results
     assert sum(landed.values()) == 60 and all(n > 0 for n in landed.values()), landed
+    # status (and so top and the exporter, which read it) counts the IPv6
+    # service's flows as it counts IPv4 ones: one per association, on its PACS.
+    assert flows == {**landed, SERVICE6: 60}, flows
 
     files4 = dicom_files(30)
     before4 = pacs_lab.counts(dual)
@@ -213,6 +224,10 @@ def _carrier(dual) -> str:
 
 def test_a_200_mb_store_through_the_ipv6_vip_is_byte_exact_and_survives_another_pacs_leaving(
         dual, balancer, tmp_path):
+    """The carrier is drained as well as the other PACS lost, so the table
+    holds neither: the association reaches its PACS through its flows6 entry
+    alone (Maglev alone would keep most flows where they were, and a broken
+    IPv6 flow table could pass unseen)."""
     big = tmp_path / "long.dcm"
     try:
         _long_transfer(dual, balancer, big)
@@ -225,7 +240,7 @@ def _long_transfer(dual, balancer, big: Path) -> None:
     sent_size, sent_digest = dataset_digest(big)
     started = time.monotonic()
     store = pacs6_lab.storescu(dual, big, popen=True)
-    other = None
+    other = carrier = None
     try:
         deadline = time.monotonic() + 20
         while True:
@@ -238,19 +253,28 @@ def _long_transfer(dual, balancer, big: Path) -> None:
                 time.sleep(0.05)
         other = next(name for name in dual.backend_names() if name != carrier)
         # The other PACS's host vanishes from the segment (no RST): marked
-        # down and taken out of the table while the transfer runs.
+        # down and taken out of the table while the transfer runs. Meanwhile
+        # the carrier is drained: no new flows, its Maglev slots go to the
+        # third PACS.
         dual.link(other, False)
+        balancer.cli("drain", SERVICE6, carrier, "-i", "eth0")
         balancer.wait_for(lambda st: record(st, SERVICE6, other)["health"] == "down"
-                          and record(st, SERVICE6, other)["table_slots"] == 0, DETECT_BOUND + 2,
-                          f"{other} down and out of the table")
+                          and record(st, SERVICE6, other)["table_slots"] == 0
+                          and record(st, SERVICE6, carrier)["table_slots"] == 0, DETECT_BOUND + 2,
+                          f"{other} down and out of the table, {carrier} drained out of it")
         lost_at = time.monotonic() - started
-        assert store.poll() is None, (
-            f"the transfer ended {lost_at:.1f}s in, before {other}'s loss was applied; "
-            f"make LONG_TRANSFER_BYTES larger")
+        if store.poll() is not None:
+            out, _ = store.communicate()
+            assert store.returncode == 0, (f"the transfer failed {lost_at:.1f}s in, with {carrier} drained "
+                                           f"and {other} out of the table: {out}")
+            pytest.fail(f"the transfer ended {lost_at:.1f}s in, before {other}'s loss and {carrier}'s drain "
+                        f"were applied; make LONG_TRANSFER_BYTES larger")
         out, _ = store.communicate(timeout=900)
     finally:
         if other is not None:
             dual.link(other, True)
+        if carrier is not None:
+            balancer.cli("undrain", SERVICE6, carrier, "-i", "eth0", check=False)
         if store.poll() is None:
             store.kill()
             store.wait()
@@ -261,8 +285,38 @@ def _long_transfer(dual, balancer, big: Path) -> None:
     holder, stored = found
     got_size, got_digest = dataset_digest(stored)
     print(f"IPv6 long transfer: {big.stat().st_size} bytes to {carrier} in {seconds:.1f}s "
-          f"({big.stat().st_size / seconds / 1e6:.1f} MB/s); {other} was out of the table {lost_at:.1f}s in; "
+          f"({big.stat().st_size / seconds / 1e6:.1f} MB/s); {carrier} drained and {other} out of the table "
+          f"{lost_at:.1f}s in; "
           f"stored data set {got_size} bytes (sent {sent_size})")
     assert holder == carrier
     assert (got_size, got_digest) == (sent_size, sent_digest)
-    balancer.wait_for(lambda st: backend_health(st, SERVICE6)[other] == "up", RETURN_BOUND + 2, f"{other} back")
+    balancer.wait_for(lambda st: backend_health(st, SERVICE6)[other] == "up"
+                      and record(st, SERVICE6, carrier)["table_slots"] > 0, RETURN_BOUND + 2,
+                      f"{other} back and {carrier} undrained")
+
+
+def test_ipv6_is_forwarded_while_no_controller_runs_and_a_restart_takes_over(dual, balancer, dicom_files, tmp_path):
+    # Last in the module: it kills the module's balancer. IPv6 runs in a
+    # program of its own behind a tail call (bpf/xdplb6.h); the kernel empties
+    # the program array with its last pin or descriptor, so this shows the
+    # pinned array keeping IPv6 on the wire through a kill -9 and a restart.
+    balancer.kill()
+    assert xdp_attached(dual)
+    files = dicom_files(12)
+    before = pacs6_lab.counts(dual)
+    results = pacs6_lab.store_each(dual, files)
+    landed = delta(before, pacs6_lab.counts(dual))
+    print(f"12 C-STOREs through [{VIP6}]:104 with no controller running landed: {landed}")
+    assert all(rc == 0 for _, rc in results) and sum(landed.values()) == 12, (results, landed)
+
+    second = Balancer(dual, balancer.pool, balancer.run_dir, tmp_path / "second.log", bpffs=balancer.bpffs).start()
+    try:
+        st = second.wait_ready(timeout=240)
+        assert "adopted pinned maps" in second.log() and "replaced the running xdplb program" in second.log()
+        before = pacs6_lab.counts(dual)
+        results = pacs6_lab.store_each(dual, dicom_files(12))
+        assert all(rc == 0 for _, rc in results) and sum(delta(before, pacs6_lab.counts(dual)).values()) == 12
+        assert second.status()["not_forwarded"]["no_ipv6_program"] == 0, st
+    finally:
+        assert second.stop() == 0
+        print(second.log())

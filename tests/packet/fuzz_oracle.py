@@ -42,6 +42,12 @@ port and the checksums kept by the same invariant; the MACs are the route's.
 What a NAT backend's ADDRESS sends that cannot be translated (a TCP/UDP
 fragment or cut-short header, an ICMP error), not to a VIP, may be dropped
 (nat.h: unless it is to the gateway itself, which the namespace decides).
+NAT over IPv6 (issue 15, point 4) by the same rules, with a 16-byte address,
+no IP header checksum, the TCP/UDP header after a walked chain, ICMPv6 errors
+(types 1-4) for ICMP's, and two of its own: an IPv6 UDP datagram with
+checksum 0 is never translated (RFC 8200: it is invalid), and no translated
+UDP datagram of either family leaves with checksum 0 unless it came with 0
+(IPv4's "none").
 
 IPv6 (issue 15), judged by the same rules where they apply, and these:
   - a chain of more than IPV6_EXT_MAX (4) hop-by-hop, destination options
@@ -226,30 +232,40 @@ def csum_kept(raw: bytes, out: bytes, csum: int, words: tuple) -> bool:
 
 
 def translation_problem(raw: bytes, out: bytes, ip: Ip, addr_off: int, port_off: int, want: tuple) -> str | None:
-    """NAT rules for an XDP_TX'd frame whose address at addr_off (IPv4 header)
+    """NAT rules for an XDP_TX'd frame whose address at addr_off (IP header)
     and port at port_off (L4 header) must now be `want` (addr bytes, port)."""
-    proto = ip.proto
+    proto, alen = ip.proto, 4 if ip.family == 4 else 16
     l4_csum = ip.l4 + (16 if proto == TCP else 6)
     if len(out) != len(raw) or l4_csum + 2 > len(raw):
         return "NAT changed the frame's length or translated a cut-short header"
+    header_csum = {ip.l3 + 10, ip.l3 + 11} if ip.family == 4 else set()   # IPv6 has none
     changed = {i for i in range(12, len(raw)) if raw[i] != out[i]}
-    allowed = set(range(addr_off, addr_off + 4)) | {port_off, port_off + 1} | {ip.l3 + 10, ip.l3 + 11} \
-        | {l4_csum, l4_csum + 1}
+    allowed = set(range(addr_off, addr_off + alen)) | {port_off, port_off + 1} | header_csum | {l4_csum, l4_csum + 1}
     if changed - allowed:
         return f"NAT changed bytes it must not (offsets {sorted(changed - allowed)[:6]})"
-    if (out[addr_off:addr_off + 4], _word(out, port_off)) != want:
+    if (out[addr_off:addr_off + alen], _word(out, port_off)) != want:
         return "NAT wrote another address or port than the backend's (or the service's)"
-    addr_words = (addr_off, addr_off + 2)
-    if not csum_kept(raw, out, ip.l3 + 10, addr_words):
+    addr_words = tuple(range(addr_off, addr_off + alen, 2))
+    if ip.family == 4 and not csum_kept(raw, out, ip.l3 + 10, addr_words):
         return "NAT left the IPv4 header checksum wrong by a different amount than before"
     if proto == UDP and _word(raw, l4_csum) == 0:
+        if ip.family == 6:
+            return "NAT translated an IPv6 UDP datagram with checksum 0 (RFC 8200: invalid, a receiver discards it)"
         return None if _word(out, l4_csum) == 0 else "NAT wrote a checksum into a UDP datagram that had none"
     if not csum_kept(raw, out, l4_csum, addr_words + (port_off,)):
         return f"NAT left the {'TCP' if proto == TCP else 'UDP'} checksum wrong by a different amount than before"
+    if proto == UDP and _word(out, l4_csum) == 0:
+        return "NAT sent a computed UDP checksum of 0 (it goes as 0xffff)"
     return None
 
 
+def addr_offsets(ip: Ip) -> tuple[int, int]:
+    """(source, destination) address offsets of the frame's IP header."""
+    return (ip.l3 + 12, ip.l3 + 16) if ip.family == 4 else (ip.l3 + 8, ip.l3 + 24)
+
+
 ICMP_ERRORS = (3, 4, 11, 12)   # destination unreachable, source quench, time exceeded, parameter problem
+ICMPV6_ERRORS = (1, 2, 3, 4)   # destination unreachable, packet too big, time exceeded, parameter problem
 
 
 def l4_whole(raw: bytes, ip: Ip) -> bool:
@@ -296,7 +312,7 @@ class Oracle:
         if raw[0:6] not in m.gateway_macs:
             return f"{ACTION_NAMES[action]} of a frame not addressed to the gateway (point 5: it must pass untouched)"
         ip = any_ip(raw)
-        target = self._nat_reply_target(raw, ip) if ip is not None and ip.family == 4 else None
+        target = self._nat_reply_target(raw, ip)
         if target is not None:
             return self._nat_reply(raw, out, ip, action, target)
         if action == REDIRECT:
@@ -331,10 +347,10 @@ class Oracle:
         if nat is not None:
             if dst not in nat:
                 return "XDP_TX of a NAT service's packet to a MAC that is no backend of it"
-            problem = translation_problem(raw, out, ip, ip.l3 + 16, ip.l4 + 2, nat[dst])
+            problem = translation_problem(raw, out, ip, addr_offsets(ip)[1], ip.l4 + 2, nat[dst])
             if problem:
                 return problem
-            self.seen["tx nat request"] += 1
+            self.seen["tx nat request" if ip.family == 4 else "tx nat6 request"] += 1
             return self._tx_l4(raw, ip, dst)
         if len(out) != len(raw) or out[12:] != raw[12:]:
             return "XDP_TX changed more than the MAC addresses"
@@ -433,7 +449,7 @@ class Oracle:
     def _nat_reply_target(self, raw: bytes, ip: Ip | None) -> tuple | None:
         """(VIP, port) a NAT backend's reply is translated to, or None when the
         frame is not one (at most one tag, whole TCP/UDP header, no fragment)."""
-        if ip is None or ip.tags > 1 or ip.fragment or ip.proto not in (TCP, UDP):
+        if ip is None or ip.tags > 1 or ip.fragment or ip.chain or ip.proto not in (TCP, UDP):
             return None
         if not l4_whole(raw, ip):
             return None
@@ -443,20 +459,21 @@ class Oracle:
         """Whether the frame comes from a NAT backend's address and cannot be
         translated: a TCP/UDP fragment or cut-short header, or an ICMP error
         (its dropping is allowed; to the gateway itself the namespace decides)."""
-        if ip is None or ip.tags > 1 or ip.saddr not in {key[0] for key in self.model.reverse}:
+        if ip is None or ip.tags > 1 or ip.chain or ip.saddr not in {key[0] for key in self.model.reverse}:
             return False
         if ip.proto in (TCP, UDP):
             return ip.fragment or not l4_whole(raw, ip)
-        return ip.proto == ICMP and not ip.fragment and ip.l4 < len(raw) and raw[ip.l4] in ICMP_ERRORS
+        icmp, errors = (ICMP, ICMP_ERRORS) if ip.family == 4 else (ICMPV6, ICMPV6_ERRORS)
+        return ip.proto == icmp and not ip.fragment and ip.l4 < len(raw) and raw[ip.l4] in errors
 
     def _nat_reply(self, raw: bytes, out: bytes, ip: Ip, action: int, target: tuple) -> str | None:
         if action == DROP:
             self.seen["drop nat reply"] += 1
             return None
-        problem = translation_problem(raw, out, ip, ip.l3 + 12, ip.l4, target)
+        problem = translation_problem(raw, out, ip, addr_offsets(ip)[0], ip.l4, target)
         if problem:
             return problem.replace("NAT", "NAT reply")
-        self.seen["nat reply sent"] += 1
+        self.seen["nat reply sent" if ip.family == 4 else "nat6 reply sent"] += 1
         return None
 
     def _follow(self, held: Held | None, live: frozenset, dst: bytes, what: str) -> str | None:

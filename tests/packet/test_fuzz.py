@@ -17,7 +17,10 @@ client persistence, UDP), one backend going down with flows on it; seeds
 with extension-header chains of every kind (within and over the limit,
 routing with segments left), fragments, Packet Too Big quoting flows, echo
 and Neighbour Solicitation; mutations of the Next Header, the chain's bytes
-and the IPv6 destination.
+and the IPv6 source and destination. Two IPv6 NAT services (TCP, UDP) with
+their requests (chains, a tag, a UDP checksum of 0), their backends' replies
+and what those send that cannot be translated (fragments, cut-short
+headers, ICMPv6 errors).
 
 Frames start from valid seeds (TCP/UDP to VIPs and other addresses, VLAN
 tags, IPv4 options, fragments, ICMP "fragmentation needed" quoting flows,
@@ -40,8 +43,8 @@ from dataclasses import dataclass
 
 import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP
-from scapy.layers.inet6 import (ICMPv6EchoRequest, ICMPv6ND_NS, ICMPv6PacketTooBig, IPv6, IPv6ExtHdrDestOpt,
-                                IPv6ExtHdrFragment, IPv6ExtHdrHopByHop, IPv6ExtHdrRouting)
+from scapy.layers.inet6 import (ICMPv6DestUnreach, ICMPv6EchoRequest, ICMPv6ND_NS, ICMPv6PacketTooBig, IPv6,
+                                IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop, IPv6ExtHdrRouting)
 from scapy.layers.l2 import ARP, Dot1AD, Dot1Q, Ether
 from scapy.packet import Raw
 
@@ -121,6 +124,19 @@ def services6(down: bool):
     )
 
 
+def _be6nat(n, port=PACS_PORT):
+    return plan.BackendState(f"nat6-{n}", ipaddress.IPv6Address(f"2001:db8::{n}"), 1, mac_of(n), True, port)
+
+
+def nat6_services():
+    """NAT over IPv6 (issue 15, point 4): [VIP6]:106 to 2001:db8::91/92 on 4242 (the IPv4 NAT
+    backends' port: nat_ports is shared), [VIP6]:5001 to 2001:db8::93 on 6001."""
+    return (
+        _svc("nat6-dicom", VIP6, NAT_TCP_PORT, "tcp", "flow", [_be6nat(91), _be6nat(92)], "nat"),
+        _svc("nat6-udp", VIP6, NAT_UDP_PORT, "udp", "flow", [_be6nat(93, PACS_UDP_PORT)], "nat"),
+    )
+
+
 def before_services():
     """Every backend that will later be drained, down or removed is up here."""
     return (
@@ -129,7 +145,7 @@ def before_services():
         _svc("udp-echo", VIP1, 5000, "udp", "flow", [_be(31), _be(32), _be(33)]),
         _svc("dicom-tls", VIP2, 11112, "tcp", "flow", [_be(41), _be(42, healthy=False)]),
         _svc("syslog", VIP2, 104, "udp", "flow", [_be(51)]),
-    ) + nat_services() + services6(down=False)
+    ) + nat_services() + services6(down=False) + nat6_services()
 
 
 def after_services():
@@ -141,7 +157,7 @@ def after_services():
         _svc("udp-echo", VIP1, 5000, "udp", "flow", [_be(31), _be(32), _be(33, healthy=False)]),
         _svc("dicom-tls", VIP2, 11112, "tcp", "flow", [_be(41, healthy=False), _be(42, healthy=False)]),
         _svc("syslog", VIP2, 104, "udp", "flow", [_be(51)]),
-    ) + nat_services(down=(62,)) + services6(down=True)
+    ) + nat_services(down=(62,)) + services6(down=True) + nat6_services()
 
 
 def midway_services():
@@ -239,16 +255,22 @@ def too_big(client, vip, cport, vport, proto, code=4, inner_options=b""):
     return eth() / IP(src=ROUTER, dst=vip) / ICMP(type=3, code=code, nexthopmtu=1400) / Raw(quoted)
 
 
-def nat_reply(octet, sport, kind, client, cport, tag=None, chksum=None, **ip):
-    """A NAT backend (10.10.0.<octet>) answering from `sport` to client:cport, through the gateway."""
+def nat_reply(octet, sport, kind, client, cport, tag=None, chksum=None, chain=(), **ip):
+    """A NAT backend (10.10.0.<octet>, or 2001:db8::<octet> for an IPv6 client, then with the
+    extension headers `chain`) answering from `sport` to client:cport, through the gateway."""
     if kind == "tcp":
         l4 = TCP(sport=sport, dport=cport, flags="PA", seq=9, ack=8) / Raw(b"C-STORE-RSP")
     else:
         l4 = UDP(sport=sport, dport=cport, **({} if chksum is None else {"chksum": chksum})) / Raw(b"pong")
-    l2 = Ether(src=_mac(mac_of(octet)), dst=GW)
+    pkt = Ether(src=_mac(mac_of(octet)), dst=GW)
     if tag is not None:
-        l2 = l2 / tag
-    return l2 / IP(src=f"10.10.0.{octet}", dst=client, **ip) / l4
+        pkt = pkt / tag
+    if ipaddress.ip_address(client).version == 4:
+        return pkt / IP(src=f"10.10.0.{octet}", dst=client, **ip) / l4
+    pkt = pkt / IPv6(src=f"2001:db8::{octet}", dst=client, **ip)
+    for ext in chain:
+        pkt = pkt / ext
+    return pkt / l4
 
 
 def too_big6(client, vip, cport, vport, proto, chain=()):
@@ -333,6 +355,44 @@ def seeds6(held: dict) -> list:
          + [seed("too big, a chain in the quote", too_big6(C[0], VIP6, 56200, 104, O.TCP,
                                                             chain=(IPv6ExtHdrDestOpt(),)))]),
         (2, [seed(f"ipv6 to {_mac(m)}", to6(VIP6, 104, "tcp", sport=57000, mac=_mac(m))) for m in FOREIGN_MACS]),
+    ] + nat6_seeds()
+
+
+NAT6 = [(VIP6, NAT_TCP_PORT, "tcp"), (VIP6, NAT_UDP_PORT, "udp")]
+
+
+def nat6_seeds() -> list:
+    """(weight, seeds) of NAT over IPv6: requests (with chains, a tag, a UDP checksum of 0), the
+    backends' replies, and what they send that cannot be translated (fragments, cut-short
+    headers, ICMPv6 errors about a NAT flow)."""
+    C, hbh, dst = CLIENTS6, IPv6ExtHdrHopByHop, IPv6ExtHdrDestOpt
+    backend_frag = IPv6(src="2001:db8::91", dst=C[0]) / IPv6ExtHdrFragment(m=1, id=3)
+    quoted = bytes(IPv6(src=C[0], dst="2001:db8::93") / UDP(sport=58300, dport=PACS_UDP_PORT) / Raw(b"q" * 8))
+    return [
+        (5, [seed(f"nat6 first packet [{d}]:{p}/{k}", to6(d, p, k, sport=58000 + i, src=C[i % 2]))
+             for i, (d, p, k) in enumerate(NAT6)]
+         + [seed(f"nat6 data [{d}]:{p}/{k}", to6(d, p, k, sport=58010 + i, flags="PA", payload=b"P-DATA" * 8))
+            for i, (d, p, k) in enumerate(NAT6)]
+         + [seed(f"nat6 {k} with a chain", to6(d, p, k, sport=58020 + i, chain=(hbh(), dst())))
+            for i, (d, p, k) in enumerate(NAT6)]
+         + [seed("nat6 tagged", to6(VIP6, NAT_TCP_PORT, "tcp", sport=58030, tag=Dot1Q(vlan=42))),
+            seed("nat6 udp checksum 0", eth() / IPv6(src=C[0], dst=VIP6)
+                 / UDP(sport=58031, dport=NAT_UDP_PORT, chksum=0) / Raw(b"none"))]),
+        (5, [seed(f"nat6 reply {k} to {c}", nat_reply(n, p, k, c, 58100 + i))
+             for i, (n, p, k) in enumerate([(91, PACS_PORT, "tcp"), (92, PACS_PORT, "tcp"), (93, PACS_UDP_PORT, "udp")])
+             for c in (C[0], C[1], GATEWAY6)]
+         + [seed("nat6 backend, other port", nat_reply(91, 22, "tcp", C[0], 58110)),
+            seed("nat6 backend, other protocol", nat_reply(91, PACS_PORT, "udp", C[0], 58111)),
+            seed("nat6 reply, tagged", nat_reply(92, PACS_PORT, "tcp", C[0], 58112, tag=Dot1Q(vlan=42))),
+            seed("nat6 reply, a chain", nat_reply(91, PACS_PORT, "tcp", C[1], 58113, chain=(dst(),))),
+            seed("nat6 reply, udp checksum 0", nat_reply(93, PACS_UDP_PORT, "udp", C[0], 58114, chksum=0))]),
+        (2, [seed("nat6 backend tcp first fragment", eth() / backend_frag / TCP(sport=PACS_PORT, dport=58200)
+                  / Raw(b"x" * 32)),
+             seed("nat6 backend tcp later fragment", eth() / IPv6(src="2001:db8::91", dst=C[0])
+                  / IPv6ExtHdrFragment(offset=4, nh=6) / Raw(b"y" * 32)),
+             seed("nat6 backend cut short", bytes(nat_reply(91, PACS_PORT, "tcp", C[0], 58201))[:14 + 40 + 6]),
+             seed("nat6 backend port unreachable", Ether(src=_mac(mac_of(93)), dst=GW)
+                  / IPv6(src="2001:db8::93", dst=C[0]) / ICMPv6DestUnreach(code=4) / Raw(quoted))]),
     ]
 
 
@@ -542,8 +602,15 @@ def m_daddr6(rng, buf, s):
     return "ipv6 daddr"
 
 
+def m_saddr6(rng, buf, s):
+    """An IPv6 source: a NAT backend's (its replies), a client's, or any."""
+    a = rng.choice(("2001:db8::91", "2001:db8::93", CLIENTS6[0], VIP6, None))
+    _put(buf, s.l3 + 8, ipaddress.IPv6Address(a).packed if a else rng.randbytes(16))
+    return "ipv6 saddr"
+
+
 FIELD_MUTATIONS = (
-    (m_next_header, 2), (m_daddr6, 1),
+    (m_next_header, 2), (m_daddr6, 1), (m_saddr6, 1),
     (m_byte, 4), (m_bit, 3), (m_dst_mac, 1), (m_ethertype, 1), (m_version_ihl, 2), (m_tot_len, 2), (m_frag, 2),
     (m_proto, 2), (m_saddr, 1), (m_daddr, 2), (m_sport, 3), (m_dport, 2), (m_tcp_flags, 3), (m_doff, 1),
     (m_udp_len, 1), (m_icmp_type, 1), (m_quoted, 2),
@@ -758,7 +825,7 @@ def test_mutated_frames_keep_to_the_specification(harness):
                         ("tx held (grace)", 100), ("tx re-chosen after the grace", 20),
                         ("tx of ICMP held (grace)", 20), ("tx of ICMP held (drained)", 20),
                         ("tx ipv6", 1000), ("tx of ICMPv6", 100), ("drop fragment6", 50), ("pass ipv6", 1000),
-                        ("pass ipv6 limit", 20), ("pass ipv6 routing", 20)):
+                        ("pass ipv6 limit", 20), ("pass ipv6 routing", 20), ("tx nat6 request", 500)):
         assert oracle.seen[case] >= least, f"only {oracle.seen[case]} frames were '{case}' ({summary})"
 
 
@@ -921,6 +988,72 @@ def test_oracle_rejects_what_issue_15_forbids_for_ipv6():
     assert "not a live backend" in oracle.judge(ptb, O.TX, _tx(ptb, 81))
     ssh = bytes(too_big6(CLIENTS6[0], VIP6, 23001, 22, O.TCP))
     assert "quoting no configured service" in oracle.judge(ssh, O.TX, _tx(ssh, 61))
+
+
+def _translated6(raw: bytes, mac: bytes, **fields) -> bytes:
+    """`raw` as a correct NAT over IPv6 leaves it: MACs, then `fields` of the
+    IPv6 and TCP/UDP headers (dst/src, dport/sport), the checksum from scratch."""
+    frame = Ether(raw)
+    frame.dst, frame.src = _mac(mac), GW
+    l4 = frame[TCP] if TCP in frame else frame[UDP]
+    for name in ("dst", "src"):
+        if name in fields:
+            setattr(frame[IPv6], name, fields[name])
+    for name in ("dport", "sport"):
+        if name in fields:
+            setattr(l4, name, fields[name])
+    del l4.chksum
+    return bytes(frame)
+
+
+def test_oracle_rejects_what_nat_over_ipv6_forbids():
+    oracle = _oracle()
+    request = bytes(to6(VIP6, NAT_TCP_PORT, "tcp", sport=23100, payload=b"A-ASSOCIATE"))
+    good = _translated6(request, mac_of(91), dst="2001:db8::91", dport=PACS_PORT)
+    assert oracle.judge(request, O.TX, good) is None
+    wrong_sum = bytearray(good)
+    wrong_sum[14 + 40 + 16] ^= 1
+    assert "checksum wrong" in oracle.judge(request, O.TX, bytes(wrong_sum))
+    assert "another address or port" in oracle.judge(
+        request, O.TX, _translated6(request, mac_of(91), dst="2001:db8::92", dport=PACS_PORT))
+    assert "must not" in oracle.judge(request, O.TX, good[:14 + 7] + b"\x01" + good[14 + 8:])   # the hop limit
+
+    none = bytes(eth() / IPv6(src=CLIENTS6[0], dst=VIP6) / UDP(sport=23101, dport=NAT_UDP_PORT, chksum=0) / Raw(b"x"))
+    kept = bytearray(_translated6(none, mac_of(93), dst="2001:db8::93", dport=PACS_UDP_PORT))
+    kept[14 + 40 + 6:14 + 40 + 8] = b"\0\0"
+    assert "RFC 8200" in oracle.judge(none, O.TX, bytes(kept))
+    assert oracle.judge(none, O.DROP, none) is None
+
+    # A payload whose translated checksum computes to 0, which goes as 0xffff, never as 0.
+    probe = Ether(_translated6(bytes(to6(VIP6, NAT_UDP_PORT, "udp", sport=23102, payload=b"\0\0pong")), mac_of(93),
+                               dst="2001:db8::93", dport=PACS_UDP_PORT))
+    payload = probe[UDP].chksum.to_bytes(2, "big") + b"pong"
+    datagram = bytes(to6(VIP6, NAT_UDP_PORT, "udp", sport=23102, payload=payload))
+    ones = _translated6(datagram, mac_of(93), dst="2001:db8::93", dport=PACS_UDP_PORT)
+    assert Ether(ones)[UDP].chksum == 0xFFFF
+    assert oracle.judge(datagram, O.TX, ones) is None
+    zero = bytearray(ones)
+    zero[14 + 40 + 6:14 + 40 + 8] = b"\0\0"
+    assert "checksum of 0" in oracle.judge(datagram, O.TX, bytes(zero))
+
+    reply = bytes(nat_reply(91, PACS_PORT, "tcp", CLIENTS6[0], 23200, chain=(IPv6ExtHdrDestOpt(),)))
+    assert oracle.judge(reply, O.TX, _translated6(reply, bytes(6), src=VIP6, sport=NAT_TCP_PORT)) is None
+    assert oracle.judge(reply, O.REDIRECT, _translated6(reply, bytes(6), src=VIP6, sport=NAT_TCP_PORT)) is None
+    assert "another address or port" in oracle.judge(
+        reply, O.TX, _translated6(reply, bytes(6), src=VIP6, sport=NAT_TCP_PORT + 1))
+    assert oracle.judge(reply, O.DROP, reply) is None
+
+    # What an IPv6 NAT backend's address sends that cannot be translated may be dropped; from others not.
+    frag = bytes(eth() / IPv6(src="2001:db8::91", dst=CLIENTS6[0]) / IPv6ExtHdrFragment(offset=4, nh=6) / Raw(b"y" * 8))
+    cut = bytes(nat_reply(91, PACS_PORT, "tcp", CLIENTS6[0], 23201))[:14 + 40 + 6]
+    error = bytes(Ether(src=_mac(mac_of(93)), dst=GW) / IPv6(src="2001:db8::93", dst=CLIENTS6[0])
+                  / ICMPv6DestUnreach(code=4) / Raw(bytes(IPv6(src=CLIENTS6[0], dst="2001:db8::93") / UDP())))
+    for frame in (frag, cut, error):
+        assert oracle.judge(frame, O.DROP, frame) is None
+    stranger = frag[:14 + 8] + ipaddress.IPv6Address("2001:db8::99").packed + frag[14 + 24:]
+    assert "not well-formed IPv4 or IPv6 to a VIP" in oracle.judge(stranger, O.DROP, stranger)
+    echo = bytes(Ether(src=_mac(mac_of(93)), dst=GW) / IPv6(src="2001:db8::93", dst=CLIENTS6[0]) / ICMPv6EchoRequest())
+    assert "not well-formed IPv4 or IPv6 to a VIP" in oracle.judge(echo, O.DROP, echo)
 
 
 def test_oracle_ipv6_parser_agrees_with_scapy_on_every_ipv6_seed():

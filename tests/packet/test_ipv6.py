@@ -304,3 +304,17 @@ def test_the_reconciler_sees_no_drift_in_a_dual_stack_pool(harness6):
     from xdplb.reconciler import drift
 
     assert drift(harness6.dp.read_state(), harness6.applied) == []
+
+
+def test_the_reconciler_sees_a_client_prefix_rewritten_in_service_ids6(harness6):
+    """service_ids6's live half is read back (VIP and client prefix), so an
+    outside write to it is drift."""
+    from xdplb.reconciler import drift
+
+    state = harness6.dp.read_state()
+    sid, _flags, half = state.services[(Q.VIP6, 80, "tcp")]
+    assert state.refs6[sid] == (Q.VIP6, 64)
+    table = harness6.dp.map("service_ids6")
+    table[sid * structs.TABLES_PER_SERVICE + half] = structs.ServiceRef6.of(Q.VIP6, 128)
+    assert harness6.dp.read_state().refs6[sid] == (Q.VIP6, 128)
+    assert drift(harness6.dp.read_state(), harness6.applied) == ["IPv6 VIPs and client prefixes (service_ids6)"]

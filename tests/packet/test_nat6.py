@@ -560,6 +560,45 @@ def test_icmp6_error_from_a_nat6_backend_about_a_nat_flow_is_dropped_and_counted
     ("about a port that is no NAT backend's", backend_icmp6(TCP(sport=41000, dport=22))),
     ("to the gateway itself (a health check)", backend_icmp6(TCP(sport=50123, dport=PACS_PORT), dst=GW_PACS6)),
     ("an echo reply", from_pacs6(ICMPv6EchoReply(data=b"ping"))),
+    ("sent elsewhere than the quoted packet's source",
+     from_pacs6(ICMPv6DestUnreach(code=4) / bytes(IPv6(src=CLIENT6, dst=PACS6[0])
+                                                  / UDP(sport=41000, dport=UDP_BACKEND_PORT)), dst=REMOTE6)),
 ])
 def test_other_icmp6_from_a_nat6_backend_passes(nat6, net6, what, packet):
     assert_passes_uncounted(nat6, net6, packet, "icmp")
+
+
+# ---- a hitless restart with adopted maps ----------------------------------------
+
+from .test_pinning import bpffs, loaded  # noqa: E402,F401  (fixtures)
+
+
+def test_nat6_flows_survive_a_restart_that_adopts_the_pinned_maps(bpffs, loaded, net6):
+    """As for IPv4: a second controller adopting the pins reads nat_backends6 and
+    nat_reverse6 back, plans no NAT write, and an established IPv6 NAT flow's
+    request and reply both still translate."""
+    from xdplb.config import Settings
+
+    from .conftest import Harness
+
+    settings = Settings(hash_seed=0x5EED, maglev_size=251)
+    first = Harness(loaded(settings, bpffs / "eth0"), settings)
+    first.program(nat6_services())
+    owner = Ether(first.run(request6(syn_l4(41600))).data)[IPv6].dst
+
+    dp = loaded(settings, bpffs / "eth0")
+    assert dp.adopted
+    state = dp.read_state()
+    assert {(str(a), p, proto) for a, p, proto in state.nat_reverse} == \
+        {(a, port, proto) for a in PACS6 for port, proto in ((PACS_PORT, "tcp"), (UDP_BACKEND_PORT, "udp"))}
+    second = Harness(dp, settings)
+    second.applied = plan.adopt(state, {s.key: s.name for s in nat6_services()})
+    result = second.program(nat6_services())
+    assert not [op for op in result.ops if isinstance(op, (plan.PutNatReverse, plan.DelNatReverse,
+                                                            plan.PutBackend, plan.ClearBackend))]
+    request = second.run(request6(TCP(sport=41600, dport=DICOM_PORT, flags="A")))
+    assert request.action == TX and Ether(request.data)[IPv6].dst == owner
+    assert Ether(request.data)[TCP].dport == PACS_PORT
+    reply = reply_run(second, net6, from_pacs6(tcp_reply(dport=41600), src=owner))
+    assert reply.action == TX and Ether(reply.data)[IPv6].src == str(VIP6)
+    assert_checksum6(reply.data)

@@ -159,3 +159,54 @@ def test_maps_of_the_attached_program_are_taken_by_id_when_no_pin_survived(bpffs
     assert sorted(p.name for p in (bpffs / "new" / "eth0").iterdir()) == sorted(pinning.map_specs(settings))
     value = second.map("flows")[key]
     assert (value.backend_id, value.service_id) == (7, 3)
+
+
+# ---- flows6's own size (flow_table_size6) -------------------------------------
+
+IPV4_FLOW = structs.FlowKey((ctypes.c_uint8 * 4)(10, 0, 0, 2), (ctypes.c_uint8 * 4)(10, 0, 0, 100), 1, 2, 6)
+
+
+def test_the_loaded_flows6_has_flow_table_size6_entries(bpffs, loaded):
+    dp = loaded(Settings(maglev_size=251, flow_table_size=4096, flow_table_size6=1024), bpffs / "eth0")
+    assert bpfsys.map_info(dp.map("flows6").map_fd).max_entries == 1024      # what the program uses
+    assert bpfsys.pinned_map_info(str(bpffs / "eth0" / "flows6")).max_entries == 1024
+    assert bpfsys.map_info(dp.map("flows").map_fd).max_entries == 4096
+
+
+def test_a_restart_creates_flows6_anew_at_its_new_size_while_no_ipv6_service_is_programmed(bpffs, loaded):
+    # An IPv4-only pool (flows6 at the minimum) gains its first IPv6 service.
+    first = loaded(Settings(maglev_size=251, flow_table_size=4096, flow_table_size6=1024), bpffs / "eth0")
+    first.map("flows")[IPV4_FLOW] = structs.FlowValue(7, 3)
+    first.bpf.cleanup()
+    second = loaded(Settings(maglev_size=251, flow_table_size=4096, flow_table_size6=4096), bpffs / "eth0")
+    assert second.adopted
+    assert ("flows6 (the IPv6 flow table) is created anew with 4096 entries instead of the pinned 1024: "
+            "no IPv6 service was programmed, so no flow used it") in second.notes
+    assert bpfsys.map_info(second.map("flows6").map_fd).max_entries == 4096
+    assert bpfsys.pinned_map_info(str(bpffs / "eth0" / "flows6")).max_entries == 4096
+    value = second.map("flows")[IPV4_FLOW]                      # the IPv4 flows are kept
+    assert (value.backend_id, value.service_id) == (7, 3)
+
+
+def test_a_restart_refuses_to_resize_flows6_while_an_ipv6_service_is_programmed(bpffs, loaded):
+    from xdplb.dataplane import LoadError
+
+    first = loaded(Settings(maglev_size=251, flow_table_size=4096, flow_table_size6=4096), bpffs / "eth0")
+    first.map("services6")[structs.ServiceKey6.of("fd00::100", 104, "tcp")] = structs.ServiceInfo(1, 0, 0, 0)
+    first.bpf.cleanup()
+    with pytest.raises(LoadError) as refused:
+        loaded(Settings(maglev_size=251, flow_table_size=4096, flow_table_size6=1024), bpffs / "eth0")
+    message = str(refused.value)
+    assert "flows6: pinned type/key/value/entries/flags" in message and pinning.FLOWS6_RESIZE_HINT in message
+    assert bpfsys.pinned_map_info(str(bpffs / "eth0" / "flows6")).max_entries == 4096   # left as it was
+
+
+def test_a_refused_restart_leaves_an_idle_flows6_pinned_as_it_was(bpffs, loaded):
+    # flows6 could be replaced, but maglev_size changed too: the start is
+    # refused, and a refused start changes nothing.
+    from xdplb.dataplane import LoadError
+
+    loaded(Settings(maglev_size=251, flow_table_size=4096, flow_table_size6=1024), bpffs / "eth0").bpf.cleanup()
+    with pytest.raises(LoadError, match=r"maglev_tables: pinned"):
+        loaded(Settings(maglev_size=509, flow_table_size=4096, flow_table_size6=4096), bpffs / "eth0")
+    assert bpfsys.pinned_map_info(str(bpffs / "eth0" / "flows6")).max_entries == 1024

@@ -101,6 +101,31 @@ def test_check_states_the_flow_tables_per_cpu_capacity(runner, monkeypatch):
     assert per_cpu == 262144 - 32 * 128 and per_cpu >= 100_000
 
 
+def test_check_states_the_ipv6_flow_tables_size_and_where_it_comes_from(runner, monkeypatch, tmp_path):
+    monkeypatch.setattr(xdplb.pinning, "possible_cpus", lambda: 2)
+
+    def flows6_line(text: str) -> str:
+        pool = tmp_path / "pool.toml"
+        pool.write_text(text)
+        result = runner.invoke(cli, ["check", "--pool", str(pool)])
+        assert result.exit_code == 0, result.output
+        (line,) = [ln for ln in result.stdout.splitlines() if ln.startswith("IPv6 flow table:")]
+        return line
+
+    ipv4 = EXAMPLE.read_text()
+    line = flows6_line(ipv4)
+    assert line.startswith("IPv6 flow table: 1024 entries in one LRU shared by all 2 possible CPUs")
+    assert line.endswith("(the minimum: the pool balances no IPv6 service; the first one makes it "
+                         "flow_table_size, which needs a restart)")
+    six = ('\n[[service]]\nname = "dicom6"\nvip = "fd00::100"\nport = 104\n'
+           '  [[service.backend]]\n  name = "pacs6"\n  address = "fd00::11"\n')
+    line = flows6_line(ipv4 + six)
+    assert line.startswith("IPv6 flow table: 262144 entries")
+    assert line.endswith("(as flow_table_size: the pool balances an IPv6 service)")
+    line = flows6_line(ipv4.replace("# flow_table_size6 = 262144", "flow_table_size6 = 8192") + six)
+    assert line.startswith("IPv6 flow table: 8192 entries") and line.endswith("(flow_table_size6)")
+
+
 def test_check_bad_pool_prints_only_the_one_sentence_error(runner, tmp_path):
     path = tmp_path / "bad.toml"
     path.write_text(BAD_WEIGHT)

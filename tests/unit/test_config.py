@@ -116,6 +116,7 @@ def test_full_pool_round_trips_with_defaults_filled():
             manage_vips=False,
             maglev_size=251,
             flow_table_size=1024,
+            flow_table_size6=1024,      # no IPv6 service: the minimum
             max_services=2,
             max_backends=8,
             hash_seed=4294967295,
@@ -151,7 +152,7 @@ def test_full_pool_round_trips_with_defaults_filled():
 
 def test_minimal_pool_gets_all_defaults():
     pool = parse_pool(MINIMAL)
-    assert pool.settings == Settings()
+    assert pool.settings == Settings(flow_table_size6=1024)   # no IPv6 service: flows6 at the minimum
     assert pool.source == "<string>"
     (svc,) = pool.services
     assert (svc.protocol, svc.persistence) == ("tcp", "flow")

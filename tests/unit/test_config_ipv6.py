@@ -7,8 +7,9 @@ import ipaddress
 
 import pytest
 
-from xdplb import maglev
-from xdplb.config import PoolError, describe, parse_pool
+from xdplb import maglev, pinning
+from xdplb.config import PoolError, Settings, describe, parse_pool
+from xdplb.desired import restart_needed
 
 POOL6 = """\
 [[service]]
@@ -133,3 +134,64 @@ def test_dual_stack_one_pool_behind_an_ipv4_and_an_ipv6_vip():
     text = pool6() + pool6(vip="10.10.0.100", a="10.10.0.11", b="10.10.0.12").replace('"pacs6"', '"pacs4"')
     pool = parse_pool(text)
     assert [s.vip.version for s in pool.services] == [6, 4]
+
+
+# ---- flows6's size: flow_table_size6 ------------------------------------------
+
+POOL4 = pool6(vip="10.0.0.100", a="10.0.0.11", b="10.0.0.12")
+
+
+def flows6_entries(text: str) -> int:
+    settings = parse_pool(text).settings
+    assert settings.flows6_entries == settings.flow_table_size6
+    return pinning.map_specs(settings)["flows6"].entries
+
+
+def test_flows6_is_the_minimum_without_an_ipv6_service_and_flow_table_size_with_one():
+    assert flows6_entries(POOL4) == 1024
+    assert flows6_entries(pool6()) == 262144
+    assert flows6_entries("[xdplb]\nflow_table_size = 4096\n" + pool6()) == 4096
+    assert flows6_entries("[xdplb]\nflow_table_size = 4096\n" + POOL4) == 1024
+    # A dual-stack pool balances IPv6: the full size.
+    assert flows6_entries(POOL4 + pool6().replace('"pacs6"', '"pacs6b"')) == 262144
+
+
+def test_flow_table_size6_set_in_the_pool_is_kept_with_or_without_an_ipv6_service():
+    assert flows6_entries("[xdplb]\nflow_table_size6 = 8192\n" + POOL4) == 8192
+    assert flows6_entries("[xdplb]\nflow_table_size6 = 8192\n" + pool6()) == 8192
+    assert flows6_entries("[xdplb]\nflow_table_size6 = 1024\n" + pool6()) == 1024
+
+
+def test_settings_built_in_code_size_flows6_as_flows():
+    assert Settings(flow_table_size=4096).flows6_entries == 4096
+    assert pinning.map_specs(Settings(flow_table_size=4096))["flows6"].entries == 4096
+
+
+@pytest.mark.parametrize("value,words", [
+    ("1000", "xdplb.flow_table_size6 = 1000 is out of range; expected an integer from 1024 to 16777216"),
+    ("16777217", "xdplb.flow_table_size6 = 16777217 is out of range"),
+    ('"big"', 'xdplb.flow_table_size6 = "big" must be an integer from 1024 to 16777216, got a string'),
+])
+def test_a_bad_flow_table_size6_is_one_sentence_naming_key_and_value(value, words):
+    with pytest.raises(PoolError) as err:
+        parse_pool(f"[xdplb]\nflow_table_size6 = {value}\n" + pool6())
+    assert words in str(err.value)
+    assert len(str(err.value).splitlines()) == 1
+
+
+def test_a_reload_that_adds_the_first_ipv6_service_says_flows6_needs_a_restart_and_why():
+    before, after = parse_pool(POOL4), parse_pool(POOL4 + pool6().replace('"pacs6"', '"pacs6b"'))
+    (text,) = restart_needed(before, after)
+    assert text == ("flow_table_size6 1024 -> 262144 (the IPv6 flow table: unset, it is flow_table_size while "
+                    "the pool balances an IPv6 service and 1024 without one; restart xdplb to resize it, which "
+                    "keeps every flow while no IPv6 service is programmed)")
+    # Removing the last one too, where keeping the size is offered; and a
+    # pool that sets flow_table_size6 reloads either way.
+    (text,) = restart_needed(after, before)
+    assert text.startswith("flow_table_size6 262144 -> 1024 (the IPv6 flow table: ")
+    assert text.endswith("while no IPv6 service is programmed, or set flow_table_size6 = 262144 to keep it)")
+    pinned = "[xdplb]\nflow_table_size6 = 1024\n"
+    assert restart_needed(parse_pool(pinned + POOL4),
+                          parse_pool(pinned + POOL4 + pool6().replace('"pacs6"', '"pacs6b"'))) == []
+    # Another IPv6 service beside the first changes nothing compiled.
+    assert restart_needed(parse_pool(pool6()), parse_pool(pool6() + POOL4.replace('"pacs6"', '"pacs4"'))) == []

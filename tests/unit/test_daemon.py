@@ -268,7 +268,13 @@ def snapshot(dp: FakeDataplane) -> tuple:
      'address = "10.10.0.312" is not a valid IP address'),
     (lambda text: text.replace("maglev_size = 251", "maglev_size = 509"),
      "changing maglev_size 251 -> 509 needs a restart"),
-], ids=["toml-syntax", "invalid-ip", "maglev-size"])
+    # The first IPv6 service grows flows6 from the minimum to flow_table_size (compiled in).
+    (lambda text: text + ('\n[[service]]\nname = "dicom6"\nvip = "fd00:10:10::100"\nport = 104\n'
+                          '  [[service.backend]]\n  name = "pacs-a"\n  address = "fd00:10:10::11"\n'),
+     "changing flow_table_size6 1024 -> 262144 (the IPv6 flow table: unset, it is flow_table_size while the "
+     "pool balances an IPv6 service and 1024 without one; restart xdplb to resize it, which keeps every flow "
+     "while no IPv6 service is programmed) needs a restart of xdplb"),
+], ids=["toml-syntax", "invalid-ip", "maglev-size", "first-ipv6-service"])
 def test_rejected_reload_changes_nothing(h, caplog, breakage, expected):
     caplog.set_level(logging.INFO, logger="xdplb")
     daemon = h.daemon()
@@ -1134,6 +1140,33 @@ def test_the_periodic_full_pass_repairs_drift(h, monkeypatch, caplog):
 
 VIP6 = IPv6Address("fd00:10:10::100")
 A6, B6 = IPv6Address("fd00:10:10::11"), IPv6Address("fd00:10:10::12")
+
+
+def test_the_periodic_full_pass_repairs_an_ipv6_services_client_prefix(h, monkeypatch, caplog):
+    # service_ids6 (the VIP and client prefix an IPv6 service's live half
+    # hashes with) is compared and repaired like the other maps.
+    caplog.set_level(logging.INFO, logger="xdplb")
+    monkeypatch.setattr(xdplb.reconciler, "FULL_RECONCILE_SECONDS", 0.1, raising=False)
+    text = pool_toml([("dicom6", VIP6, 104, [("pacs-a", A6, 1), ("pacs-b", B6, 1)])])
+    h.pool.write_text(text.replace(f'vip = "{VIP6}"', f'vip = "{VIP6}"\npersistence = "client"\nclient_prefix = 56'))
+    h.nl.neighbours.update({A6: MACS[A], B6: MACS[B]})
+    daemon = h.daemon()
+    key = (VIP6, 104, "tcp")
+
+    def live_ref6():
+        sid, _flags, half = h.dp.services[key]
+        return h.dp.refs6.get((sid, half))
+
+    async def scenario():
+        async with running(daemon):
+            await until(lambda: key in h.dp.services, what="the IPv6 service written")
+            assert live_ref6() == (VIP6, 56)
+            sid, _flags, half = h.dp.services[key]
+            h.dp.refs6[(sid, half)] = (VIP6, 128)     # someone rewrote the live half's client prefix
+            await until(lambda: live_ref6() == (VIP6, 56), what="the client prefix repaired")
+            assert any("drifted" in r.getMessage() and "service_ids6" in r.getMessage() for r in caplog.records)
+
+    asyncio.run(scenario())
 
 
 def test_a_dual_stack_pool_adds_both_vips_resolves_both_families_and_removes_both(tmp_path, run_dir):

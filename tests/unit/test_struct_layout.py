@@ -51,6 +51,8 @@ def _program() -> str:
         name = "EVENT6_" + event.upper().removeprefix("IPV6_")
         lines.append(f'printf("{name} %d {i}\\n", {name});')
     lines.append(f'printf("EVENT6_MAX %d {len(structs.EVENTS6)}\\n", EVENT6_MAX);')
+    lines.append(f'printf("PROG_IPV6 %d {structs.PROG_IPV6}\\n", PROG_IPV6);')
+    lines.append(f'printf("PROG_MAX %d {len(structs.TAIL_MISSES)}\\n", PROG_MAX);')
     for flag in ("F_SVC_CLIENT_PERSIST", "F_SVC_NAT", "F_SVC_IPV6", "SVC_STATE_HALF", "F_BACKEND_UP", "F_BACKEND_READY",
                  "F_CFG_NO_BACKEND_DROP", "TABLES_PER_SERVICE", "PORT_WORDS", "LAYOUT_ENTRIES", "EXTRA_MACS"):
         lines.append(f'printf("{flag} %u {getattr(structs, flag)}\\n", (unsigned){flag});')
@@ -76,7 +78,7 @@ def test_struct_sizes_and_offsets_match(c_layout):
     for line in c_layout:
         name, *values = line.split()
         if name.endswith(("_MAX",)) or name.startswith(("REASON_", "EVENT_", "EVENT6_", "F_", "SVC_", "TABLES_",
-                                                         "PORT_", "LAYOUT_", "EXTRA_", "NAT_STAT_")):
+                                                         "PORT_", "LAYOUT_", "EXTRA_", "NAT_STAT_", "PROG_")):
             continue
         if values[0] == "size":
             cls = structs.SHARED_STRUCTS[name]
@@ -103,7 +105,7 @@ def test_shared_constants_match(c_layout):
     for line in c_layout:
         name, *values = line.split()
         if name.startswith(("REASON_", "EVENT_", "EVENT6_", "F_", "SVC_", "TABLES_", "ACTION_", "PORT_", "LAYOUT_",
-                            "EXTRA_", "NAT_STAT_")):
+                            "EXTRA_", "NAT_STAT_", "PROG_")):
             c_value, py_value = values
             if c_value != py_value:
                 wrong.append(f"{name}: C {c_value}, Python {py_value}")

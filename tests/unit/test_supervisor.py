@@ -80,7 +80,8 @@ def test_drift_names_what_differs_and_nothing_when_the_maps_agree():
                                               (plan.BackendState("a", a, 1, b"\x02" * 6, True),)),),
                            b"\x02\0\0\0\0\1", 0, 7, 4, 8)
     applied = plan.plan(plan.Applied(), desired).applied
-    services, backends, tables, vips, config = expected_kernel(applied)
+    services, backends, tables, vips, config, refs6 = expected_kernel(applied)
+    assert refs6 == {}                               # an IPv4 service has no service_ids6 entry
     same = KernelState(dict(services), dict(backends), dict(tables), set(vips), config)
     assert drift(same, applied) == []
     (bid,) = backends
@@ -89,3 +90,31 @@ def test_drift_names_what_differs_and_nothing_when_the_maps_agree():
     flipped = KernelState({k: (i, f, 1 - h) for k, (i, f, h) in services.items()}, dict(backends),
                           dict(tables), set(vips), None)
     assert drift(flipped, applied) == ["services", "lb_config"]
+
+
+def test_drift_compares_an_ipv6_services_vip_and_client_prefix_in_its_live_half():
+    # service_ids6 holds what the data plane reads for an IPv6 service besides
+    # its services6 entry: the VIP it checks and the client prefix it hashes.
+    vip, a = ipaddress.IPv6Address("fd00::100"), ipaddress.IPv6Address("fd00::11")
+    desired = plan.Desired((plan.ServiceState("s6", vip, 104, "tcp", "client",
+                                              (plan.BackendState("a", a, 1, b"\x02" * 6, True),),
+                                              client_prefix=56),),
+                           b"\x02\0\0\0\0\1", 0, 7, 4, 8)
+    applied = plan.plan(plan.Applied(), desired).applied
+    services, backends, tables, vips, config, refs6 = expected_kernel(applied)
+    (sid,) = refs6
+    assert refs6 == {sid: (vip, 56)}
+
+    def kernel(refs):
+        return KernelState(dict(services), dict(backends), dict(tables), set(vips), config, refs6=refs)
+
+    assert drift(kernel({sid: (vip, 56)}), applied) == []
+    assert drift(kernel({sid: (vip, 128)}), applied) == ["IPv6 VIPs and client prefixes (service_ids6)"]
+    assert drift(kernel({sid: (ipaddress.IPv6Address("::"), 56)}), applied) == [
+        "IPv6 VIPs and client prefixes (service_ids6)"]
+    assert drift(kernel({}), applied) == ["IPv6 VIPs and client prefixes (service_ids6)"]
+    # An adopting controller takes the prefix from the kernel, so what it
+    # adopted agrees with the maps it adopted.
+    adopted = plan.adopt(kernel({sid: (vip, 48)}), {(vip, 104, "tcp"): "s6"})
+    assert adopted.services["s6"].client_prefix == 48
+    assert drift(kernel({sid: (vip, 48)}), adopted) == []
