@@ -159,7 +159,7 @@ def _fingerprint_lines(pool) -> str:
 
     lines = ["Placement fingerprints (identical on every node that serves the VIP):"]
     for svc in pool.services:
-        lines.append(f"  {svc.name} {svc.vip}:{svc.port}/{svc.protocol} {placement_fingerprint(pool.settings, svc)}")
+        lines.append(f"  {svc.name} {host_port(svc.vip, svc.port)}/{svc.protocol} {placement_fingerprint(pool.settings, svc)}")
     return "\n".join(lines)
 
 

@@ -1194,7 +1194,7 @@ def warnings(pool: Pool) -> list[str]:
         if all(b.weight == 0 for b in s.backends):
             out.append(
                 f'service "{s.name}": every backend has weight 0 (drained); new connections '
-                f"to {s.vip}:{s.port}/{s.protocol} will find no backend"
+                f"to {host_port(s.vip, s.port)}/{s.protocol} will find no backend"
             )
     stop_drain = pool.settings.stop_drain
     if stop_drain > UNIT_TIMEOUT_STOP - DETACH_SECONDS:

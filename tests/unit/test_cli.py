@@ -333,14 +333,21 @@ def test_check_warns_about_the_default_called_ae_title(runner, tmp_path):
 
 
 def test_check_prints_each_services_placement_fingerprint(runner, tmp_path):
+    from xdplb.addrtext import host_port
     from xdplb.announce import placement_fingerprint
 
-    pool = load_pool(EXAMPLE)
-    result = runner.invoke(cli, ["check", "--pool", str(EXAMPLE)])
+    # An IPv6 VIP beside the example's IPv4 ones: its address is bracketed
+    # before the port, as everywhere else xdplb prints an address and port.
+    dual = tmp_path / "dual.toml"
+    dual.write_text(EXAMPLE.read_text() + '\n[[service]]\nname = "dicom6"\nvip = "fd00::100"\nport = 104\n'
+                    '  [[service.backend]]\n  name = "pacs6"\n  address = "fd00::11"\n')
+    pool = load_pool(dual)
+    result = runner.invoke(cli, ["check", "--pool", str(dual)])
     assert result.exit_code == 0, result.output
     for svc in pool.services:
         fp = placement_fingerprint(pool.settings, svc)
-        assert f"  {svc.name} {svc.vip}:{svc.port}/{svc.protocol} {fp}\n" in result.stdout
+        assert f"  {svc.name} {host_port(svc.vip, svc.port)}/{svc.protocol} {fp}\n" in result.stdout
+    assert f"  dicom6 [fd00::100]:104/tcp " in result.stdout
     # Another hash_seed (a node configured apart) shows another fingerprint.
     other = tmp_path / "other.toml"
     other.write_text(EXAMPLE.read_text().replace("hash_seed = 0\n", "hash_seed = 99\n", 1))

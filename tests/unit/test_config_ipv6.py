@@ -195,3 +195,12 @@ def test_a_reload_that_adds_the_first_ipv6_service_says_flows6_needs_a_restart_a
                           parse_pool(pinned + POOL4 + pool6().replace('"pacs6"', '"pacs6b"'))) == []
     # Another IPv6 service beside the first changes nothing compiled.
     assert restart_needed(parse_pool(pool6()), parse_pool(pool6() + POOL4.replace('"pacs6"', '"pacs4"'))) == []
+
+
+def test_the_all_drained_warning_brackets_an_ipv6_vip_before_its_port():
+    from xdplb.config import warnings
+
+    text = pool6().replace('address = "2001:db8::11"\n', 'address = "2001:db8::11"\n  weight = 0\n')
+    text = text.replace('address = "2001:db8::12"\n', 'address = "2001:db8::12"\n  weight = 0\n')
+    (line,) = [w for w in warnings(parse_pool(text)) if "weight 0" in w]
+    assert "new connections to [2001:db8::100]:104/tcp will find no backend" in line
