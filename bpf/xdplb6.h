@@ -149,6 +149,24 @@ static __always_inline int ingress_l4_6(struct hdr_cursor *nh, void *data_end, s
 	return action;
 }
 
+/*
+ * A chain parse_ipv6 did not walk to its end (IPV6_EXT_LIMIT, IPV6_ROUTING):
+ * counted as its event, and passed to the stack untouched, unless it comes
+ * from a NAT backend's address and is routed on (not to a VIP, nor to the
+ * gateway itself): its ports are never read, so it could be a reply that
+ * would leave untranslated. That one is dropped and counted
+ * (NAT_STAT_UNTRANSLATABLE), whatever its protocol (nat_unreadable6, with
+ * the IPv6 header's Next Header for the route lookup, as the stack's own).
+ */
+static __always_inline int unwalked_chain6(const struct packet *pkt, const struct flow_key6 *k6,
+					   const struct ipv6hdr *ip6h, int verdict)
+{
+	count_event6(verdict == IPV6_EXT_LIMIT ? EVENT6_EXT_LIMIT : EVENT6_ROUTING);
+	if (is_vip6(k6->dst))
+		return counted(REASON_NOT_SERVICE, XDP_PASS);
+	return nat_unreadable6(pkt, k6, ip6h->nexthdr, NAT_STAT_UNTRANSLATABLE);
+}
+
 /* Step 1b for IPv6 and every step after it, with the IPv6 flow key: the
  * final XDP action with its reason counted (it forwards its own, forward()
  * with its key). */
@@ -163,16 +181,10 @@ static __always_inline int ingress_ipv6(struct hdr_cursor *nh, void *data_end, s
 	l4_proto = parse_ipv6(nh, data_end, &ip6h, &chain);
 	if (l4_proto == IPV6_MALFORMED)
 		return counted(REASON_MALFORMED, XDP_PASS);
-	if (l4_proto == IPV6_EXT_LIMIT) {
-		count_event6(EVENT6_EXT_LIMIT);
-		return counted(REASON_NOT_SERVICE, XDP_PASS);
-	}
-	if (l4_proto == IPV6_ROUTING) {
-		count_event6(EVENT6_ROUTING);
-		return counted(REASON_NOT_SERVICE, XDP_PASS);
-	}
 	copy_addr6(k6.src, &ip6h->saddr);
 	copy_addr6(k6.dst, &ip6h->daddr);
+	if (l4_proto == IPV6_EXT_LIMIT || l4_proto == IPV6_ROUTING)
+		return unwalked_chain6(pkt, &k6, ip6h, l4_proto);
 	if (chain.fragment) {
 		if (l4_proto != IPPROTO_ICMPV6 && is_vip6(k6.dst))
 			return counted(REASON_FRAGMENT, XDP_DROP);

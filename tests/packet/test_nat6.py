@@ -517,6 +517,55 @@ def test_truncated_l4_header6_to_the_gateway_itself_passes(nat6, net6):
     assert_passes_uncounted(nat6, net6, truncated6(from_pacs6(tcp_reply(dport=50123), dst=GW_PACS6), 6), "truncated")
 
 
+# A chain the program does not walk to its end: more than IPV6_EXT_MAX (4)
+# extension headers, or a routing header with Segments Left > 0. Its ports
+# are never read, so from a NAT backend's address and routed on it could be a
+# reply leaving untranslated: dropped, whatever its protocol and port.
+UNWALKED6 = [
+    ("over the limit", (Q.hbh(), Q.dst_opts(), Q.routing(0), Q.dst_opts(), Q.dst_opts()), "ipv6_ext_limit"),
+    ("routing, segments left 1", (Q.routing(1),), "ipv6_routing"),
+    ("segment routing (type 4), segments left 2", (Q.routing(2, 4),), "ipv6_routing"),
+]
+UNWALKED6_L4 = [
+    ("TCP reply", tcp_reply()),
+    ("UDP reply", UDP(sport=UDP_BACKEND_PORT, dport=41000) / Raw(b"pong")),
+    ("TCP from another port", TCP(sport=22, dport=41000, flags="PA") / Raw(b"S")),
+    ("ICMPv6 echo reply", ICMPv6EchoReply(data=b"I" * 8)),
+]
+
+
+def event_count(h, name: str) -> int:
+    return h.stats().events[name]
+
+
+@pytest.mark.parametrize("what,chain,event", UNWALKED6, ids=[u[0] for u in UNWALKED6])
+@pytest.mark.parametrize("l4", [u[1] for u in UNWALKED6_L4], ids=[u[0] for u in UNWALKED6_L4])
+@pytest.mark.parametrize("dst", [CLIENT6, REMOTE6])
+def test_unwalked_chain_from_a_nat6_backend_routed_on_is_dropped_and_counted(nat6, net6, what, chain, event, l4,
+                                                                              dst):
+    packet = from_pacs6(l4, dst=dst, chain=chain)
+    untranslatable, seen = nat_count(nat6, "untranslatable"), event_count(nat6, event)
+    verdict = reply_run(nat6, net6, packet)
+    assert verdict.action == DROP, verdict.action_name
+    assert nat_count(nat6, "untranslatable") == untranslatable + 1
+    assert event_count(nat6, event) == seen + 1
+
+
+@pytest.mark.parametrize("what,chain,event", UNWALKED6, ids=[u[0] for u in UNWALKED6])
+@pytest.mark.parametrize("whence,packet_of", [
+    ("from an address that is no NAT backend", lambda chain: from_pacs6(tcp_reply(), src="2001:db8:30::99",
+                                                                        chain=chain)),
+    ("to the gateway itself", lambda chain: from_pacs6(tcp_reply(dport=50123), dst=GW_PACS6, chain=chain)),
+    ("to the VIP", lambda chain: from_pacs6(tcp_reply(), dst=str(VIP6), chain=chain)),
+], ids=["not a NAT backend", "to the gateway", "to the VIP"])
+def test_unwalked_chain6_still_passes_to_the_stack_and_counts_its_event(nat6, net6, what, chain, event, whence,
+                                                                        packet_of):
+    packet = packet_of(chain)
+    seen = event_count(nat6, event)
+    assert_passes_uncounted(nat6, net6, packet, "untranslatable")
+    assert event_count(nat6, event) == seen + 1
+
+
 def test_nat_addrs6_follow_the_nat6_backends(nat6, net6):
     packet = fragments6(from_pacs6(tcp_reply() / Raw(b"H" * 60), src=PACS6[2]))[-1]
     assert reply_run(nat6, net6, packet).action == DROP
