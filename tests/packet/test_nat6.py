@@ -556,14 +556,26 @@ def test_unwalked_chain_from_a_nat6_backend_routed_on_is_dropped_and_counted(nat
     ("from an address that is no NAT backend", lambda chain: from_pacs6(tcp_reply(), src="2001:db8:30::99",
                                                                         chain=chain)),
     ("to the gateway itself", lambda chain: from_pacs6(tcp_reply(dport=50123), dst=GW_PACS6, chain=chain)),
-    ("to the VIP", lambda chain: from_pacs6(tcp_reply(), dst=str(VIP6), chain=chain)),
-], ids=["not a NAT backend", "to the gateway", "to the VIP"])
+], ids=["not a NAT backend", "to the gateway"])
 def test_unwalked_chain6_still_passes_to_the_stack_and_counts_its_event(nat6, net6, what, chain, event, whence,
                                                                         packet_of):
     packet = packet_of(chain)
     seen = event_count(nat6, event)
     assert_passes_uncounted(nat6, net6, packet, "untranslatable")
     assert event_count(nat6, event) == seen + 1
+
+
+@pytest.mark.parametrize("what,chain,event", UNWALKED6, ids=[u[0] for u in UNWALKED6])
+def test_unwalked_chain6_to_a_vip_from_a_nat6_backend_passes_as_before(nat6, net6, what, chain, event):
+    """To a VIP it is no reply to a client, and passes as before; the VIP is
+    routed on (via the router) for the test, so the VIP, not the route, decides."""
+    net6.ip("-6", "route", "add", f"{VIP6}/128", "via", ROUTER6)
+    try:
+        seen = event_count(nat6, event)
+        assert_passes_uncounted(nat6, net6, from_pacs6(tcp_reply(), dst=str(VIP6), chain=chain), "untranslatable")
+        assert event_count(nat6, event) == seen + 1
+    finally:
+        net6.ip("-6", "route", "del", f"{VIP6}/128", "via", ROUTER6)
 
 
 def test_nat_addrs6_follow_the_nat6_backends(nat6, net6):
