@@ -110,7 +110,9 @@
 #define NAT_STAT_NO_NEIGH 4      /* reply of a NAT pair whose next hop has no neighbour entry: dropped */
 #define NAT_STAT_ICMP 5          /* ICMP error about a NAT flow: dropped, not translated */
 #define NAT_STAT_UNTRANSLATABLE 6 /* reply of a NAT pair that cannot be sent: a torn reverse entry,
-                                  * a VLAN-tagged reply whose next hop is on another interface: dropped */
+                                  * a VLAN-tagged reply whose next hop is on another interface; IPv6
+                                  * from a NAT backend's address, routed on, whose extension headers
+                                  * are not walked to the ports (over the limit, segments left): dropped */
 #define NAT_STAT_NO_TARGET 7     /* request to a NAT backend whose nat_backends entry is unpublished
                                   * (being rewritten): dropped, TCP resends */
 #define NAT_STAT_STACK 8         /* reply of a NAT pair the stack would not forward either (to the

@@ -41,7 +41,11 @@
  *     L4 header is cut short (NAT_STAT_TRUNCATED): no ports to look up, so
  *     the decision is the SOURCE ADDRESS alone (nat_addrs): every such packet
  *     from a NAT backend's address is dropped, whatever its port;
- *   - nat_unreadable (xdplb.c calls it from parse_l3 and truncated_l4).
+ *   - nat_unreadable (xdplb.c calls it from parse_l3 and truncated_l4);
+ *   - IPv6 (nat6.h, nat_addrs6) adds one: a packet whose extension-header
+ *     chain the program does not walk to its end (more than IPV6_EXT_MAX
+ *     headers; a routing header with Segments Left > 0), whatever its
+ *     protocol, is dropped and counted as NAT_STAT_UNTRANSLATABLE.
  *
  * ICMP errors about NAT flows are dropped and counted (NAT_STAT_ICMP), not
  * translated, in both directions:

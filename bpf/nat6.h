@@ -26,6 +26,12 @@
  *     backend's address (nat_addrs6) and routed on, is dropped and counted
  *     (NAT_STAT_FRAGMENT); a TCP/UDP header cut short likewise
  *     (NAT_STAT_TRUNCATED): nat_unreadable6;
+ *   - a chain parse_ipv6 does not walk to its end (IPV6_EXT_LIMIT, a
+ *     routing header with Segments Left > 0: IPV6_ROUTING) hides the ports
+ *     too: from a NAT backend's address, not to a VIP, and routed on, it is
+ *     dropped and counted (NAT_STAT_UNTRANSLATABLE), whatever its protocol:
+ *     nat_unreadable6 again (unwalked_chain6, xdplb6.h). The stack would
+ *     otherwise forward it untranslated;
  *   - ICMPv6 errors a NAT backend sends to a client about a NAT flow
  *     (Destination Unreachable, Packet Too Big, Time Exceeded, Parameter
  *     Problem) are dropped and counted (NAT_STAT_ICMP): nat_backend_icmp6.
@@ -136,8 +142,9 @@ static __always_inline int nat_routed_on6(struct xdp_md *ctx, const struct ipv6h
 }
 
 /*
- * nat_unreadable for IPv6: a TCP/UDP packet whose ports cannot be read (a
- * fragment; an L4 header cut short), not to a VIP. From a NAT backend's
+ * nat_unreadable for IPv6: a packet whose ports cannot be read (a TCP/UDP
+ * fragment; an L4 header cut short; a chain not walked to its end, `proto`
+ * then the IPv6 header's Next Header), not to a VIP. From a NAT backend's
  * address and routed on: dropped and counted as `stat`; else it passes.
  */
 static __always_inline int nat_unreadable6(const struct packet *pkt, const struct flow_key6 *k6, __u8 proto,

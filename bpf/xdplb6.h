@@ -15,8 +15,10 @@
  *     routing headers with Segments Left 0 are walked, up to IPV6_EXT_MAX,
  *     and the packet goes on (EVENT6_EXT_HEADERS; DSR leaves the IPv6
  *     header and its chain alone). A longer chain (EVENT6_EXT_LIMIT) and a
- *     routing header with Segments Left > 0 (EVENT6_ROUTING) pass to the
- *     stack untouched, counted (and REASON_NOT_SERVICE);
+ *     routing header with Segments Left > 0 (EVENT6_ROUTING) are counted
+ *     and pass to the stack untouched (REASON_NOT_SERVICE), except from a
+ *     NAT backend's address, not to a VIP, routed on: dropped
+ *     (unwalked_chain6, nat6.h);
  *   - a fragment (a fragment header) to a VIP is dropped (REASON_FRAGMENT)
  *     unless the fragment header says ICMPv6 comes next: that passes to the
  *     stack, which reassembles it (a large ping to the VIP). Fragments to
@@ -35,8 +37,9 @@
  *   - NAT services (nat6.h): the request is translated by forward(), which
  *     ingress_ipv6 calls itself with its key; replies of IPv6 NAT backends
  *     are taken after the ports (nat_reply6), and what such a backend sends
- *     that cannot be translated (a TCP/UDP fragment, a cut-short header, an
- *     ICMPv6 error about a NAT flow) is dropped and counted, as for IPv4.
+ *     that cannot be translated (a TCP/UDP fragment, a cut-short header, a
+ *     chain not walked to its end, an ICMPv6 error about a NAT flow) is
+ *     dropped and counted, as for IPv4.
  */
 #ifndef XDPLB_XDPLB6_H
 #define XDPLB_XDPLB6_H
