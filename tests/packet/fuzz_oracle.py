@@ -40,8 +40,10 @@ namespace decides, the oracle cannot), or sent (XDP_TX or XDP_REDIRECT)
 with exactly its source address and port changed to the service's VIP and
 port and the checksums kept by the same invariant; the MACs are the route's.
 What a NAT backend's ADDRESS sends that cannot be translated (a TCP/UDP
-fragment or cut-short header, an ICMP error), not to a VIP, may be dropped
-(nat.h: unless it is to the gateway itself, which the namespace decides).
+fragment or cut-short header, an ICMP error; over IPv6 also anything behind
+a chain over the limit or a routing header with Segments Left > 0), not to a
+VIP, may be dropped (nat.h, nat6.h: unless it is to the gateway itself,
+which the namespace decides).
 NAT over IPv6 (issue 15, point 4) by the same rules, with a 16-byte address,
 no IP header checksum, the TCP/UDP header after a walked chain, ICMPv6 errors
 (types 1-4) for ICMP's, and two of its own: an IPv6 UDP datagram with
@@ -52,7 +54,9 @@ UDP datagram of either family leaves with checksum 0 unless it came with 0
 IPv6 (issue 15), judged by the same rules where they apply, and these:
   - a chain of more than IPV6_EXT_MAX (4) hop-by-hop, destination options
     and routing headers, a routing header with Segments Left > 0, and a
-    hop-by-hop header anywhere but first pass to the stack: never DROP or TX;
+    hop-by-hop header anywhere but first pass to the stack: never DROP or TX
+    (the first two may be dropped from a NAT backend's address, not to a
+    VIP, as NAT above says);
   - a fragment (a fragment header) to a VIP is dropped unless the fragment
     header says ICMPv6 follows: that one passes (never DROP or TX);
   - ICMPv6 to a VIP passes, except a Packet Too Big (type 2) quoting a
@@ -318,7 +322,8 @@ class Oracle:
         if action == REDIRECT:
             return "XDP_REDIRECT of a frame that is not a NAT reply"
         if action == DROP and self._nat_untranslatable(raw, ip) and ip.daddr not in m.vips:
-            self.seen["drop untranslatable from a nat backend"] += 1
+            self.seen["drop unwalked chain6 from a nat backend" if ip.chain else
+                      "drop untranslatable from a nat backend"] += 1
             return None
         if ip is None or ip.daddr not in m.vips:
             return f"{ACTION_NAMES[action]} of a frame that is not well-formed IPv4 or IPv6 to a VIP"
@@ -457,10 +462,14 @@ class Oracle:
 
     def _nat_untranslatable(self, raw: bytes, ip: Ip | None) -> bool:
         """Whether the frame comes from a NAT backend's address and cannot be
-        translated: a TCP/UDP fragment or cut-short header, or an ICMP error
-        (its dropping is allowed; to the gateway itself the namespace decides)."""
-        if ip is None or ip.tags > 1 or ip.chain or ip.saddr not in {key[0] for key in self.model.reverse}:
+        translated: a TCP/UDP fragment or cut-short header, an ICMP error, or
+        (IPv6) of any protocol behind a chain not walked to its end, over the
+        limit or a routing header with Segments Left > 0 (its dropping is
+        allowed; to the gateway itself the namespace decides)."""
+        if ip is None or ip.tags > 1 or ip.saddr not in {key[0] for key in self.model.reverse}:
             return False
+        if ip.chain:
+            return ip.chain in ("limit", "routing")
         if ip.proto in (TCP, UDP):
             return ip.fragment or not l4_whole(raw, ip)
         icmp, errors = (ICMP, ICMP_ERRORS) if ip.family == 4 else (ICMPV6, ICMPV6_ERRORS)

@@ -20,7 +20,7 @@ and Neighbour Solicitation; mutations of the Next Header, the chain's bytes
 and the IPv6 source and destination. Two IPv6 NAT services (TCP, UDP) with
 their requests (chains, a tag, a UDP checksum of 0), their backends' replies
 and what those send that cannot be translated (fragments, cut-short
-headers, ICMPv6 errors).
+headers, ICMPv6 errors, chains over the limit or with segments left).
 
 Frames start from valid seeds (TCP/UDP to VIPs and other addresses, VLAN
 tags, IPv4 options, fragments, ICMP "fragmentation needed" quoting flows,
@@ -364,7 +364,7 @@ NAT6 = [(VIP6, NAT_TCP_PORT, "tcp"), (VIP6, NAT_UDP_PORT, "udp")]
 def nat6_seeds() -> list:
     """(weight, seeds) of NAT over IPv6: requests (with chains, a tag, a UDP checksum of 0), the
     backends' replies, and what they send that cannot be translated (fragments, cut-short
-    headers, ICMPv6 errors about a NAT flow)."""
+    headers, ICMPv6 errors about a NAT flow, chains over the limit or with segments left)."""
     C, hbh, dst = CLIENTS6, IPv6ExtHdrHopByHop, IPv6ExtHdrDestOpt
     backend_frag = IPv6(src="2001:db8::91", dst=C[0]) / IPv6ExtHdrFragment(m=1, id=3)
     quoted = bytes(IPv6(src=C[0], dst="2001:db8::93") / UDP(sport=58300, dport=PACS_UDP_PORT) / Raw(b"q" * 8))
@@ -391,6 +391,10 @@ def nat6_seeds() -> list:
              seed("nat6 backend tcp later fragment", eth() / IPv6(src="2001:db8::91", dst=C[0])
                   / IPv6ExtHdrFragment(offset=4, nh=6) / Raw(b"y" * 32)),
              seed("nat6 backend cut short", bytes(nat_reply(91, PACS_PORT, "tcp", C[0], 58201))[:14 + 40 + 6]),
+             seed("nat6 backend chain over the limit", nat_reply(91, PACS_PORT, "tcp", C[0], 58202,
+                                                                chain=chains6()["over the limit"])),
+             seed("nat6 backend routing with segments left", nat_reply(93, PACS_UDP_PORT, "udp", C[1], 58203,
+                                                                       chain=chains6()["routing 1"])),
              seed("nat6 backend port unreachable", Ether(src=_mac(mac_of(93)), dst=GW)
                   / IPv6(src="2001:db8::93", dst=C[0]) / ICMPv6DestUnreach(code=4) / Raw(quoted))]),
     ]
@@ -1054,6 +1058,21 @@ def test_oracle_rejects_what_nat_over_ipv6_forbids():
     assert "not well-formed IPv4 or IPv6 to a VIP" in oracle.judge(stranger, O.DROP, stranger)
     echo = bytes(Ether(src=_mac(mac_of(93)), dst=GW) / IPv6(src="2001:db8::93", dst=CLIENTS6[0]) / ICMPv6EchoRequest())
     assert "not well-formed IPv4 or IPv6 to a VIP" in oracle.judge(echo, O.DROP, echo)
+
+    # A chain not walked to its end (over the limit, Segments Left > 0) from a NAT backend's address:
+    # it may be dropped, whatever follows; from another address, or to a VIP, it must pass.
+    for name in ("over the limit", "routing 1"):
+        unwalked = bytes(nat_reply(91, PACS_PORT, "tcp", CLIENTS6[0], 23202, chain=chains6()[name]))
+        assert oracle.judge(unwalked, O.DROP, unwalked) is None, name
+        assert oracle.judge(unwalked, O.PASS, unwalked) is None, name
+        assert "not a NAT reply" in oracle.judge(unwalked, O.REDIRECT, unwalked), name
+        assert "not well-formed IPv4 or IPv6 to a VIP" in oracle.judge(unwalked, O.TX, _tx(unwalked, 91)), name
+        stranger = unwalked[:14 + 8] + ipaddress.IPv6Address("2001:db8::99").packed + unwalked[14 + 24:]
+        assert "not well-formed IPv4 or IPv6 to a VIP" in oracle.judge(stranger, O.DROP, stranger), name
+        to_vip = unwalked[:14 + 24] + ipaddress.IPv6Address(VIP6).packed + unwalked[14 + 40:]
+        assert "whose chain is" in oracle.judge(to_vip, O.DROP, to_vip), name
+    hbh_second = bytes(nat_reply(91, PACS_PORT, "tcp", CLIENTS6[0], 23203, chain=chains6()["hop-by-hop second"]))
+    assert "not well-formed IPv4 or IPv6 to a VIP" in oracle.judge(hbh_second, O.DROP, hbh_second)
 
 
 def test_oracle_ipv6_parser_agrees_with_scapy_on_every_ipv6_seed():
