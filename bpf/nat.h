@@ -30,7 +30,10 @@
  *     itself when it ARPs for the gateway (the kernel keeps its entry).
  *     TCP resends once the entry exists;
  *   - any other failure (a blackhole, unreachable or prohibit route,
- *     forwarding off, frag needed): dropped and counted (NAT_STAT_NO_ROUTE).
+ *     forwarding off on the ingress interface, frag needed): dropped and
+ *     counted (NAT_STAT_NO_ROUTE). The lookup is given ingress_ifindex and
+ *     reads that interface's own net.ipv4.conf.<if>.forwarding, not
+ *     net.ipv4.ip_forward: attach and reload check the same one.
  * A reply that matched is never passed untranslated: with forwarding on,
  * the stack would send it to the client, whose RST would kill the
  * association.

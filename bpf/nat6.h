@@ -21,7 +21,9 @@
  *     which the pseudo-header holds, so the same update is right;
  *   - bpf_fib_lookup runs with AF_INET6: flowinfo (traffic class and flow
  *     label) from the header, source the VIP, destination the client,
- *     tot_len payload_len + 40; it needs net.ipv6.conf.all.forwarding = 1;
+ *     tot_len payload_len + 40; it needs forwarding on the interface it is
+ *     given, the ingress one: net.ipv6.conf.<if>.forwarding = 1 (its own;
+ *     net.ipv6.conf.all.forwarding is not read);
  *   - fragments: an IPv6 fragment header naming TCP or UDP, from a NAT
  *     backend's address (nat_addrs6) and routed on, is dropped and counted
  *     (NAT_STAT_FRAGMENT); a TCP/UDP header cut short likewise

@@ -267,8 +267,12 @@ class FakeNetlink:
         self.failing: Counter = Counter()    # method name -> calls still to fail
         self.delay = 0.0                     # seconds each neighbour read blocks its caller
         self.routes: dict[int, set] = {}     # table -> VIPs announced there (xdplb's routes only)
-        self.forwarding = True               # net.ipv4.ip_forward (ip_forwarding(4))
-        self.forwarding6 = True              # net.ipv6.conf.all.forwarding (ip_forwarding(6))
+        # Each interface's own IPv4 / IPv6 forwarding (net.ipv{4,6}.conf.<name>.forwarding, what
+        # bpf_fib_lookup reads): `forwarding` / `forwarding6` for every interface (what writing
+        # net.ipv4.ip_forward / net.ipv6.conf.all.forwarding sets), unless if_forwarding says otherwise.
+        self.forwarding = True
+        self.forwarding6 = True
+        self.if_forwarding: dict[tuple[int, str], bool] = {}   # (version, name) -> on
 
     def fail(self, method: str, times: int = 1) -> None:
         """Make the next `times` calls of `method` raise NetlinkProblem."""
@@ -291,10 +295,10 @@ class FakeNetlink:
         self.calls.append(("active_features", name))
         return frozenset(self.features.get(name, ()))
 
-    def ip_forwarding(self, version: int) -> bool:
-        self.calls.append(("ip_forwarding", version))
+    def ip_forwarding(self, version: int, name: str) -> bool:
+        self.calls.append(("ip_forwarding", version, name))
         self._maybe_fail("ip_forwarding")
-        return self.forwarding if version == 4 else self.forwarding6
+        return self.if_forwarding.get((version, name), self.forwarding if version == 4 else self.forwarding6)
 
     def vips(self, index: int) -> set:
         return set(self.ours.get(index, ()))

@@ -36,7 +36,7 @@ from typing import Any
 
 from xdplb.addrtext import host_port
 from xdplb.maglev import is_prime
-from xdplb.modes import FORWARDING_SYSCTLS
+from xdplb.modes import forwarding_sysctl
 from xdplb.tomllines import BARE_KEY_RE, line_index
 
 HEALTH_CHECK_KINDS = ("tcp", "http", "https", "dicom")
@@ -1214,11 +1214,12 @@ def warnings(pool: Pool) -> list[str]:
 
 def nat_routing_sentence(versions) -> str:
     """What a pool with NAT services of these IP versions needs of the
-    network: one sentence, naming the forwarding sysctl of each family."""
-    sysctls = " and ".join(f"{FORWARDING_SYSCTLS[v]} = 1" for v in sorted(versions))
+    network: one sentence, naming the forwarding sysctl of each family
+    (the attached interface's own: check has no interface)."""
+    sysctls = " and ".join(f"{forwarding_sysctl(v, '<interface>')} = 1" for v in sorted(versions))
     return ("  routing: NAT services need the backends' route to the clients to go through this "
             "gateway (its address on their subnet as their default route), with IP forwarding on "
-            f"here ({sysctls}, which attach and reload require and never set); replies "
+            f"the attached interface ({sysctls}, which attach and reload require and never set); replies "
             "that bypass it reach the clients untranslated and are reset")
 
 _PERSISTENCE_TEXT = {"flow": "flow (5-tuple)", "client": "client (source IP)"}

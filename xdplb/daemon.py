@@ -342,14 +342,15 @@ class Daemon:
         raise AttachError(f"could not attach to {self.ifname}: " + "; ".join(errors))
 
     async def _nat_forwarding_refusal(self, pool: Pool) -> str | None:
-        """Why `pool` must not run with this namespace's IP forwarding, or None
-        (read only for the IP versions of the pool's NAT services)."""
+        """Why `pool` must not run with the attached interface's IP
+        forwarding, or None (read only for the IP versions of the pool's NAT
+        services)."""
         problems = []
         for version in (4, 6):
             nat = [s.name for s in pool.services if s.forwarding == "nat" and s.vip.version == version]
             if nat:
-                on = await asyncio.to_thread(self.netlink.ip_forwarding, version)
-                problems.append(modes.nat_forwarding_refusal(nat, on, version))
+                on = await asyncio.to_thread(self.netlink.ip_forwarding, version, self.ifname)
+                problems.append(modes.nat_forwarding_refusal(nat, on, version, self.ifname))
         return "; ".join(p for p in problems if p) or None
 
     def _vlan_strip_refusal(self, mode: str) -> str | None:

@@ -59,31 +59,45 @@ def vlan_strip_refusal(ifname: str, link_kind: str | None, active_features) -> s
             f"(it can reset the link, so xdplb does not do it for you)")
 
 
-# The sysctl that bpf_fib_lookup reads for each IP version: it answers
-# BPF_FIB_LKUP_RET_FWD_DISABLED while it is 0. For IPv6 it is the "all"
-# setting (net->ipv6.devconf_all), not the interface's own.
-FORWARDING_SYSCTLS = {4: "net.ipv4.ip_forward", 6: "net.ipv6.conf.all.forwarding"}
+# bpf_fib_lookup answers BPF_FIB_LKUP_RET_FWD_DISABLED while forwarding is
+# off on the interface it is given (nat.h, nat6.h: the attached one, the
+# ingress): IN_DEV_FORWARD(in_dev) for IPv4, idev->cnf.forwarding for IPv6.
+# It reads that interface's own setting, never net.ipv4.ip_forward or
+# net.ipv6.conf.all.forwarding (writing those sets every interface's, but an
+# interface's own can differ from them afterwards).
+def forwarding_sysctl(version: int, ifname: str) -> str:
+    """The sysctl bpf_fib_lookup reads for IP `version` on `ifname`, as
+    sysctl(8) names it (a dot in the interface's name, eth0.100, is written
+    as a slash there)."""
+    return f"net.ipv{version}.conf.{ifname.replace('.', '/')}.forwarding"
+
+
+def forwarding_path(version: int, ifname: str) -> str:
+    """The file behind forwarding_sysctl (in the reader's network namespace)."""
+    return f"/proc/sys/net/ipv{version}/conf/{ifname}/forwarding"
+
+
 _FORWARDING_CAVEATS = {
     4: "",
-    # A router ignores Router Advertisements unless accept_ra = 2 on the interface.
-    6: "; with it on, this host stops taking its own IPv6 routes from Router Advertisements unless the "
-       "interface has accept_ra = 2",
+    # An interface that forwards ignores Router Advertisements unless its accept_ra = 2.
+    6: "; with it on, this host stops taking its own IPv6 routes from Router Advertisements on that "
+       "interface unless its accept_ra = 2",
 }
 
 
-def nat_forwarding_refusal(nat_services, forwarding: bool, version: int = 4) -> str | None:
+def nat_forwarding_refusal(nat_services, forwarding: bool, version: int, ifname: str) -> str | None:
     """Why a pool with these NAT services (names) of IP version `version`
-    must not run here, or None.
+    must not run on `ifname`, or None.
 
     The NAT reply path routes with bpf_fib_lookup, which answers
-    BPF_FIB_LKUP_RET_FWD_DISABLED while the family's forwarding is off
-    (FORWARDING_SYSCTLS): every reply would be dropped (nat_stats no_route).
-    xdplb does not turn it on itself: forwarding makes the host a router,
-    which is the operator's decision.
+    BPF_FIB_LKUP_RET_FWD_DISABLED while forwarding is off on the attached
+    interface (forwarding_sysctl): every reply would be dropped (nat_stats
+    no_route). xdplb does not turn it on itself: forwarding makes the host
+    a router, which is the operator's decision.
     """
     if forwarding or not nat_services:
         return None
-    sysctl = FORWARDING_SYSCTLS[version]
-    return (f"NAT service(s) {', '.join(nat_services)} need IP forwarding, but {sysctl} is 0 in this "
-            f"network namespace, so every reply would be dropped: turn it on with "
+    sysctl = forwarding_sysctl(version, ifname)
+    return (f"NAT service(s) {', '.join(nat_services)} need IP forwarding on {ifname}, but {sysctl} is 0, "
+            f"so every reply would be dropped: turn it on with "
             f"`sysctl -w {sysctl}=1` (xdplb does not change it for you{_FORWARDING_CAVEATS[version]})")

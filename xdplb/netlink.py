@@ -32,7 +32,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.generic import GenericNetlinkSocket
 from pyroute2.netlink.generic.ethtool import ethtoolbitset, ethtoolheader
 
-from .modes import FORWARDING_SYSCTLS
+from .modes import forwarding_path
 
 ADDR_PROTO = 0x78  # IFA_PROTO tag on VIP addresses added by xdplb ("x")
 ROUTE_PROTO = 0x78  # rtm_protocol of the VIP routes xdplb announces (free in /etc/iproute2/rt_protos)
@@ -93,10 +93,6 @@ def _set_bit_names(bitset) -> frozenset[str]:
     listed = bits.get_attrs("ETHTOOL_A_BITSET_BITS_BIT") if bits is not None else []
     return frozenset(b.get_attr("ETHTOOL_A_BITSET_BIT_NAME") for b in listed
                      if nomask or b.get_attr("ETHTOOL_A_BITSET_BIT_VALUE"))
-
-
-# Per network namespace (the reader's): the files behind modes.FORWARDING_SYSCTLS.
-IP_FORWARD = {version: "/proc/sys/" + name.replace(".", "/") for version, name in FORWARDING_SYSCTLS.items()}
 
 
 def _read_flag(path: str) -> bool:
@@ -175,11 +171,11 @@ class Netlink:
             raise NetlinkProblem(f"cannot read the offload features of {name} through ethtool netlink: "
                                  f"{exc}") from exc
 
-    def ip_forwarding(self, version: int) -> bool:
-        """Whether this network namespace forwards IP `version` (4 or 6; the
-        sysctl bpf_fib_lookup reads, modes.FORWARDING_SYSCTLS), read in the
-        worker thread, the namespace of the netlink socket."""
-        path = IP_FORWARD[version]
+    def ip_forwarding(self, version: int, name: str) -> bool:
+        """Whether interface `name` forwards IP `version` (4 or 6): its own
+        setting, the one bpf_fib_lookup reads (modes.forwarding_sysctl),
+        read in the worker thread, the namespace of the netlink socket."""
+        path = forwarding_path(version, name)
         try:
             return self._call(_read_flag, path)
         except OSError as exc:

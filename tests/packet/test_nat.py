@@ -14,6 +14,7 @@ routes 192.168.50.0/24; gw1 (172.16.0.1/24) is a second interface.
 """
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import socket
@@ -324,12 +325,50 @@ def test_reply_without_any_route_passes_to_the_stack_which_cannot_forward_it_eit
     assert verdict.action == PASS and verdict.data == bytes(packet)
 
 
-def test_reply_with_forwarding_off_is_dropped_never_passed(nat, net):
-    net.gw.sysctl("net.ipv4.conf.gw0.forwarding=0")
+# bpf_fib_lookup reads the forwarding of the interface it is given, the
+# ingress (IN_DEV_FORWARD(in_dev), idev->cnf.forwarding), never the namespace's
+# switch (net.ipv4.ip_forward, net.ipv6.conf.all.forwarding): writing the switch
+# sets every interface's, then gw0's own is set apart from it.
+SWITCH = {4: "net.ipv4.ip_forward", 6: "net.ipv6.conf.all.forwarding"}
+FORWARDING_CASES = pytest.mark.parametrize("everywhere,own", [(True, False), (False, True)],
+                                           ids=["switch on, gw0 off", "switch off, gw0 on"])
+
+
+@contextlib.contextmanager
+def forwarding(net, version: int, everywhere: bool, own: bool):
+    """The namespace's switch for IP `version` set to `everywhere`, then gw0's own to
+    `own`, for the block; both on again after it. Yields whether xdplb's reader
+    (Netlink.ip_forwarding, what attach and reload check) finds gw0 forwarding."""
+    net.gw.sysctl(f"{SWITCH[version]}={int(everywhere)}")
+    net.gw.sysctl(f"net.ipv{version}.conf.gw0.forwarding={int(own)}")
     try:
-        assert reply_run(nat, net, from_pacs(tcp_reply())).action == DROP
+        switch = subprocess.run(["ip", "netns", "exec", net.gw.name, "sysctl", "-n", SWITCH[version]], check=True,
+                                capture_output=True, text=True).stdout.strip()
+        assert switch == str(int(everywhere)), "gw0's own setting left the switch as it was"
+        with net.inside():
+            nl = Netlink()
+            try:
+                reads = nl.ip_forwarding(version, "gw0")
+            finally:
+                nl.close()
+        yield reads
     finally:
-        net.gw.sysctl("net.ipv4.conf.gw0.forwarding=1")
+        net.gw.sysctl(f"{SWITCH[version]}=1")   # every interface's, gw0's included
+
+
+@FORWARDING_CASES
+def test_reply_is_forwarded_by_the_ingress_interfaces_own_forwarding_not_the_switch(nat, net, everywhere, own):
+    packet = from_pacs(tcp_reply())
+    with forwarding(net, 4, everywhere, own) as xdplb_reads:
+        before = nat_count(nat, "no_route")
+        verdict = reply_run(nat, net, packet)
+    if own:
+        assert verdict.action == TX, verdict.action_name
+        assert verdict.data == translated(packet, src=str(VIP), sport=DICOM_PORT, dst_mac=P.CLIENT_MAC, src_mac=P.GW)
+    else:   # dropped, never passed untranslated
+        assert verdict.action == DROP, verdict.action_name
+        assert nat_count(nat, "no_route") == before + 1
+    assert xdplb_reads is own, "attach and reload read the setting the kernel's lookup reads"
 
 
 def test_next_hop_without_a_neighbour_drops_until_the_controller_resolves_it(nat, net):

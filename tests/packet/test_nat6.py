@@ -34,8 +34,8 @@ from xdplb import plan, structs
 from . import packets as P
 from . import packets6 as Q
 from .conftest import mac_of
-from .test_nat import (DICOM_PORT, PACS_PORT, ROUTER_MAC, UDP_BACKEND_PORT, UDP_PORT, _mac, assert_passes_uncounted,
-                       nat_count, nat_services, reply_run)
+from .test_nat import (DICOM_PORT, FORWARDING_CASES, PACS_PORT, ROUTER_MAC, UDP_BACKEND_PORT, UDP_PORT, _mac,
+                       assert_passes_uncounted, forwarding, nat_count, nat_services, reply_run)
 
 pytestmark = pytest.mark.root
 
@@ -354,14 +354,20 @@ def test_reply6_without_any_route_passes_to_the_stack_which_cannot_forward_it_ei
     assert nat_count(nat6, "stack") == before + 1
 
 
-def test_reply6_with_forwarding_off_is_dropped_never_passed(nat6, net6):
-    net6.gw.sysctl("net.ipv6.conf.gw0.forwarding=0")
-    try:
+@FORWARDING_CASES
+def test_reply6_is_forwarded_by_the_ingress_interfaces_own_forwarding_not_the_switch(nat6, net6, everywhere, own):
+    packet = from_pacs6(tcp_reply())
+    with forwarding(net6, 6, everywhere, own) as xdplb_reads:
         before = nat_count(nat6, "no_route")
-        assert reply_run(nat6, net6, from_pacs6(tcp_reply())).action == DROP
+        verdict = reply_run(nat6, net6, packet)
+    if own:
+        assert verdict.action == TX, verdict.action_name
+        assert verdict.data == translated6(packet, src=str(VIP6), sport=DICOM_PORT, dst_mac=P.CLIENT_MAC,
+                                           src_mac=P.GW)
+    else:   # dropped, never passed untranslated
+        assert verdict.action == DROP, verdict.action_name
         assert nat_count(nat6, "no_route") == before + 1
-    finally:
-        net6.gw.sysctl("net.ipv6.conf.gw0.forwarding=1")
+    assert xdplb_reads is own, "attach and reload read the setting the kernel's lookup reads"
 
 
 def test_reply6_bigger_than_the_next_hops_mtu_is_dropped_never_passed(nat6, net6):

@@ -126,10 +126,11 @@ def test_check_describes_an_ipv6_nat_service_with_bracketed_backends_and_the_ipv
     assert 'backend "orthanc1" [2001:db8:30::11]:4242: weight 1' in text
     assert 'backend "orthanc2" [2001:db8:30::12]:104: weight 1' in text
     assert text.count("to go through this gateway") == 1
-    assert "(net.ipv6.conf.all.forwarding = 1, which attach and reload require and never set)" in text
-    assert "net.ipv4.ip_forward" not in text   # no IPv4 NAT service: nothing to ask of IPv4
+    assert ("on the attached interface (net.ipv6.conf.<interface>.forwarding = 1, which attach and reload "
+            "require and never set)") in text
+    assert "net.ipv4" not in text   # no IPv4 NAT service: nothing to ask of IPv4
     both = describe(parse_pool(NAT_POOL + NAT6_POOL.replace('"pacs-dicom"', '"pacs-dicom6"')))
-    assert "(net.ipv4.ip_forward = 1 and net.ipv6.conf.all.forwarding = 1, which" in both
+    assert "(net.ipv4.conf.<interface>.forwarding = 1 and net.ipv6.conf.<interface>.forwarding = 1, which" in both
     assert both.count("to go through this gateway") == 1
 
 
@@ -307,8 +308,18 @@ def _nat_text(text: str) -> str:
     return text
 
 
-def test_check_names_the_forwarding_sysctl():
-    assert "net.ipv4.ip_forward = 1" in describe(parse_pool(NAT_POOL))
+def _set_forwarding(nl, version: int, everywhere: bool, attached: bool) -> None:
+    """Every interface's forwarding of IP `version` as writing the namespace's switch
+    (net.ipv4.ip_forward, net.ipv6.conf.all.forwarding) leaves it, then the attached one's own."""
+    setattr(nl, "forwarding" if version == 4 else "forwarding6", everywhere)
+    nl.if_forwarding[(version, "lbt0")] = attached
+
+
+def test_check_names_the_attached_interfaces_forwarding_sysctl():
+    # bpf_fib_lookup reads the ingress interface's own forwarding, not net.ipv4.ip_forward.
+    text = describe(parse_pool(NAT_POOL))
+    assert "IP forwarding on the attached interface (net.ipv4.conf.<interface>.forwarding = 1," in text
+    assert "ip_forward" not in text
 
 
 def test_attach_with_a_nat_service_is_refused_while_forwarding_is_off(tmp_path, monkeypatch):
@@ -322,8 +333,9 @@ def test_attach_with_a_nat_service_is_refused_while_forwarding_is_off(tmp_path, 
     h = Harness(tmp_path)
     h.pool.write_text(_nat_text(h.pool.read_text()))
     h.nl.forwarding = False
-    with pytest.raises(AttachError, match=r"^NAT service\(s\) dicom, web, store need IP forwarding, but net.ipv4.ip_forward is "
-                                          r"0 .*`sysctl -w net.ipv4.ip_forward=1`"):
+    with pytest.raises(AttachError, match=r"^NAT service\(s\) dicom, web, store need IP forwarding on lbt0, but "
+                                          r"net.ipv4.conf.lbt0.forwarding is 0, .*"
+                                          r"`sysctl -w net.ipv4.conf.lbt0.forwarding=1`"):
         asyncio.run(asyncio.wait_for(h.daemon().run(), 5))
     assert h.made == [], "refused before compiling: nothing changed"
     assert not any(c[0] == "add_vip" for c in h.nl.calls)
@@ -349,7 +361,7 @@ def test_reload_to_a_nat_service_is_rejected_while_forwarding_is_off(tmp_path, m
 
     monkeypatch.setenv("XDPLB_RUN_DIR", tempfile.mkdtemp(prefix="xdplb-t", dir="/tmp"))
     h = Harness(tmp_path)
-    h.nl.forwarding = False
+    _set_forwarding(h.nl, 4, everywhere=True, attached=False)   # on everywhere but the attached interface
     daemon = h.daemon()
 
     async def scenario():
@@ -358,13 +370,14 @@ def test_reload_to_a_nat_service_is_rejected_while_forwarding_is_off(tmp_path, m
             h.pool.write_text(_nat_text(h.pool.read_text()))
             result = await daemon.reload("test")
             assert result["result"] == "rejected"
-            assert "net.ipv4.ip_forward is 0" in result["error"] and "sysctl -w" in result["error"]
+            assert "net.ipv4.conf.lbt0.forwarding is 0" in result["error"] and "sysctl -w" in result["error"]
             assert snapshot(h.dp) == before and daemon.pool is pool
-            h.nl.forwarding = True   # the operator turns it on: the same reload applies
+            # The operator turns it on there (only there): the same reload applies.
+            _set_forwarding(h.nl, 4, everywhere=False, attached=True)
             assert (await daemon.reload("test"))["result"] == "applied"
 
     asyncio.run(scenario())
-    assert h.nl.forwarding is True, "xdplb never sets it"
+    assert h.nl.if_forwarding[(4, "lbt0")] is True and h.nl.forwarding is False, "xdplb never sets it"
 
 
 # ---- IPv6 NAT on the host: forwarding and next hops, per family ------------------
@@ -394,13 +407,14 @@ def test_attach_with_an_ipv6_nat_service_is_refused_while_ipv6_forwarding_is_off
 
     h = _nat6_harness(tmp_path, monkeypatch)
     h.nl.forwarding6 = False
-    with pytest.raises(AttachError, match=r"^NAT service\(s\) dicom6 need IP forwarding, but "
-                                          r"net.ipv6.conf.all.forwarding is 0 .*"
-                                          r"`sysctl -w net.ipv6.conf.all.forwarding=1` \(xdplb does not change it "
+    with pytest.raises(AttachError, match=r"^NAT service\(s\) dicom6 need IP forwarding on lbt0, but "
+                                          r"net.ipv6.conf.lbt0.forwarding is 0, .*"
+                                          r"`sysctl -w net.ipv6.conf.lbt0.forwarding=1` \(xdplb does not change it "
                                           r"for you; .*accept_ra = 2\)$"):
         asyncio.run(asyncio.wait_for(h.daemon().run(), 5))
     assert h.made == [], "refused before compiling: nothing changed"
-    assert ("ip_forwarding", 4) not in h.nl.calls, "no IPv4 NAT service: IPv4 forwarding is not asked"
+    assert [c for c in h.nl.calls if c[0] == "ip_forwarding"] == [("ip_forwarding", 6, "lbt0")], \
+        "no IPv4 NAT service: IPv4 forwarding is not asked"
 
     # IPv4 forwarding off does not concern an IPv6-only NAT pool; IPv6 forwarding on, it attaches.
     ok = _nat6_harness(tmp_path, monkeypatch)
@@ -422,8 +436,49 @@ def test_a_dual_stack_nat_pool_names_each_family_whose_forwarding_is_off(tmp_pat
     with pytest.raises(AttachError) as info:
         asyncio.run(asyncio.wait_for(h.daemon().run(), 5))
     text = str(info.value)
-    assert "NAT service(s) dicom need IP forwarding, but net.ipv4.ip_forward is 0" in text
-    assert "NAT service(s) dicom6 need IP forwarding, but net.ipv6.conf.all.forwarding is 0" in text
+    assert "NAT service(s) dicom need IP forwarding on lbt0, but net.ipv4.conf.lbt0.forwarding is 0" in text
+    assert "NAT service(s) dicom6 need IP forwarding on lbt0, but net.ipv6.conf.lbt0.forwarding is 0" in text
+
+
+@pytest.mark.parametrize("version", [4, 6])
+def test_attach_reads_the_attached_interfaces_own_forwarding_not_the_namespace_switch(tmp_path, monkeypatch,
+                                                                                       version):
+    """bpf_fib_lookup (nat.h, nat6.h) reads the forwarding of the ingress
+    interface, the attached one: on everywhere else but off there, every reply
+    would be dropped (no_route), so attach refuses; off everywhere else but on
+    there (the uplink keeping its RAs, for one), the replies go out, so it attaches."""
+    from test_daemon import running
+
+    from xdplb.daemon import AttachError
+
+    h = _nat6_harness(tmp_path, monkeypatch, dual=True)
+    _set_forwarding(h.nl, version, everywhere=True, attached=False)
+    with pytest.raises(AttachError, match=rf"need IP forwarding on lbt0, but net.ipv{version}.conf.lbt0.forwarding "
+                                          rf"is 0, .*`sysctl -w net.ipv{version}.conf.lbt0.forwarding=1`"):
+        asyncio.run(asyncio.wait_for(h.daemon().run(), 5))
+    assert h.made == [], "refused before compiling: nothing changed"
+
+    ok = _nat6_harness(tmp_path, monkeypatch, dual=True)
+    _set_forwarding(ok.nl, version, everywhere=False, attached=True)
+
+    async def scenario():
+        async with running(ok.daemon()):
+            assert ok.dp.attached is not None
+
+    asyncio.run(scenario())
+    assert ("ip_forwarding", version, "lbt0") in ok.nl.calls
+    everywhere = ok.nl.forwarding if version == 4 else ok.nl.forwarding6
+    assert ok.nl.if_forwarding[(version, "lbt0")] is True and everywhere is False, "xdplb never sets either"
+
+
+def test_the_refusal_names_a_dotted_interfaces_sysctl_as_sysctl_writes_it():
+    from xdplb import modes
+
+    text = modes.nat_forwarding_refusal(["dicom6"], False, 6, "eth0.100")
+    assert "need IP forwarding on eth0.100, but net.ipv6.conf.eth0/100.forwarding is 0" in text
+    assert "`sysctl -w net.ipv6.conf.eth0/100.forwarding=1`" in text
+    assert modes.forwarding_path(6, "eth0.100") == "/proc/sys/net/ipv6/conf/eth0.100/forwarding"
+    assert modes.nat_forwarding_refusal(["dicom6"], True, 6, "eth0.100") is None
 
 
 def test_reload_to_an_ipv6_nat_service_is_rejected_while_ipv6_forwarding_is_off(tmp_path, monkeypatch):
@@ -434,7 +489,7 @@ def test_reload_to_an_ipv6_nat_service_is_rejected_while_ipv6_forwarding_is_off(
     # The same IPv6 service with direct server return first (an IPv6 service from the start:
     # adding the first one would resize the IPv6 flow table, which needs a restart).
     h.pool.write_text(nat6_text.replace('name = "dicom6"\nforwarding = "nat"', 'name = "dicom6"'))
-    h.nl.forwarding6 = False
+    _set_forwarding(h.nl, 6, everywhere=True, attached=False)   # on everywhere but the attached interface
     daemon = h.daemon()
 
     async def scenario():
@@ -443,9 +498,9 @@ def test_reload_to_an_ipv6_nat_service_is_rejected_while_ipv6_forwarding_is_off(
             h.pool.write_text(nat6_text)
             result = await daemon.reload("test")
             assert result["result"] == "rejected"
-            assert "net.ipv6.conf.all.forwarding is 0" in result["error"], result
+            assert "net.ipv6.conf.lbt0.forwarding is 0" in result["error"], result
             assert snapshot(h.dp) == before and daemon.pool is pool
-            h.nl.forwarding6 = True   # the operator turns it on: the same reload applies
+            _set_forwarding(h.nl, 6, everywhere=False, attached=True)   # the operator turns it on there
             assert (await daemon.reload("test"))["result"] == "applied"
 
     asyncio.run(scenario())
