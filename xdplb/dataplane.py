@@ -184,10 +184,6 @@ class BccDataplane:
         self.adopted = False
         self.notes: list[str] = []
         self._mounted_bpffs = False
-        flags = defines(settings)
-        # Tests and benches only: another source tree (an older build) and
-        # test-only defines such as XDPLB_RACE_DELAY.
-        flags.update(extra_defines or {})
         if pin_dir is not None:
             from . import pinning
 
@@ -197,6 +193,13 @@ class BccDataplane:
                 raise LoadError(str(exc)) from exc
             self.adopted, self._mounted_bpffs = pins.adopted, pins.mounted_bpffs
             self.notes += pins.notes
+            # flows6 may keep its pinned size (pinning.adopt_flows6): compile with it.
+            self.settings = settings = pins.settings
+        flags = defines(settings)
+        # Tests and benches only: another source tree (an older build) and
+        # test-only defines such as XDPLB_RACE_DELAY.
+        flags.update(extra_defines or {})
+        if pin_dir is not None:
             flags["PIN_DIR"] = str(pin_dir)
         self._other_source = bpf_dir is not None
         self.compile_seconds = 0.0
