@@ -30,7 +30,7 @@ import re
 import ssl
 import stat
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from os import PathLike
 from typing import Any
 
@@ -206,6 +206,10 @@ class Settings:
     # (flows6 is then never written, and would cost as much locked memory as flows).
     # None (settings built in code): as flow_table_size.
     flow_table_size6: int | None = None
+    # True where flow_table_size6 was not set and follows from the services
+    # alone: such a size never blocks a reload or a restart (desired.py,
+    # pinning.py); the running flows6 is kept instead.
+    flows6_size_implied: bool = field(default=False, compare=False)
     max_services: int = 64
     max_backends: int = 4096
     hash_seed: int = 0
@@ -1109,7 +1113,7 @@ def _with_flows6_size(settings: Settings, services) -> Settings:
     if settings.flow_table_size6 is not None:
         return settings
     size = settings.flow_table_size if balances_ipv6(services) else FLOW_TABLE_SIZE_RANGE[0]
-    return dataclasses.replace(settings, flow_table_size6=size)
+    return dataclasses.replace(settings, flow_table_size6=size, flows6_size_implied=True)
 
 
 def _report(r: _Reader, text: str, doc: dict) -> PoolError:

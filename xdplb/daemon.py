@@ -35,6 +35,7 @@ writes and netlink calls run in threads, so probes keep their timing.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import logging
 import os
@@ -45,7 +46,7 @@ from . import __version__, control, modes, probes, status
 from .announce import Announcer, decide, record_path, wait_until_still
 from .config import Pool, PoolError, load_pool
 from .dataplane import PROG_NAME
-from .desired import desired_state, restart_needed
+from .desired import desired_state, keep_running_flows6, restart_needed
 from .drains import Drains, identities
 from .haproxy import server_states
 from .plan import Applied, PlanError, retire_due
@@ -260,6 +261,7 @@ class Daemon:
         self.dp = await asyncio.to_thread(factory, self.pool.settings, pin_dir=pin_dir,
                                           attached_prog_id=self.link.xdp_prog_id if self.adopting else None)
         self._check_stop("during the compile")
+        self._keep_compiled_flows6()
         for note in getattr(self.dp, "notes", []):
             log.warning("%s", note)
         log.info("compiled and loaded in %.1fs", getattr(self.dp, "compile_seconds", 0.0))
@@ -294,6 +296,15 @@ class Daemon:
         self.announcer.trigger()
         log.info("ready on %s in %s mode: %d service(s), %d of %d backend(s) up",
                  self.ifname, self.mode, len(self.pool.services), self.scheduler.up_count(), len(self.health))
+
+    def _keep_compiled_flows6(self) -> None:
+        """The running pool holds the flows6 size the program was compiled with
+        (a restart keeps the pinned one where flow_table_size6 is unset and
+        IPv6 services are still programmed), so later reloads compare with it."""
+        compiled = getattr(getattr(self.dp, "settings", None), "flow_table_size6", None)
+        if compiled is not None and compiled != self.pool.settings.flow_table_size6:
+            self.pool = dataclasses.replace(
+                self.pool, settings=dataclasses.replace(self.pool.settings, flow_table_size6=compiled))
 
     async def _wait_or_stop(self, awaitable, timeout: float, warning: str) -> None:
         """Wait for `awaitable` at most `timeout` seconds, or until stopped."""
@@ -583,7 +594,7 @@ class Daemon:
 
     async def _reload(self, trigger: str) -> dict:
         try:
-            new = await asyncio.to_thread(load_pool, self.pool_path)
+            new = keep_running_flows6(self.pool, await asyncio.to_thread(load_pool, self.pool_path))
             blocked = restart_needed(self.pool, new)
             if blocked:
                 raise PoolError(f"{self.pool_path}: changing {', '.join(blocked)} needs a restart of xdplb")

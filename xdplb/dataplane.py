@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import ipaddress
+import logging
 import os
 import socket
 import time
@@ -17,6 +18,8 @@ from typing import Iterable, Protocol
 
 from . import bpf_source, plan, structs
 from .config import Settings
+
+log = logging.getLogger(__name__)
 
 PROG_NAME = "xdplb_ingress"
 PROG6_NAME = "xdplb_ingress6"   # the IPv6 program, reached from PROG_NAME by a tail call
@@ -184,10 +187,6 @@ class BccDataplane:
         self.adopted = False
         self.notes: list[str] = []
         self._mounted_bpffs = False
-        flags = defines(settings)
-        # Tests and benches only: another source tree (an older build) and
-        # test-only defines such as XDPLB_RACE_DELAY.
-        flags.update(extra_defines or {})
         if pin_dir is not None:
             from . import pinning
 
@@ -197,6 +196,14 @@ class BccDataplane:
                 raise LoadError(str(exc)) from exc
             self.adopted, self._mounted_bpffs = pins.adopted, pins.mounted_bpffs
             self.notes += pins.notes
+            self._settle_staged_tail_calls(Path(pin_dir), attached_prog_id)
+            # flows6 may keep its pinned size (pinning.adopt_flows6): compile with it.
+            self.settings = settings = pins.settings
+        flags = defines(settings)
+        # Tests and benches only: another source tree (an older build) and
+        # test-only defines such as XDPLB_RACE_DELAY.
+        flags.update(extra_defines or {})
+        if pin_dir is not None:
             flags["PIN_DIR"] = str(pin_dir)
         self._other_source = bpf_dir is not None
         self.compile_seconds = 0.0
@@ -343,14 +350,54 @@ class BccDataplane:
     # earlier one, whose slot holds the earlier IPv6 program; its pin takes
     # the earlier one's place once the new program is attached.
 
+    def _staging_pin(self) -> Path:
+        return Path(self.pin_dir) / f"{TAIL_CALLS_PIN}_new"   # bpffs refuses names with a dot
+
+    def _settle_staged_tail_calls(self, pin_dir: Path, attached_prog_id: int | None) -> None:
+        """Deal with a staging pin an earlier controller left (it stopped
+        between its attach and the rename in _pin_tail_calls, or before its
+        attach). Where it is the attached program's array it is the only pin
+        holding that program's IPv6 path: it takes the tail_calls pin's place
+        now, never deleted. Otherwise it belongs to a load never attached,
+        and goes. LoadError where that cannot be told (changes nothing)."""
+        staged, pin = self._staging_pin(), pin_dir / TAIL_CALLS_PIN
+        if not staged.exists():
+            return
+        try:
+            running = bool(attached_prog_id) and self._program_holds(attached_prog_id, staged)
+            if running:
+                os.replace(staged, pin)
+                self.notes.append(f"{staged} held the attached program's tail_calls array (the earlier "
+                                  f"controller stopped between its attach and renaming that pin): moved to {pin}")
+            else:
+                staged.unlink()
+        except OSError as exc:
+            raise LoadError(f"cannot tell whether {staged} holds the attached program's IPv6 path "
+                            f"({exc.strerror}): start xdplb with CAP_SYS_ADMIN, or, if no xdplb program is "
+                            f"attached, remove that pin") from exc
+
+    @staticmethod
+    def _program_holds(prog_id: int, pinned: Path) -> bool:
+        """Whether the loaded program `prog_id` holds the map pinned at `pinned`."""
+        from . import bpfsys
+
+        prog_fd = bpfsys.fd_by_id(bpfsys.BPF_PROG_GET_FD_BY_ID, prog_id)
+        try:
+            return bpfsys.pinned_map_info(str(pinned)).id in bpfsys.prog_map_ids(prog_fd)
+        finally:
+            os.close(prog_fd)
+
     def _stage_tail_calls_pin(self) -> Path | None:
         """Pin this load's tail_calls under a staging name (LoadError if it
-        cannot be: nothing is attached yet). None without pins or IPv6 program."""
+        cannot be: nothing is attached yet). None without pins or IPv6 program.
+        A staging pin found here is a failed attach's of this process, or was
+        left by an earlier controller and checked at load
+        (_settle_staged_tail_calls): never the running program's array."""
         if self.pin_dir is None or self.fn6 is None:
             return None
         from . import bpfsys
 
-        staged = Path(self.pin_dir) / f"{TAIL_CALLS_PIN}_new"   # bpffs refuses names with a dot
+        staged = self._staging_pin()
         try:
             staged.unlink(missing_ok=True)
             bpfsys.pin(self.map("tail_calls").map_fd, str(staged))
@@ -361,13 +408,17 @@ class BccDataplane:
     def _pin_tail_calls(self, staged: Path) -> None:
         """Put this load's tail_calls pin in the place of the earlier one, a
         grace period after the attach: packets of the replaced program still
-        running by then would find its array emptied."""
+        running by then would find its array emptied. The program is attached
+        by then, so a failure here is a warning, never a failed attach (the
+        caller would try another mode): the staging pin still holds the
+        array, and the next start moves it into place."""
         synchronize_rcu()
         try:
             os.replace(staged, Path(self.pin_dir) / TAIL_CALLS_PIN)
         except OSError as exc:
-            raise LoadError(f"cannot pin the IPv6 program's tail_calls array at {self.pin_dir}: "
-                            f"{exc.strerror}") from exc
+            log.warning("attached, but the IPv6 program's tail_calls pin could not be renamed from %s to %s (%s): "
+                        "IPv6 forwarding holds while that pin exists; the next start moves it into place",
+                        staged, TAIL_CALLS_PIN, exc.strerror)
 
     def detach(self) -> None:
         if self.attached is None:

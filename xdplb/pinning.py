@@ -15,6 +15,7 @@ takes the maps from the attached program by id (adopt_program_maps).
 """
 from __future__ import annotations
 
+import dataclasses
 import ctypes
 import ctypes.util
 import os
@@ -324,9 +325,35 @@ def replace_flows6(directory: Path, settings: Settings) -> str:
             f"instead of the pinned {pinned}: no IPv6 service was programmed, so no flow used it")
 
 
-FLOWS6_RESIZE_HINT = ("flows6 (the IPv6 flow table, flow_table_size6) changes size across a restart only while no "
-                      "IPv6 service is programmed: keep flow_table_size6 at the pinned size, or first reload a pool "
-                      "without IPv6 services")
+def flows6_resize_hint(directory: Path) -> str:
+    """The steps that work when an explicit flow_table_size6 differs from the
+    pinned flows6 while IPv6 services are programmed (no controller runs to
+    reload: the first step is a start)."""
+    from .bpfsys import pinned_map_info
+
+    pinned = pinned_map_info(str(directory / "flows6")).max_entries
+    return (f"flows6 (the IPv6 flow table) changes size across a restart only while no IPv6 service is "
+            f"programmed, and the pinned services6 holds some: set flow_table_size6 = {pinned} (or remove it) "
+            f"to start with the pinned table; to resize it, then reload a pool without IPv6 services and "
+            f"restart with the new size")
+
+
+def adopt_flows6(directory: Path, settings: Settings) -> tuple[Settings, str] | None:
+    """`settings` with the pinned flows6's size, and the note saying so, where
+    flow_table_size6 is unset (it only follows from the services) and that
+    size alone differs from the pinned one; else None. Such a size never
+    blocks a restart: the IPv6 services still programmed keep their flows."""
+    from .bpfsys import pinned_map_info
+
+    if not settings.flows6_size_implied:
+        return None
+    pinned = pinned_map_info(str(directory / "flows6")).max_entries
+    adjusted = dataclasses.replace(settings, flow_table_size6=pinned)
+    if check_compatible(directory, adjusted):
+        return None
+    return adjusted, (f"flows6 (the IPv6 flow table) keeps its pinned {pinned} entries instead of "
+                      f"{settings.flow_table_size6}: the pinned services6 still holds IPv6 services, and "
+                      f"flow_table_size6 is unset; it is resized at a restart once none is programmed")
 
 
 def restart_note(directory: Path, reopen_denied: str | None) -> str:
@@ -424,6 +451,7 @@ def adopt_program_maps(prog_id: int, directory: Path, settings: Settings) -> lis
 class Pins:
     """What prepare() found at a pin directory."""
 
+    settings: Settings | None = None  # the settings to compile with (flows6's size may be the pinned one)
     adopted: bool = False          # maps are pinned there for bcc to reuse
     mounted_bpffs: bool = False    # prepare() had to mount the bpffs (it may die with this mount namespace)
     notes: list = field(default_factory=list)
@@ -459,12 +487,18 @@ def prepare(directory: Path, settings: Settings, attached_prog_id: int | None = 
                            f"maps: run `xdplb detach {directory.name}` first (established flows will break)")
         pins.notes.append(f"no maps were pinned at {directory}: took {len(taken)} from the attached program "
                           f"(id {attached_prog_id}) and pinned them there")
+    pins.settings = settings
     problems = check_compatible(directory, settings)
     # flows6 alone of another size, and no IPv6 service programmed: replaced
     # below, once every other check has passed (a refused start changes nothing).
     flows6_only = bool(problems) and all(p.startswith("flows6:") for p in problems) and flows6_idle(directory)
+    adopted6 = None
+    if problems and not flows6_only and all(p.startswith("flows6:") for p in problems):
+        adopted6 = adopt_flows6(directory, settings)
+        if adopted6:
+            settings, problems = adopted6[0], []
     if problems and not flows6_only:
-        hint = f" ({FLOWS6_RESIZE_HINT})" if any(p.startswith("flows6:") for p in problems) else ""
+        hint = f" ({flows6_resize_hint(directory)})" if any(p.startswith("flows6:") for p in problems) else ""
         raise PinError(
             f"the maps pinned at {directory} do not fit this pool ({'; '.join(problems)}); "
             f"compiled-in sizes cannot change across a hitless restart: restore the old sizes{hint}, "
@@ -479,6 +513,9 @@ def prepare(directory: Path, settings: Settings, attached_prog_id: int | None = 
         )
     if flows6_only:
         pins.notes.append(replace_flows6(directory, settings))
+    if adopted6:
+        pins.settings = settings
+        pins.notes.append(adopted6[1])
     pins.adopted = bool(pinned_maps(directory))
     if pins.adopted and unrecorded:
         pins.notes.append(f"the maps pinned at {directory} carry no layout record (pinned by an earlier "

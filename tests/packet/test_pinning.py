@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from xdplb import bpf_source, bpfsys, pinning, structs
-from xdplb.config import Settings
+from xdplb.config import Settings, parse_pool
 
 pytestmark = pytest.mark.root
 
@@ -197,8 +197,62 @@ def test_a_restart_refuses_to_resize_flows6_while_an_ipv6_service_is_programmed(
     with pytest.raises(LoadError) as refused:
         loaded(Settings(maglev_size=251, flow_table_size=4096, flow_table_size6=1024), bpffs / "eth0")
     message = str(refused.value)
-    assert "flows6: pinned type/key/value/entries/flags" in message and pinning.FLOWS6_RESIZE_HINT in message
+    # flow_table_size6 = 1024 is set explicitly: refused, naming only steps a
+    # start can take (no controller runs to reload a pool first).
+    assert "flows6: pinned type/key/value/entries/flags" in message
+    assert ("flows6 (the IPv6 flow table) changes size across a restart only while no IPv6 service is "
+            "programmed, and the pinned services6 holds some: set flow_table_size6 = 4096 (or remove it) to start "
+            "with the pinned table; to resize it, then reload a pool without IPv6 services and restart with the "
+            "new size") in message
     assert bpfsys.pinned_map_info(str(bpffs / "eth0" / "flows6")).max_entries == 4096   # left as it was
+
+
+POOL4_ONLY = """\
+[xdplb]
+maglev_size = 251
+flow_table_size = 4096
+
+[[service]]
+name = "dicom"
+vip = "10.0.0.100"
+port = 104
+
+  [[service.backend]]
+  name = "pacs-a"
+  address = "10.0.0.11"
+"""
+
+
+def test_a_restart_with_a_pool_that_lost_its_ipv6_services_adopts_the_pinned_flows6(bpffs, loaded):
+    # The last IPv6 service was removed from the pool on disk (a reload the
+    # running controller accepted, or an edit before a crash): flow_table_size6
+    # is unset, so the pool implies 1024 entries; services6 still holds the
+    # IPv6 service, so flows6 cannot be replaced. The start keeps it as it is.
+    settings = parse_pool(POOL4_ONLY).settings
+    assert settings.flow_table_size6 == 1024 and settings.flows6_size_implied
+    first = loaded(Settings(maglev_size=251, flow_table_size=4096, flow_table_size6=4096), bpffs / "eth0")
+    service6 = structs.ServiceKey6.of("fd00::100", 104, "tcp")
+    first.map("services6")[service6] = structs.ServiceInfo(1, 0, 0, 0)
+    first.map("flows")[IPV4_FLOW] = structs.FlowValue(7, 3)
+    first.bpf.cleanup()
+    second = loaded(settings, bpffs / "eth0")
+    assert second.adopted
+    assert ("flows6 (the IPv6 flow table) keeps its pinned 4096 entries instead of 1024: the pinned services6 "
+            "still holds IPv6 services, and flow_table_size6 is unset; it is resized at a restart once none is "
+            "programmed") in second.notes
+    assert second.settings.flow_table_size6 == 4096                               # what the program was built with
+    assert bpfsys.map_info(second.map("flows6").map_fd).max_entries == 4096
+    assert bpfsys.pinned_map_info(str(bpffs / "eth0" / "flows6")).max_entries == 4096
+    value = second.map("flows")[IPV4_FLOW]                                      # the IPv4 flows are kept
+    assert (value.backend_id, value.service_id) == (7, 3)
+    assert service6 in second.map("services6")
+    # Once the IPv6 service is gone from services6, the next restart shrinks flows6.
+    del second.map("services6")[service6]
+    second.bpf.cleanup()
+    third = loaded(settings, bpffs / "eth0")
+    assert bpfsys.map_info(third.map("flows6").map_fd).max_entries == 1024
+    value = third.map("flows")[IPV4_FLOW]
+    assert (value.backend_id, value.service_id) == (7, 3)
 
 
 def test_a_refused_restart_leaves_an_idle_flows6_pinned_as_it_was(bpffs, loaded):

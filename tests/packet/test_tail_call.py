@@ -153,6 +153,88 @@ def test_the_attached_program_keeps_its_ipv6_path_after_the_controller_exits(bpf
         net.close()
 
 
+def test_a_start_after_a_controller_died_between_attach_and_rename_keeps_the_running_ipv6_path(bpffs, dataplane):
+    # The earlier controller attached its program and died before renaming
+    # tail_calls_new over tail_calls: that staging pin alone holds the
+    # running program's array. The next start must not delete it, even when
+    # its own attach then fails. Generic XDP on a veth in a namespace of its own.
+    from xdplb.dataplane import MODE_FLAGS, BccDataplane, LoadError
+
+    settings, pin_dir = dataplane.settings, bpffs / "eth0"
+    pin, staged = pin_dir / "tail_calls", pin_dir / "tail_calls_new"
+    net = FibNet(f"xdplbstg{os.getpid() % 100000}")
+    loads = []
+
+    def load(**kwargs):
+        loads.append(BccDataplane(settings, pin_dir=pin_dir, **kwargs))
+        return loads[-1]
+
+    def pins():
+        return sorted(p.name for p in pin_dir.iterdir() if p.name.startswith("tail_calls"))
+
+    try:
+        net.ip("link", "add", "t0", "type", "veth", "peer", "name", "t0p")
+        first = load()
+        Harness(first, settings).program(Q.dual_stack_services())
+        with net.inside():
+            first.attach("t0", "generic")
+        second = load()
+        with net.inside():   # attach() up to its attach, then the controller dies
+            second._stage_tail_calls_pin()
+            second._BPF.attach_xdp(b"t0", second.fn, MODE_FLAGS["generic"])
+        running_id = bpfsys.prog_id(second.prog_fd)
+        running_array = bpfsys.map_info(second.map("tail_calls").map_fd).id
+        attached = bpfsys.fd_by_id(bpfsys.BPF_PROG_GET_FD_BY_ID, running_id)
+        for dp in loads:
+            dp.bpf.cleanup()
+        loads.clear()
+        try:
+            frame = bytes(Q.syn6())
+            assert pins() == ["tail_calls", "tail_calls_new"]
+            assert _verdicts_until_pass(attached, frame, seconds=0.5)[-1] == structs.XDP_TX
+            third = load(attached_prog_id=running_id)
+            assert third.adopted
+            assert pins() == ["tail_calls"] and bpfsys.pinned_map_info(str(pin)).id == running_array
+            assert any("held the attached program's tail_calls array" in n for n in third.notes)
+            with net.inside(), pytest.raises(LoadError, match="attaching to nosuch0"):
+                third.attach("nosuch0", "generic", replace=True)
+            assert _verdicts_until_pass(attached, frame, seconds=0.5)[-1] == structs.XDP_TX
+            assert bpfsys.pinned_map_info(str(pin)).id == running_array
+            with net.inside():
+                third.attach("t0", "generic", replace=True)
+            assert pins() == ["tail_calls"]
+            assert bpfsys.pinned_map_info(str(pin)).id == bpfsys.map_info(third.map("tail_calls").map_fd).id
+        finally:
+            os.close(attached)
+    finally:
+        for dp in loads:
+            dp.bpf.cleanup()
+        net.close()
+
+
+def test_an_attach_whose_pin_rename_fails_stays_attached_and_keeps_its_staging_pin(bpffs, dataplane, caplog):
+    # The rename comes after a successful attach: it must not fail the attach
+    # (the daemon would try another mode with the program attached).
+    # A non-empty directory where the pin goes makes the rename fail. Generic XDP on a veth.
+    from xdplb.dataplane import BccDataplane
+
+    settings, pin_dir = dataplane.settings, bpffs / "eth0"
+    net = FibNet(f"xdplbren{os.getpid() % 100000}")
+    dp = BccDataplane(settings, pin_dir=pin_dir)
+    (pin_dir / "tail_calls" / "blocker").mkdir(parents=True)
+    try:
+        net.ip("link", "add", "t0", "type", "veth", "peer", "name", "t0p")
+        with net.inside():
+            dp.attach("t0", "generic")
+        assert dp.attached == ("t0", "generic")
+        assert any("tail_calls pin could not be renamed" in r.getMessage() for r in caplog.records)
+        assert bpfsys.pinned_map_info(str(pin_dir / "tail_calls_new")).id == \
+            bpfsys.map_info(dp.map("tail_calls").map_fd).id
+    finally:
+        dp.bpf.cleanup()
+        net.close()
+
+
 def test_a_tagged_ipv6_frame_counts_its_tag_and_its_action_once_across_both_programs(harness):
     from scapy.layers.l2 import Dot1Q, Ether
 

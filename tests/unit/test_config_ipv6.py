@@ -9,7 +9,7 @@ import pytest
 
 from xdplb import maglev, pinning
 from xdplb.config import PoolError, Settings, describe, parse_pool
-from xdplb.desired import restart_needed
+from xdplb.desired import keep_running_flows6, restart_needed
 
 POOL6 = """\
 [[service]]
@@ -179,22 +179,51 @@ def test_a_bad_flow_table_size6_is_one_sentence_naming_key_and_value(value, word
     assert len(str(err.value).splitlines()) == 1
 
 
+def reload_check(old_text: str, new_text: str) -> tuple[list[str], int]:
+    """What the daemon's reload decides: (what blocks it, flows6's size after it)."""
+    old = parse_pool(old_text)
+    new = keep_running_flows6(old, parse_pool(new_text))
+    return restart_needed(old, new), new.settings.flow_table_size6
+
+
+DUAL = POOL4 + pool6().replace('"pacs6"', '"pacs6b"')
+
+
 def test_a_reload_that_adds_the_first_ipv6_service_says_flows6_needs_a_restart_and_why():
-    before, after = parse_pool(POOL4), parse_pool(POOL4 + pool6().replace('"pacs6"', '"pacs6b"'))
-    (text,) = restart_needed(before, after)
+    # That restart works: no IPv6 service is programmed, so flows6 is replaced.
+    (text,), _ = reload_check(POOL4, DUAL)
     assert text == ("flow_table_size6 1024 -> 262144 (the IPv6 flow table: unset, it is flow_table_size while "
                     "the pool balances an IPv6 service and 1024 without one; restart xdplb to resize it, which "
                     "keeps every flow while no IPv6 service is programmed)")
-    # Removing the last one too, where keeping the size is offered; and a
-    # pool that sets flow_table_size6 reloads either way.
-    (text,) = restart_needed(after, before)
-    assert text.startswith("flow_table_size6 262144 -> 1024 (the IPv6 flow table: ")
-    assert text.endswith("while no IPv6 service is programmed, or set flow_table_size6 = 262144 to keep it)")
     pinned = "[xdplb]\nflow_table_size6 = 1024\n"
-    assert restart_needed(parse_pool(pinned + POOL4),
-                          parse_pool(pinned + POOL4 + pool6().replace('"pacs6"', '"pacs6b"'))) == []
+    assert reload_check(pinned + POOL4, pinned + DUAL) == ([], 1024)
     # Another IPv6 service beside the first changes nothing compiled.
-    assert restart_needed(parse_pool(pool6()), parse_pool(pool6() + POOL4.replace('"pacs6"', '"pacs4"'))) == []
+    assert reload_check(pool6(), pool6() + POOL4.replace('"pacs6"', '"pacs4"')) == ([], 262144)
+
+
+def test_a_reload_that_removes_the_last_ipv6_service_is_accepted_and_keeps_the_running_flows6():
+    # An unset flow_table_size6 never blocks: a restart could not resize flows6
+    # while services6 holds the IPv6 services, so the running table stays.
+    assert reload_check(DUAL, POOL4) == ([], 262144)
+    # Adding IPv6 back to the kept table needs nothing either.
+    kept = keep_running_flows6(parse_pool(DUAL), parse_pool(POOL4))
+    assert restart_needed(kept, keep_running_flows6(kept, parse_pool(DUAL))) == []
+    # Dropping an explicit flow_table_size6 with the last IPv6 service: kept as well.
+    assert reload_check("[xdplb]\nflow_table_size6 = 8192\n" + DUAL, POOL4) == ([], 8192)
+
+
+def test_an_explicit_flow_table_size6_change_names_only_steps_that_work():
+    # IPv6 services are programmed: a restart cannot resize flows6 either.
+    (text,), _ = reload_check(DUAL, "[xdplb]\nflow_table_size6 = 8192\n" + DUAL)
+    assert text == ("flow_table_size6 262144 -> 8192 (the IPv6 flow table; IPv6 services are programmed, so a "
+                    "restart cannot resize it either: keep flow_table_size6 = 262144, or first reload this pool "
+                    "without its IPv6 services and with flow_table_size6 = 262144, then restart xdplb with the "
+                    "new size and the IPv6 services)")
+    assert "restart xdplb to resize it" not in text
+    # None programmed: the restart works, and is the step named.
+    (text,), _ = reload_check(POOL4, "[xdplb]\nflow_table_size6 = 8192\n" + POOL4)
+    assert text == ("flow_table_size6 1024 -> 8192 (the IPv6 flow table; restart xdplb to resize it, which keeps "
+                    "every flow while no IPv6 service is programmed)")
 
 
 def test_the_all_drained_warning_brackets_an_ipv6_vip_before_its_port():

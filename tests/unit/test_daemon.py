@@ -1199,3 +1199,52 @@ def test_a_dual_stack_pool_adds_both_vips_resolves_both_families_and_removes_bot
     asyncio.run(scenario())
     assert VIP1 not in h.nl.addresses[INDEX] and VIP6 not in h.nl.addresses[INDEX]
     assert {c[2] for c in h.nl.calls if c[0] == "del_vip"} == {VIP1, VIP6}
+
+
+DUAL_STACK = [("dicom", VIP1, 104, [("pacs-a", A, 1), ("pacs-b", B, 1)]),
+              ("dicom6", VIP6, 104, [("pacs-a", A6, 1), ("pacs-b", B6, 1)])]
+
+
+def test_a_reload_that_removes_the_last_ipv6_service_is_applied_and_keeps_the_running_flows6(h):
+    # flow_table_size6 unset: without IPv6 it would be 1024, but a restart
+    # cannot resize flows6 while services6 holds the IPv6 services, so the
+    # running table (compiled at flow_table_size, 262144) is kept.
+    h.pool.write_text(pool_toml(DUAL_STACK))
+    h.nl.neighbours.update({A6: MACS[A], B6: MACS[B]})
+    daemon = h.daemon()
+
+    async def scenario():
+        async with running(daemon):
+            await until(lambda: (VIP6, 104, "tcp") in h.dp.services, what="the IPv6 service written")
+            h.pool.write_text(pool_toml(DUAL_STACK[:1]))
+            result = await daemon.reload("test")
+            assert result["result"] == "applied", result
+            assert set(h.dp.services) == {DICOM}
+            assert daemon.pool.settings.flow_table_size6 == h.dp.settings.flow_table_size6 == 262144
+            # ... and adding it back fits the running table: no restart either.
+            h.pool.write_text(pool_toml(DUAL_STACK))
+            assert (await daemon.reload("test"))["result"] == "applied"
+
+    asyncio.run(scenario())
+
+
+def test_a_start_that_kept_the_pinned_flows6_reloads_against_that_size(h):
+    # The dataplane compiled flows6 at its pinned size (pinning.adopt_flows6:
+    # IPv6 services still programmed, the pool on disk has none): the daemon
+    # compares later reloads with that size, so re-adding IPv6 needs no restart.
+    def keeps_pinned_flows6(settings, **kwargs):
+        return Harness.factory(h, dataclasses.replace(settings, flow_table_size6=262144), **kwargs)
+
+    h.pool.write_text(pool_toml(DUAL_STACK[:1]))
+    h.nl.neighbours.update({A6: MACS[A], B6: MACS[B]})
+    h.factory = keeps_pinned_flows6
+    daemon = h.daemon()
+
+    async def scenario():
+        async with running(daemon):
+            assert daemon.pool.settings.flow_table_size6 == 262144
+            h.pool.write_text(pool_toml(DUAL_STACK))
+            result = await daemon.reload("test")
+            assert result["result"] == "applied", result
+
+    asyncio.run(scenario())
