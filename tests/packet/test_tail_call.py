@@ -17,6 +17,7 @@ namespace of its own (no traffic: the frames go through BPF_PROG_TEST_RUN).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import time
@@ -109,35 +110,60 @@ def _verdicts_until_pass(prog_fd: int, frame: bytes, seconds: float = 5.0) -> li
     return seen
 
 
-def test_the_attached_program_keeps_its_ipv6_path_after_the_controller_exits(bpffs, dataplane):
-    from xdplb.dataplane import BccDataplane
+class _Loads:
+    """BccDataplane loads sharing one pin directory, on a namespace with a
+    veth t0 (generic XDP goes there); close() drops every loader's
+    descriptors, as when the controller exits."""
 
-    settings, pin_dir = dataplane.settings, bpffs / "eth0"
-    pin = pin_dir / "tail_calls"
-    net = FibNet(f"xdplbtail{os.getpid() % 100000}")
-    loads = []
+    def __init__(self, net: FibNet, settings, pin_dir):
+        self.net, self.settings, self.pin_dir, self.all = net, settings, pin_dir, []
 
-    def load():
-        loads.append(BccDataplane(settings, pin_dir=pin_dir))
-        return loads[-1]
+    def load(self, **kwargs):
+        from xdplb.dataplane import BccDataplane
 
+        self.all.append(BccDataplane(self.settings, pin_dir=self.pin_dir, **kwargs))
+        return self.all[-1]
+
+    def first_attached(self):
+        """A first load, programmed with the dual-stack services, attached to t0."""
+        first = self.load()
+        Harness(first, self.settings).program(Q.dual_stack_services())
+        with self.net.inside():
+            first.attach("t0", "generic")
+        return first
+
+    def close(self):
+        for dp in self.all:
+            dp.bpf.cleanup()
+        self.all.clear()
+
+
+@contextlib.contextmanager
+def _veth_loads(name: str, settings, pin_dir):
+    net = FibNet(f"{name}{os.getpid() % 100000}")
+    loads = _Loads(net, settings, pin_dir)
     try:
         net.ip("link", "add", "t0", "type", "veth", "peer", "name", "t0p")
-        first = load()
-        Harness(first, settings).program(Q.dual_stack_services())
-        with net.inside():
-            first.attach("t0", "generic")
+        yield loads
+    finally:
+        loads.close()
+        net.close()
+
+
+def test_the_attached_program_keeps_its_ipv6_path_after_the_controller_exits(bpffs, dataplane):
+    settings, pin_dir = dataplane.settings, bpffs / "eth0"
+    pin = pin_dir / "tail_calls"
+    with _veth_loads("xdplbtail", settings, pin_dir) as loads:
+        loads.first_attached()
         # A restart: the next load adopts the maps, brings its own array and replaces the program.
-        second = load()
+        second = loads.load()
         assert second.adopted
-        with net.inside():
+        with loads.net.inside():
             second.attach("t0", "generic", replace=True)
         assert sorted(p.name for p in pin_dir.iterdir() if p.name.startswith("tail_calls")) == ["tail_calls"]
         assert bpfsys.pinned_map_info(str(pin)).id == bpfsys.map_info(second.map("tail_calls").map_fd).id
         attached = bpfsys.fd_by_id(bpfsys.BPF_PROG_GET_FD_BY_ID, bpfsys.prog_id(second.prog_fd))
-        for dp in loads:
-            dp.bpf.cleanup()   # every descriptor of the loaders goes, as when the controller exits
-        loads.clear()
+        loads.close()   # every descriptor of the loaders goes, as when the controller exits
         try:
             frame = bytes(Q.syn6())
             assert _verdicts_until_pass(attached, frame, seconds=0.5)[-1] == structs.XDP_TX
@@ -146,11 +172,7 @@ def test_the_attached_program_keeps_its_ipv6_path_after_the_controller_exits(bpf
             assert _verdicts_until_pass(attached, frame)[-1] == structs.XDP_PASS
         finally:
             os.close(attached)
-        assert load().read_stats([], []).not_forwarded["no_ipv6_program"] == 1   # the pinned counter
-    finally:
-        for dp in loads:
-            dp.bpf.cleanup()
-        net.close()
+        assert loads.load().read_stats([], []).not_forwarded["no_ipv6_program"] == 1   # the pinned counter
 
 
 def test_a_start_after_a_controller_died_between_attach_and_rename_keeps_the_running_ipv6_path(bpffs, dataplane):
@@ -158,26 +180,17 @@ def test_a_start_after_a_controller_died_between_attach_and_rename_keeps_the_run
     # tail_calls_new over tail_calls: that staging pin alone holds the
     # running program's array. The next start must not delete it, even when
     # its own attach then fails. Generic XDP on a veth in a namespace of its own.
-    from xdplb.dataplane import MODE_FLAGS, BccDataplane, LoadError
+    from xdplb.dataplane import MODE_FLAGS, LoadError
 
     settings, pin_dir = dataplane.settings, bpffs / "eth0"
-    pin, staged = pin_dir / "tail_calls", pin_dir / "tail_calls_new"
-    net = FibNet(f"xdplbstg{os.getpid() % 100000}")
-    loads = []
-
-    def load(**kwargs):
-        loads.append(BccDataplane(settings, pin_dir=pin_dir, **kwargs))
-        return loads[-1]
+    pin = pin_dir / "tail_calls"
 
     def pins():
         return sorted(p.name for p in pin_dir.iterdir() if p.name.startswith("tail_calls"))
 
-    try:
-        net.ip("link", "add", "t0", "type", "veth", "peer", "name", "t0p")
-        first = load()
-        Harness(first, settings).program(Q.dual_stack_services())
-        with net.inside():
-            first.attach("t0", "generic")
+    with _veth_loads("xdplbstg", settings, pin_dir) as loads:
+        net, load = loads.net, loads.load
+        loads.first_attached()
         second = load()
         with net.inside():   # attach() up to its attach, then the controller dies
             second._stage_tail_calls_pin()
@@ -185,9 +198,7 @@ def test_a_start_after_a_controller_died_between_attach_and_rename_keeps_the_run
         running_id = bpfsys.prog_id(second.prog_fd)
         running_array = bpfsys.map_info(second.map("tail_calls").map_fd).id
         attached = bpfsys.fd_by_id(bpfsys.BPF_PROG_GET_FD_BY_ID, running_id)
-        for dp in loads:
-            dp.bpf.cleanup()
-        loads.clear()
+        loads.close()
         try:
             frame = bytes(Q.syn6())
             assert pins() == ["tail_calls", "tail_calls_new"]
@@ -206,33 +217,22 @@ def test_a_start_after_a_controller_died_between_attach_and_rename_keeps_the_run
             assert bpfsys.pinned_map_info(str(pin)).id == bpfsys.map_info(third.map("tail_calls").map_fd).id
         finally:
             os.close(attached)
-    finally:
-        for dp in loads:
-            dp.bpf.cleanup()
-        net.close()
 
 
 def test_an_attach_whose_pin_rename_fails_stays_attached_and_keeps_its_staging_pin(bpffs, dataplane, caplog):
     # The rename comes after a successful attach: it must not fail the attach
     # (the daemon would try another mode with the program attached).
     # A non-empty directory where the pin goes makes the rename fail. Generic XDP on a veth.
-    from xdplb.dataplane import BccDataplane
-
     settings, pin_dir = dataplane.settings, bpffs / "eth0"
-    net = FibNet(f"xdplbren{os.getpid() % 100000}")
-    dp = BccDataplane(settings, pin_dir=pin_dir)
-    (pin_dir / "tail_calls" / "blocker").mkdir(parents=True)
-    try:
-        net.ip("link", "add", "t0", "type", "veth", "peer", "name", "t0p")
-        with net.inside():
+    with _veth_loads("xdplbren", settings, pin_dir) as loads:
+        dp = loads.load()
+        (pin_dir / "tail_calls" / "blocker").mkdir(parents=True)
+        with loads.net.inside():
             dp.attach("t0", "generic")
         assert dp.attached == ("t0", "generic")
         assert any("tail_calls pin could not be renamed" in r.getMessage() for r in caplog.records)
         assert bpfsys.pinned_map_info(str(pin_dir / "tail_calls_new")).id == \
             bpfsys.map_info(dp.map("tail_calls").map_fd).id
-    finally:
-        dp.bpf.cleanup()
-        net.close()
 
 
 def test_a_tagged_ipv6_frame_counts_its_tag_and_its_action_once_across_both_programs(harness):
