@@ -847,7 +847,10 @@ class BccDataplane:
             if name in self.absent:
                 continue
             table = self.map(name)
-            nat_backends |= {bid: socket.ntohs(table[bid].port) for bid in backends if table[bid].ready}
+            for bid in backends:
+                entry = table[bid]   # one map read per id (a syscall each)
+                if entry.ready:
+                    nat_backends[bid] = socket.ntohs(entry.port)
         for version, name in _NAT_REVERSE.items():
             if name in self.absent:
                 continue
